@@ -1,0 +1,260 @@
+"""The public entry points. The CLI is a thin layer over ``arun``.
+
+``arun(job)`` checks everything that can be checked before a request is sent
+(the key variable, the input, the columns, the output folder, an unfinished
+earlier run), then sends every row that has no result yet, journals each result
+as it arrives and writes the output Parquet when every row has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from batchrun import __version__
+from batchrun.client import ApiClient
+from batchrun.config import Job
+from batchrun.errors import Interrupted, JobError, JobStopped
+from batchrun.inputs import InputTable, Scan
+from batchrun.outputs import FIXED_COLUMNS, Journal
+from batchrun.payload import prompt_columns
+from batchrun.progress import Progress, Tally, progress_fields, status_text
+from batchrun.retry import RetryPolicy
+from batchrun.scheduler import Scheduler, check_resume, prepare_rows
+
+log = logging.getLogger("batchrun")
+
+GRACE_S = 10.0
+"""Seconds the requests in flight get to finish after Ctrl-C or SIGTERM."""
+
+IDENTITY_KEYS = (
+    "model", "endpoint", "system_prompt", "prompt_template", "messages_column",
+    "id_column", "temperature", "max_tokens", "metadata",
+)
+"""Job keys that decide what is sent: an unfinished run resumes only under the same values."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a job, beside the job itself (these never change what is sent)."""
+
+    restart: bool = False
+    retry_failed: bool = False
+    skip_bad_lines: bool = False
+    dedupe: bool = False
+    progress: bool = True
+    interactive: bool | None = None
+    handle_signals: bool = False
+    mock: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished job did. ``exit_code``: 0 every row ok, 1 some rows failed."""
+
+    output: Path
+    rows: int
+    ok: int
+    failed: int
+    resumed: int
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    retries: int
+    wall_s: float
+    run_id: str
+    skipped_lines: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.failed == 0 else 1
+
+    def summary(self) -> str:
+        lines = [
+            f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
+            + (f", from an earlier run {self.resumed:,}" if self.resumed else "") + ")",
+            f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
+            f"requests    {self.requests:,}  (retries {self.retries:,})",
+            f"wall time   {self.wall_s:.1f}s",
+            f"output      {self.output}",
+        ]
+        if self.skipped_lines:
+            lines.insert(1, f"skipped     {self.skipped_lines:,} bad input lines (--skip-bad-lines)")
+        return "\n".join(lines)
+
+
+def api_key_for(job: Job) -> str | None:
+    """The key from the job's environment variable; JobError when it is unset."""
+    if not job.api_key_env:
+        return None
+    key = os.environ.get(job.api_key_env)
+    if not key:
+        raise JobError(
+            f"No API key: the environment variable {job.api_key_env} is not set. "
+            f"Export it (export {job.api_key_env}=...), set `api_key_env` to the variable that holds "
+            "your key, or set api_key_env = \"\" for a server that needs none."
+        )
+    return key
+
+
+def check_columns(job: Job, table: InputTable, scan: Scan) -> None:
+    """Every column the job names must be in the input (JobError otherwise)."""
+    from batchrun.errors import InputError
+
+    present = ", ".join(scan.columns)
+    for column in prompt_columns(job):
+        if column not in scan.columns:
+            key = "messages_column" if job.messages_column else "prompt_template"
+            raise InputError(
+                f"`{key}` uses column `{column}`, which input {table.path} lacks. Columns present: {present}. "
+                f"Fix the {key} or the input."
+            )
+    clash = [c for c in job.keep_columns if c in FIXED_COLUMNS and c != "id"]
+    if clash:
+        raise JobError(
+            f"`keep_columns` names {', '.join(clash)}, which the output already has as its own column. "
+            "Rename that input column or leave it out of keep_columns."
+        )
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(job: Job, mock: bool) -> AsyncIterator[Job]:
+    """The job as sent: against the embedded endpoint when ``mock`` is set."""
+    if not mock:
+        yield job
+        return
+    from batchrun.mock import MockConfig, serve
+
+    async with serve(MockConfig()) as server:
+        yield replace(job, base_url=server.base_url, api_key_env="", allow_insecure_http=False)
+
+
+async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
+    """Run ``job`` to the end (or to a stop, raised as JobStopped) and return what it did."""
+    options = options or RunOptions()
+    started = time.monotonic()
+    if job.output is None:
+        raise JobError("No `output` given: set output = \"....parquet\" in the job file or pass --output.")
+    api_key = None if options.mock else api_key_for(job)
+
+    table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
+    scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
+    check_columns(job, table, scan)
+    id_column = job.id_column if scan.has_id_column else None
+    needed = prompt_columns(job)
+
+    identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
+    journal = Journal(job.output, scan.num_rows, identity, restart=options.restart)
+    try:
+        if journal.resumed is not None:
+            check_resume(journal, prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows))
+            log.info(
+                "resuming run %s: %d rows ok and %d failed already", journal.run_id, journal.resumed.rows_ok,
+                journal.resumed.rows_failed, extra={"event": "resume", "run_id": journal.run_id},
+            )
+        total = scan.num_rows - len(scan.duplicate_rows)
+        tally = Tally(total=total)
+        tally.ok = journal.resumed.rows_ok if journal.resumed else 0
+        tally.failed = journal.resumed.rows_failed if journal.resumed else 0
+        tally.resumed = tally.done
+        to_send = journal.missing_rows(scan.duplicate_rows) + (tally.failed if options.retry_failed else 0)
+        log.info(
+            "job started: %d rows, %d to send, model %s, %s", total, to_send, job.model, job.url if not options.mock else "embedded endpoint",
+            extra={"event": "start", "run_id": journal.run_id, "rows_total": total, "rows_to_send": to_send, "model": job.model, "version": __version__},
+        )
+        async with _endpoint(job, options.mock) as sent_job, ApiClient(sent_job, api_key) as client:
+            scheduler = Scheduler(
+                sent_job, client, journal, tally, RetryPolicy.for_job(sent_job, sleep), retry_failed=options.retry_failed
+            )
+            progress = Progress(tally, enabled=options.progress, interactive=options.interactive)
+            rows = prepare_rows(sent_job, table.batches(needed, id_column), scan.duplicate_rows)
+            with _signals(scheduler, options.handle_signals, job):
+                ticker = asyncio.create_task(_tick(progress, journal))
+                try:
+                    await scheduler.run(rows, to_send)
+                finally:
+                    ticker.cancel()
+                    progress.close()
+            scheduler.flush_held()
+        missing = journal.missing_rows(scan.duplicate_rows)
+        if missing:
+            raise JobStopped(f"{missing} rows have no result yet. Run the same command again to send them.")
+        keep_batches = table.keep_batches(scan.keep_schema) if job.keep_columns else None
+        metadata = {
+            "batchrun_version": __version__,
+            "run_id": journal.run_id,
+            "job": job.settings(),
+            "rows": total,
+        }
+        output = journal.finish(scan.keep_schema, keep_batches, metadata, skip_rows=scan.duplicate_rows)
+    finally:
+        if journal.folder.exists():
+            journal.close()
+    result = RunResult(
+        output=output,
+        rows=total,
+        ok=tally.ok,
+        failed=tally.failed,
+        resumed=tally.resumed,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        requests=tally.requests,
+        retries=tally.retries,
+        wall_s=time.monotonic() - started,
+        run_id=journal.run_id,
+        skipped_lines=len(scan.skipped_lines),
+    )
+    log.info("job finished: %s", status_text(tally), extra={"event": "summary", **progress_fields(tally), "output": str(output)})
+    return result
+
+
+async def _tick(progress: Progress, journal: Journal) -> None:
+    """Redraw progress and fsync the journal about once a second."""
+    last_sync = time.monotonic()
+    while True:
+        await asyncio.sleep(progress.interval_s if progress.enabled else 1.0)
+        progress.tick()
+        if time.monotonic() - last_sync >= 1.0:
+            await asyncio.get_running_loop().run_in_executor(None, journal.sync)
+            last_sync = time.monotonic()
+
+
+@contextlib.contextmanager
+def _signals(scheduler: Scheduler, enabled: bool, job: Job) -> Any:
+    """Ctrl-C / SIGTERM: stop sending, let requests in flight finish (GRACE_S), keep
+    every result on disk. A second Ctrl-C stops at once."""
+    if not enabled:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    hits = {"n": 0}
+
+    def on_signal(signum: int) -> None:
+        hits["n"] += 1
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        error = Interrupted(
+            f"Stopped by {name}. Every finished row is saved in {job.output}.partial; "
+            "run the same command again to resume.",
+            exit_code=128 + signum,
+        )
+        if hits["n"] == 1:
+            log.warning("%s: finishing the requests in flight (up to %.0fs); press Ctrl-C again to stop at once", name, GRACE_S)
+            scheduler.stop(error, GRACE_S)
+        else:
+            scheduler.stop_now(error)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

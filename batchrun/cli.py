@@ -1,0 +1,184 @@
+"""The command line: parse, build the job, call the API, map errors to exit codes.
+
+Every job key is a flag named after it (``--max-tokens`` for ``max_tokens``),
+generated from ``config.KEYS``; a flag given overrides the job file. Heavy
+modules (pyarrow, pandas, aiohttp) are imported inside the commands, so
+``batchrun --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from batchrun import __version__
+from batchrun.config import KEYS, Key
+from batchrun.errors import BatchrunError
+
+EXIT_CODES = """\b
+Exit codes:
+  0  every row ok
+  1  finished, but some rows failed
+  2  bad job, flags or input (nothing sent)
+  3  stopped early (key refused, API down, too many failures); rerun to resume
+  130/143  stopped by Ctrl-C / SIGTERM; rerun to resume"""
+
+
+def _parse_table(values: tuple[str, ...], flag: str) -> dict[str, Any] | None:
+    """KEY=VALUE pairs → a table; each value is read as JSON, else kept as a string."""
+    import orjson
+
+    if not values:
+        return None
+    table: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=flag)
+        try:
+            table[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            table[key] = raw
+    return table
+
+
+def _key_option(key: Key) -> Callable[[Any], Any]:
+    help_text = key.help + (f" [default: {key.default}]" if key.default not in (None, (), {}) else "")
+    if key.kind == "bool":
+        return click.option(key.flag, key.name, is_flag=True, default=None, help=help_text)
+    if key.kind == "table":
+        return click.option(key.flag, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable.")
+    click_type: Any = {"int": int, "float": float}.get(key.kind, str)
+    metavar = {"path": "PATH", "list": "A,B", "int": "N", "float": "X"}.get(key.kind, "TEXT")
+    return click.option(key.flag, key.name, type=click_type, default=None, metavar=metavar, help=help_text)
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for key in reversed(KEYS):
+        func = _key_option(key)(func)
+    return func
+
+
+def _overrides(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in KEYS:
+        value = values.get(key.name)
+        if key.kind == "table":
+            value = _parse_table(value or (), key.flag)
+        out[key.name] = value
+    return out
+
+
+def fail(exc: BatchrunError) -> NoReturn:
+    click.echo(f"batchrun: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchrun")
+def main() -> None:
+    """Send a table of prompts to an OpenAI-compatible chat API and get a Parquet
+    file of completions and token usage back."""
+
+
+@main.command(epilog=EXIT_CODES)
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@job_options
+@click.option("--restart", is_flag=True, help="Discard an unfinished earlier run of this output and start over.")
+@click.option("--retry-failed", is_flag=True, help="Send again the rows of an unfinished run whose status is error.")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects.")
+@click.option("--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing.")
+@click.option("--mock", is_flag=True, help="Send to the embedded local endpoint instead of base_url (no key, no network).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write every event to this file.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="json: one object per event.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every retry and failed row to stderr.")
+def run(job_file: Path | None, **flags: Any) -> None:
+    """Run JOB_FILE (TOML), or a job made of flags alone.
+
+    \b
+    batchrun run jobs/summarize_tickets.toml --mock
+    batchrun run --input tickets.jsonl --prompt-template 'Summarize: {ticket}' \\
+        --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
+    """
+    from batchrun.api import RunOptions, arun
+    from batchrun.config import load_job
+    from batchrun.logs import setup_logging
+
+    setup_logging(flags["log_file"], flags["log_format"], flags["verbose"])
+    try:
+        job = load_job(job_file, _overrides(flags))
+        options = RunOptions(
+            restart=flags["restart"],
+            retry_failed=flags["retry_failed"],
+            skip_bad_lines=flags["skip_bad_lines"],
+            dedupe=flags["dedupe"],
+            progress=not flags["quiet"],
+            handle_signals=True,
+            mock=flags["mock"],
+        )
+        result = _run_async(arun(job, options))
+    except BatchrunError as exc:
+        import logging
+
+        logging.getLogger("batchrun").error("%s", exc, extra={"event": "stopped", "exit_code": exc.exit_code})
+        fail(exc)
+    if not flags["quiet"]:
+        click.echo(result.summary(), err=True)
+    sys.exit(result.exit_code)
+
+
+def _run_async(coro: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (measurably faster), else asyncio."""
+    import asyncio
+
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+@main.command("mock-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")
+@click.option("--latency-ms", default=0.0, show_default=True, help="Delay before every answer.")
+@click.option("--fault-rate", default=0.0, show_default=True, help="Share of requests (0..1) that get a fault.")
+@click.option("--faults", default=None, metavar="A,B", help="Fault kinds to draw from (default: all but stream-cut).")
+@click.option("--retry-after-s", default=1.0, show_default=True, help="Retry-After sent with 429 faults.")
+@click.option("--hang-s", default=30.0, show_default=True, help="How long a hang fault holds the answer.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
+@click.option("--api-key-env", default=None, help="Require the key held by this environment variable.")
+@click.option("--ready-file", default=None, help="Write the base URL to this file once listening.")
+def mock_server(**opts: Any) -> None:
+    """Serve the embedded OpenAI-compatible endpoint (for demos, tests, benchmarks)."""
+    import os
+
+    from batchrun.mock import FAULT_KINDS, FAULT_KINDS_DEFAULT, MockConfig, serve_forever
+
+    faults = tuple(f.strip() for f in opts["faults"].split(",")) if opts["faults"] else FAULT_KINDS_DEFAULT
+    unknown = [f for f in faults if f not in FAULT_KINDS]
+    if unknown:
+        raise click.BadParameter(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}", param_hint="--faults")
+    api_key = None
+    if opts["api_key_env"]:
+        api_key = os.environ.get(opts["api_key_env"])
+        if not api_key:
+            raise click.UsageError(f"--api-key-env {opts['api_key_env']}: that variable is not set.")
+    config = MockConfig(
+        api_key=api_key,
+        latency_s=opts["latency_ms"] / 1000,
+        fault_rate=opts["fault_rate"],
+        faults=faults,
+        retry_after_s=opts["retry_after_s"],
+        hang_s=opts["hang_s"],
+        seed=opts["seed"],
+    )
+    serve_forever(config, host=opts["host"], port=opts["port"], ready_file=opts["ready_file"])

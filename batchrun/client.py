@@ -1,0 +1,162 @@
+"""The HTTP client: owns the aiohttp session and sends one request at a time.
+
+Everything aiohttp or asyncio can raise is translated here into the
+``batchrun.errors.RequestError`` tree (with ``from exc``), so the rest of the code
+never sees an aiohttp exception. The API key is only ever held here, and any
+echo of it in an API's error text is redacted before the text leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from batchrun import __version__
+from batchrun.config import Job
+from batchrun.errors import (
+    BadResponse,
+    ConnectionDropped,
+    FatalRequestError,
+    RateLimited,
+    RequestError,
+    RequestTimeout,
+    ServerError,
+)
+from batchrun.payload import Completion, parse_completion
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_ERROR_TEXT = 300
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: a number of seconds or an HTTP
+    date. None when absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_text(raw: bytes) -> str:
+    """The API's own words from an error body: LLMTune's {"error", "message"},
+    OpenAI's {"error": {"message", "type", "code"}}, or the raw text."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace").strip()[:MAX_ERROR_TEXT]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("type")
+            msg = err.get("message") or ""
+            return f"{code}: {msg}" if code else str(msg)
+        msg = data.get("message") or data.get("detail") or ""
+        if err and msg:
+            return f"{err}: {msg}"
+        return str(err or msg or raw.decode("utf-8", "replace"))[:MAX_ERROR_TEXT]
+    return raw.decode("utf-8", "replace")[:MAX_ERROR_TEXT]
+
+
+class ApiClient:
+    """One aiohttp session for the whole job, with its pool sized to the job's
+    concurrency. Use as ``async with ApiClient(job, key) as client``."""
+
+    def __init__(self, job: Job, api_key: str | None) -> None:
+        self.job = job
+        self._api_key = api_key
+        self._url = URL(job.url)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"batchrun/{__version__}",
+        }
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        # A pool as large as the concurrency (aiohttp's default caps at 100),
+        # DNS cached for the job, no cookies: each request stands alone.
+        connector = aiohttp.TCPConnector(
+            limit=self.job.concurrency,
+            limit_per_host=self.job.concurrency,
+            ttl_dns_cache=300,
+            keepalive_timeout=60,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=self.job.request_timeout_s),
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _redact(self, text: str) -> str:
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "[redacted]")
+        return text
+
+    async def complete(self, body: bytes) -> Completion:
+        """POST one request body and return the completion it got.
+
+        Raises a RetryableError (429, 408, 409, 5xx, timeout, dropped connection,
+        unreadable 2xx body) or a FatalRequestError (any other 4xx).
+        """
+        assert self._session is not None, "use ApiClient in `async with`"
+        try:
+            async with self._session.post(self._url, data=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise RequestTimeout(f"no answer within request_timeout_s={self.job.request_timeout_s:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise ConnectionDropped(self._redact(f"connection failed: {type(exc).__name__}: {exc}".rstrip(": "))) from exc
+        if 200 <= status < 300:
+            return self._read_answer(raw, status)
+        raise self._status_error(status, raw, retry_after)
+
+    def _read_answer(self, raw: bytes, status: int) -> Completion:
+        try:
+            data: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadResponse(f"HTTP {status} body is not JSON ({len(raw)} bytes): {exc}", status) from exc
+        try:
+            return parse_completion(data)
+        except BadResponse as exc:
+            exc.status = status
+            raise
+
+    def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> RequestError:
+        text = self._redact(_error_text(raw))
+        message = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+        if status == 429:
+            return RateLimited(message, status, parse_retry_after(retry_after))
+        if status in RETRYABLE_STATUS or status >= 500:
+            return ServerError(message, status, parse_retry_after(retry_after))
+        return FatalRequestError(message, status)

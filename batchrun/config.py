@@ -1,0 +1,254 @@
+"""The job: one definition of every key, shared by the TOML file, the CLI flags and
+the Python keyword arguments.
+
+``KEYS`` is the single table of job keys. ``load_job`` reads a TOML file, lays the
+overrides (flags or keywords) over it, checks every value against ``KEYS`` and
+returns a frozen ``Job``. Unknown keys and wrong types are errors that name the
+key and the fix; a typo is never a silent default.
+
+Paths written in a job file are relative to the job file's folder, so a job runs
+the same from any working directory; paths given as flags or keywords are
+relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from batchrun.errors import JobError
+
+DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
+ENDPOINTS = ("chat", "inference")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One job key. ``kind`` is what a value must be: str, int, float, bool,
+    path, list (of strings) or table (of JSON values)."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+KEYS: tuple[Key, ...] = (
+    Key("input", "path", None, "Input table: a JSONL file, a Parquet file or a folder of Parquet files."),
+    Key("output", "path", None, "Output Parquet file (written atomically when the job finishes)."),
+    Key("model", "str", None, "Model id sent as `model` (and in the path for endpoint=inference)."),
+    Key("base_url", "str", DEFAULT_BASE_URL, "API base URL; any OpenAI-compatible server works."),
+    Key("endpoint", "str", "chat", "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.", choices=ENDPOINTS),
+    Key("api_key_env", "str", "LLMTUNE_API_KEY", "Environment variable holding the API key (sent as a Bearer token). Empty: send no key."),
+    Key("system_prompt", "str", None, "System message put before every prompt."),
+    Key("prompt_template", "str", None, "User message with {column} placeholders filled from each row."),
+    Key("messages_column", "str", None, "Column holding a whole chat message list (instead of prompt_template)."),
+    Key("id_column", "str", "id", "Column with each row's stable id; without it, the row number is the id."),
+    Key("keep_columns", "list", (), "Input columns copied through to the output."),
+    Key("temperature", "float", 0.7, "Sampling temperature.", minimum=0.0, maximum=2.0),
+    Key("max_tokens", "int", 512, "Maximum completion tokens per row.", minimum=1),
+    Key("metadata", "table", {}, "Table sent as `metadata` with every request (the row id is added as `row_id`)."),
+    Key("concurrency", "int", 16, "Requests in flight at once.", minimum=1, maximum=4096),
+    Key("max_attempts", "int", 5, "Attempts per row, the first included, before the row is recorded as failed.", minimum=1),
+    Key("request_timeout_s", "float", 60.0, "Seconds one attempt may take, answer included.", minimum=0.001),
+    Key("retry_deadline_s", "float", 600.0, "Seconds a row may spend in retries before it is recorded as failed.", minimum=0.0),
+    Key("allow_insecure_http", "bool", False, "Allow plain http:// to a host that is not loopback (the key would travel in clear)."),
+)
+KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job. Build it with ``load_job``; every field is a key of ``KEYS``."""
+
+    input: Path
+    output: Path | None
+    model: str
+    base_url: str
+    endpoint: str
+    api_key_env: str
+    system_prompt: str | None
+    prompt_template: str | None
+    messages_column: str | None
+    id_column: str
+    keep_columns: tuple[str, ...]
+    temperature: float
+    max_tokens: int
+    metadata: Mapping[str, Any]
+    concurrency: int
+    max_attempts: int
+    request_timeout_s: float
+    retry_deadline_s: float
+    allow_insecure_http: bool
+    job_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL every request is posted to."""
+        base = self.base_url.rstrip("/")
+        if self.endpoint == "inference":
+            return f"{base}/models/{self.model}/inference"
+        return f"{base}/chat/completions"
+
+    def settings(self) -> dict[str, Any]:
+        """The job's keys as plain values, for the output's metadata and the logs.
+        Holds no secret: the key itself is never a job value, only its variable name."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+def _where(key: str, source: str) -> str:
+    return f"`{key}` in {source}" if source.endswith(".toml") else f"`{key}` ({source})"
+
+
+def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> Any:
+    """Return ``value`` converted to the key's kind, or raise JobError naming the key."""
+    where = _where(key.name, source)
+    kind = key.kind
+    if value is None:
+        return None
+    if kind in ("str", "path"):
+        if not isinstance(value, str):
+            raise JobError(f"{where} must be a string, not {type(value).__name__} ({value!r}). Quote it, e.g. {key.name} = \"...\".")
+        if kind == "path":
+            if not value:
+                raise JobError(f"{where} is empty: give a file path.")
+            path = Path(value).expanduser()
+            if base_dir is not None and not path.is_absolute():
+                path = Path(os.path.normpath(base_dir / path))
+            return path
+        if key.choices and value not in key.choices:
+            raise JobError(f"{where} is {value!r}; it must be one of: {', '.join(key.choices)}.")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise JobError(f"{where} must be true or false, not {value!r}.")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobError(f"{where} must be a number, not {type(value).__name__} ({value!r}).")
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise JobError(f"{where} must be a whole number, not {value!r}.")
+            value = int(value)
+        else:
+            value = float(value)
+        if key.minimum is not None and value < key.minimum:
+            raise JobError(f"{where} is {value}; it must be at least {key.minimum:g}.")
+        if key.maximum is not None and value > key.maximum:
+            raise JobError(f"{where} is {value}; it must be at most {key.maximum:g}.")
+        return value
+    if kind == "list":
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise JobError(f"{where} must be a list of column names, e.g. {key.name} = [\"customer\", \"priority\"].")
+        return tuple(value)
+    if kind == "table":
+        if not isinstance(value, Mapping):
+            raise JobError(f"{where} must be a table, e.g. [{key.name}] with key = value lines.")
+        return dict(value)
+    raise AssertionError(f"unknown key kind {kind}")
+
+
+def _unknown_key_error(name: str, source: str) -> JobError:
+    close = difflib.get_close_matches(name, KEYS_BY_NAME, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    known = ", ".join(KEYS_BY_NAME)
+    return JobError(f"Unknown key `{name}` in {source}.{hint} Known keys: {known}.")
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML job file into a plain mapping (not yet checked)."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise JobError(f"Job file {path} does not exist. Check the path, or run from flags alone (batchrun run --input ... --model ...).") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"Job file {path} is not valid TOML: {exc}. Fix that line and run again.") from None
+    except OSError as exc:
+        raise JobError(f"Job file {path} cannot be read: {exc.strerror}.") from None
+
+
+def load_job(
+    job_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    overrides_source: str = "flag",
+) -> Job:
+    """Build a checked Job from an optional TOML file and overrides.
+
+    ``overrides`` are flags or keywords; a value of None means "not given" and
+    leaves the file's value (or the default) in place.
+    """
+    values: dict[str, Any] = {key.name: key.default for key in KEYS}
+    job_path: Path | None = None
+    if job_file is not None:
+        job_path = Path(job_file)
+        source = str(job_path)
+        base_dir = job_path.parent
+        for name, raw in read_job_file(job_path).items():
+            if name not in KEYS_BY_NAME:
+                raise _unknown_key_error(name, source)
+            values[name] = _check_value(KEYS_BY_NAME[name], raw, source, base_dir)
+    for name, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if name not in KEYS_BY_NAME:
+            raise _unknown_key_error(name, overrides_source)
+        values[name] = _check_value(KEYS_BY_NAME[name], raw, overrides_source, None)
+
+    source = str(job_path) if job_path else "the flags"
+    for required in ("input", "model"):
+        if values[required] is None:
+            raise JobError(f"No `{required}` given: set {required} = ... in the job file or pass {KEYS_BY_NAME[required].flag}.")
+    if bool(values["prompt_template"]) == bool(values["messages_column"]):
+        raise JobError(
+            f"Set exactly one of `prompt_template` (e.g. 'Summarize: {{ticket}}') or `messages_column` "
+            f"(a column holding a chat message list) in {source}."
+        )
+    _check_base_url(values["base_url"], values["allow_insecure_http"])
+    return Job(**values, job_file=job_path)
+
+
+def _check_base_url(base_url: str, allow_insecure_http: bool) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobError(f"`base_url` {base_url!r} is not an http(s) URL. Use e.g. https://api.llmtune.io/v1 or http://127.0.0.1:8000/v1.")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise JobError(
+            f"`base_url` {base_url} is plain http:// to {parts.hostname}, which is not this machine: the API key "
+            "would travel in clear. Use https://, or pass --allow-insecure-http if the network is trusted."
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,141 @@
+"""Every error batchrun raises, under one root.
+
+Errors are classified by type (and, for HTTP answers, by status code), never by
+the text of a message. The tree::
+
+    BatchrunError                 root; ``str(exc)`` is the message the CLI prints
+    ├── JobError                  bad job file, flag or keyword (exit 2, nothing sent)
+    ├── InputError                unreadable or unusable input (exit 2, nothing sent)
+    ├── OutputError               output cannot be written (exit 2; work on disk kept)
+    ├── ResumeConflict            the unfinished run belongs to another job (exit 2)
+    ├── RowError                  one row cannot become a request; becomes its ``error``
+    ├── JobStopped                the job stopped early; ``exit_code`` says why
+    │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
+    │   ├── ApiDown               every request failed for too long (exit 3)
+    │   ├── TooManyFailures       --max-failures reached (exit 3)
+    │   ├── BudgetReached         max_cost would be passed (exit 4)
+    │   └── Interrupted           Ctrl-C (130) or SIGTERM (143)
+    └── RequestError              one request failed; becomes a row's ``error``
+        ├── RetryableError        worth another attempt
+        │   ├── RateLimited       429 (``retry_after`` seconds when the API said so)
+        │   ├── ServerError       408, 409, 5xx
+        │   ├── RequestTimeout    no answer within request_timeout_s
+        │   ├── ConnectionDropped the connection failed or closed mid-answer
+        │   └── BadResponse       a 2xx answer whose body cannot be read
+        └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
+
+``RowError`` and ``RequestError`` never escape the scheduler: a failed row is a row.
+"""
+
+from __future__ import annotations
+
+
+class BatchrunError(Exception):
+    """Root of every batchrun error. ``exit_code`` is what the CLI exits with."""
+
+    exit_code: int = 2
+
+
+class JobError(BatchrunError):
+    """The job (file, flags or keywords) is not valid; nothing was sent."""
+
+
+class InputError(BatchrunError):
+    """The input cannot be read or does not fit the job; nothing was sent."""
+
+
+class OutputError(BatchrunError):
+    """The output cannot be written; what is already on disk is kept for resume."""
+
+
+class ResumeConflict(BatchrunError):
+    """An unfinished run of a different job holds the output path."""
+
+
+class RowError(BatchrunError):
+    """This row cannot be turned into a request (a prompt column is null or not text)."""
+
+
+class JobStopped(BatchrunError):
+    """The job stopped before every row had a result; rerun the command to resume."""
+
+    exit_code = 3
+
+
+class KeyRejected(JobStopped):
+    """The API refused the key on every one of the first requests."""
+
+
+class ApiDown(JobStopped):
+    """Every request failed for longer than the circuit breaker allows."""
+
+
+class TooManyFailures(JobStopped):
+    """More rows failed than --max-failures allows."""
+
+
+class BudgetReached(JobStopped):
+    """Starting another request could push the spend over max_cost."""
+
+    exit_code = 4
+
+
+class Interrupted(JobStopped):
+    """Stopped by a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RequestError(BatchrunError):
+    """One request failed. ``status`` is the HTTP status when there was an answer."""
+
+    retryable = False
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = 1
+
+
+class RetryableError(RequestError):
+    """A failure that another attempt may cure."""
+
+    retryable = True
+
+
+class RateLimited(RetryableError):
+    """429. ``retry_after`` is the wait in seconds the API asked for, if any."""
+
+    def __init__(
+        self, message: str, status: int | None = 429, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class ServerError(RetryableError):
+    """408, 409 or 5xx: the server could not answer this time."""
+
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(RetryableError):
+    """No complete answer within request_timeout_s."""
+
+
+class ConnectionDropped(RetryableError):
+    """The connection could not be made, or closed before the answer was complete."""
+
+
+class BadResponse(RetryableError):
+    """A 2xx answer whose body is not the JSON (or SSE) a chat completion should be."""
+
+
+class FatalRequestError(RequestError):
+    """An answer that another attempt will not change (400, 401, 403, 404, 422, …)."""

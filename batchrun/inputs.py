@@ -1,0 +1,320 @@
+"""Input tables: JSONL or Parquet, read as a stream of batches of rows.
+
+Every row gets a ``row`` number (0-based position in the input) and an ``id``:
+the value of the id column when the input has one, else the row number.
+
+``InputTable.scan`` reads the whole input once before anything is sent, so that
+a bad line deep in a large file is an error (exit 2) rather than a surprise after
+half the job was paid for. It keeps only counts and 64-bit id hashes, never rows.
+
+JSONL is parsed line by line with orjson rather than with pyarrow's JSON reader:
+that reader cannot name the line of a parse error, cannot skip a bad line, and
+fixes column types from the first block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.errors import InputError
+
+BATCH_ROWS = 2048
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Consecutive input rows: ``rows[i]`` is row number ``start + i`` with id ``ids[i]``."""
+
+    start: int
+    ids: list[str]
+    rows: list[dict[str, Any]]
+
+
+@dataclass
+class Scan:
+    """What a full pass over the input found."""
+
+    num_rows: int
+    columns: list[str]
+    has_id_column: bool
+    keep_schema: pa.Schema
+    skipped_lines: list[int] = field(default_factory=list)
+    duplicate_rows: set[int] = field(default_factory=set)
+
+
+def _id_text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+class InputTable:
+    """A JSONL file, a Parquet file, or a folder of Parquet part files."""
+
+    def __init__(self, path: Path, *, skip_bad_lines: bool = False) -> None:
+        self.path = path
+        self.skip_bad_lines = skip_bad_lines
+        if not path.exists():
+            raise InputError(f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder).")
+        if path.is_dir():
+            self.parts = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            if not self.parts:
+                raise InputError(f"Input folder {path} holds no *.parquet files. Point `input` at a JSONL file, a Parquet file or a folder of Parquet parts.")
+            self.format = "parquet"
+        elif path.suffix.lower() in (".parquet", ".pq"):
+            self.parts = [path]
+            self.format = "parquet"
+        else:
+            self.parts = [path]
+            self.format = "jsonl"
+
+    # ---- the full pass -------------------------------------------------
+
+    def scan(self, id_column: str, id_required: bool, keep_columns: Sequence[str], dedupe: bool = False) -> Scan:
+        """Read the whole input once: count rows, check every line or part, find
+        duplicate ids and settle the Arrow types of ``keep_columns``.
+
+        Raises InputError naming the file and line (or row) and the fix.
+        """
+        if self.format == "jsonl":
+            scan = self._scan_jsonl(id_column, keep_columns)
+        else:
+            scan = self._scan_parquet(id_column)
+        if scan.num_rows == 0:
+            raise InputError(f"Input {self.path} has no rows. Give it at least one {'JSON object line' if self.format == 'jsonl' else 'row'}.")
+        if id_required and not scan.has_id_column:
+            raise InputError(
+                f"Input {self.path} has no id column `{id_column}`. Columns present: {', '.join(scan.columns)}. "
+                "Set `id_column` to one of them, or leave it at `id` to number the rows."
+            )
+        if scan.has_id_column:
+            self._check_duplicates(scan, id_column, dedupe)
+        missing = [c for c in keep_columns if c not in scan.columns]
+        if missing:
+            raise InputError(
+                f"`keep_columns` names {', '.join(missing)}, which input {self.path} lacks. Columns present: {', '.join(scan.columns)}."
+            )
+        if self.format == "parquet":
+            schema = pq.read_schema(self.parts[0])
+            scan.keep_schema = pa.schema([schema.field(c) for c in keep_columns])
+        return scan
+
+    def _jsonl_objects(self, skipped: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield (line number, object) for each non-blank line. A bad line raises
+        InputError, or with skip_bad_lines is passed over (and its number appended
+        to ``skipped``)."""
+        try:
+            fh = self.path.open("rb")
+        except OSError as exc:
+            raise InputError(f"Input {self.path} cannot be read: {exc.strerror}.") from None
+        with fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    if self.skip_bad_lines:
+                        if skipped is not None:
+                            skipped.append(lineno)
+                        continue
+                    raise InputError(self._bad_line_message(lineno, line, exc)) from None
+                if not isinstance(obj, dict):
+                    if self.skip_bad_lines:
+                        if skipped is not None:
+                            skipped.append(lineno)
+                        continue
+                    raise InputError(
+                        f"Input {self.path}, line {lineno}: valid JSON but a {type(obj).__name__}, not an object. "
+                        "Each line must be one JSON object like {\"id\": \"T-1\", \"ticket\": \"...\"}; fix the line or pass --skip-bad-lines."
+                    )
+                yield lineno, obj
+
+    def _bad_line_message(self, lineno: int, line: bytes, exc: Exception) -> str:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return (
+                f"Input {self.path}, line {lineno}: bytes that are not UTF-8 (at byte {uexc.start} of the line). "
+                "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --skip-bad-lines to skip such lines."
+            )
+        return (
+            f"Input {self.path}, line {lineno}: not valid JSON ({exc}). "
+            "Fix the line, or pass --skip-bad-lines to skip and count such lines."
+        )
+
+    def _scan_jsonl(self, id_column: str, keep_columns: Sequence[str]) -> Scan:
+        columns: dict[str, None] = {}
+        kinds: dict[str, set[type]] = {c: set() for c in keep_columns}
+        num_rows = 0
+        skipped: list[int] = []
+        for lineno, obj in self._jsonl_objects(skipped):
+            for key in obj:
+                if key not in columns:
+                    columns[key] = None
+            for c, seen in kinds.items():
+                value = obj.get(c)
+                if value is not None:
+                    seen.add(type(value))
+            if id_column in obj and obj[id_column] is None:
+                raise InputError(f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column.")
+            num_rows += 1
+        keep_schema = pa.schema([pa.field(c, _arrow_type_for(kinds[c])) for c in keep_columns])
+        return Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
+
+    def _open_parquet(self, part: Path) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(part)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(
+                f"Input {part} is not a readable Parquet file ({exc}). Check the file, or give JSONL "
+                "(a file whose name does not end in .parquet is read as JSONL)."
+            ) from None
+
+    def _scan_parquet(self, id_column: str) -> Scan:
+        first_names: list[str] | None = None
+        num_rows = 0
+        for part in self.parts:
+            pf = self._open_parquet(part)
+            names = pf.schema_arrow.names
+            if first_names is None:
+                first_names = names
+            elif set(names) != set(first_names):
+                raise InputError(
+                    f"Input part {part} has columns {', '.join(names)}, but {self.parts[0]} has {', '.join(first_names)}. "
+                    "All parts of a Parquet folder must have the same columns."
+                )
+            if id_column in names:
+                for batch in pf.iter_batches(columns=[id_column], batch_size=65536):
+                    nulls = batch.column(0).null_count
+                    if nulls:
+                        first = batch.column(0).is_null().index(True).as_py()
+                        raise InputError(
+                            f"Input {part}, row {num_rows + first}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
+                        )
+                    num_rows += batch.num_rows
+            else:
+                num_rows += pf.metadata.num_rows
+        assert first_names is not None
+        return Scan(num_rows, first_names, id_column in first_names, pa.schema([]))
+
+    def _check_duplicates(self, scan: Scan, id_column: str, dedupe: bool) -> None:
+        import numpy as np
+
+        hashes = np.fromiter((hash(i) for i in self._iter_ids(id_column)), dtype=np.int64, count=scan.num_rows)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        same = ordered[1:] == ordered[:-1]
+        if not same.any():
+            return
+        suspect = set(ordered[1:][same].tolist())
+        first_row: dict[str, int] = {}
+        dups: dict[str, list[int]] = {}
+        for row, id_ in enumerate(self._iter_ids(id_column)):
+            if hash(id_) not in suspect:
+                continue
+            if id_ in first_row:
+                dups.setdefault(id_, [first_row[id_]]).append(row)
+            else:
+                first_row[id_] = row
+        if not dups:
+            return  # hash collisions only
+        if dedupe:
+            scan.duplicate_rows = {r for rows in dups.values() for r in rows[1:]}
+            return
+        listed = "; ".join(f"{i!r} at rows {', '.join(map(str, rows))}" for i, rows in list(dups.items())[:MAX_LISTED])
+        more = f" and {len(dups) - MAX_LISTED} more" if len(dups) > MAX_LISTED else ""
+        raise InputError(
+            f"Input {self.path} has duplicate ids in `{id_column}`: {listed}{more}. Ids must be unique so each row is "
+            "sent and resumed once: fix the input, or pass --dedupe to keep the first row of each id."
+        )
+
+    def _iter_ids(self, id_column: str) -> Iterator[str]:
+        if self.format == "jsonl":
+            for _, obj in self._jsonl_objects():
+                yield _id_text(obj[id_column]) if id_column in obj else ""
+        else:
+            for part in self.parts:
+                for batch in self._open_parquet(part).iter_batches(columns=[id_column], batch_size=65536):
+                    for value in batch.column(0).to_pylist():
+                        yield _id_text(value)
+
+    # ---- the streaming passes ------------------------------------------
+
+    def batches(self, columns: Sequence[str], id_column: str | None, batch_rows: int = BATCH_ROWS) -> Iterator[RowBatch]:
+        """Rows in input order with the ``columns`` the prompt needs.
+
+        ``id_column`` None numbers the rows instead.
+        """
+        start = 0
+        if self.format == "jsonl":
+            rows: list[dict[str, Any]] = []
+            for _, obj in self._jsonl_objects():
+                rows.append(obj)
+                if len(rows) >= batch_rows:
+                    yield RowBatch(start, self._ids(rows, start, id_column), rows)
+                    start += len(rows)
+                    rows = []
+            if rows:
+                yield RowBatch(start, self._ids(rows, start, id_column), rows)
+            return
+        wanted = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
+        for part in self.parts:
+            pf = self._open_parquet(part)
+            present = [c for c in wanted if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(columns=present, batch_size=batch_rows):
+                rows = batch.to_pylist()
+                yield RowBatch(start, self._ids(rows, start, id_column), rows)
+                start += len(rows)
+
+    @staticmethod
+    def _ids(rows: list[dict[str, Any]], start: int, id_column: str | None) -> list[str]:
+        if id_column is None:
+            return [str(start + i) for i in range(len(rows))]
+        return [_id_text(row[id_column]) for row in rows]
+
+    def keep_batches(self, keep_schema: pa.Schema, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """The ``keep_columns`` in input order, typed by ``keep_schema``."""
+        names = keep_schema.names
+        if self.format == "parquet":
+            for part in self.parts:
+                pf = self._open_parquet(part)
+                for batch in pf.iter_batches(columns=names, batch_size=batch_rows):
+                    yield batch.select(names)
+            return
+        rows: list[dict[str, Any]] = []
+        for _, obj in self._jsonl_objects():
+            rows.append(obj)
+            if len(rows) >= batch_rows:
+                yield _keep_batch(rows, keep_schema)
+                rows = []
+        if rows:
+            yield _keep_batch(rows, keep_schema)
+
+
+def _arrow_type_for(kinds: set[type]) -> pa.DataType:
+    """The Arrow type for JSON values of these Python types: one scalar kind keeps
+    its type, ints with floats become float64, anything else a JSON string."""
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64()
+    if kinds and kinds <= {int, float}:
+        return pa.float64()
+    return pa.string()
+
+
+def _keep_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    arrays = []
+    for f in schema:
+        values = [row.get(f.name) for row in rows]
+        if pa.types.is_string(f.type):
+            values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -1,0 +1,752 @@
+"""Embedded OpenAI-compatible chat-completions endpoint for the demo, tests and benchmarks.
+
+The server answers every valid request with a deterministic "extractive summary" of the
+last user message and honest token counts, and can inject faults (rate limits, 5xx,
+hangs, dropped connections, broken bodies, cut streams) at a configurable rate.
+
+Everything is deterministic: the answer depends only on the request body, and whether a
+request gets a fault depends only on ``(seed, body bytes, how many times that exact body
+was received before)``. Arrival order of *different* bodies does not matter, so two
+servers with the same seed inject the same faults into the same workload even when the
+client runs it concurrently; a retry of the same body gets a fresh draw.
+
+Endpoints (``/_stats`` and ``/_reset`` are outside ``/v1`` on purpose: they are test
+controls, not part of the API being imitated):
+
+* ``POST /v1/chat/completions``
+* ``POST /v1/models/{model_id}/inference`` (``model_id`` may contain slashes)
+* ``GET /_stats`` — :class:`MockStats` as JSON
+* ``POST /_reset`` — zero the stats (this also re-arms ``fail_first`` and restarts the
+  per-body retry counters, i.e. the server behaves as if freshly started)
+
+The hot path is kept small on purpose (a client pushes thousands of requests per second
+at it): one SHA-256 of the body, one ``orjson`` parse, a few regex scans, one ``orjson``
+dump, no per-request logging.
+
+Run standalone with ``python -m batchrun.mock --port 8000`` (see :func:`serve_forever`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+__all__ = [
+    "FAULT_KINDS",
+    "FAULT_KINDS_DEFAULT",
+    "MockConfig",
+    "MockServer",
+    "MockStats",
+    "count_tokens",
+    "create_app",
+    "serve",
+    "serve_forever",
+]
+
+FAULT_KINDS: tuple[str, ...] = (
+    "429",
+    "429-no-retry-after",
+    "500",
+    "502",
+    "503",
+    "504",
+    "hang",
+    "drop",
+    "malformed",
+    "truncated",
+    "no-usage",
+    "stream-cut",
+)
+"""Every fault the mock can inject (see :class:`MockConfig`)."""
+
+FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "stream-cut")
+"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for streams)."""
+
+DEFAULT_MAX_TOKENS: Final = 512
+"""``max_tokens`` used when the request does not set one."""
+
+# Grace period (seconds) that server shutdown gives in-flight handlers before cancelling
+# them. aiohttp's default is 60 s, which would make every test that leaves a "hang"
+# handler behind wait a minute on exit.
+_SHUTDOWN_TIMEOUT_S: Final = 2.0
+
+_TOKEN_RE: Final = re.compile(r"\w+|[^\w\s]")
+_SENTENCE_SPLIT_RE: Final = re.compile(r"(?<=[.!?])\s+")
+_PIECE_TOKENS: Final = 4  # tokens per streamed delta, roughly what real servers send
+
+# Per-message overhead added to the prompt count, like the role/separator tokens of
+# real chat templates.
+_MESSAGE_OVERHEAD_TOKENS: Final = 4
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+_SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_SSE_DONE: Final = b"data: [DONE]\n\n"
+_MALFORMED_BODY: Final = b"{not json"
+
+# status, error code, message for the faults that are plain error responses.
+_STATUS_FAULTS: Final[dict[str, tuple[int, str, str]]] = {
+    "429": (429, "rate_limited", "Rate limit exceeded"),
+    "429-no-retry-after": (429, "rate_limited", "Rate limit exceeded"),
+    "500": (500, "server_error", "Internal server error"),
+    "502": (502, "bad_gateway", "Bad gateway"),
+    "503": (503, "service_unavailable", "Service unavailable"),
+    "504": (504, "gateway_timeout", "Gateway timeout"),
+}
+
+
+def count_tokens(text: str) -> int:
+    """Return the mock's token count of ``text``: the number of matches of ``\\w+|[^\\w\\s]``.
+
+    Words (Unicode letters, digits, underscore runs) count one each, every other
+    non-space character counts one, whitespace counts nothing.
+    """
+    return len(_TOKEN_RE.findall(text))
+
+
+def _format_seconds(seconds: float) -> str:
+    """Format a non-negative number of seconds compactly for a header: 1.0 -> "1", 0.05 -> "0.05".
+
+    Goes through ``Decimal(repr(x))`` so tiny values are written positionally
+    ("0.0000001") instead of in exponent form, which HTTP clients do not parse.
+    """
+    text = format(Decimal(repr(float(seconds))), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """Behaviour of the mock endpoint. All durations are in seconds.
+
+    Attributes:
+        api_key: If set, requests must carry ``Authorization: Bearer <api_key>``, else
+            401 ``invalid_api_key``. If ``None``, any or no ``Authorization`` is accepted.
+        latency_s: Sleep added before every answer of the completion endpoints
+            (before the first chunk of a stream). 0 = none.
+        fault_rate: Probability in [0, 1] that a valid request gets a fault.
+        faults: Kinds (from :data:`FAULT_KINDS`) a fault is drawn from, uniformly.
+        retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
+        hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
+            to exceed the client's timeout).
+        seed: Seed of the deterministic fault draws.
+        context_tokens: Prompts with more tokens than this get 400
+            ``context_length_exceeded``.
+        fail_first: The first N requests the server receives (in arrival order,
+            counting every request to the completion endpoints, since start or the
+            last ``/_reset``) get fault ``fail_first_kind`` instead of a random draw,
+            provided they pass authentication and validation. For tests.
+        fail_first_kind: Fault kind used by ``fail_first``.
+    """
+
+    api_key: str | None = None
+    latency_s: float = 0.0
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = FAULT_KINDS_DEFAULT
+    retry_after_s: float = 1.0
+    hang_s: float = 30.0
+    seed: int = 0
+    context_tokens: int = 32768
+    fail_first: int = 0
+    fail_first_kind: str = "500"
+
+    def __post_init__(self) -> None:
+        """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
+        # Accept any sequence for convenience but store a tuple so the config stays
+        # hashable and immutable.
+        object.__setattr__(self, "faults", tuple(self.faults))
+        unknown = [k for k in (*self.faults, self.fail_first_kind) if k not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kind(s) {unknown}; expected any of {FAULT_KINDS}")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
+        if self.fault_rate > 0.0 and not self.faults:
+            raise ValueError("fault_rate > 0 needs at least one fault kind in faults")
+        for name in ("latency_s", "retry_after_s", "hang_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
+        if self.fail_first < 0:
+            raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+
+
+@dataclass
+class MockStats:
+    """What the server has received since start (or the last ``POST /_reset``).
+
+    Attributes:
+        requests: Requests received on the completion endpoints (any outcome).
+        by_outcome: Count per outcome: ``"ok"``, a fault kind, ``"401"`` or ``"400"``.
+        bodies: SHA-256 hex digest of the raw request body -> times that exact body
+            was received. Also the per-body counter of the fault draws.
+    """
+
+    requests: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+    bodies: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Zero everything in place (so references held by tests stay valid)."""
+        self.requests = 0
+        self.by_outcome.clear()
+        self.bodies.clear()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready snapshot (copies, so later requests do not mutate it)."""
+        return {
+            "requests": self.requests,
+            "by_outcome": dict(self.by_outcome),
+            "bodies": dict(self.bodies),
+        }
+
+
+class _BadRequest(Exception):
+    """Raised during validation; carries the 400 error code and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        """Store the LLMTune-style error ``code`` and human-readable ``message``."""
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Build an LLMTune-style error response: ``{"error": code, "message": message}``."""
+    body = orjson.dumps({"error": code, "message": message})
+    return web.Response(status=status, body=body, headers=headers or _JSON_HEADERS)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the client connection without sending anything (client sees a disconnect).
+
+    ``transport.close()`` sends a FIN (the client reports ``ServerDisconnectedError``),
+    unlike ``abort()`` which may send a RST. The returned response is never delivered:
+    aiohttp's write to the closing transport raises ``ConnectionResetError``, which it
+    treats as a premature client disconnection and does not log. Raising here instead
+    would make aiohttp log an error and try to send a 500.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=200, body=b"")
+
+
+def _validate(body: Any, path_model: str | None) -> tuple[str, list[dict[str, Any]], int]:
+    """Check a parsed request body; return ``(model, messages, prompt_tokens)``.
+
+    ``path_model`` is the model from the inference route's path, used when the body has
+    no ``model``. Raises :class:`_BadRequest` (``invalid_request``) on a body that is not
+    an object, a missing/empty/non-string model, ``messages`` that is not a non-empty list
+    of objects with string ``content``, or a ``max_tokens`` that is not a positive int.
+    """
+    if not isinstance(body, dict):
+        raise _BadRequest("invalid_request", "Request body must be a JSON object")
+    model = body.get("model")
+    if model is None and path_model:
+        model = path_model
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("invalid_request", "Field 'model' must be a non-empty string")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("invalid_request", "Field 'messages' must be a non-empty list")
+    prompt_tokens = 0
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise _BadRequest(
+                "invalid_request",
+                "Every entry of 'messages' must be an object with a string 'content'",
+            )
+        prompt_tokens += count_tokens(message["content"]) + _MESSAGE_OVERHEAD_TOKENS
+    max_tokens = body.get("max_tokens")
+    # bool is an int subclass; reject it so {"max_tokens": true} is not read as 1.
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise _BadRequest("invalid_request", "Field 'max_tokens' must be a positive integer")
+    return model, messages, prompt_tokens
+
+
+def _answer(body: dict[str, Any]) -> tuple[str, str]:
+    """Produce the completion for a validated request body; return ``(completion, finish_reason)``.
+
+    The answer is an "extractive summary": the content of the last ``"user"`` message,
+    whitespace-normalised, split into sentences after ``.``, ``!`` or ``?``, and the
+    first two sentences prefixed with ``"Summary: "``. If that is longer than
+    ``max_tokens`` (default 512) tokens it is cut right after the ``max_tokens``-th
+    token and the finish reason is ``"length"``, else ``"stop"``.
+
+    This is the single place the completion text is made: a structured-output mode
+    (``response_format``) is meant to hook in here.
+    """
+    text = ""
+    for message in reversed(body["messages"]):
+        if message.get("role") == "user":
+            text = message["content"]
+            break
+    normalised = " ".join(text.split())
+    sentences = _SENTENCE_SPLIT_RE.split(normalised) if normalised else []
+    completion = "Summary: " + " ".join(sentences[:2])
+    max_tokens = body.get("max_tokens") or DEFAULT_MAX_TOKENS
+    # Cheap upper bound first: every token is at least one character, so a completion
+    # no longer than max_tokens characters cannot exceed max_tokens tokens.
+    if len(completion) > max_tokens:
+        for i, match in enumerate(_TOKEN_RE.finditer(completion), start=1):
+            if i == max_tokens:
+                end = match.end()
+                if end < len(completion) and _TOKEN_RE.search(completion, end):
+                    return completion[:end], "length"
+                break
+    return completion, "stop"
+
+
+def _pieces(completion: str) -> list[str]:
+    """Split ``completion`` into stream deltas of about four tokens each.
+
+    Cuts fall right after every fourth token, so whitespace goes to the start of the
+    following piece and the pieces concatenate back to exactly ``completion``.
+    """
+    ends = [m.end() for m in _TOKEN_RE.finditer(completion)]
+    cuts = ends[_PIECE_TOKENS - 1 :: _PIECE_TOKENS]
+    pieces: list[str] = []
+    start = 0
+    for cut in cuts:
+        pieces.append(completion[start:cut])
+        start = cut
+    if start < len(completion) or not pieces:
+        pieces.append(completion[start:])
+    return pieces
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    """Encode one server-sent event carrying ``payload`` as JSON."""
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class _Endpoint:
+    """Request handlers plus the per-app state they share (config, stats, precomputed bits)."""
+
+    def __init__(self, config: MockConfig) -> None:
+        """Precompute what every request would otherwise recompute."""
+        self.config = config
+        self.stats = MockStats()
+        # Compared as bytes with hmac.compare_digest: constant time, and no key is
+        # ever formatted into a response.
+        self._auth: bytes | None = (
+            f"Bearer {config.api_key}".encode() if config.api_key is not None else None
+        )
+        self._retry_after = {
+            **_JSON_HEADERS,
+            "Retry-After": _format_seconds(config.retry_after_s),
+        }
+        self._seed_prefix = f"{config.seed}:"
+
+    def _outcome(self, outcome: str) -> None:
+        """Count one request outcome."""
+        by_outcome = self.stats.by_outcome
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+
+    def _draw_fault(self, raw: bytes, repeat: int) -> str | None:
+        """Return the fault for this body's ``repeat``-th arrival (0-based), or ``None``.
+
+        ``u`` = first 8 bytes of ``sha256(f"{seed}:{repeat}:" + body)`` as a big-endian
+        integer / 2**64; a fault happens when ``u < fault_rate`` and its kind is
+        ``faults[next 8 bytes % len(faults)]``. Depends only on seed, body and repeat.
+        """
+        config = self.config
+        if config.fault_rate <= 0.0:
+            return None
+        digest = hashlib.sha256(f"{self._seed_prefix}{repeat}:".encode() + raw).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 >= config.fault_rate:
+            return None
+        return config.faults[int.from_bytes(digest[8:16], "big") % len(config.faults)]
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``."""
+        return await self._complete(request, None)
+
+    async def model_inference(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/models/{model_id}/inference``: the path's model is the default."""
+        return await self._complete(request, request.match_info["model_id"])
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        """``GET /_stats``: the :class:`MockStats` as JSON."""
+        return web.Response(body=orjson.dumps(self.stats.to_dict()), headers=_JSON_HEADERS)
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        """``POST /_reset``: zero the stats; answers the (zeroed) stats as JSON."""
+        self.stats.reset()
+        return web.Response(body=orjson.dumps(self.stats.to_dict()), headers=_JSON_HEADERS)
+
+    async def _complete(self, request: web.Request, path_model: str | None) -> web.StreamResponse:
+        """Shared handler of both completion routes: count, authenticate, validate, fault, answer."""
+        raw = await request.read()
+        config = self.config
+        stats = self.stats
+
+        # Bookkeeping first, so every request counts whatever happens next.
+        body_hash = hashlib.sha256(raw).hexdigest()
+        arrival = stats.requests
+        stats.requests = arrival + 1
+        repeat = stats.bodies.get(body_hash, 0)
+        stats.bodies[body_hash] = repeat + 1
+
+        if config.latency_s > 0.0:
+            await asyncio.sleep(config.latency_s)
+
+        if self._auth is not None:
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, self._auth):
+                self._outcome("401")
+                return _error(401, "invalid_api_key", "Invalid or missing API key")
+
+        try:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise _BadRequest("invalid_request", "Request body is not valid JSON") from None
+            model, _, prompt_tokens = _validate(body, path_model)
+            if prompt_tokens > config.context_tokens:
+                raise _BadRequest(
+                    "context_length_exceeded",
+                    f"Prompt is {prompt_tokens} tokens, over the model's context window "
+                    f"of {config.context_tokens} tokens",
+                )
+        except _BadRequest as exc:
+            self._outcome("400")
+            return _error(400, exc.code, exc.message)
+
+        fault = (
+            config.fail_first_kind if arrival < config.fail_first else self._draw_fault(raw, repeat)
+        )
+        self._outcome(fault or "ok")
+        stream = body.get("stream") is True
+
+        if fault is not None:
+            if fault == "hang":
+                # Meant to outlive the client's timeout; if the client gives up and
+                # disconnects, aiohttp cancels this handler (handler_cancellation).
+                await asyncio.sleep(config.hang_s)
+                fault = None
+            elif fault in _STATUS_FAULTS:
+                status, code, message = _STATUS_FAULTS[fault]
+                headers = self._retry_after if fault == "429" else None
+                return _error(status, code, message, headers)
+            elif fault == "drop" or (fault == "stream-cut" and not stream):
+                return _drop(request)
+
+        completion, finish_reason = _answer(body)
+        completion_tokens = count_tokens(completion)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        completion_id = "chatcmpl-" + body_hash[:24]
+        created = int(time.time())
+        if stream:
+            return await self._stream(
+                request,
+                body,
+                fault,
+                completion_id,
+                created,
+                model,
+                completion,
+                finish_reason,
+                usage,
+            )
+
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion},
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
+        if fault == "no-usage":
+            del payload["usage"]
+        elif fault == "malformed":
+            return web.Response(body=_MALFORMED_BODY, headers=_JSON_HEADERS)
+        encoded = orjson.dumps(payload)
+        if fault == "truncated":
+            encoded = encoded[: len(encoded) // 2]
+        return web.Response(body=encoded, headers=_JSON_HEADERS)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        fault: str | None,
+        completion_id: str,
+        created: int,
+        model: str,
+        completion: str,
+        finish_reason: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        """Answer as server-sent events; see the module docs of the stream fault variants.
+
+        Faults on streams: ``"malformed"`` sends an event whose data is not JSON (then
+        ``[DONE]``); ``"truncated"`` ends the response cleanly after the first half of
+        the event bytes (no ``[DONE]``); ``"stream-cut"`` sends the first event and then
+        closes the connection mid-response; ``"no-usage"`` omits the usage event.
+        """
+        head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        events: list[bytes] = []
+        if fault == "malformed":
+            events.append(b"data: " + _MALFORMED_BODY + b"\n\n")
+        else:
+            for i, piece in enumerate(_pieces(completion)):
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                events.append(
+                    _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                )
+            events.append(
+                _sse(
+                    {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}
+                )
+            )
+            options = body.get("stream_options")
+            if (
+                fault != "no-usage"
+                and isinstance(options, dict)
+                and options.get("include_usage") is True
+            ):
+                events.append(_sse({**head, "choices": [], "usage": usage}))
+        events.append(_SSE_DONE)
+
+        response = web.StreamResponse(headers=_SSE_HEADERS)
+        await response.prepare(request)
+        if fault == "stream-cut":
+            await response.write(events[0])
+            _drop(request)  # close mid-body: the chunked encoding is never terminated
+            return response
+        data = b"".join(events)
+        if fault == "truncated":
+            data = data[: len(data) // 2]
+        # One write for the whole stream: there is no per-piece delay to imitate, and
+        # every write is a syscall on the hot path.
+        await response.write(data)
+        await response.write_eof()
+        return response
+
+
+_ENDPOINT_KEY: Final = web.AppKey("batchrun_mock_endpoint", _Endpoint)
+
+
+def create_app(config: MockConfig) -> web.Application:
+    """Build the aiohttp application of the mock endpoint for ``config``.
+
+    Run it with ``handler_cancellation=True`` (as :func:`serve` does) so handlers of
+    clients that gave up, e.g. on a ``"hang"`` fault, are cancelled.
+    """
+    endpoint = _Endpoint(config)
+    # Bodies are small JSON; the default 1 MiB limit would reject very long prompts
+    # before they could get a proper context_length_exceeded answer.
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_ENDPOINT_KEY] = endpoint
+    app.router.add_post("/v1/chat/completions", endpoint.chat_completions)
+    app.router.add_post("/v1/models/{model_id:.+}/inference", endpoint.model_inference)
+    app.router.add_get("/_stats", endpoint.get_stats)
+    app.router.add_post("/_reset", endpoint.reset_stats)
+    return app
+
+
+def _url_host(host: str) -> str:
+    """Return ``host`` as it goes into a URL (IPv6 literals need brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+class MockServer:
+    """A running mock endpoint, as yielded by :func:`serve`."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        """Wrap the running ``app`` listening on ``host``:``port``."""
+        self.app = app
+        self.host = host
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"http://{_url_host(self.host)}:{self.port}/v1"
+
+    @property
+    def url(self) -> str:
+        """The server root, e.g. ``http://127.0.0.1:PORT`` (``/_stats`` lives here)."""
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def stats(self) -> MockStats:
+        """The live stats object (mutated in place as requests arrive)."""
+        return self.app[_ENDPOINT_KEY].stats
+
+    @property
+    def config(self) -> MockConfig:
+        """The configuration the server runs with."""
+        return self.app[_ENDPOINT_KEY].config
+
+
+@asynccontextmanager
+async def serve(
+    config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[MockServer]:
+    """Run the mock endpoint on ``host``:``port`` in the current event loop while the block runs.
+
+    ``port=0`` picks a free port (see :attr:`MockServer.port`). No access log. On exit
+    the server stops; in-flight handlers get a short grace period, then are cancelled.
+    """
+    app = create_app(config or MockConfig())
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port = int(runner.addresses[0][1])
+        yield MockServer(app, host, bound_port)
+    finally:
+        await runner.cleanup()
+
+
+def _write_ready_file(path: str, content: str) -> None:
+    """Write ``content`` to ``path`` atomically, so a polling reader never sees it half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mock-ready-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+async def _serve_until_signal(
+    config: MockConfig, host: str, port: int, ready_file: str | None
+) -> None:
+    """Serve until SIGINT or SIGTERM arrives, announcing readiness on stderr and in ``ready_file``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not available on Windows event loops; Ctrl-C still raises KeyboardInterrupt there.
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        async with serve(config, host, port) as server:
+            print(f"batchrun mock endpoint on {server.base_url}", file=sys.stderr, flush=True)
+            if ready_file is not None:
+                _write_ready_file(ready_file, server.base_url)
+            await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory if uvloop is importable, else ``None`` (asyncio default)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def serve_forever(
+    config: MockConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready_file: str | None = None,
+) -> None:
+    """Run the mock endpoint in the foreground until SIGINT or SIGTERM, then stop cleanly.
+
+    Uses uvloop when importable. Once listening it prints
+    ``batchrun mock endpoint on http://HOST:PORT/v1`` to stderr and, if ``ready_file``
+    is given, writes that base URL (no newline) to it atomically, so a parent process
+    can poll for the file and read the URL, including the real port when ``port=0``.
+    """
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve_until_signal(config, host, port, ready_file))
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m batchrun.mock [--port N] [--fault-rate X] ...``."""
+    defaults = MockConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m batchrun.mock", description="Run the batchrun mock endpoint."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--ready-file", default=None, help="write the base URL here once listening")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--latency", type=float, default=defaults.latency_s, help="seconds")
+    parser.add_argument("--fault-rate", type=float, default=defaults.fault_rate)
+    parser.add_argument(
+        "--faults", default=",".join(defaults.faults), help="comma-separated fault kinds"
+    )
+    parser.add_argument("--retry-after", type=float, default=defaults.retry_after_s, help="seconds")
+    parser.add_argument("--hang", type=float, default=defaults.hang_s, help="seconds")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--context-tokens", type=int, default=defaults.context_tokens)
+    parser.add_argument("--fail-first", type=int, default=defaults.fail_first)
+    parser.add_argument("--fail-first-kind", default=defaults.fail_first_kind)
+    args = parser.parse_args(argv)
+    try:
+        config = MockConfig(
+            api_key=args.api_key,
+            latency_s=args.latency,
+            fault_rate=args.fault_rate,
+            faults=tuple(k.strip() for k in args.faults.split(",") if k.strip()),
+            retry_after_s=args.retry_after,
+            hang_s=args.hang,
+            seed=args.seed,
+            context_tokens=args.context_tokens,
+            fail_first=args.fail_first,
+            fail_first_kind=args.fail_first_kind,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve_forever(config, args.host, args.port, args.ready_file)
+
+
+if __name__ == "__main__":
+    _main()

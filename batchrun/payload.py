@@ -1,0 +1,146 @@
+"""Pure functions between rows and the wire: row + job → request body, and
+response JSON → completion and usage. No I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchrun.config import Job
+from batchrun.errors import BadResponse, JobError, RowError
+
+_TEXT_SCALARS = (str, int, float)
+
+
+def template_columns(template: str) -> list[str]:
+    """The column names a prompt template's ``{column}`` placeholders refer to."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise JobError(
+            f"`prompt_template` is not a valid template ({exc}). Placeholders look like {{column}}; "
+            "write a literal brace as {{ or }}."
+        ) from None
+    columns: list[str] = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name:
+            raise JobError(
+                f"`prompt_template` has a placeholder {{{name}}} that is not a column name. "
+                "Use {column} with a column of the input; write a literal brace as {{ or }}."
+            )
+        if name not in columns:
+            columns.append(name)
+    return columns
+
+
+def prompt_columns(job: Job) -> list[str]:
+    """The input columns a row's prompt is built from."""
+    if job.messages_column:
+        return [job.messages_column]
+    return template_columns(job.prompt_template or "")
+
+
+def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages for one row. Raises RowError when a prompt column is
+    missing, null or not text in this row."""
+    if job.messages_column:
+        messages = row.get(job.messages_column)
+        if not isinstance(messages, list) or not messages:
+            raise RowError(
+                f"`{job.messages_column}` is {'null' if messages is None else type(messages).__name__} in this row; "
+                'it must be a list of messages like [{"role": "user", "content": "..."}].'
+            )
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise RowError(f"`{job.messages_column}` holds {m!r}, which is not a chat message with `role` and `content`.")
+        if job.system_prompt and messages[0].get("role") != "system":
+            return [{"role": "system", "content": job.system_prompt}, *messages]
+        return list(messages)
+    values: dict[str, Any] = {}
+    for column in prompt_columns(job):
+        value = row.get(column)
+        if value is None:
+            raise RowError(f"Prompt column `{column}` is null or missing in this row.")
+        if isinstance(value, bool) or not isinstance(value, _TEXT_SCALARS):
+            raise RowError(f"Prompt column `{column}` holds a {type(value).__name__}, not text.")
+        values[column] = value
+    user = (job.prompt_template or "").format_map(values)
+    if job.system_prompt:
+        return [{"role": "system", "content": job.system_prompt}, {"role": "user", "content": user}]
+    return [{"role": "user", "content": user}]
+
+
+def build_body(job: Job, messages: list[dict[str, Any]], row_id: str) -> dict[str, Any]:
+    """The JSON body of one request. ``metadata`` is sent only when the job sets
+    it, with the row id added as ``row_id``: some servers reject unknown fields."""
+    body: dict[str, Any] = {
+        "model": job.model,
+        "messages": messages,
+        "temperature": job.temperature,
+        "max_tokens": job.max_tokens,
+    }
+    if job.metadata:
+        body["metadata"] = {**job.metadata, "row_id": row_id}
+    return body
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(body)
+
+
+def request_hash(body: bytes) -> str:
+    """Identifies the exact request: same bytes, same hash (for resume and reuse)."""
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one successful answer said."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    response_id: str | None
+    response_model: str | None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_completion(data: Any) -> Completion:
+    """Read a chat-completion answer. Raises BadResponse when it has no choice."""
+    if not isinstance(data, dict):
+        raise BadResponse(f"answer is a JSON {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise BadResponse("answer has no `choices`")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    text = message.get("content") if isinstance(message, dict) else None
+    usage = data.get("usage")
+    prompt = completion = total = None
+    if isinstance(usage, dict):
+        prompt = _int_or_none(usage.get("prompt_tokens"))
+        completion = _int_or_none(usage.get("completion_tokens"))
+        total = _int_or_none(usage.get("total_tokens"))
+        if total is None and prompt is not None and completion is not None:
+            total = prompt + completion
+    return Completion(
+        text=text if isinstance(text, str) else None,
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        response_id=data.get("id") if isinstance(data.get("id"), str) else None,
+        response_model=data.get("model") if isinstance(data.get("model"), str) else None,
+    )

@@ -1,0 +1,132 @@
+"""What a person (or cron) sees while a job runs, and the tally behind it.
+
+On a terminal: one progress line redrawn a few times a second on stderr
+(rows done of total, ok and failed, tokens, rows per second, ETA). Off a
+terminal: a plain log line every ``log_every_s`` seconds instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+log = logging.getLogger("batchrun")
+
+
+@dataclass
+class Tally:
+    """Counts for one run. ``total`` rows need a result; ``resumed`` of them
+    already had one when the run started (and are counted in ``ok``/``failed``)."""
+
+    total: int
+    resumed: int = 0
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        """Rows with a result, those of earlier runs included."""
+        return self.ok + self.failed
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rows_per_s(self) -> float:
+        elapsed = self.elapsed_s
+        return (self.done - self.resumed) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.rows_per_s
+        return (self.total - self.done) / rate if rate > 0 else None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _count(n: int) -> str:
+    if n >= 10_000_000:
+        return f"{n / 1e6:.0f}M"
+    if n >= 100_000:
+        return f"{n / 1e3:.0f}k"
+    return str(n)
+
+
+def status_text(t: Tally) -> str:
+    """The progress line's text without the bar."""
+    tokens = t.prompt_tokens + t.completion_tokens
+    return (
+        f"{t.done}/{t.total} rows  ok {t.ok}  failed {t.failed}  "
+        f"tokens {_count(tokens)}  {t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
+    )
+
+
+class Progress:
+    """Draws the tally: a bar on a terminal, log lines elsewhere."""
+
+    def __init__(
+        self,
+        tally: Tally,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        interactive: bool | None = None,
+        log_every_s: float = 10.0,
+    ) -> None:
+        self.tally = tally
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.interval_s = 0.2 if self.interactive else log_every_s
+        self._drawn = False
+
+    def tick(self) -> None:
+        """Show the current state once."""
+        if not self.enabled:
+            return
+        if self.interactive:
+            t = self.tally
+            width = 24
+            filled = int(width * t.done / t.total) if t.total else width
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r[{bar}] {status_text(t)}\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+        else:
+            log.info("progress: %s", status_text(self.tally), extra={"event": "progress", **progress_fields(self.tally)})
+
+    def close(self) -> None:
+        if self.enabled and self.interactive and self._drawn:
+            self.tick()
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def progress_fields(t: Tally) -> dict[str, object]:
+    """The tally as plain values, for JSON log events."""
+    return {
+        "rows_done": t.done,
+        "rows_total": t.total,
+        "rows_ok": t.ok,
+        "rows_failed": t.failed,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "requests": t.requests,
+        "retries": t.retries,
+        "rows_per_s": round(t.rows_per_s, 1),
+    }

@@ -1,0 +1,310 @@
+"""Runs the rows through retry → client and hands each result to the journal.
+
+A producer turns input rows into request bodies and puts them on a bounded
+queue; a fixed pool of ``concurrency`` workers takes them off, sends them and
+journals each result the moment it is known. Memory stays flat whatever the
+input's size. A row that fails becomes a result (``status = "error"``), never
+a crash; only a job-level stop (bad key, signal, …) ends the run early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from batchrun.client import ApiClient
+from batchrun.config import Job
+from batchrun.errors import (
+    BatchrunError,
+    JobStopped,
+    KeyRejected,
+    RequestError,
+    ResumeConflict,
+    RowError,
+)
+from batchrun.inputs import RowBatch
+from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
+from batchrun.payload import build_body, build_messages, encode_body, request_hash
+from batchrun.progress import Tally
+from batchrun.retry import RetryPolicy, send_with_retries
+
+log = logging.getLogger("batchrun")
+
+AUTH_STATUSES = frozenset({401, 403})
+AUTH_PROBE_ROWS = 5
+"""A job stops with KeyRejected when this many first answers (or every answer,
+for a smaller job) are all 401/403."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One row ready to send, or (``error`` set) one that cannot be sent."""
+
+    row: int
+    id: str
+    body: bytes
+    request_hash: str
+    error: str | None = None
+
+
+def prepare_rows(job: Job, batches: Iterator[RowBatch], skip: set[int] | None = None) -> Iterator[Prepared]:
+    """Input rows → request bodies, in input order."""
+    skip = skip or set()
+    for batch in batches:
+        for i, row in enumerate(batch.rows):
+            number = batch.start + i
+            if number in skip:
+                continue
+            row_id = batch.ids[i]
+            try:
+                messages = build_messages(job, row)
+            except RowError as exc:
+                yield Prepared(number, row_id, b"", "", error=str(exc))
+                continue
+            body = encode_body(build_body(job, messages, row_id))
+            yield Prepared(number, row_id, body, request_hash(body))
+
+
+def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
+    """Refuse to resume when a finished row's request differs from what this
+    job would send now (the input or the job changed)."""
+    for p in rows:
+        if journal.status[p.row] != STATUS_NONE and not p.error and not journal.hash_matches(p.row, p.request_hash):
+            raise ResumeConflict(
+                f"{journal.folder} holds an unfinished run whose request for row {p.row} (id {p.id!r}) differs from "
+                "what this job sends now: the input or the job changed since it started. Run again with --restart "
+                "to discard its results and start over, or put back the old input to keep going."
+            )
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Scheduler:
+    """Sends every row that has no result yet and journals the results."""
+
+    def __init__(
+        self,
+        job: Job,
+        client: ApiClient,
+        journal: Journal,
+        tally: Tally,
+        policy: RetryPolicy,
+        retry_failed: bool = False,
+    ) -> None:
+        self.job = job
+        self.client = client
+        self.journal = journal
+        self.tally = tally
+        self.policy = policy
+        self.retry_failed = retry_failed
+        self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.concurrency * 2)
+        self._stop: JobStopped | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        # Answers that were 401/403 before the key proved good are held back, not
+        # journaled: a job stopped for a bad key must resume them once the key is fixed.
+        self._probe_results = 0
+        self._probe_auth_failures = 0
+        self._held: list[dict[str, Any]] = []
+        self._key_settled = False
+
+    # ---- the run ---------------------------------------------------------
+
+    async def run(self, rows: Iterator[Prepared], to_send: int) -> None:
+        """Send ``rows`` (those without a result) until done or stopped.
+        ``to_send`` is how many of them need a request, for the key probe."""
+        self._probe_size = max(1, min(AUTH_PROBE_ROWS, to_send))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._producer = tg.create_task(self._produce(rows))
+                self._workers = [tg.create_task(self._work()) for _ in range(self.job.concurrency)]
+        except BaseExceptionGroup as group:
+            raise _first_batchrun_error(group) from None
+        if self._stop is not None:
+            raise self._stop
+
+    def stop(self, error: JobStopped, grace_s: float) -> None:
+        """Send no new request; cancel what is still in flight after ``grace_s`` seconds."""
+        if self._stop is None:
+            self._stop = error
+        if self._producer is not None:
+            self._producer.cancel()
+        # Wake the idle workers: the queue is emptied, so the wake-ups always fit.
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        for _ in self._workers:
+            self.queue.put_nowait(None)
+        asyncio.get_running_loop().call_later(grace_s, self._cancel_all)
+
+    def stop_now(self, error: JobStopped) -> None:
+        """Stop at once: requests in flight are abandoned (their rows stay unsent)."""
+        self._stop = error
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        if self._producer is not None:
+            self._producer.cancel()
+        for task in self._workers:
+            task.cancel()
+
+    async def _produce(self, rows: Iterator[Prepared]) -> None:
+        status = self.journal.status
+        for p in rows:
+            if self._stop is not None:
+                return
+            done = status[p.row]
+            if done != STATUS_NONE and not (self.retry_failed and done == STATUS_ERROR):
+                continue
+            if p.error is not None:
+                self._record(self._error_record(p, p.error, None, 0, _now_us(), 0.0))
+                continue
+            await self.queue.put(p)
+        for _ in range(self.job.concurrency):
+            await self.queue.put(None)
+
+    async def _work(self) -> None:
+        while self._stop is None:
+            p = await self.queue.get()
+            if p is None or self._stop is not None:
+                return
+            await self._send(p)
+
+    async def _send(self, p: Prepared) -> None:
+        started = _now_us()
+        t0 = time.perf_counter()
+        tally = self.tally
+
+        async def attempt() -> Any:
+            tally.requests += 1
+            return await self.client.complete(p.body)
+
+        try:
+            completion, attempts = await send_with_retries(attempt, self.policy, self._on_retry(p))
+        except RequestError as exc:
+            latency = (time.perf_counter() - t0) * 1000
+            self._record(self._error_record(p, str(exc), exc.status, exc.attempts, started, latency))
+            return
+        latency = (time.perf_counter() - t0) * 1000
+        self._record(
+            {
+                "row": p.row,
+                "id": p.id,
+                "status": "ok",
+                "model": self.job.model,
+                "response_model": completion.response_model,
+                "completion": completion.text,
+                "finish_reason": completion.finish_reason,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.total_tokens,
+                "error": None,
+                "http_status": 200,
+                "attempts": attempts,
+                "latency_ms": latency,
+                "response_id": completion.response_id,
+                "request_hash": p.request_hash,
+                "started_at": started,
+                "finished_at": _now_us(),
+            }
+        )
+
+    def _error_record(
+        self, p: Prepared, error: str, status: int | None, attempts: int, started: int, latency_ms: float
+    ) -> dict[str, Any]:
+        return {
+            "row": p.row,
+            "id": p.id,
+            "status": "error",
+            "model": self.job.model,
+            "error": error,
+            "http_status": status,
+            "attempts": attempts,
+            "latency_ms": latency_ms,
+            "request_hash": p.request_hash or None,
+            "started_at": started,
+            "finished_at": _now_us(),
+        }
+
+    def _on_retry(self, p: Prepared) -> Callable[[RequestError, int, float], None]:
+        def on_retry(exc: RequestError, attempt: int, wait_s: float) -> None:
+            self.tally.retries += 1
+            log.debug(
+                "row %s attempt %d failed: %s; retrying in %.2fs",
+                p.id, attempt, exc, wait_s,
+                extra={"event": "retry", "row_id": p.id, "attempt": attempt, "cause": str(exc), "wait_s": round(wait_s, 3)},
+            )
+
+        return on_retry
+
+    # ---- results -----------------------------------------------------------
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        """Journal one result (or hold it while the key is unproven) and count it."""
+        if not self._key_settled and rec.get("attempts"):
+            self._probe_results += 1
+            if rec["status"] == "error" and rec.get("http_status") in AUTH_STATUSES:
+                self._probe_auth_failures += 1
+                self._held.append(rec)
+                if self._probe_auth_failures >= self._probe_size:
+                    self._held.clear()
+                    self.stop_now(
+                        KeyRejected(
+                            f"The API refused the key on the first {self._probe_auth_failures} requests "
+                            f"({rec['error']}). Check that ${self.job.api_key_env} holds a valid key for "
+                            f"{self.job.base_url}, then run the same command again: nothing was recorded for those rows."
+                        )
+                    )
+                return
+            self._key_settled = True
+            held, self._held = self._held, []
+            for h in held:
+                self._write(h)
+        self._write(rec)
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        row = rec["row"]
+        before = self.journal.status[row]
+        self.journal.append(rec)
+        t = self.tally
+        if before == STATUS_ERROR:
+            t.failed -= 1  # --retry-failed: the new result replaces the old one
+        if rec["status"] == "ok":
+            t.ok += 1
+        else:
+            t.failed += 1
+            log.debug(
+                "row %s failed: %s", rec["id"], rec["error"],
+                extra={"event": "row_failed", "row_id": rec["id"], "error": rec["error"], "attempts": rec.get("attempts")},
+            )
+        t.prompt_tokens += rec.get("prompt_tokens") or 0
+        t.completion_tokens += rec.get("completion_tokens") or 0
+
+    def flush_held(self) -> None:
+        """At the end of a job too small to settle the key: journal what is held."""
+        held, self._held = self._held, []
+        for h in held:
+            self._write(h)
+
+
+def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to surface from a task group: ours first, then anything else."""
+    flat: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[Any]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                flat.append(e)
+
+    walk(group)
+    for e in flat:
+        if isinstance(e, BatchrunError):
+            return e
+    return flat[0]

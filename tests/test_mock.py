@@ -1,0 +1,523 @@
+"""Tests of the embedded mock endpoint, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from batchrun.mock import (
+    FAULT_KINDS,
+    FAULT_KINDS_DEFAULT,
+    MockConfig,
+    count_tokens,
+    serve,
+)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog.   It was not amused!\n"
+    "Did the dog care? Nobody knows. The end."
+)
+SUMMARY = "Summary: The quick brown fox jumps over the lazy dog. It was not amused!"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def request_body(text: str = TEXT, **extra: Any) -> dict[str, Any]:
+    """A valid chat-completions request asking to summarise ``text``."""
+    return {
+        "model": "test-model",
+        "messages": [
+            {"role": "system", "content": "Summarise."},
+            {"role": "user", "content": text},
+        ],
+        **extra,
+    }
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` (JSON-encoded unless already bytes); return status, headers, raw body."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with session.post(url, data=data, **kwargs) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """Split a server-sent-events body into the payloads of its ``data:`` lines."""
+    return [line[len(b"data: ") :] for line in raw.split(b"\n\n") if line.startswith(b"data: ")]
+
+
+def test_count_tokens() -> None:
+    assert count_tokens("") == 0
+    assert count_tokens("Hello, world!") == 4
+    assert count_tokens("  don't   stop\n") == 4  # don ' t stop
+    assert count_tokens("über-cool 42") == 4
+
+
+def test_config_validation() -> None:
+    assert "stream-cut" not in FAULT_KINDS_DEFAULT
+    assert set(FAULT_KINDS_DEFAULT) | {"stream-cut"} == set(FAULT_KINDS)
+    with pytest.raises(ValueError, match="unknown fault"):
+        MockConfig(faults=("418",))
+    with pytest.raises(ValueError, match="unknown fault"):
+        MockConfig(fail_first=1, fail_first_kind="nope")
+    with pytest.raises(ValueError, match="fault_rate"):
+        MockConfig(fault_rate=1.5)
+    assert MockConfig(faults=["500"]).faults == ("500",)  # type: ignore[arg-type]
+
+
+async def test_summary_usage_and_shape() -> None:
+    async with serve() as server, aiohttp.ClientSession() as session:
+        assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+        body = request_body(temperature=0.3, metadata={"row": 1}, whatever=[1, 2])
+        raw = orjson.dumps(body)
+        status, headers, data = await post(session, server.base_url + "/chat/completions", raw)
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    doc = orjson.loads(data)
+    assert doc["id"] == "chatcmpl-" + hashlib.sha256(raw).hexdigest()[:24]
+    assert doc["object"] == "chat.completion"
+    assert doc["model"] == "test-model"
+    assert isinstance(doc["created"], int) and abs(doc["created"] - time.time()) < 60
+    [choice] = doc["choices"]
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": SUMMARY},
+        "finish_reason": "stop",
+    }
+    prompt_tokens = count_tokens("Summarise.") + 4 + count_tokens(TEXT) + 4
+    completion_tokens = count_tokens(SUMMARY)
+    assert doc["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def test_last_user_message_is_summarised() -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "First question. Ignored."},
+            {"role": "assistant", "content": "An answer."},
+            {"role": "user", "content": "Only sentence here"},
+        ],
+    }
+    async with serve() as server, aiohttp.ClientSession() as session:
+        _, _, data = await post(session, server.base_url + "/chat/completions", body)
+    assert orjson.loads(data)["choices"][0]["message"]["content"] == "Summary: Only sentence here"
+
+
+async def test_max_tokens_cuts_with_finish_reason_length() -> None:
+    async with serve() as server, aiohttp.ClientSession() as session:
+        _, _, data = await post(
+            session, server.base_url + "/chat/completions", request_body(max_tokens=5)
+        )
+        # Exactly as many tokens as the full answer: not cut.
+        exact = count_tokens(SUMMARY)
+        _, _, data_exact = await post(
+            session, server.base_url + "/chat/completions", request_body(max_tokens=exact)
+        )
+    doc = orjson.loads(data)
+    # Summary : The quick brown -> cut right after the fifth token.
+    assert doc["choices"][0]["message"]["content"] == "Summary: The quick brown"
+    assert doc["choices"][0]["finish_reason"] == "length"
+    assert doc["usage"]["completion_tokens"] == 5
+    doc_exact = orjson.loads(data_exact)
+    assert doc_exact["choices"][0]["message"]["content"] == SUMMARY
+    assert doc_exact["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_inference_route_with_slashed_model_id() -> None:
+    model = "meta-llama/Llama-3.3-70B-Instruct"
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = f"{server.base_url}/models/{model}/inference"
+        body = request_body()
+        del body["model"]
+        status, _, data = await post(session, url, body)
+        status_own, _, data_own = await post(session, url, request_body())
+    assert status == 200
+    doc = orjson.loads(data)
+    assert doc["model"] == model
+    assert doc["choices"][0]["message"]["content"] == SUMMARY
+    assert status_own == 200
+    assert orjson.loads(data_own)["model"] == "test-model"  # the body's model wins
+
+
+async def test_api_key_required_and_never_echoed() -> None:
+    config = MockConfig(api_key="sk-right")
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        wrong = await post(
+            session, url, request_body(), headers={"Authorization": "Bearer sk-WRONG-123"}
+        )
+        missing = await post(session, url, request_body())
+        right = await post(
+            session, url, request_body(), headers={"Authorization": "Bearer sk-right"}
+        )
+        stats = server.stats.to_dict()
+    for status, _, data in (wrong, missing):
+        assert status == 401
+        assert orjson.loads(data)["error"] == "invalid_api_key"
+        assert b"sk-" not in data and b"WRONG" not in data
+    assert right[0] == 200
+    assert stats["by_outcome"] == {"401": 2, "ok": 1}
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"{not json", b"not valid JSON"),
+        (b"", b"not valid JSON"),
+        (b"[1, 2]", b"JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, b"'model'"),
+        ({"model": "", "messages": [{"role": "user", "content": "x"}]}, b"'model'"),
+        ({"model": 3, "messages": [{"role": "user", "content": "x"}]}, b"'model'"),
+        ({"model": "m"}, b"'messages'"),
+        ({"model": "m", "messages": []}, b"'messages'"),
+        ({"model": "m", "messages": "hi"}, b"'messages'"),
+        ({"model": "m", "messages": ["hi"]}, b"'content'"),
+        ({"model": "m", "messages": [{"role": "user"}]}, b"'content'"),
+        ({"model": "m", "messages": [{"role": "user", "content": None}]}, b"'content'"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            b"max_tokens",
+        ),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
+            b"max_tokens",
+        ),
+    ],
+)
+async def test_invalid_requests_get_400(payload: Any, fragment: bytes) -> None:
+    async with serve() as server, aiohttp.ClientSession() as session:
+        status, headers, data = await post(session, server.base_url + "/chat/completions", payload)
+        stats = server.stats.to_dict()
+    assert status == 400
+    assert headers["Content-Type"].startswith("application/json")
+    doc = orjson.loads(data)
+    assert doc["error"] == "invalid_request"
+    assert fragment in doc["message"].encode()
+    assert stats["by_outcome"] == {"400": 1}
+
+
+async def test_context_length_exceeded() -> None:
+    config = MockConfig(context_tokens=20)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        status, _, data = await post(session, url, request_body("word " * 30))
+        status_ok, _, _ = await post(session, url, request_body("word " * 5))
+    assert status == 400
+    assert orjson.loads(data)["error"] == "context_length_exceeded"
+    assert status_ok == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [
+        ("429", 429, "rate_limited"),
+        ("429-no-retry-after", 429, "rate_limited"),
+        ("500", 500, "server_error"),
+        ("502", 502, "bad_gateway"),
+        ("503", 503, "service_unavailable"),
+        ("504", 504, "gateway_timeout"),
+    ],
+)
+async def test_status_faults(kind: str, status: int, code: str) -> None:
+    config = MockConfig(fail_first=1, fail_first_kind=kind, retry_after_s=0.05)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        first = await post(session, url, request_body())
+        second = await post(session, url, request_body())
+        stats = server.stats.to_dict()
+    assert first[0] == status
+    assert orjson.loads(first[2])["error"] == code
+    if kind == "429":
+        assert first[1]["Retry-After"] == "0.05"
+    else:
+        assert "Retry-After" not in first[1]
+    assert second[0] == 200  # fail_first covers only the first request
+    assert stats["by_outcome"] == {kind: 1, "ok": 1}
+
+
+async def test_retry_after_is_compact() -> None:
+    config = MockConfig(fail_first=1, fail_first_kind="429", retry_after_s=1.0)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        _, headers, _ = await post(session, server.base_url + "/chat/completions", request_body())
+    assert headers["Retry-After"] == "1"
+
+
+async def test_hang_fault_outlives_client_timeout_then_answers() -> None:
+    config = MockConfig(fail_first=2, fail_first_kind="hang", hang_s=0.3)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        with pytest.raises(asyncio.TimeoutError):
+            await post(session, url, request_body(), timeout=aiohttp.ClientTimeout(total=0.1))
+        started = time.monotonic()
+        status, _, data = await post(session, url, request_body())
+        elapsed = time.monotonic() - started
+        stats = server.stats.to_dict()
+    assert status == 200 and elapsed >= 0.29
+    assert orjson.loads(data)["choices"][0]["message"]["content"] == SUMMARY
+    assert stats["by_outcome"] == {"hang": 2}
+
+
+@pytest.mark.parametrize("kind", ["drop", "stream-cut"])
+async def test_drop_fault_disconnects(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    config = MockConfig(fail_first=1, fail_first_kind=kind)
+    caplog.set_level(logging.WARNING)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await post(session, url, request_body())
+        status, _, _ = await post(session, url, request_body())
+        stats = server.stats.to_dict()
+    assert status == 200
+    assert stats["by_outcome"] == {kind: 1, "ok": 1}
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")]
+
+
+async def test_malformed_truncated_and_no_usage_faults() -> None:
+    results: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in ("malformed", "truncated", "no-usage"):
+            config = MockConfig(fail_first=1, fail_first_kind=kind)
+            async with serve(config) as server:
+                url = server.base_url + "/chat/completions"
+                results[kind] = await post(session, url, request_body())
+                results["ok"] = await post(session, url, request_body())
+    full = results["ok"][2]
+    status, headers, data = results["malformed"]
+    assert status == 200 and data == b"{not json"
+    assert headers["Content-Type"].startswith("application/json")
+    status, _, data = results["truncated"]
+    assert status == 200
+    assert len(data) == len(full) // 2
+    assert full.startswith(data[:40])  # same id prefix; "created" may tick over later
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(data)
+    status, _, data = results["no-usage"]
+    doc = orjson.loads(data)
+    assert status == 200 and "usage" not in doc
+    assert doc["choices"][0]["message"]["content"] == SUMMARY
+
+
+def expected_fault(seed: int, repeat: int, raw: bytes, rate: float, kinds: tuple[str, ...]) -> str:
+    """The draw the spec prescribes, computed independently of the server."""
+    digest = hashlib.sha256(f"{seed}:{repeat}:".encode() + raw).digest()
+    if int.from_bytes(digest[:8], "big") / 2**64 >= rate:
+        return "ok"
+    return kinds[int.from_bytes(digest[8:16], "big") % len(kinds)]
+
+
+async def test_fault_draws_are_deterministic_and_order_independent() -> None:
+    kinds = ("429", "500", "503")
+    bodies = [orjson.dumps(request_body(f"Row {i}. Some text.")) for i in range(40)]
+    outcome_of_status = {200: "ok", 429: "429", 500: "500", 503: "503"}
+
+    async def run(seed: int, order: list[bytes]) -> dict[bytes, list[str]]:
+        config = MockConfig(fault_rate=0.5, faults=kinds, seed=seed)
+        seen: dict[bytes, list[str]] = {raw: [] for raw in bodies}
+        async with serve(config) as server, aiohttp.ClientSession() as session:
+            url = server.base_url + "/chat/completions"
+
+            async def attempts(raw: bytes) -> None:
+                for _ in range(3):  # the client "retries" the same body
+                    status, _, _ = await post(session, url, raw)
+                    seen[raw].append(outcome_of_status[status])
+
+            await asyncio.gather(*(attempts(raw) for raw in order))
+            stats = server.stats.to_dict()
+        assert stats["requests"] == 3 * len(bodies)
+        assert set(stats["bodies"].values()) == {3}
+        return seen
+
+    first = await run(7, bodies)
+    second = await run(7, list(reversed(bodies)))
+    other_seed = await run(8, bodies)
+    assert first == second
+    assert first != other_seed
+    for raw, outcomes in first.items():
+        assert outcomes == [expected_fault(7, n, raw, 0.5, kinds) for n in range(3)]
+    # A retry gets a fresh draw: some body must fail and then succeed.
+    assert any(o[0] != "ok" and "ok" in o[1:] for o in first.values())
+    flat = [o for outcomes in first.values() for o in outcomes]
+    assert 0.3 < flat.count("ok") / len(flat) < 0.7
+
+
+async def stream(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, str, bytes]:
+    """POST a streaming request; return status, content type and the raw event bytes."""
+    async with session.post(url, data=orjson.dumps(body)) as resp:
+        return resp.status, resp.headers["Content-Type"], await resp.read()
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_sse_stream(include_usage: bool) -> None:
+    body = request_body(stream=True, stream_options={"include_usage": include_usage})
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        status, content_type, raw = await stream(session, url, body)
+        plain = orjson.loads((await post(session, url, request_body()))[2])
+    assert status == 200 and content_type.startswith("text/event-stream")
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    usage_chunks = [c for c in chunks if not c["choices"]]
+    content_chunks = [c for c in chunks if c["choices"]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert content_chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in content_chunks[1:])
+    pieces = [c["choices"][0]["delta"].get("content") for c in content_chunks[:-1]]
+    assert "".join(pieces) == SUMMARY
+    assert len(pieces) > 2 and all(count_tokens(p) <= 4 for p in pieces)
+    assert all(c["choices"][0]["finish_reason"] is None for c in content_chunks[:-1])
+    assert content_chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    if include_usage:
+        assert len(usage_chunks) == 1 and chunks[-1] is usage_chunks[0]
+        assert usage_chunks[0]["usage"] == plain["usage"]
+    else:
+        assert usage_chunks == []
+
+
+async def test_stream_cut_sends_first_chunk_then_breaks() -> None:
+    config = MockConfig(fail_first=1, fail_first_kind="stream-cut")
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    received = b""
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with session.post(url, data=orjson.dumps(body)) as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+        status, _, raw = await stream(session, url, body)
+    events = sse_events(received)
+    assert len(events) == 1 and b"[DONE]" not in received
+    assert orjson.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+    assert status == 200 and sse_events(raw)[-1] == b"[DONE]"
+
+
+async def test_stream_variants_of_body_faults() -> None:
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    out: dict[str, bytes] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in ("malformed", "truncated", "no-usage"):
+            async with serve(MockConfig(fail_first=1, fail_first_kind=kind)) as server:
+                status, _, out[kind] = await stream(
+                    session, server.base_url + "/chat/completions", body
+                )
+                assert status == 200
+                _, _, out["ok"] = await stream(session, server.base_url + "/chat/completions", body)
+    assert sse_events(out["malformed"]) == [b"{not json", b"[DONE]"]
+    assert len(out["truncated"]) == len(out["ok"]) // 2 and b"[DONE]" not in out["truncated"]
+    no_usage = [orjson.loads(e) for e in sse_events(out["no-usage"])[:-1]]
+    assert all(c["choices"] for c in no_usage)
+
+
+async def test_stream_respects_max_tokens() -> None:
+    body = request_body(stream=True, max_tokens=5)
+    async with serve() as server, aiohttp.ClientSession() as session:
+        _, _, raw = await stream(session, server.base_url + "/chat/completions", body)
+    chunks = [orjson.loads(e) for e in sse_events(raw)[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "Summary: The quick brown"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_latency_is_added() -> None:
+    async with serve(MockConfig(latency_s=0.15)) as server, aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        status, _, _ = await post(session, server.base_url + "/chat/completions", request_body())
+    assert status == 200 and time.monotonic() - started >= 0.14
+
+
+async def test_stats_endpoint_and_reset() -> None:
+    config = MockConfig(fail_first=1, fail_first_kind="503")
+    raw_a = orjson.dumps(request_body("A."))
+    raw_b = orjson.dumps(request_body("B."))
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        for raw in (raw_a, raw_a, raw_b):
+            await post(session, url, raw)
+        await post(session, url, b"{broken")
+        async with session.get(server.url + "/_stats") as resp:
+            over_http = orjson.loads(await resp.read())
+        assert over_http == server.stats.to_dict()
+        async with session.post(server.url + "/_reset") as resp:
+            assert resp.status == 200
+        assert server.stats.to_dict() == {"requests": 0, "by_outcome": {}, "bodies": {}}
+        # fail_first is re-armed by the reset.
+        status, _, _ = await post(session, url, raw_a)
+        assert status == 503
+    assert over_http["requests"] == 4
+    assert over_http["by_outcome"] == {"503": 1, "ok": 2, "400": 1}
+    assert over_http["bodies"] == {
+        hashlib.sha256(raw_a).hexdigest(): 2,
+        hashlib.sha256(raw_b).hexdigest(): 1,
+        hashlib.sha256(b"{broken").hexdigest(): 1,
+    }
+
+
+def test_serve_forever_in_subprocess(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchrun.mock",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--fail-first",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline, "mock server did not get ready"
+            time.sleep(0.02)
+        base_url = ready.read_text()
+        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+
+        async def check() -> tuple[list[int], dict[str, Any]]:
+            async with aiohttp.ClientSession() as session:
+                statuses = [
+                    (await post(session, base_url + "/chat/completions", request_body()))[0]
+                    for _ in range(2)
+                ]
+                async with session.get(base_url.removesuffix("/v1") + "/_stats") as resp:
+                    return statuses, orjson.loads(await resp.read())
+
+        statuses, stats = asyncio.run(check())
+        assert statuses == [500, 200]
+        assert stats["by_outcome"] == {"500": 1, "ok": 1}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert f"batchrun mock endpoint on {base_url}".encode() in stderr
