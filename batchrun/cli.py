@@ -109,7 +109,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
     from batchrun.config import load_job
     from batchrun.logs import setup_logging
 
-    setup_logging(flags["log_file"], flags["log_format"], flags["verbose"])
+    setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
     try:
         job = load_job(job_file, _overrides(flags))
         options = RunOptions(
@@ -155,6 +155,9 @@ def _run_async(coro: Any) -> Any:
 @click.option("--retry-after-s", default=1.0, show_default=True, help="Retry-After sent with 429 faults.")
 @click.option("--hang-s", default=30.0, show_default=True, help="How long a hang fault holds the answer.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
+@click.option("--context-tokens", default=32768, show_default=True, help="Prompts longer than this get 400 context_length_exceeded.")
+@click.option("--fail-first", default=0, show_default=True, help="The first N requests get --fail-first-kind (for tests).")
+@click.option("--fail-first-kind", default="500", show_default=True, help="Fault kind of the first N requests.")
 @click.option("--api-key-env", default=None, help="Require the key held by this environment variable.")
 @click.option("--ready-file", default=None, help="Write the base URL to this file once listening.")
 def mock_server(**opts: Any) -> None:
@@ -172,13 +175,19 @@ def mock_server(**opts: Any) -> None:
         api_key = os.environ.get(opts["api_key_env"])
         if not api_key:
             raise click.UsageError(f"--api-key-env {opts['api_key_env']}: that variable is not set.")
-    config = MockConfig(
-        api_key=api_key,
-        latency_s=opts["latency_ms"] / 1000,
-        fault_rate=opts["fault_rate"],
-        faults=faults,
-        retry_after_s=opts["retry_after_s"],
-        hang_s=opts["hang_s"],
-        seed=opts["seed"],
-    )
+    try:
+        config = MockConfig(
+            api_key=api_key,
+            latency_s=opts["latency_ms"] / 1000,
+            fault_rate=opts["fault_rate"],
+            faults=faults,
+            retry_after_s=opts["retry_after_s"],
+            hang_s=opts["hang_s"],
+            seed=opts["seed"],
+            context_tokens=opts["context_tokens"],
+            fail_first=opts["fail_first"],
+            fail_first_kind=opts["fail_first_kind"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     serve_forever(config, host=opts["host"], port=opts["port"], ready_file=opts["ready_file"])

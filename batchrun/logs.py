@@ -35,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-def setup_logging(log_file: Path | None, log_format: str, verbose: bool) -> None:
+def setup_logging(log_file: Path | None, log_format: str, verbose: bool, quiet: bool = False) -> None:
     """Send batchrun's log to stderr and, when asked, every event (retries and
     row failures included) to ``log_file``.
 
@@ -49,9 +49,11 @@ def setup_logging(log_file: Path | None, log_format: str, verbose: bool) -> None
     text = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     formatter: logging.Formatter = JsonFormatter() if log_format == "json" else text
     console = logging.StreamHandler(sys.stderr)
-    quiet_level = logging.WARNING if sys.stderr.isatty() else logging.INFO
+    quiet_level = logging.WARNING if quiet or sys.stderr.isatty() else logging.INFO
     console.setLevel(logging.DEBUG if verbose else quiet_level)
     console.setFormatter(formatter)
+    # The CLI prints a stop's message itself; the console need not say it twice.
+    console.addFilter(lambda record: getattr(record, "event", None) != "stopped")
     logger.addHandler(console)
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")

@@ -28,7 +28,6 @@ Run standalone with ``python -m batchrun.mock --port 8000`` (see :func:`serve_fo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -706,47 +705,3 @@ def serve_forever(
     """
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve_until_signal(config, host, port, ready_file))
-
-
-def _main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m batchrun.mock [--port N] [--fault-rate X] ...``."""
-    defaults = MockConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m batchrun.mock", description="Run the batchrun mock endpoint."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--ready-file", default=None, help="write the base URL here once listening")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--latency", type=float, default=defaults.latency_s, help="seconds")
-    parser.add_argument("--fault-rate", type=float, default=defaults.fault_rate)
-    parser.add_argument(
-        "--faults", default=",".join(defaults.faults), help="comma-separated fault kinds"
-    )
-    parser.add_argument("--retry-after", type=float, default=defaults.retry_after_s, help="seconds")
-    parser.add_argument("--hang", type=float, default=defaults.hang_s, help="seconds")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--context-tokens", type=int, default=defaults.context_tokens)
-    parser.add_argument("--fail-first", type=int, default=defaults.fail_first)
-    parser.add_argument("--fail-first-kind", default=defaults.fail_first_kind)
-    args = parser.parse_args(argv)
-    try:
-        config = MockConfig(
-            api_key=args.api_key,
-            latency_s=args.latency,
-            fault_rate=args.fault_rate,
-            faults=tuple(k.strip() for k in args.faults.split(",") if k.strip()),
-            retry_after_s=args.retry_after,
-            hang_s=args.hang,
-            seed=args.seed,
-            context_tokens=args.context_tokens,
-            fail_first=args.fail_first,
-            fail_first_kind=args.fail_first_kind,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    serve_forever(config, args.host, args.port, args.ready_file)
-
-
-if __name__ == "__main__":
-    _main()

@@ -483,7 +483,8 @@ def test_serve_forever_in_subprocess(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "batchrun.mock",
+            "batchrun",
+            "mock-server",
             "--port",
             "0",
             "--ready-file",
