@@ -36,8 +36,15 @@ GRACE_S = 10.0
 """Seconds the requests in flight get to finish after Ctrl-C or SIGTERM."""
 
 IDENTITY_KEYS = (
-    "model", "endpoint", "system_prompt", "prompt_template", "messages_column",
-    "id_column", "temperature", "max_tokens", "metadata",
+    "model",
+    "endpoint",
+    "system_prompt",
+    "prompt_template",
+    "messages_column",
+    "id_column",
+    "temperature",
+    "max_tokens",
+    "metadata",
 )
 """Job keys that decide what is sent: an unfinished run resumes only under the same values."""
 
@@ -80,14 +87,17 @@ class RunResult:
     def summary(self) -> str:
         lines = [
             f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
-            + (f", from an earlier run {self.resumed:,}" if self.resumed else "") + ")",
+            + (f", from an earlier run {self.resumed:,}" if self.resumed else "")
+            + ")",
             f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
             f"requests    {self.requests:,}  (retries {self.retries:,})",
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
         if self.skipped_lines:
-            lines.insert(1, f"skipped     {self.skipped_lines:,} bad input lines (--skip-bad-lines)")
+            lines.insert(
+                1, f"skipped     {self.skipped_lines:,} bad input lines (--skip-bad-lines)"
+            )
         return "\n".join(lines)
 
 
@@ -100,7 +110,7 @@ def api_key_for(job: Job) -> str | None:
         raise JobError(
             f"No API key: the environment variable {job.api_key_env} is not set. "
             f"Export it (export {job.api_key_env}=...), set `api_key_env` to the variable that holds "
-            "your key, or set api_key_env = \"\" for a server that needs none."
+            'your key, or set api_key_env = "" for a server that needs none.'
         )
     return key
 
@@ -142,7 +152,9 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
     options = options or RunOptions()
     started = time.monotonic()
     if job.output is None:
-        raise JobError("No `output` given: set output = \"....parquet\" in the job file or pass --output.")
+        raise JobError(
+            'No `output` given: set output = "....parquet" in the job file or pass --output.'
+        )
     api_key = None if options.mock else api_key_for(job)
 
     table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
@@ -155,24 +167,47 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
     journal = Journal(job.output, scan.num_rows, identity, restart=options.restart)
     try:
         if journal.resumed is not None:
-            check_resume(journal, prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows))
+            check_resume(
+                journal, prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows)
+            )
             log.info(
-                "resuming run %s: %d rows ok and %d failed already", journal.run_id, journal.resumed.rows_ok,
-                journal.resumed.rows_failed, extra={"event": "resume", "run_id": journal.run_id},
+                "resuming run %s: %d rows ok and %d failed already",
+                journal.run_id,
+                journal.resumed.rows_ok,
+                journal.resumed.rows_failed,
+                extra={"event": "resume", "run_id": journal.run_id},
             )
         total = scan.num_rows - len(scan.duplicate_rows)
         tally = Tally(total=total)
         tally.ok = journal.resumed.rows_ok if journal.resumed else 0
         tally.failed = journal.resumed.rows_failed if journal.resumed else 0
         tally.resumed = tally.done
-        to_send = journal.missing_rows(scan.duplicate_rows) + (tally.failed if options.retry_failed else 0)
+        to_send = journal.missing_rows(scan.duplicate_rows) + (
+            tally.failed if options.retry_failed else 0
+        )
         log.info(
-            "job started: %d rows, %d to send, model %s, %s", total, to_send, job.model, job.url if not options.mock else "embedded endpoint",
-            extra={"event": "start", "run_id": journal.run_id, "rows_total": total, "rows_to_send": to_send, "model": job.model, "version": __version__},
+            "job started: %d rows, %d to send, model %s, %s",
+            total,
+            to_send,
+            job.model,
+            job.url if not options.mock else "embedded endpoint",
+            extra={
+                "event": "start",
+                "run_id": journal.run_id,
+                "rows_total": total,
+                "rows_to_send": to_send,
+                "model": job.model,
+                "version": __version__,
+            },
         )
         async with _endpoint(job, options.mock) as sent_job, ApiClient(sent_job, api_key) as client:
             scheduler = Scheduler(
-                sent_job, client, journal, tally, RetryPolicy.for_job(sent_job, sleep), retry_failed=options.retry_failed
+                sent_job,
+                client,
+                journal,
+                tally,
+                RetryPolicy.for_job(sent_job, sleep),
+                retry_failed=options.retry_failed,
             )
             progress = Progress(tally, enabled=options.progress, interactive=options.interactive)
             rows = prepare_rows(sent_job, table.batches(needed, id_column), scan.duplicate_rows)
@@ -186,7 +221,9 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             scheduler.flush_held()
         missing = journal.missing_rows(scan.duplicate_rows)
         if missing:
-            raise JobStopped(f"{missing} rows have no result yet. Run the same command again to send them.")
+            raise JobStopped(
+                f"{missing} rows have no result yet. Run the same command again to send them."
+            )
         keep_batches = table.keep_batches(scan.keep_schema) if job.keep_columns else None
         metadata = {
             "batchrun_version": __version__,
@@ -194,7 +231,9 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             "job": job.settings(),
             "rows": total,
         }
-        output = journal.finish(scan.keep_schema, keep_batches, metadata, skip_rows=scan.duplicate_rows)
+        output = journal.finish(
+            scan.keep_schema, keep_batches, metadata, skip_rows=scan.duplicate_rows
+        )
     finally:
         if journal.folder.exists():
             journal.close()
@@ -212,7 +251,11 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         run_id=journal.run_id,
         skipped_lines=len(scan.skipped_lines),
     )
-    log.info("job finished: %s", status_text(tally), extra={"event": "summary", **progress_fields(tally), "output": str(output)})
+    log.info(
+        "job finished: %s",
+        status_text(tally),
+        extra={"event": "summary", **progress_fields(tally), "output": str(output)},
+    )
     return result
 
 
@@ -246,7 +289,11 @@ def _signals(scheduler: Scheduler, enabled: bool, job: Job) -> Any:
             exit_code=128 + signum,
         )
         if hits["n"] == 1:
-            log.warning("%s: finishing the requests in flight (up to %.0fs); press Ctrl-C again to stop at once", name, GRACE_S)
+            log.warning(
+                "%s: finishing the requests in flight (up to %.0fs); press Ctrl-C again to stop at once",
+                name,
+                GRACE_S,
+            )
             scheduler.stop(error, GRACE_S)
         else:
             scheduler.stop_now(error)

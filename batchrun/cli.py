@@ -47,14 +47,20 @@ def _parse_table(values: tuple[str, ...], flag: str) -> dict[str, Any] | None:
 
 
 def _key_option(key: Key) -> Callable[[Any], Any]:
-    help_text = key.help + (f" [default: {key.default}]" if key.default not in (None, (), {}) else "")
+    help_text = key.help + (
+        f" [default: {key.default}]" if key.default not in (None, (), {}) else ""
+    )
     if key.kind == "bool":
         return click.option(key.flag, key.name, is_flag=True, default=None, help=help_text)
     if key.kind == "table":
-        return click.option(key.flag, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable.")
+        return click.option(
+            key.flag, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable."
+        )
     click_type: Any = {"int": int, "float": float}.get(key.kind, str)
     metavar = {"path": "PATH", "list": "A,B", "int": "N", "float": "X"}.get(key.kind, "TEXT")
-    return click.option(key.flag, key.name, type=click_type, default=None, metavar=metavar, help=help_text)
+    return click.option(
+        key.flag, key.name, type=click_type, default=None, metavar=metavar, help=help_text
+    )
 
 
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,13 +94,39 @@ def main() -> None:
 @main.command(epilog=EXIT_CODES)
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @job_options
-@click.option("--restart", is_flag=True, help="Discard an unfinished earlier run of this output and start over.")
-@click.option("--retry-failed", is_flag=True, help="Send again the rows of an unfinished run whose status is error.")
-@click.option("--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects.")
-@click.option("--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing.")
-@click.option("--mock", is_flag=True, help="Send to the embedded local endpoint instead of base_url (no key, no network).")
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write every event to this file.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="json: one object per event.")
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard an unfinished earlier run of this output and start over.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Send again the rows of an unfinished run whose status is error.",
+)
+@click.option(
+    "--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects."
+)
+@click.option(
+    "--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing."
+)
+@click.option(
+    "--mock",
+    is_flag=True,
+    help="Send to the embedded local endpoint instead of base_url (no key, no network).",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write every event to this file.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per event.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every retry and failed row to stderr.")
 def run(job_file: Path | None, **flags: Any) -> None:
@@ -125,7 +157,9 @@ def run(job_file: Path | None, **flags: Any) -> None:
     except BatchrunError as exc:
         import logging
 
-        logging.getLogger("batchrun").error("%s", exc, extra={"event": "stopped", "exit_code": exc.exit_code})
+        logging.getLogger("batchrun").error(
+            "%s", exc, extra={"event": "stopped", "exit_code": exc.exit_code}
+        )
         fail(exc)
     if not flags["quiet"]:
         click.echo(result.summary(), err=True)
@@ -150,15 +184,46 @@ def _run_async(coro: Any) -> Any:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")
 @click.option("--latency-ms", default=0.0, show_default=True, help="Delay before every answer.")
-@click.option("--fault-rate", default=0.0, show_default=True, help="Share of requests (0..1) that get a fault.")
-@click.option("--faults", default=None, metavar="A,B", help="Fault kinds to draw from (default: all but stream-cut).")
-@click.option("--retry-after-s", default=1.0, show_default=True, help="Retry-After sent with 429 faults.")
-@click.option("--hang-s", default=30.0, show_default=True, help="How long a hang fault holds the answer.")
+@click.option(
+    "--fault-rate",
+    default=0.0,
+    show_default=True,
+    help="Share of requests (0..1) that get a fault.",
+)
+@click.option(
+    "--faults",
+    default=None,
+    metavar="A,B",
+    help="Fault kinds to draw from (default: all but stream-cut).",
+)
+@click.option(
+    "--retry-after-s", default=1.0, show_default=True, help="Retry-After sent with 429 faults."
+)
+@click.option(
+    "--hang-s", default=30.0, show_default=True, help="How long a hang fault holds the answer."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
-@click.option("--context-tokens", default=32768, show_default=True, help="Prompts longer than this get 400 context_length_exceeded.")
-@click.option("--fail-first", default=0, show_default=True, help="The first N requests get --fail-first-kind (for tests).")
-@click.option("--fail-first-kind", default="500", show_default=True, help="Fault kind of the first N requests.")
-@click.option("--api-key-env", default=None, help="Require the key held by this environment variable.")
+@click.option(
+    "--context-tokens",
+    default=32768,
+    show_default=True,
+    help="Prompts longer than this get 400 context_length_exceeded.",
+)
+@click.option(
+    "--fail-first",
+    default=0,
+    show_default=True,
+    help="The first N requests get --fail-first-kind (for tests).",
+)
+@click.option(
+    "--fail-first-kind",
+    default="500",
+    show_default=True,
+    help="Fault kind of the first N requests.",
+)
+@click.option(
+    "--api-key-env", default=None, help="Require the key held by this environment variable."
+)
 @click.option("--ready-file", default=None, help="Write the base URL to this file once listening.")
 def mock_server(**opts: Any) -> None:
     """Serve the embedded OpenAI-compatible endpoint (for demos, tests, benchmarks)."""
@@ -166,15 +231,23 @@ def mock_server(**opts: Any) -> None:
 
     from batchrun.mock import FAULT_KINDS, FAULT_KINDS_DEFAULT, MockConfig, serve_forever
 
-    faults = tuple(f.strip() for f in opts["faults"].split(",")) if opts["faults"] else FAULT_KINDS_DEFAULT
+    faults = (
+        tuple(f.strip() for f in opts["faults"].split(","))
+        if opts["faults"]
+        else FAULT_KINDS_DEFAULT
+    )
     unknown = [f for f in faults if f not in FAULT_KINDS]
     if unknown:
-        raise click.BadParameter(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}", param_hint="--faults")
+        raise click.BadParameter(
+            f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}", param_hint="--faults"
+        )
     api_key = None
     if opts["api_key_env"]:
         api_key = os.environ.get(opts["api_key_env"])
         if not api_key:
-            raise click.UsageError(f"--api-key-env {opts['api_key_env']}: that variable is not set.")
+            raise click.UsageError(
+                f"--api-key-env {opts['api_key_env']}: that variable is not set."
+            )
     try:
         config = MockConfig(
             api_key=api_key,

@@ -8,7 +8,6 @@ echo of it in an API's error text is redacted before the text leaves.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from types import TracebackType
@@ -110,7 +109,10 @@ class ApiClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self._session is not None:
             await self._session.close()
@@ -133,10 +135,14 @@ class ApiClient:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            raise RequestTimeout(f"no answer within request_timeout_s={self.job.request_timeout_s:g}s") from exc
+        except TimeoutError as exc:
+            raise RequestTimeout(
+                f"no answer within request_timeout_s={self.job.request_timeout_s:g}s"
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise ConnectionDropped(self._redact(f"connection failed: {type(exc).__name__}: {exc}".rstrip(": "))) from exc
+            raise ConnectionDropped(
+                self._redact(f"connection failed: {type(exc).__name__}: {exc}".rstrip(": "))
+            ) from exc
         if 200 <= status < 300:
             return self._read_answer(raw, status)
         raise self._status_error(status, raw, retry_after)
@@ -145,7 +151,9 @@ class ApiClient:
         try:
             data: Any = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise BadResponse(f"HTTP {status} body is not JSON ({len(raw)} bytes): {exc}", status) from exc
+            raise BadResponse(
+                f"HTTP {status} body is not JSON ({len(raw)} bytes): {exc}", status
+            ) from exc
         try:
             return parse_completion(data)
         except BadResponse as exc:

@@ -48,25 +48,84 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("input", "path", None, "Input table: a JSONL file, a Parquet file or a folder of Parquet files."),
+    Key(
+        "input",
+        "path",
+        None,
+        "Input table: a JSONL file, a Parquet file or a folder of Parquet files.",
+    ),
     Key("output", "path", None, "Output Parquet file (written atomically when the job finishes)."),
     Key("model", "str", None, "Model id sent as `model` (and in the path for endpoint=inference)."),
     Key("base_url", "str", DEFAULT_BASE_URL, "API base URL; any OpenAI-compatible server works."),
-    Key("endpoint", "str", "chat", "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.", choices=ENDPOINTS),
-    Key("api_key_env", "str", "LLMTUNE_API_KEY", "Environment variable holding the API key (sent as a Bearer token). Empty: send no key."),
+    Key(
+        "endpoint",
+        "str",
+        "chat",
+        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.",
+        choices=ENDPOINTS,
+    ),
+    Key(
+        "api_key_env",
+        "str",
+        "LLMTUNE_API_KEY",
+        "Environment variable holding the API key (sent as a Bearer token). Empty: send no key.",
+    ),
     Key("system_prompt", "str", None, "System message put before every prompt."),
-    Key("prompt_template", "str", None, "User message with {column} placeholders filled from each row."),
-    Key("messages_column", "str", None, "Column holding a whole chat message list (instead of prompt_template)."),
-    Key("id_column", "str", "id", "Column with each row's stable id; without it, the row number is the id."),
+    Key(
+        "prompt_template",
+        "str",
+        None,
+        "User message with {column} placeholders filled from each row.",
+    ),
+    Key(
+        "messages_column",
+        "str",
+        None,
+        "Column holding a whole chat message list (instead of prompt_template).",
+    ),
+    Key(
+        "id_column",
+        "str",
+        "id",
+        "Column with each row's stable id; without it, the row number is the id.",
+    ),
     Key("keep_columns", "list", (), "Input columns copied through to the output."),
     Key("temperature", "float", 0.7, "Sampling temperature.", minimum=0.0, maximum=2.0),
     Key("max_tokens", "int", 512, "Maximum completion tokens per row.", minimum=1),
-    Key("metadata", "table", {}, "Table sent as `metadata` with every request (the row id is added as `row_id`)."),
+    Key(
+        "metadata",
+        "table",
+        {},
+        "Table sent as `metadata` with every request (the row id is added as `row_id`).",
+    ),
     Key("concurrency", "int", 16, "Requests in flight at once.", minimum=1, maximum=4096),
-    Key("max_attempts", "int", 5, "Attempts per row, the first included, before the row is recorded as failed.", minimum=1),
-    Key("request_timeout_s", "float", 60.0, "Seconds one attempt may take, answer included.", minimum=0.001),
-    Key("retry_deadline_s", "float", 600.0, "Seconds a row may spend in retries before it is recorded as failed.", minimum=0.0),
-    Key("allow_insecure_http", "bool", False, "Allow plain http:// to a host that is not loopback (the key would travel in clear)."),
+    Key(
+        "max_attempts",
+        "int",
+        5,
+        "Attempts per row, the first included, before the row is recorded as failed.",
+        minimum=1,
+    ),
+    Key(
+        "request_timeout_s",
+        "float",
+        60.0,
+        "Seconds one attempt may take, answer included.",
+        minimum=0.001,
+    ),
+    Key(
+        "retry_deadline_s",
+        "float",
+        600.0,
+        "Seconds a row may spend in retries before it is recorded as failed.",
+        minimum=0.0,
+    ),
+    Key(
+        "allow_insecure_http",
+        "bool",
+        False,
+        "Allow plain http:// to a host that is not loopback (the key would travel in clear).",
+    ),
 )
 KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -132,7 +191,9 @@ def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> An
         return None
     if kind in ("str", "path"):
         if not isinstance(value, str):
-            raise JobError(f"{where} must be a string, not {type(value).__name__} ({value!r}). Quote it, e.g. {key.name} = \"...\".")
+            raise JobError(
+                f'{where} must be a string, not {type(value).__name__} ({value!r}). Quote it, e.g. {key.name} = "...".'
+            )
         if kind == "path":
             if not value:
                 raise JobError(f"{where} is empty: give a file path.")
@@ -165,7 +226,9 @@ def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> An
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise JobError(f"{where} must be a list of column names, e.g. {key.name} = [\"customer\", \"priority\"].")
+            raise JobError(
+                f'{where} must be a list of column names, e.g. {key.name} = ["customer", "priority"].'
+            )
         return tuple(value)
     if kind == "table":
         if not isinstance(value, Mapping):
@@ -187,9 +250,13 @@ def read_job_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise JobError(f"Job file {path} does not exist. Check the path, or run from flags alone (batchrun run --input ... --model ...).") from None
+        raise JobError(
+            f"Job file {path} does not exist. Check the path, or run from flags alone (batchrun run --input ... --model ...)."
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise JobError(f"Job file {path} is not valid TOML: {exc}. Fix that line and run again.") from None
+        raise JobError(
+            f"Job file {path} is not valid TOML: {exc}. Fix that line and run again."
+        ) from None
     except OSError as exc:
         raise JobError(f"Job file {path} cannot be read: {exc.strerror}.") from None
 
@@ -224,7 +291,9 @@ def load_job(
     source = str(job_path) if job_path else "the flags"
     for required in ("input", "model"):
         if values[required] is None:
-            raise JobError(f"No `{required}` given: set {required} = ... in the job file or pass {KEYS_BY_NAME[required].flag}.")
+            raise JobError(
+                f"No `{required}` given: set {required} = ... in the job file or pass {KEYS_BY_NAME[required].flag}."
+            )
     if bool(values["prompt_template"]) == bool(values["messages_column"]):
         raise JobError(
             f"Set exactly one of `prompt_template` (e.g. 'Summarize: {{ticket}}') or `messages_column` "
@@ -237,7 +306,9 @@ def load_job(
 def _check_base_url(base_url: str, allow_insecure_http: bool) -> None:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"`base_url` {base_url!r} is not an http(s) URL. Use e.g. https://api.llmtune.io/v1 or http://127.0.0.1:8000/v1.")
+        raise JobError(
+            f"`base_url` {base_url!r} is not an http(s) URL. Use e.g. https://api.llmtune.io/v1 or http://127.0.0.1:8000/v1."
+        )
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise JobError(
             f"`base_url` {base_url} is plain http:// to {parts.hostname}, which is not this machine: the API key "

@@ -61,11 +61,15 @@ class InputTable:
         self.path = path
         self.skip_bad_lines = skip_bad_lines
         if not path.exists():
-            raise InputError(f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder).")
+            raise InputError(
+                f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder)."
+            )
         if path.is_dir():
             self.parts = sorted(p for p in path.rglob("*.parquet") if p.is_file())
             if not self.parts:
-                raise InputError(f"Input folder {path} holds no *.parquet files. Point `input` at a JSONL file, a Parquet file or a folder of Parquet parts.")
+                raise InputError(
+                    f"Input folder {path} holds no *.parquet files. Point `input` at a JSONL file, a Parquet file or a folder of Parquet parts."
+                )
             self.format = "parquet"
         elif path.suffix.lower() in (".parquet", ".pq"):
             self.parts = [path]
@@ -76,7 +80,9 @@ class InputTable:
 
     # ---- the full pass -------------------------------------------------
 
-    def scan(self, id_column: str, id_required: bool, keep_columns: Sequence[str], dedupe: bool = False) -> Scan:
+    def scan(
+        self, id_column: str, id_required: bool, keep_columns: Sequence[str], dedupe: bool = False
+    ) -> Scan:
         """Read the whole input once: count rows, check every line or part, find
         duplicate ids and settle the Arrow types of ``keep_columns``.
 
@@ -87,7 +93,9 @@ class InputTable:
         else:
             scan = self._scan_parquet(id_column)
         if scan.num_rows == 0:
-            raise InputError(f"Input {self.path} has no rows. Give it at least one {'JSON object line' if self.format == 'jsonl' else 'row'}.")
+            raise InputError(
+                f"Input {self.path} has no rows. Give it at least one {'JSON object line' if self.format == 'jsonl' else 'row'}."
+            )
         if id_required and not scan.has_id_column:
             raise InputError(
                 f"Input {self.path} has no id column `{id_column}`. Columns present: {', '.join(scan.columns)}. "
@@ -105,7 +113,9 @@ class InputTable:
             scan.keep_schema = pa.schema([schema.field(c) for c in keep_columns])
         return scan
 
-    def _jsonl_objects(self, skipped: list[int] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _jsonl_objects(
+        self, skipped: list[int] | None = None
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield (line number, object) for each non-blank line. A bad line raises
         InputError, or with skip_bad_lines is passed over (and its number appended
         to ``skipped``)."""
@@ -132,7 +142,7 @@ class InputTable:
                         continue
                     raise InputError(
                         f"Input {self.path}, line {lineno}: valid JSON but a {type(obj).__name__}, not an object. "
-                        "Each line must be one JSON object like {\"id\": \"T-1\", \"ticket\": \"...\"}; fix the line or pass --skip-bad-lines."
+                        'Each line must be one JSON object like {"id": "T-1", "ticket": "..."}; fix the line or pass --skip-bad-lines.'
                     )
                 yield lineno, obj
 
@@ -163,7 +173,9 @@ class InputTable:
                 if value is not None:
                     seen.add(type(value))
             if id_column in obj and obj[id_column] is None:
-                raise InputError(f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column.")
+                raise InputError(
+                    f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
+                )
             num_rows += 1
         keep_schema = pa.schema([pa.field(c, _arrow_type_for(kinds[c])) for c in keep_columns])
         return Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
@@ -207,7 +219,9 @@ class InputTable:
     def _check_duplicates(self, scan: Scan, id_column: str, dedupe: bool) -> None:
         import numpy as np
 
-        hashes = np.fromiter((hash(i) for i in self._iter_ids(id_column)), dtype=np.int64, count=scan.num_rows)
+        hashes = np.fromiter(
+            (hash(i) for i in self._iter_ids(id_column)), dtype=np.int64, count=scan.num_rows
+        )
         order = np.argsort(hashes, kind="stable")
         ordered = hashes[order]
         same = ordered[1:] == ordered[:-1]
@@ -228,7 +242,10 @@ class InputTable:
         if dedupe:
             scan.duplicate_rows = {r for rows in dups.values() for r in rows[1:]}
             return
-        listed = "; ".join(f"{i!r} at rows {', '.join(map(str, rows))}" for i, rows in list(dups.items())[:MAX_LISTED])
+        listed = "; ".join(
+            f"{i!r} at rows {', '.join(map(str, rows))}"
+            for i, rows in list(dups.items())[:MAX_LISTED]
+        )
         more = f" and {len(dups) - MAX_LISTED} more" if len(dups) > MAX_LISTED else ""
         raise InputError(
             f"Input {self.path} has duplicate ids in `{id_column}`: {listed}{more}. Ids must be unique so each row is "
@@ -241,13 +258,17 @@ class InputTable:
                 yield _id_text(obj[id_column]) if id_column in obj else ""
         else:
             for part in self.parts:
-                for batch in self._open_parquet(part).iter_batches(columns=[id_column], batch_size=65536):
+                for batch in self._open_parquet(part).iter_batches(
+                    columns=[id_column], batch_size=65536
+                ):
                     for value in batch.column(0).to_pylist():
                         yield _id_text(value)
 
     # ---- the streaming passes ------------------------------------------
 
-    def batches(self, columns: Sequence[str], id_column: str | None, batch_rows: int = BATCH_ROWS) -> Iterator[RowBatch]:
+    def batches(
+        self, columns: Sequence[str], id_column: str | None, batch_rows: int = BATCH_ROWS
+    ) -> Iterator[RowBatch]:
         """Rows in input order with the ``columns`` the prompt needs.
 
         ``id_column`` None numbers the rows instead.
@@ -279,7 +300,9 @@ class InputTable:
             return [str(start + i) for i in range(len(rows))]
         return [_id_text(row[id_column]) for row in rows]
 
-    def keep_batches(self, keep_schema: pa.Schema, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def keep_batches(
+        self, keep_schema: pa.Schema, batch_rows: int = BATCH_ROWS
+    ) -> Iterator[pa.RecordBatch]:
         """The ``keep_columns`` in input order, typed by ``keep_schema``."""
         names = keep_schema.names
         if self.format == "parquet":
@@ -315,6 +338,8 @@ def _keep_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch
     for f in schema:
         values = [row.get(f.name) for row in rows]
         if pa.types.is_string(f.type):
-            values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+            values = [
+                v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values
+            ]
         arrays.append(pa.array(values, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -24,7 +24,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "event": getattr(record, "event", "log"),
             "message": record.getMessage(),
@@ -35,7 +36,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-def setup_logging(log_file: Path | None, log_format: str, verbose: bool, quiet: bool = False) -> None:
+def setup_logging(
+    log_file: Path | None, log_format: str, verbose: bool, quiet: bool = False
+) -> None:
     """Send batchrun's log to stderr and, when asked, every event (retries and
     row failures included) to ``log_file``.
 

@@ -42,7 +42,10 @@ STATUS_NONE, STATUS_OK, STATUS_ERROR = 0, 1, 2
 STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR}
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-HEAD_FIELDS = [pa.field("id", pa.string(), nullable=False), pa.field("row", pa.int64(), nullable=False)]
+HEAD_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=False),
+]
 RESULT_FIELDS = [
     pa.field("model", pa.string()),
     pa.field("response_model", pa.string()),
@@ -93,7 +96,9 @@ class Resumed:
 class Journal:
     """The append-only record of finished rows for one output path."""
 
-    def __init__(self, output: Path, num_rows: int, identity: Mapping[str, Any], restart: bool = False) -> None:
+    def __init__(
+        self, output: Path, num_rows: int, identity: Mapping[str, Any], restart: bool = False
+    ) -> None:
         """Open (or create) the journal for ``output``.
 
         ``identity`` holds what must not change for a resume (model, prompts,
@@ -123,12 +128,18 @@ class Journal:
             else:
                 self.folder.mkdir(exist_ok=True)
                 self.run_id = uuid.uuid4().hex[:12]
-                self._write_job_json({**identity, "run_id": self.run_id, "batchrun_version": __version__})
+                self._write_job_json(
+                    {**identity, "run_id": self.run_id, "batchrun_version": __version__}
+                )
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except PermissionError as exc:
-            raise OutputError(f"Cannot write in {output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to.") from None
+            raise OutputError(
+                f"Cannot write in {output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
+            ) from None
         except OSError as exc:
-            raise OutputError(f"Cannot write the journal in {self.folder}: {exc.strerror}. Free space or fix the folder, then run again.") from None
+            raise OutputError(
+                f"Cannot write the journal in {self.folder}: {exc.strerror}. Free space or fix the folder, then run again."
+            ) from None
         self.end = self._load()
 
     # ---- identity --------------------------------------------------------
@@ -268,13 +279,23 @@ class Journal:
         tmp = self.output.with_name(f".{self.output.name}.{self.run_id}.tmp")
         skip = skip_rows or set()
         try:
-            with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with (
+                open(self.path, "rb") as fh,
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+            ):
                 writer = pq.ParquetWriter(tmp, schema, compression="zstd")
                 try:
                     for start, keep in self._ranges(keep_batches, batch_rows):
-                        stop = start + (keep.num_rows if keep is not None else min(batch_rows, self.num_rows - start))
+                        stop = start + (
+                            keep.num_rows
+                            if keep is not None
+                            else min(batch_rows, self.num_rows - start)
+                        )
                         rows = [r for r in range(start, stop) if r not in skip]
-                        records = [orjson.loads(mm[self.offsets[r] : self.offsets[r] + self.lengths[r]]) for r in rows]
+                        records = [
+                            orjson.loads(mm[self.offsets[r] : self.offsets[r] + self.lengths[r]])
+                            for r in rows
+                        ]
                         if keep is not None and skip:
                             keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
                         writer.write_batch(_result_batch(records, keep, schema))
@@ -315,7 +336,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _result_batch(records: Sequence[Mapping[str, Any]], keep: pa.RecordBatch | None, schema: pa.Schema) -> pa.RecordBatch:
+def _result_batch(
+    records: Sequence[Mapping[str, Any]], keep: pa.RecordBatch | None, schema: pa.Schema
+) -> pa.RecordBatch:
     arrays: list[pa.Array] = []
     for f in schema:
         if keep is not None and f.name in keep.schema.names:

@@ -59,7 +59,9 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                raise RowError(f"`{job.messages_column}` holds {m!r}, which is not a chat message with `role` and `content`.")
+                raise RowError(
+                    f"`{job.messages_column}` holds {m!r}, which is not a chat message with `role` and `content`."
+                )
         if job.system_prompt and messages[0].get("role") != "system":
             return [{"role": "system", "content": job.system_prompt}, *messages]
         return list(messages)

@@ -108,7 +108,11 @@ class Progress:
             self.stream.flush()
             self._drawn = True
         else:
-            log.info("progress: %s", status_text(self.tally), extra={"event": "progress", **progress_fields(self.tally)})
+            log.info(
+                "progress: %s",
+                status_text(self.tally),
+                extra={"event": "progress", **progress_fields(self.tally)},
+            )
 
     def close(self) -> None:
         if self.enabled and self.interactive and self._drawn:

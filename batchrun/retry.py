@@ -49,7 +49,9 @@ class RetryPolicy:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     @classmethod
-    def for_job(cls, job: Job, sleep: Callable[[float], Awaitable[None]] | None = None) -> RetryPolicy:
+    def for_job(
+        cls, job: Job, sleep: Callable[[float], Awaitable[None]] | None = None
+    ) -> RetryPolicy:
         return cls(
             max_attempts=job.max_attempts,
             deadline_s=job.retry_deadline_s,
@@ -63,7 +65,9 @@ class _RetryAfterOrBackoff(wait_base):
     def __init__(self, policy: RetryPolicy) -> None:
         self.cap = policy.retry_after_max_s
         self.backoff = wait_exponential_jitter(
-            initial=policy.backoff_initial_s, max=policy.backoff_max_s, jitter=policy.backoff_initial_s
+            initial=policy.backoff_initial_s,
+            max=policy.backoff_max_s,
+            jitter=policy.backoff_initial_s,
         )
 
     def __call__(self, retry_state: RetryCallState) -> float:
@@ -122,7 +126,7 @@ async def send_with_retries(
         reraise=True,
     )
     try:
-        result = await retrying(attempt)
+        result: T = await retrying(attempt)
     except RequestError as exc:
         exc.attempts = attempts
         raise

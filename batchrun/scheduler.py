@@ -51,7 +51,9 @@ class Prepared:
     error: str | None = None
 
 
-def prepare_rows(job: Job, batches: Iterator[RowBatch], skip: set[int] | None = None) -> Iterator[Prepared]:
+def prepare_rows(
+    job: Job, batches: Iterator[RowBatch], skip: set[int] | None = None
+) -> Iterator[Prepared]:
     """Input rows → request bodies, in input order."""
     skip = skip or set()
     for batch in batches:
@@ -73,7 +75,11 @@ def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
     """Refuse to resume when a finished row's request differs from what this
     job would send now (the input or the job changed)."""
     for p in rows:
-        if journal.status[p.row] != STATUS_NONE and not p.error and not journal.hash_matches(p.row, p.request_hash):
+        if (
+            journal.status[p.row] != STATUS_NONE
+            and not p.error
+            and not journal.hash_matches(p.row, p.request_hash)
+        ):
             raise ResumeConflict(
                 f"{journal.folder} holds an unfinished run whose request for row {p.row} (id {p.id!r}) differs from "
                 "what this job sends now: the input or the job changed since it started. Run again with --restart "
@@ -188,7 +194,9 @@ class Scheduler:
             completion, attempts = await send_with_retries(attempt, self.policy, self._on_retry(p))
         except RequestError as exc:
             latency = (time.perf_counter() - t0) * 1000
-            self._record(self._error_record(p, str(exc), exc.status, exc.attempts, started, latency))
+            self._record(
+                self._error_record(p, str(exc), exc.status, exc.attempts, started, latency)
+            )
             return
         latency = (time.perf_counter() - t0) * 1000
         self._record(
@@ -215,7 +223,13 @@ class Scheduler:
         )
 
     def _error_record(
-        self, p: Prepared, error: str, status: int | None, attempts: int, started: int, latency_ms: float
+        self,
+        p: Prepared,
+        error: str,
+        status: int | None,
+        attempts: int,
+        started: int,
+        latency_ms: float,
     ) -> dict[str, Any]:
         return {
             "row": p.row,
@@ -236,8 +250,17 @@ class Scheduler:
             self.tally.retries += 1
             log.debug(
                 "row %s attempt %d failed: %s; retrying in %.2fs",
-                p.id, attempt, exc, wait_s,
-                extra={"event": "retry", "row_id": p.id, "attempt": attempt, "cause": str(exc), "wait_s": round(wait_s, 3)},
+                p.id,
+                attempt,
+                exc,
+                wait_s,
+                extra={
+                    "event": "retry",
+                    "row_id": p.id,
+                    "attempt": attempt,
+                    "cause": str(exc),
+                    "wait_s": round(wait_s, 3),
+                },
             )
 
         return on_retry
@@ -279,8 +302,15 @@ class Scheduler:
         else:
             t.failed += 1
             log.debug(
-                "row %s failed: %s", rec["id"], rec["error"],
-                extra={"event": "row_failed", "row_id": rec["id"], "error": rec["error"], "attempts": rec.get("attempts")},
+                "row %s failed: %s",
+                rec["id"],
+                rec["error"],
+                extra={
+                    "event": "row_failed",
+                    "row_id": rec["id"],
+                    "error": rec["error"],
+                    "attempts": rec.get("attempts"),
+                },
             )
         t.prompt_tokens += rec.get("prompt_tokens") or 0
         t.completion_tokens += rec.get("completion_tokens") or 0

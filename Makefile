@@ -1,0 +1,33 @@
+# batchrun: the targets people expect. PYTHON may point at a virtualenv's python.
+PYTHON ?= python3
+PIP    ?= $(PYTHON) -m pip
+
+.PHONY: install demo test lint format bench clean
+
+install:            ## batchrun with the test and lint tools, editable
+	$(PIP) install -q -e '.[dev]'
+
+demo:               ## install, then summarize the sample tickets on the embedded endpoint (no key, no network)
+	$(PIP) install -q -e .
+	$(PYTHON) -m batchrun run jobs/summarize_tickets.toml --mock
+	@echo "output: out/summaries.parquet"
+
+test:               ## install the test extras, then run the whole test suite
+	$(PIP) install -q -e '.[test]'
+	$(PYTHON) -m pytest
+
+lint:               ## ruff (lint + format check) and mypy
+	ruff check .
+	ruff format --check .
+	mypy
+
+format:
+	ruff format .
+	ruff check --fix .
+
+bench:              ## benchmarks/results.md: throughput, latency-bound rate, memory, start-up
+	$(PIP) install -q -e '.[test]'
+	$(PYTHON) benchmarks/run.py
+
+clean:
+	rm -rf out/*.parquet out/*.partial build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
