@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,12 @@ from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
-from batchrun.outputs import FIXED_COLUMNS, Journal
+from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, Journal
 from batchrun.payload import prompt_columns
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import Scheduler, check_resume, prepare_rows
+from batchrun.reuse import Match, ReuseIndex
+from batchrun.scheduler import Prepared, Scheduler, check_resume, prepare_rows
 
 log = logging.getLogger("batchrun")
 
@@ -61,6 +62,7 @@ class RunOptions:
     interactive: bool | None = None
     handle_signals: bool = False
     mock: bool = False
+    reuse: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class RunResult:
     wall_s: float
     run_id: str
     skipped_lines: int = 0
+    reused: int = 0
+    reused_tokens: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -94,6 +98,11 @@ class RunResult:
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
+        if self.reused:
+            lines.insert(
+                1,
+                f"reused      {self.reused:,} rows from earlier outputs (--reuse), saving {self.reused_tokens:,} tokens",
+            )
         if self.skipped_lines:
             lines.insert(
                 1, f"skipped     {self.skipped_lines:,} bad input lines (--skip-bad-lines)"
@@ -177,10 +186,17 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
                 journal.resumed.rows_failed,
                 extra={"event": "resume", "run_id": journal.run_id},
             )
+        reused = reused_tokens = 0
+        if options.reuse:
+            reused, reused_tokens = _reuse(
+                journal,
+                options.reuse,
+                prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows),
+                job.model,
+            )
         total = scan.num_rows - len(scan.duplicate_rows)
         tally = Tally(total=total)
-        tally.ok = journal.resumed.rows_ok if journal.resumed else 0
-        tally.failed = journal.resumed.rows_failed if journal.resumed else 0
+        tally.ok, tally.failed = journal.counts()
         tally.resumed = tally.done
         to_send = journal.missing_rows(scan.duplicate_rows) + (
             tally.failed if options.retry_failed else 0
@@ -242,7 +258,7 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         rows=total,
         ok=tally.ok,
         failed=tally.failed,
-        resumed=tally.resumed,
+        resumed=tally.resumed - reused,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,
         requests=tally.requests,
@@ -250,6 +266,8 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         wall_s=time.monotonic() - started,
         run_id=journal.run_id,
         skipped_lines=len(scan.skipped_lines),
+        reused=reused,
+        reused_tokens=reused_tokens,
     )
     log.info(
         "job finished: %s",
@@ -257,6 +275,33 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         extra={"event": "summary", **progress_fields(tally), "output": str(output)},
     )
     return result
+
+
+def _reuse(
+    journal: Journal, paths: tuple[Path, ...], rows: Iterator[Prepared], model: str
+) -> tuple[int, int]:
+    """Journal the rows whose exact request an earlier output answered ok.
+    Returns how many rows were reused and the tokens they would have cost."""
+    index = ReuseIndex(list(paths))
+    matches = []
+    for p in rows:
+        if journal.status[p.row] != STATUS_NONE or p.error:
+            continue
+        position = index.find(p.request_hash)
+        if position is not None:
+            matches.append(Match(p.row, p.id, position))
+    tokens = 0
+    for rec in index.records(matches, model):
+        journal.append(rec)
+        tokens += rec.get("total_tokens") or 0
+    log.info(
+        "reused %d rows from %d earlier outputs (%d tokens)",
+        len(matches),
+        len(index.files),
+        tokens,
+        extra={"event": "reuse", "rows_reused": len(matches), "tokens_saved": tokens},
+    )
+    return len(matches), tokens
 
 
 async def _tick(progress: Progress, journal: Journal) -> None:

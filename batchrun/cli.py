@@ -111,6 +111,12 @@ def main() -> None:
     "--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing."
 )
 @click.option(
+    "--reuse",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Copy the answer of any row whose exact request an earlier output (file or folder; repeatable) answered ok, instead of sending it.",
+)
+@click.option(
     "--mock",
     is_flag=True,
     help="Send to the embedded local endpoint instead of base_url (no key, no network).",
@@ -152,6 +158,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
             progress=not flags["quiet"],
             handle_signals=True,
             mock=flags["mock"],
+            reuse=tuple(flags["reuse"]),
         )
         result = _run_async(arun(job, options))
     except BatchrunError as exc:

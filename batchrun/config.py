@@ -121,6 +121,20 @@ KEYS: tuple[Key, ...] = (
         minimum=0.0,
     ),
     Key(
+        "api_down_after_s",
+        "float",
+        300.0,
+        "Stop the job (exit 3, resumable) when no request has succeeded for this many seconds while requests keep failing.",
+        minimum=1.0,
+    ),
+    Key(
+        "max_failures",
+        "float",
+        None,
+        "Stop the job (exit 3, resumable) once more rows failed than this: a count (1 or more) or a fraction of the rows (below 1).",
+        minimum=0.0,
+    ),
+    Key(
         "allow_insecure_http",
         "bool",
         False,
@@ -152,6 +166,8 @@ class Job:
     max_attempts: int
     request_timeout_s: float
     retry_deadline_s: float
+    api_down_after_s: float
+    max_failures: float | None
     allow_insecure_http: bool
     job_file: Path | None = None
 

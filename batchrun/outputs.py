@@ -79,7 +79,7 @@ def partial_dir(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def _hash_key(request_hash: str | None) -> int:
+def hash_key(request_hash: str | None) -> int:
     """The first 64 bits of a request hash, as the index keeps them."""
     return int(request_hash[:16], 16) - (1 << 63) if request_hash else 0
 
@@ -193,7 +193,7 @@ class Journal:
                     self.offsets[row] = pos
                     self.lengths[row] = nl - pos
                     self.status[row] = code
-                    self.hashes[row] = _hash_key(rec.get("request_hash"))
+                    self.hashes[row] = hash_key(rec.get("request_hash"))
                     ok += code == STATUS_OK
                     failed += code == STATUS_ERROR
                 pos = nl + 1
@@ -217,7 +217,7 @@ class Journal:
         return self._rfd
 
     def hash_matches(self, row: int, request_hash: str) -> bool:
-        return bool(self.hashes[row] == _hash_key(request_hash))
+        return bool(self.hashes[row] == hash_key(request_hash))
 
     # ---- writing ---------------------------------------------------------
 
@@ -236,7 +236,7 @@ class Journal:
         self.offsets[row] = self.end
         self.lengths[row] = len(line) - 1
         self.status[row] = STATUS_CODES.get(record["status"], STATUS_ERROR)
-        self.hashes[row] = _hash_key(record.get("request_hash"))
+        self.hashes[row] = hash_key(record.get("request_hash"))
         self.end += written
 
     def _write_error(self, exc: OSError) -> OutputError:
@@ -257,6 +257,10 @@ class Journal:
         if hasattr(self, "_rfd"):
             os.close(self._rfd)
             del self._rfd
+
+    def counts(self) -> tuple[int, int]:
+        """Rows whose last result is ok, and rows whose last result is an error."""
+        return int((self.status == STATUS_OK).sum()), int((self.status == STATUS_ERROR).sum())
 
     def missing_rows(self, skip: set[int] | None = None) -> int:
         """How many rows have no result yet."""

@@ -19,12 +19,15 @@ from typing import Any
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import (
+    ApiDown,
     BatchrunError,
     JobStopped,
     KeyRejected,
+    RateLimited,
     RequestError,
     ResumeConflict,
     RowError,
+    TooManyFailures,
 )
 from batchrun.inputs import RowBatch
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
@@ -119,6 +122,12 @@ class Scheduler:
         self._probe_auth_failures = 0
         self._held: list[dict[str, Any]] = []
         self._key_settled = False
+        # Circuit breaker: the API counts as down once no request has succeeded
+        # for api_down_after_s while requests keep failing (429s excepted: a
+        # rate-limited API is up).
+        self._last_success = time.monotonic()
+        self._run_failures = 0
+        self._failure_limit = _failure_limit(job.max_failures, tally.total)
 
     # ---- the run ---------------------------------------------------------
 
@@ -194,11 +203,13 @@ class Scheduler:
             completion, attempts = await send_with_retries(attempt, self.policy, self._on_retry(p))
         except RequestError as exc:
             latency = (time.perf_counter() - t0) * 1000
+            self._check_api_down(exc)
             self._record(
                 self._error_record(p, str(exc), exc.status, exc.attempts, started, latency)
             )
             return
         latency = (time.perf_counter() - t0) * 1000
+        self._last_success = time.monotonic()
         self._record(
             {
                 "row": p.row,
@@ -248,6 +259,7 @@ class Scheduler:
     def _on_retry(self, p: Prepared) -> Callable[[RequestError, int, float], None]:
         def on_retry(exc: RequestError, attempt: int, wait_s: float) -> None:
             self.tally.retries += 1
+            self._check_api_down(exc)
             log.debug(
                 "row %s attempt %d failed: %s; retrying in %.2fs",
                 p.id,
@@ -264,6 +276,20 @@ class Scheduler:
             )
 
         return on_retry
+
+    def _check_api_down(self, exc: RequestError) -> None:
+        if not exc.retryable or isinstance(exc, RateLimited) or self._stop is not None:
+            return
+        down_s = time.monotonic() - self._last_success
+        if down_s >= self.job.api_down_after_s:
+            self.stop_now(
+                ApiDown(
+                    f"The API looks down: no request has succeeded for {down_s:.0f}s "
+                    f"(api_down_after_s={self.job.api_down_after_s:g}); the last error was: {exc}. "
+                    "Every finished row is saved: run the same command again to resume once the API is back "
+                    "(add --retry-failed to also resend rows that failed meanwhile)."
+                )
+            )
 
     # ---- results -----------------------------------------------------------
 
@@ -301,6 +327,19 @@ class Scheduler:
             t.ok += 1
         else:
             t.failed += 1
+            self._run_failures += 1
+            if (
+                self._failure_limit is not None
+                and self._run_failures > self._failure_limit
+                and self._stop is None
+            ):
+                self.stop_now(
+                    TooManyFailures(
+                        f"{self._run_failures} rows failed, more than max_failures={self.job.max_failures:g} allows "
+                        f"(the last: {rec['error']}). Every finished row is saved: fix the cause and run the same "
+                        "command again to resume (add --retry-failed to resend the failed rows)."
+                    )
+                )
             log.debug(
                 "row %s failed: %s",
                 rec["id"],
@@ -320,6 +359,13 @@ class Scheduler:
         held, self._held = self._held, []
         for h in held:
             self._write(h)
+
+
+def _failure_limit(max_failures: float | None, total: int) -> float | None:
+    """How many failed rows a run may have: a count, or a fraction (< 1) of the rows."""
+    if max_failures is None:
+        return None
+    return max_failures * total if max_failures < 1 else max_failures
 
 
 def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:
