@@ -24,7 +24,8 @@ from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
-from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, Journal
+from batchrun.limits import Limits
+from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, TTFT_FIELD, Journal
 from batchrun.payload import prompt_columns
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
@@ -217,12 +218,20 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             },
         )
         async with _endpoint(job, options.mock) as sent_job, ApiClient(sent_job, api_key) as client:
+            limits = Limits.build(
+                sent_job.concurrency,
+                sent_job.max_concurrency,
+                sent_job.rpm,
+                sent_job.tpm,
+                sleep=sleep or asyncio.sleep,
+            )
             scheduler = Scheduler(
                 sent_job,
                 client,
                 journal,
                 tally,
                 RetryPolicy.for_job(sent_job, sleep),
+                limits,
                 retry_failed=options.retry_failed,
             )
             progress = Progress(tally, enabled=options.progress, interactive=options.interactive)
@@ -248,7 +257,11 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             "rows": total,
         }
         output = journal.finish(
-            scan.keep_schema, keep_batches, metadata, skip_rows=scan.duplicate_rows
+            scan.keep_schema,
+            keep_batches,
+            metadata,
+            skip_rows=scan.duplicate_rows,
+            extra_fields=[TTFT_FIELD] if job.stream else [],
         )
     finally:
         if journal.folder.exists():

@@ -57,7 +57,13 @@ def _key_option(key: Key) -> Callable[[Any], Any]:
             key.flag, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable."
         )
     click_type: Any = {"int": int, "float": float}.get(key.kind, str)
-    metavar = {"path": "PATH", "list": "A,B", "int": "N", "float": "X"}.get(key.kind, "TEXT")
+    metavar = {
+        "path": "PATH",
+        "list": "A,B",
+        "int": "N",
+        "float": "X",
+        "int_or_auto": "N|auto",
+    }.get(key.kind, "TEXT")
     return click.option(
         key.flag, key.name, type=click_type, default=None, metavar=metavar, help=help_text
     )

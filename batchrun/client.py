@@ -9,7 +9,9 @@ echo of it in an API's error text is redacted before the text leaves.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -41,9 +43,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -59,7 +63,7 @@ def _error_text(raw: bytes) -> str:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:MAX_ERROR_TEXT]
+        return raw.decode("utf-8", "replace").strip()
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict):
@@ -69,8 +73,8 @@ def _error_text(raw: bytes) -> str:
         msg = data.get("message") or data.get("detail") or ""
         if err and msg:
             return f"{err}: {msg}"
-        return str(err or msg or raw.decode("utf-8", "replace"))[:MAX_ERROR_TEXT]
-    return raw.decode("utf-8", "replace")[:MAX_ERROR_TEXT]
+        return str(err or msg or raw.decode("utf-8", "replace"))
+    return raw.decode("utf-8", "replace")
 
 
 class ApiClient:
@@ -94,8 +98,8 @@ class ApiClient:
         # A pool as large as the concurrency (aiohttp's default caps at 100),
         # DNS cached for the job, no cookies: each request stands alone.
         connector = aiohttp.TCPConnector(
-            limit=self.job.concurrency,
-            limit_per_host=self.job.concurrency,
+            limit=self.job.workers,
+            limit_per_host=self.job.workers,
             ttl_dns_cache=300,
             keepalive_timeout=60,
         )
@@ -130,10 +134,13 @@ class ApiClient:
         unreadable 2xx body) or a FatalRequestError (any other 4xx).
         """
         assert self._session is not None, "use ApiClient in `async with`"
+        sent = time.perf_counter()
         try:
             async with self._session.post(self._url, data=body) as resp:
-                raw = await resp.read()
                 status = resp.status
+                if self.job.stream and 200 <= status < 300:
+                    return await self._read_stream(resp, sent)
+                raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError as exc:
             raise RequestTimeout(
@@ -146,6 +153,55 @@ class ApiClient:
         if 200 <= status < 300:
             return self._read_answer(raw, status)
         raise self._status_error(status, raw, retry_after)
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse, sent: float) -> Completion:
+        """Assemble a completion from SSE chunks until ``data: [DONE]``.
+
+        A stream that ends before [DONE] or carries an unreadable chunk raises
+        (and is retried whole): a half answer is never returned.
+        """
+        ttft_ms: float | None = None
+        parts: list[str] = []
+        finish_reason = response_id = response_model = None
+        usage: Any = None
+        async for line in resp.content:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event: lines
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise BadResponse(f"stream chunk is not JSON: {data[:80]!r}", resp.status) from exc
+            if not isinstance(chunk, dict):
+                raise BadResponse("stream chunk is not a JSON object", resp.status)
+            response_id = response_id or chunk.get("id")
+            response_model = response_model or chunk.get("model")
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                piece = delta.get("content")
+                if piece:
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - sent) * 1000
+                    parts.append(piece)
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+        else:
+            raise ConnectionDropped("the stream ended before data: [DONE]", resp.status)
+        answer = parse_completion(
+            {
+                "id": response_id,
+                "model": response_model,
+                "choices": [
+                    {"message": {"content": "".join(parts)}, "finish_reason": finish_reason}
+                ],
+                "usage": usage,
+            }
+        )
+        return replace(answer, ttft_ms=ttft_ms)
 
     def _read_answer(self, raw: bytes, status: int) -> Completion:
         try:
@@ -161,7 +217,8 @@ class ApiClient:
             raise
 
     def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> RequestError:
-        text = self._redact(_error_text(raw))
+        # Redact before cutting: a key split by the cut would no longer match.
+        text = self._redact(_error_text(raw))[:MAX_ERROR_TEXT]
         message = f"HTTP {status}: {text}" if text else f"HTTP {status}"
         if status == 429:
             return RateLimited(message, status, parse_retry_after(retry_after))

@@ -98,7 +98,42 @@ KEYS: tuple[Key, ...] = (
         {},
         "Table sent as `metadata` with every request (the row id is added as `row_id`).",
     ),
-    Key("concurrency", "int", 16, "Requests in flight at once.", minimum=1, maximum=4096),
+    Key(
+        "concurrency",
+        "int_or_auto",
+        16,
+        'Requests in flight at once, or "auto": adapt between 1 and max_concurrency (lower on 429s and timeouts, higher while healthy).',
+        minimum=1,
+        maximum=4096,
+    ),
+    Key(
+        "max_concurrency",
+        "int",
+        256,
+        'The most requests in flight when concurrency = "auto".',
+        minimum=1,
+        maximum=4096,
+    ),
+    Key(
+        "rpm",
+        "float",
+        None,
+        "Requests per minute, spread evenly (at most about a second's worth at once). Retries count.",
+        minimum=0.001,
+    ),
+    Key(
+        "tpm",
+        "float",
+        None,
+        "Tokens per minute, spread evenly; estimated before sending (prompt characters / 4 + max_tokens), corrected by the usage returned.",
+        minimum=1.0,
+    ),
+    Key(
+        "stream",
+        "bool",
+        False,
+        "Stream each answer (SSE) and record the time to first token as `ttft_ms`.",
+    ),
     Key(
         "max_attempts",
         "int",
@@ -162,7 +197,11 @@ class Job:
     temperature: float
     max_tokens: int
     metadata: Mapping[str, Any]
-    concurrency: int
+    concurrency: int | str
+    max_concurrency: int
+    rpm: float | None
+    tpm: float | None
+    stream: bool
     max_attempts: int
     request_timeout_s: float
     retry_deadline_s: float
@@ -170,6 +209,11 @@ class Job:
     max_failures: float | None
     allow_insecure_http: bool
     job_file: Path | None = None
+
+    @property
+    def workers(self) -> int:
+        """The most requests that can ever be in flight (the pool and the workers are this size)."""
+        return self.concurrency if isinstance(self.concurrency, int) else self.max_concurrency
 
     @property
     def url(self) -> str:
@@ -220,6 +264,14 @@ def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> An
         if key.choices and value not in key.choices:
             raise JobError(f"{where} is {value!r}; it must be one of: {', '.join(key.choices)}.")
         return value
+    if kind == "int_or_auto":
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, str):
+            raise JobError(f'{where} must be a whole number or "auto", not {value!r}.')
+        kind = "int"
     if kind == "bool":
         if not isinstance(value, bool):
             raise JobError(f"{where} must be true or false, not {value!r}.")

@@ -64,13 +64,19 @@ RESULT_FIELDS = [
     pa.field("started_at", TIMESTAMP),
     pa.field("finished_at", TIMESTAMP),
 ]
-FIXED_COLUMNS = frozenset(f.name for f in HEAD_FIELDS + RESULT_FIELDS)
+TTFT_FIELD = pa.field("ttft_ms", pa.float64())
+FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD])
 
 
-def output_schema(keep_schema: pa.Schema, metadata: Mapping[str, Any] | None = None) -> pa.Schema:
-    """id, row, the keep_columns, then the result columns. ``metadata`` goes in
-    the file's key-value metadata under ``batchrun``."""
-    fields = [*HEAD_FIELDS, *keep_schema, *RESULT_FIELDS]
+def output_schema(
+    keep_schema: pa.Schema,
+    metadata: Mapping[str, Any] | None = None,
+    extra_fields: Sequence[pa.Field] = (),
+) -> pa.Schema:
+    """id, row, the keep_columns, the result columns, then the job's extra columns
+    (``ttft_ms`` for streamed jobs). ``metadata`` goes in the file's key-value
+    metadata under ``batchrun``."""
+    fields = [*HEAD_FIELDS, *keep_schema, *RESULT_FIELDS, *extra_fields]
     meta = {b"batchrun": orjson.dumps(dict(metadata))} if metadata else None
     return pa.schema(fields, metadata=meta)
 
@@ -276,10 +282,11 @@ class Journal:
         metadata: Mapping[str, Any],
         skip_rows: set[int] | None = None,
         batch_rows: int = 8192,
+        extra_fields: Sequence[pa.Field] = (),
     ) -> Path:
         """Write the output Parquet from the journal, atomically, and remove the journal."""
         self.sync()
-        schema = output_schema(keep_schema, metadata)
+        schema = output_schema(keep_schema, metadata, extra_fields)
         tmp = self.output.with_name(f".{self.output.name}.{self.run_id}.tmp")
         skip = skip_rows or set()
         try:

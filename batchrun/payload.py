@@ -88,6 +88,9 @@ def build_body(job: Job, messages: list[dict[str, Any]], row_id: str) -> dict[st
         "temperature": job.temperature,
         "max_tokens": job.max_tokens,
     }
+    if job.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     if job.metadata:
         body["metadata"] = {**job.metadata, "row_id": row_id}
     return body
@@ -113,6 +116,7 @@ class Completion:
     total_tokens: int | None
     response_id: str | None
     response_model: str | None
+    ttft_ms: float | None = None
 
 
 def _int_or_none(value: Any) -> int | None:

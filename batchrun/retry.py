@@ -14,6 +14,7 @@ machinery costs measurable throughput, and most requests succeed the first time.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
 )
 from tenacity.wait import wait_base
 
@@ -60,15 +60,22 @@ class RetryPolicy:
 
 
 class _RetryAfterOrBackoff(wait_base):
-    """Retry-After wins over the computed backoff."""
+    """Retry-After wins over the computed backoff.
+
+    The backoff doubles from ``backoff_initial_s`` up to ``backoff_max_s`` and is
+    then drawn uniformly from its upper half ("equal jitter"): waits still grow
+    attempt by attempt, and rows that hit the cap together do not all come back
+    in the same instant.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.cap = policy.retry_after_max_s
-        self.backoff = wait_exponential_jitter(
-            initial=policy.backoff_initial_s,
-            max=policy.backoff_max_s,
-            jitter=policy.backoff_initial_s,
-        )
+        self.initial = policy.backoff_initial_s
+        self.maximum = policy.backoff_max_s
+
+    def backoff(self, retry_state: RetryCallState) -> float:
+        base = min(self.initial * 2 ** (retry_state.attempt_number - 1), self.maximum)
+        return base * random.uniform(0.5, 1.0)
 
     def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome

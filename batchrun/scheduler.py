@@ -25,13 +25,21 @@ from batchrun.errors import (
     KeyRejected,
     RateLimited,
     RequestError,
+    RequestTimeout,
     ResumeConflict,
     RowError,
     TooManyFailures,
 )
 from batchrun.inputs import RowBatch
+from batchrun.limits import Limits
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
-from batchrun.payload import build_body, build_messages, encode_body, request_hash
+from batchrun.payload import (
+    Completion,
+    build_body,
+    build_messages,
+    encode_body,
+    request_hash,
+)
 from batchrun.progress import Tally
 from batchrun.retry import RetryPolicy, send_with_retries
 
@@ -52,6 +60,7 @@ class Prepared:
     body: bytes
     request_hash: str
     error: str | None = None
+    est_tokens: int = 0
 
 
 def prepare_rows(
@@ -71,7 +80,15 @@ def prepare_rows(
                 yield Prepared(number, row_id, b"", "", error=str(exc))
                 continue
             body = encode_body(build_body(job, messages, row_id))
-            yield Prepared(number, row_id, body, request_hash(body))
+            yield Prepared(
+                number, row_id, body, request_hash(body), est_tokens=estimate_tokens(job, messages)
+            )
+
+
+def estimate_tokens(job: Job, messages: list[dict[str, Any]]) -> int:
+    """Tokens a request may use, before the answer says: prompt characters / 4 + max_tokens."""
+    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return chars // 4 + job.max_tokens
 
 
 def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
@@ -104,6 +121,7 @@ class Scheduler:
         journal: Journal,
         tally: Tally,
         policy: RetryPolicy,
+        limits: Limits,
         retry_failed: bool = False,
     ) -> None:
         self.job = job
@@ -111,8 +129,9 @@ class Scheduler:
         self.journal = journal
         self.tally = tally
         self.policy = policy
+        self.limits = limits
         self.retry_failed = retry_failed
-        self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.concurrency * 2)
+        self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
@@ -138,7 +157,7 @@ class Scheduler:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(rows))
-                self._workers = [tg.create_task(self._work()) for _ in range(self.job.concurrency)]
+                self._workers = [tg.create_task(self._work()) for _ in range(self.job.workers)]
         except BaseExceptionGroup as group:
             raise _first_batchrun_error(group) from None
         if self._stop is not None:
@@ -180,7 +199,7 @@ class Scheduler:
                 self._record(self._error_record(p, p.error, None, 0, _now_us(), 0.0))
                 continue
             await self.queue.put(p)
-        for _ in range(self.job.concurrency):
+        for _ in range(self.job.workers):
             await self.queue.put(None)
 
     async def _work(self) -> None:
@@ -195,9 +214,24 @@ class Scheduler:
         t0 = time.perf_counter()
         tally = self.tally
 
-        async def attempt() -> Any:
+        limits = self.limits
+        adaptive = limits.concurrency.auto
+
+        async def attempt() -> Completion:
+            if limits.paces or limits.pause_active():
+                await limits.wait_turn(p.est_tokens)
             tally.requests += 1
-            return await self.client.complete(p.body)
+            if not adaptive:
+                return await self.client.complete(p.body)
+            async with limits.concurrency.place():
+                t = time.perf_counter()
+                try:
+                    answer = await self.client.complete(p.body)
+                except RequestTimeout:
+                    limits.concurrency.on_overload()
+                    raise
+                limits.concurrency.on_success(time.perf_counter() - t)
+                return answer
 
         try:
             completion, attempts = await send_with_retries(attempt, self.policy, self._on_retry(p))
@@ -210,28 +244,30 @@ class Scheduler:
             return
         latency = (time.perf_counter() - t0) * 1000
         self._last_success = time.monotonic()
-        self._record(
-            {
-                "row": p.row,
-                "id": p.id,
-                "status": "ok",
-                "model": self.job.model,
-                "response_model": completion.response_model,
-                "completion": completion.text,
-                "finish_reason": completion.finish_reason,
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "total_tokens": completion.total_tokens,
-                "error": None,
-                "http_status": 200,
-                "attempts": attempts,
-                "latency_ms": latency,
-                "response_id": completion.response_id,
-                "request_hash": p.request_hash,
-                "started_at": started,
-                "finished_at": _now_us(),
-            }
-        )
+        limits.used_tokens(p.est_tokens, completion.total_tokens)
+        rec = {
+            "row": p.row,
+            "id": p.id,
+            "status": "ok",
+            "model": self.job.model,
+            "response_model": completion.response_model,
+            "completion": completion.text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.total_tokens,
+            "error": None,
+            "http_status": 200,
+            "attempts": attempts,
+            "latency_ms": latency,
+            "response_id": completion.response_id,
+            "request_hash": p.request_hash,
+            "started_at": started,
+            "finished_at": _now_us(),
+        }
+        if self.job.stream:
+            rec["ttft_ms"] = completion.ttft_ms
+        self._record(rec)
 
     def _error_record(
         self,
@@ -259,6 +295,8 @@ class Scheduler:
     def _on_retry(self, p: Prepared) -> Callable[[RequestError, int, float], None]:
         def on_retry(exc: RequestError, attempt: int, wait_s: float) -> None:
             self.tally.retries += 1
+            if isinstance(exc, RateLimited):
+                self.limits.rate_limited(exc.retry_after, wait_s)
             self._check_api_down(exc)
             log.debug(
                 "row %s attempt %d failed: %s; retrying in %.2fs",

@@ -36,8 +36,7 @@ def flags(**values: Any) -> dict[str, Any]:
 def test_load_job_from_file(tmp_path: Path) -> None:
     path = write_job(
         tmp_path / "jobs",
-        MINIMAL
-        + 'output = "out/result.parquet"\n'
+        MINIMAL + 'output = "out/result.parquet"\n'
         'system_prompt = "Be brief."\n'
         'keep_columns = ["customer", "priority"]\n'
         "temperature = 0.2\n"
@@ -106,7 +105,9 @@ def test_paths_in_job_file_are_relative_to_its_folder(tmp_path: Path) -> None:
 
 def test_absolute_path_in_job_file_is_kept(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "in.jsonl"
-    path = write_job(tmp_path / "jobs", f'input = "{target}"\nmodel = "m"\nprompt_template = "{{x}}"\n')
+    path = write_job(
+        tmp_path / "jobs", f'input = "{target}"\nmodel = "m"\nprompt_template = "{{x}}"\n'
+    )
     assert load_job(path).input == target
 
 
@@ -167,7 +168,9 @@ def test_unknown_key_without_close_match_has_no_suggestion(tmp_path: Path) -> No
         ('output = ""', "output", "is empty"),
     ],
 )
-def test_wrong_type_in_file_names_key_and_file(tmp_path: Path, line: str, key: str, words: str) -> None:
+def test_wrong_type_in_file_names_key_and_file(
+    tmp_path: Path, line: str, key: str, words: str
+) -> None:
     # A later line for a key the MINIMAL text sets would be a TOML duplicate; MINIMAL's
     # model line is dropped for the model case.
     text = MINIMAL.replace('model = "m-1"\n', "") if key == "model" else MINIMAL
@@ -323,7 +326,9 @@ def test_loopback_http_and_https_allowed(url: str) -> None:
     assert load_job(None, flags(base_url=url)).base_url == url
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com/v1", "api.example.com/v1", "http://", "https:///v1"])
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/v1", "api.example.com/v1", "http://", "https:///v1"]
+)
 def test_base_url_that_is_not_http_rejected(url: str) -> None:
     with pytest.raises(JobError, match="not an http"):
         load_job(None, flags(base_url=url))
@@ -340,7 +345,11 @@ def test_url_for_chat_endpoint() -> None:
 def test_url_for_inference_endpoint_keeps_slash_in_model() -> None:
     job = load_job(
         None,
-        flags(base_url="https://api.example.com/v1", endpoint="inference", model="meta-llama/Llama-3.3-70B"),
+        flags(
+            base_url="https://api.example.com/v1",
+            endpoint="inference",
+            model="meta-llama/Llama-3.3-70B",
+        ),
     )
     assert job.url == "https://api.example.com/v1/models/meta-llama/Llama-3.3-70B/inference"
 
@@ -356,7 +365,11 @@ def test_settings_hold_no_secret_and_are_json_serialisable(
     tmp_path: Path, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MY_API_KEY", TEST_KEY)
-    path = write_job(tmp_path, MINIMAL + 'keep_columns = ["a"]\napi_key_env = "MY_API_KEY"\n[metadata]\nteam = "x"\nn = 3\n')
+    path = write_job(
+        tmp_path,
+        MINIMAL
+        + 'keep_columns = ["a"]\napi_key_env = "MY_API_KEY"\n[metadata]\nteam = "x"\nn = 3\n',
+    )
     job = load_job(path, {"output": "o.parquet"})
     settings = job.settings()
     text = json.dumps(settings)  # raises if anything is not plain JSON

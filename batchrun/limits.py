@@ -1,0 +1,210 @@
+"""How fast the job may send: requests per minute, tokens per minute, a shared
+pause after 429s, and (``concurrency = "auto"``) how many requests may be in
+flight.
+
+Every attempt, retries included, goes through ``Limits.slot``: it waits for the
+job-wide pause, the rpm and tpm budgets and a place under the in-flight limit,
+then yields. The answer's usage corrects the token estimate afterwards.
+
+The budgets are GCRA schedules (a "virtual clock" per budget) rather than
+aiolimiter's leaky bucket: a token budget must be corrected by the usage that
+comes back, in both directions, and a single request may need more tokens than
+one second's allowance; aiolimiter supports neither. Each waiter reserves its
+own send time, so waiters leave in order and no one polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+BURST_S = 1.0
+"""A budget lets through at most about one second's worth at once: smooth, not a
+minute's worth at start."""
+
+
+class Budget:
+    """``per_minute`` units a minute, spread evenly (a GCRA schedule)."""
+
+    def __init__(
+        self, per_minute: float, clock: Clock = time.monotonic, burst_s: float = BURST_S
+    ) -> None:
+        self.rate = per_minute / 60.0
+        self.burst_s = burst_s
+        self.clock = clock
+        self._tat = clock()  # theoretical arrival time: when the budget is next fully spent
+
+    def reserve(self, amount: float) -> float:
+        """Spend ``amount`` now; return how many seconds the caller must wait first."""
+        now = self.clock()
+        tat = max(self._tat, now)
+        send_at = max(now, tat - self.burst_s)
+        self._tat = tat + amount / self.rate
+        return send_at - now
+
+    def correct(self, delta: float) -> None:
+        """Adjust what was spent by ``delta`` units (negative: give back)."""
+        self._tat += delta / self.rate
+
+
+class Pause:
+    """A job-wide pause: after a 429 every request waits, not only the one that got it."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.until = 0.0
+
+    def extend(self, seconds: float) -> None:
+        self.until = max(self.until, self.clock() + seconds)
+
+    def remaining(self) -> float:
+        return max(0.0, self.until - self.clock())
+
+
+class AdaptiveLimit:
+    """How many requests may be in flight, adapted (AIMD) when ``auto``.
+
+    Lower by 30% on a 429 or a timeout (at most once per ``cooldown_s``); one
+    higher after each full window of successes while latency stays under twice
+    the best seen. Acquire and release happen in the same coroutine
+    (``async with limit.place()``).
+    """
+
+    def __init__(
+        self,
+        start: int,
+        maximum: int,
+        auto: bool,
+        clock: Clock = time.monotonic,
+        cooldown_s: float = 1.0,
+    ) -> None:
+        self.limit = start
+        self.maximum = maximum
+        self.auto = auto
+        self.clock = clock
+        self.cooldown_s = cooldown_s
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._successes = 0
+        self._best_latency_s: float | None = None
+        self._last_cut = -1e18
+
+    @contextlib.asynccontextmanager
+    async def place(self) -> AsyncIterator[None]:
+        while self.in_flight >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    def on_success(self, latency_s: float) -> None:
+        if not self.auto:
+            return
+        best = self._best_latency_s
+        self._best_latency_s = latency_s if best is None else min(best, latency_s)
+        if latency_s > 2 * self._best_latency_s:
+            return
+        self._successes += 1
+        if self._successes >= self.limit and self.limit < self.maximum:
+            self._successes = 0
+            self.limit += 1
+            self._wake()
+
+    def on_overload(self) -> None:
+        if not self.auto:
+            return
+        now = self.clock()
+        if now - self._last_cut < self.cooldown_s:
+            return
+        self._last_cut = now
+        self._successes = 0
+        self.limit = max(1, int(self.limit * 0.7))
+
+
+@dataclass
+class Limits:
+    """Everything that decides when the next attempt may go."""
+
+    concurrency: AdaptiveLimit
+    rpm: Budget | None = None
+    tpm: Budget | None = None
+    pause: Pause | None = None
+    sleep: Sleep = asyncio.sleep
+
+    @classmethod
+    def build(
+        cls,
+        concurrency: int | str,
+        max_concurrency: int,
+        rpm: float | None,
+        tpm: float | None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> Limits:
+        auto = concurrency == "auto"
+        start = min(16, max_concurrency) if auto else int(concurrency)
+        return cls(
+            concurrency=AdaptiveLimit(start, max_concurrency if auto else start, auto, clock),
+            rpm=Budget(rpm, clock) if rpm else None,
+            tpm=Budget(tpm, clock) if tpm else None,
+            pause=Pause(clock),
+            sleep=sleep,
+        )
+
+    @property
+    def paces(self) -> bool:
+        """Whether anything beyond the pool of workers limits the sending."""
+        return self.concurrency.auto or self.rpm is not None or self.tpm is not None
+
+    def pause_active(self) -> bool:
+        """Cheap check on the hot path: has any 429 ever paused the job?"""
+        return self.pause is not None and self.pause.until > 0
+
+    async def wait_turn(self, est_tokens: int) -> None:
+        """Wait out the job-wide pause and the rpm/tpm budgets for one attempt."""
+        if self.pause is not None:
+            wait = self.pause.remaining()
+            if wait > 0:
+                await self.sleep(wait)
+        wait = 0.0
+        if self.rpm is not None:
+            wait = max(wait, self.rpm.reserve(1))
+        if self.tpm is not None:
+            wait = max(wait, self.tpm.reserve(est_tokens))
+        if wait > 0:
+            await self.sleep(wait)
+
+    def used_tokens(self, estimated: int, actual: int | None) -> None:
+        """Correct the tpm budget with the usage the API reported."""
+        if self.tpm is not None and actual is not None:
+            self.tpm.correct(actual - estimated)
+
+    def rate_limited(self, retry_after: float | None, backoff_s: float) -> None:
+        """A 429: every request waits (Retry-After when given), and auto concurrency drops."""
+        if self.pause is not None:
+            self.pause.extend(retry_after if retry_after is not None else backoff_s)
+        self.concurrency.on_overload()
