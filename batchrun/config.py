@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -249,6 +250,8 @@ def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> An
     kind = key.kind
     if value is None:
         return None
+    if kind == "path" and isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if kind in ("str", "path"):
         if not isinstance(value, str):
             raise JobError(
@@ -279,6 +282,8 @@ def _check_value(key: Key, value: Any, source: str, base_dir: Path | None) -> An
     if kind in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise JobError(f"{where} must be a number, not {type(value).__name__} ({value!r}).")
+        if not math.isfinite(value):
+            raise JobError(f"{where} is {value}; give a finite number.")
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise JobError(f"{where} must be a whole number, not {value!r}.")

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from batchrun.errors import InputError
 
 BATCH_ROWS = 2048
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_LISTED = 5
 
 
@@ -163,6 +164,7 @@ class InputTable:
         columns: dict[str, None] = {}
         kinds: dict[str, set[type]] = {c: set() for c in keep_columns}
         num_rows = 0
+        first_without_id: int | None = None
         skipped: list[int] = []
         for lineno, obj in self._jsonl_objects(skipped):
             for key in obj:
@@ -171,12 +173,24 @@ class InputTable:
             for c, seen in kinds.items():
                 value = obj.get(c)
                 if value is not None:
-                    seen.add(type(value))
+                    # An int beyond int64 cannot be an Arrow int: keep such a column as text.
+                    seen.add(
+                        str
+                        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX
+                        else type(value)
+                    )
+            if id_column not in obj and first_without_id is None:
+                first_without_id = lineno
             if id_column in obj and obj[id_column] is None:
                 raise InputError(
                     f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
                 )
             num_rows += 1
+        if id_column in columns and first_without_id is not None:
+            raise InputError(
+                f"Input {self.path}, line {first_without_id}: no `{id_column}`, though other lines have one. "
+                "Give every row an id, or set `id_column` to another column."
+            )
         keep_schema = pa.schema([pa.field(c, _arrow_type_for(kinds[c])) for c in keep_columns])
         return Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
 

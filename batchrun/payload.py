@@ -62,7 +62,7 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
                 raise RowError(
                     f"`{job.messages_column}` holds {m!r}, which is not a chat message with `role` and `content`."
                 )
-        if job.system_prompt and messages[0].get("role") != "system":
+        if job.system_prompt and not any(m.get("role") == "system" for m in messages):
             return [{"role": "system", "content": job.system_prompt}, *messages]
         return list(messages)
     values: dict[str, Any] = {}
@@ -73,7 +73,10 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
         if isinstance(value, bool) or not isinstance(value, _TEXT_SCALARS):
             raise RowError(f"Prompt column `{column}` holds a {type(value).__name__}, not text.")
         values[column] = value
-    user = (job.prompt_template or "").format_map(values)
+    try:
+        user = (job.prompt_template or "").format_map(values)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise RowError(f"This row's values do not fit `prompt_template`: {exc!s}.") from None
     if job.system_prompt:
         return [{"role": "system", "content": job.system_prompt}, {"role": "user", "content": user}]
     return [{"role": "user", "content": user}]

@@ -211,11 +211,6 @@ def test_range_bounds_are_inclusive() -> None:
     assert load_job(None, flags(temperature=0.0)).temperature == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NaN passes the minimum/maximum checks (every comparison with NaN is False), "
-    "so temperature = nan is accepted and later sent as null",
-)
 def test_nan_temperature_is_rejected(tmp_path: Path) -> None:
     path = write_job(tmp_path, MINIMAL + "temperature = nan\n")
     with pytest.raises(JobError, match="temperature"):
