@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
 from batchrun.reuse import Match, ReuseIndex
 from batchrun.scheduler import Prepared, Scheduler, check_resume, prepare_rows
+from batchrun.structured import load_structured
 
 log = logging.getLogger("batchrun")
 
@@ -47,6 +49,9 @@ IDENTITY_KEYS = (
     "temperature",
     "max_tokens",
     "metadata",
+    "stream",
+    "response_format",
+    "params",
 )
 """Job keys that decide what is sent: an unfinished run resumes only under the same values."""
 
@@ -74,6 +79,7 @@ class RunResult:
     rows: int
     ok: int
     failed: int
+    invalid: int
     resumed: int
     prompt_tokens: int
     completion_tokens: int
@@ -87,11 +93,12 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.failed == 0 else 1
+        return 0 if self.failed == 0 and self.invalid == 0 else 1
 
     def summary(self) -> str:
         lines = [
             f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
+            + (f", invalid {self.invalid:,}" if self.invalid else "")
             + (f", from an earlier run {self.resumed:,}" if self.resumed else "")
             + ")",
             f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
@@ -123,6 +130,31 @@ def api_key_for(job: Job) -> str | None:
             'your key, or set api_key_env = "" for a server that needs none.'
         )
     return key
+
+
+def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
+    """The job's extra headers with ${VAR} replaced from the environment, and the
+    values that came from it (secrets: the client redacts them from every message)."""
+    headers: dict[str, str] = {}
+    secrets: list[str] = []
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        value = os.environ.get(name)
+        if value is None:
+            raise JobError(
+                f"Header `{header}` uses ${{{name}}}, but the environment variable {name} is not set. Export it, or change `headers`."
+            )
+        if value:
+            secrets.append(value)
+        return value
+
+    for header, template in job.headers.items():
+        headers[header] = _ENV_REF.sub(value_of, str(template))
+    return headers, secrets
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def check_columns(job: Job, table: InputTable, scan: Scan) -> None:
@@ -166,20 +198,29 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             'No `output` given: set output = "....parquet" in the job file or pass --output.'
         )
     api_key = None if options.mock else api_key_for(job)
+    headers, secrets = expand_headers(job)
 
     table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
     id_column = job.id_column if scan.has_id_column else None
     needed = prompt_columns(job)
+    structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
+    response_format = structured.body_field() if structured is not None else None
+    extra_fields = ([TTFT_FIELD] if job.stream else []) + list(
+        structured.fields if structured else ()
+    )
+
+    def prepared(for_job: Job) -> Iterator[Prepared]:
+        return prepare_rows(
+            for_job, table.batches(needed, id_column), scan.duplicate_rows, response_format
+        )
 
     identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
     journal = Journal(job.output, scan.num_rows, identity, restart=options.restart)
     try:
         if journal.resumed is not None:
-            check_resume(
-                journal, prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows)
-            )
+            check_resume(journal, prepared(job))
             log.info(
                 "resuming run %s: %d rows ok and %d failed already",
                 journal.run_id,
@@ -189,15 +230,10 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             )
         reused = reused_tokens = 0
         if options.reuse:
-            reused, reused_tokens = _reuse(
-                journal,
-                options.reuse,
-                prepare_rows(job, table.batches(needed, id_column), scan.duplicate_rows),
-                job.model,
-            )
+            reused, reused_tokens = _reuse(journal, options.reuse, prepared(job), job.model)
         total = scan.num_rows - len(scan.duplicate_rows)
         tally = Tally(total=total)
-        tally.ok, tally.failed = journal.counts()
+        tally.ok, tally.failed, tally.invalid = journal.counts()
         tally.resumed = tally.done
         to_send = journal.missing_rows(scan.duplicate_rows) + (
             tally.failed if options.retry_failed else 0
@@ -217,7 +253,10 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
                 "version": __version__,
             },
         )
-        async with _endpoint(job, options.mock) as sent_job, ApiClient(sent_job, api_key) as client:
+        async with (
+            _endpoint(job, options.mock) as sent_job,
+            ApiClient(sent_job, api_key, headers, secrets) as client,
+        ):
             limits = Limits.build(
                 sent_job.concurrency,
                 sent_job.max_concurrency,
@@ -233,9 +272,10 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
                 RetryPolicy.for_job(sent_job, sleep),
                 limits,
                 retry_failed=options.retry_failed,
+                structured=structured,
             )
             progress = Progress(tally, enabled=options.progress, interactive=options.interactive)
-            rows = prepare_rows(sent_job, table.batches(needed, id_column), scan.duplicate_rows)
+            rows = prepared(sent_job)
             with _signals(scheduler, options.handle_signals, job):
                 ticker = asyncio.create_task(_tick(progress, journal))
                 try:
@@ -261,7 +301,10 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             keep_batches,
             metadata,
             skip_rows=scan.duplicate_rows,
-            extra_fields=[TTFT_FIELD] if job.stream else [],
+            extra_fields=extra_fields,
+            value_columns=frozenset(f.name for f in structured.fields)
+            if structured
+            else frozenset(),
         )
     finally:
         if journal.folder.exists():
@@ -271,6 +314,7 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         rows=total,
         ok=tally.ok,
         failed=tally.failed,
+        invalid=tally.invalid,
         resumed=tally.resumed - reused,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -81,9 +82,18 @@ class ApiClient:
     """One aiohttp session for the whole job, with its pool sized to the job's
     concurrency. Use as ``async with ApiClient(job, key) as client``."""
 
-    def __init__(self, job: Job, api_key: str | None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        secrets: Sequence[str] = (),
+    ) -> None:
         self.job = job
         self._api_key = api_key
+        self._extra_headers = dict(headers or {})
+        # Longest first, so a secret containing another is redacted whole.
+        self._secrets = sorted({s for s in (api_key, *secrets) if s}, key=len, reverse=True)
         self._url = URL(job.url)
         self._session: aiohttp.ClientSession | None = None
 
@@ -93,6 +103,7 @@ class ApiClient:
             "Accept": "application/json",
             "User-Agent": f"batchrun/{__version__}",
         }
+        headers.update(self._extra_headers)
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         # A pool as large as the concurrency (aiohttp's default caps at 100),
@@ -123,8 +134,9 @@ class ApiClient:
             self._session = None
 
     def _redact(self, text: str) -> str:
-        if self._api_key and self._api_key in text:
-            text = text.replace(self._api_key, "[redacted]")
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
         return text
 
     async def complete(self, body: bytes) -> Completion:

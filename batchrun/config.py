@@ -28,6 +28,18 @@ from batchrun.errors import JobError
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
 ENDPOINTS = ("chat", "inference")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+OWNED_BODY_KEYS = {
+    "model": "model",
+    "messages": "prompt_template or messages_column",
+    "stream": "stream",
+    "stream_options": "stream",
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "response_format": "response_format",
+    "metadata": "metadata",
+}
+"""Request body fields batchrun fills itself, and the job key that sets each."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,38 @@ KEYS: tuple[Key, ...] = (
         minimum=0.0,
     ),
     Key(
+        "response_format",
+        "str",
+        "text",
+        "`text`; `json_object` (every answer must be a JSON object); `json_schema` (every answer must fit response_schema, and its top-level properties become typed output columns).",
+        choices=RESPONSE_FORMATS,
+    ),
+    Key(
+        "response_schema",
+        "path",
+        None,
+        "JSON Schema file for response_format = json_schema (giving it implies json_schema).",
+    ),
+    Key(
+        "max_parse_attempts",
+        "int",
+        2,
+        "Requests per row, in all, to get an answer that parses and fits the schema; then the row is `invalid`.",
+        minimum=1,
+    ),
+    Key(
+        "params",
+        "table",
+        {},
+        "Any other request body fields (top_p, stop, seed, a server's own extensions), merged into every request.",
+    ),
+    Key(
+        "headers",
+        "table",
+        {},
+        "Extra HTTP headers; ${VAR} in a value is replaced by that environment variable (and kept out of every output and log).",
+    ),
+    Key(
         "api_down_after_s",
         "float",
         300.0,
@@ -206,6 +250,11 @@ class Job:
     max_attempts: int
     request_timeout_s: float
     retry_deadline_s: float
+    response_format: str
+    response_schema: Path | None
+    max_parse_attempts: int
+    params: Mapping[str, Any]
+    headers: Mapping[str, Any]
     api_down_after_s: float
     max_failures: float | None
     allow_insecure_http: bool
@@ -373,7 +422,40 @@ def load_job(
             f"(a column holding a chat message list) in {source}."
         )
     _check_base_url(values["base_url"], values["allow_insecure_http"])
+    if values["response_schema"] is not None and values["response_format"] == "text":
+        values["response_format"] = "json_schema"
+    if values["response_format"] == "json_schema" and values["response_schema"] is None:
+        raise JobError(
+            f'`response_format` is "json_schema" in {source} but no `response_schema` is given: '
+            'set response_schema = "schema.json" (or pass --response-schema FILE).'
+        )
+    _check_params(values["params"], source)
+    _check_headers(values["headers"], source)
     return Job(**values, job_file=job_path)
+
+
+def _check_params(params: Mapping[str, Any], source: str) -> None:
+    for name in params:
+        if name in OWNED_BODY_KEYS:
+            raise JobError(
+                f"`params` in {source} sets `{name}`, which batchrun sends itself: "
+                f"use the `{OWNED_BODY_KEYS[name]}` key instead."
+            )
+    if "n" in params and params["n"] != 1:
+        raise JobError(
+            f"`params` in {source} sets n = {params['n']!r}: batchrun keeps one completion per row. "
+            "Remove n, or duplicate the rows to get several answers."
+        )
+
+
+def _check_headers(headers: Mapping[str, Any], source: str) -> None:
+    for name, value in headers.items():
+        if not isinstance(value, str):
+            raise JobError(f"Header `{name}` in {source} must be a string, not {value!r}.")
+        if name.lower() == "authorization":
+            raise JobError(
+                f"`headers` in {source} sets Authorization: batchrun sends the key from `api_key_env` itself."
+            )
 
 
 def _check_base_url(base_url: str, allow_insecure_http: bool) -> None:

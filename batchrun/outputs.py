@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 from batchrun import __version__
 from batchrun.errors import OutputError, ResumeConflict
 
-STATUS_NONE, STATUS_OK, STATUS_ERROR = 0, 1, 2
-STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR}
+STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
+STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR, "invalid": STATUS_INVALID}
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 HEAD_FIELDS = [
@@ -264,9 +264,14 @@ class Journal:
             os.close(self._rfd)
             del self._rfd
 
-    def counts(self) -> tuple[int, int]:
-        """Rows whose last result is ok, and rows whose last result is an error."""
-        return int((self.status == STATUS_OK).sum()), int((self.status == STATUS_ERROR).sum())
+    def counts(self) -> tuple[int, int, int]:
+        """Rows whose last result is ok, an error, and an invalid answer."""
+        status = self.status
+        return (
+            int((status == STATUS_OK).sum()),
+            int((status == STATUS_ERROR).sum()),
+            int((status == STATUS_INVALID).sum()),
+        )
 
     def missing_rows(self, skip: set[int] | None = None) -> int:
         """How many rows have no result yet."""
@@ -283,6 +288,7 @@ class Journal:
         skip_rows: set[int] | None = None,
         batch_rows: int = 8192,
         extra_fields: Sequence[pa.Field] = (),
+        value_columns: frozenset[str] = frozenset(),
     ) -> Path:
         """Write the output Parquet from the journal, atomically, and remove the journal."""
         self.sync()
@@ -309,7 +315,7 @@ class Journal:
                         ]
                         if keep is not None and skip:
                             keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
-                        writer.write_batch(_result_batch(records, keep, schema))
+                        writer.write_batch(_result_batch(records, keep, schema, value_columns))
                 finally:
                     writer.close()
             _fsync_path(tmp)
@@ -348,12 +354,22 @@ def _fsync_path(path: Path) -> None:
 
 
 def _result_batch(
-    records: Sequence[Mapping[str, Any]], keep: pa.RecordBatch | None, schema: pa.Schema
+    records: Sequence[Mapping[str, Any]],
+    keep: pa.RecordBatch | None,
+    schema: pa.Schema,
+    value_columns: frozenset[str],
 ) -> pa.RecordBatch:
+    """One output batch: keep columns from the input, the rest from the records
+    (a structured job's typed columns from each record's ``values``)."""
     arrays: list[pa.Array] = []
     for f in schema:
         if keep is not None and f.name in keep.schema.names:
             arrays.append(keep.column(f.name))
+        elif f.name in value_columns:
+            name = f.name
+            arrays.append(
+                pa.array([(r.get("values") or {}).get(name) for r in records], type=f.type)
+            )
         else:
             arrays.append(pa.array([r.get(f.name) for r in records], type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

@@ -82,15 +82,24 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": user}]
 
 
-def build_body(job: Job, messages: list[dict[str, Any]], row_id: str) -> dict[str, Any]:
-    """The JSON body of one request. ``metadata`` is sent only when the job sets
-    it, with the row id added as ``row_id``: some servers reject unknown fields."""
+def build_body(
+    job: Job,
+    messages: list[dict[str, Any]],
+    row_id: str,
+    response_format: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of one request: the job's ``params`` first, then the fields
+    batchrun owns. ``metadata`` is sent only when the job sets it, with the row id
+    added as ``row_id``: some servers reject unknown fields."""
     body: dict[str, Any] = {
+        **job.params,
         "model": job.model,
         "messages": messages,
         "temperature": job.temperature,
         "max_tokens": job.max_tokens,
     }
+    if response_format is not None:
+        body["response_format"] = response_format
     if job.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

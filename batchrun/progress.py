@@ -25,6 +25,7 @@ class Tally:
     resumed: int = 0
     ok: int = 0
     failed: int = 0
+    invalid: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
@@ -34,7 +35,7 @@ class Tally:
     @property
     def done(self) -> int:
         """Rows with a result, those of earlier runs included."""
-        return self.ok + self.failed
+        return self.ok + self.failed + self.invalid
 
     @property
     def elapsed_s(self) -> float:
@@ -73,7 +74,8 @@ def status_text(t: Tally) -> str:
     tokens = t.prompt_tokens + t.completion_tokens
     return (
         f"{t.done}/{t.total} rows  ok {t.ok}  failed {t.failed}  "
-        f"tokens {_count(tokens)}  {t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
+        + (f"invalid {t.invalid}  " if t.invalid else "")
+        + f"tokens {_count(tokens)}  {t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
     )
 
 
@@ -128,6 +130,7 @@ def progress_fields(t: Tally) -> dict[str, object]:
         "rows_total": t.total,
         "rows_ok": t.ok,
         "rows_failed": t.failed,
+        "rows_invalid": t.invalid,
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": t.completion_tokens,
         "requests": t.requests,

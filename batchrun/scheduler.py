@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from batchrun.payload import (
 )
 from batchrun.progress import Tally
 from batchrun.retry import RetryPolicy, send_with_retries
+from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
 
@@ -64,7 +65,10 @@ class Prepared:
 
 
 def prepare_rows(
-    job: Job, batches: Iterator[RowBatch], skip: set[int] | None = None
+    job: Job,
+    batches: Iterator[RowBatch],
+    skip: set[int] | None = None,
+    response_format: Mapping[str, Any] | None = None,
 ) -> Iterator[Prepared]:
     """Input rows → request bodies, in input order."""
     skip = skip or set()
@@ -79,7 +83,7 @@ def prepare_rows(
             except RowError as exc:
                 yield Prepared(number, row_id, b"", "", error=str(exc))
                 continue
-            body = encode_body(build_body(job, messages, row_id))
+            body = encode_body(build_body(job, messages, row_id, response_format))
             yield Prepared(
                 number, row_id, body, request_hash(body), est_tokens=estimate_tokens(job, messages)
             )
@@ -111,6 +115,35 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+def _ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+class _Usage:
+    """Tokens summed over every request a row made (re-asks were paid too)."""
+
+    __slots__ = ("completion", "prompt", "total")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.total: int | None = None
+
+    def add(self, c: Completion) -> None:
+        if c.prompt_tokens is not None:
+            self.prompt = (self.prompt or 0) + c.prompt_tokens
+        if c.completion_tokens is not None:
+            self.completion = (self.completion or 0) + c.completion_tokens
+        if c.total_tokens is not None:
+            self.total = (self.total or 0) + c.total_tokens
+
+    def put(self, rec: dict[str, Any]) -> dict[str, Any]:
+        rec["prompt_tokens"] = self.prompt
+        rec["completion_tokens"] = self.completion
+        rec["total_tokens"] = self.total
+        return rec
+
+
 class Scheduler:
     """Sends every row that has no result yet and journals the results."""
 
@@ -123,6 +156,7 @@ class Scheduler:
         policy: RetryPolicy,
         limits: Limits,
         retry_failed: bool = False,
+        structured: Structured | None = None,
     ) -> None:
         self.job = job
         self.client = client
@@ -130,6 +164,7 @@ class Scheduler:
         self.tally = tally
         self.policy = policy
         self.limits = limits
+        self.structured = structured
         self.retry_failed = retry_failed
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
@@ -233,41 +268,86 @@ class Scheduler:
                 limits.concurrency.on_success(time.perf_counter() - t)
                 return answer
 
-        try:
-            completion, attempts = await send_with_retries(attempt, self.policy, self._on_retry(p))
-        except RequestError as exc:
-            latency = (time.perf_counter() - t0) * 1000
-            self._check_api_down(exc)
+        structured = self.structured
+        asks = self.job.max_parse_attempts if structured is not None else 1
+        requests = 0
+        usage = _Usage()
+        invalid: tuple[Completion, str] | None = None
+        for _ in range(asks):
+            try:
+                completion, attempts = await send_with_retries(
+                    attempt, self.policy, self._on_retry(p)
+                )
+            except RequestError as exc:
+                self._check_api_down(exc)
+                rec = self._error_record(
+                    p, str(exc), exc.status, requests + exc.attempts, started, _ms_since(t0)
+                )
+                self._record(usage.put(rec) if requests else rec)
+                return
+            requests += attempts
+            self._last_success = time.monotonic()
+            limits.used_tokens(p.est_tokens, completion.total_tokens)
+            usage.add(completion)
+            if structured is None:
+                self._record(self._answer_record(p, completion, usage, requests, started, t0))
+                return
+            try:
+                values = structured.parse(
+                    completion.text, completion.finish_reason, self.job.max_tokens
+                )
+            except InvalidAnswer as exc:
+                invalid = (completion, str(exc))
+                continue
             self._record(
-                self._error_record(p, str(exc), exc.status, exc.attempts, started, latency)
+                self._answer_record(p, completion, usage, requests, started, t0, values=values)
             )
             return
-        latency = (time.perf_counter() - t0) * 1000
-        self._last_success = time.monotonic()
-        limits.used_tokens(p.est_tokens, completion.total_tokens)
-        rec = {
+        assert invalid is not None
+        completion, reason = invalid
+        self._record(
+            self._answer_record(
+                p, completion, usage, requests, started, t0, status="invalid", error=reason
+            )
+        )
+
+    def _answer_record(
+        self,
+        p: Prepared,
+        completion: Completion,
+        usage: _Usage,
+        requests: int,
+        started: int,
+        t0: float,
+        *,
+        status: str = "ok",
+        error: str | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The result of a row that got an answer; usage is summed over every request made."""
+        rec: dict[str, Any] = {
             "row": p.row,
             "id": p.id,
-            "status": "ok",
+            "status": status,
             "model": self.job.model,
             "response_model": completion.response_model,
             "completion": completion.text,
             "finish_reason": completion.finish_reason,
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.total_tokens,
-            "error": None,
+            "error": error,
             "http_status": 200,
-            "attempts": attempts,
-            "latency_ms": latency,
+            "attempts": requests,
+            "latency_ms": _ms_since(t0),
             "response_id": completion.response_id,
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
         }
+        usage.put(rec)
         if self.job.stream:
             rec["ttft_ms"] = completion.ttft_ms
-        self._record(rec)
+        if values is not None:
+            rec["values"] = values
+        return rec
 
     def _error_record(
         self,
@@ -363,6 +443,8 @@ class Scheduler:
             t.failed -= 1  # --retry-failed: the new result replaces the old one
         if rec["status"] == "ok":
             t.ok += 1
+        elif rec["status"] == "invalid":
+            t.invalid += 1
         else:
             t.failed += 1
             self._run_failures += 1

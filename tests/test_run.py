@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import threading
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
+from conftest import REPO, TEST_KEY, tickets, write_jsonl
 
 from batchrun import __version__, outputs
 from batchrun.api import RunOptions, RunResult, arun
@@ -35,7 +35,6 @@ from batchrun.cli import main
 from batchrun.config import Job, load_job
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, MockServer, count_tokens, serve
-from conftest import REPO, TEST_KEY, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -166,20 +165,32 @@ def echo_app(mode: str) -> tuple[web.Application, dict[str, int]]:
         n = int(re.search(r"Ticket number (\d+)", content).group(1))  # type: ignore[union-attr]
         count = seen[content] = seen.get(content, 0) + 1
         if mode == "reject":
-            return web.json_response({"error": "invalid_api_key", "message": f"key {auth!r} is not valid"}, status=401)
+            return web.json_response(
+                {"error": "invalid_api_key", "message": f"key {auth!r} is not valid"}, status=401
+            )
         if mode == "long":
             return web.Response(status=500, text="upstream failure " + "x" * 255 + f" with {auth}")
         if n % 4 == 0:
-            return web.json_response({"error": "invalid_request", "message": f"refused header {auth!r}"}, status=400)
+            return web.json_response(
+                {"error": "invalid_request", "message": f"refused header {auth!r}"}, status=400
+            )
         if n % 4 == 1 and count == 1:
-            return web.json_response({"error": {"code": "server_error", "message": f"upstream saw {auth}"}}, status=500)
+            return web.json_response(
+                {"error": {"code": "server_error", "message": f"upstream saw {auth}"}}, status=500
+            )
         if n % 4 == 2 and count == 1:
             return web.Response(status=503, text=f"proxy error for {auth}")
         return web.json_response(
             {
                 "id": f"cmpl-{n}",
                 "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"ok {n}"}, "finish_reason": "stop"}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"ok {n}"},
+                        "finish_reason": "stop",
+                    }
+                ],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
             }
         )
@@ -263,8 +274,12 @@ def invoke(*args: str) -> Result:
 
 
 def assert_exit(result: Result, code: int) -> None:
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, (
+        f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
 
 
 # ---- 1. end to end ---------------------------------------------------------------
@@ -291,7 +306,14 @@ async def test_end_to_end_output(tmp_path: Path, api_key: str, endpoint: MockSer
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.parquet"
     keep = ["customer", "priority", "score", "vip", "tags"]
-    job = make_job(endpoint.base_url, src, out, system_prompt=SYSTEM, keep_columns=keep, metadata={"batch": "e2e"})
+    job = make_job(
+        endpoint.base_url,
+        src,
+        out,
+        system_prompt=SYSTEM,
+        keep_columns=keep,
+        metadata={"batch": "e2e"},
+    )
 
     result = await run_job(job)
 
@@ -315,7 +337,9 @@ async def test_end_to_end_output(tmp_path: Path, api_key: str, endpoint: MockSer
     schema = pf.schema_arrow
     assert schema.equals(outputs.output_schema(keep_schema), check_metadata=False), schema
     assert schema.names == ["id", "row", *keep, *[f.name for f in outputs.RESULT_FIELDS]]
-    assert [str(f.type) for f in schema] == [str(f.type) for f in outputs.output_schema(keep_schema)]
+    assert [str(f.type) for f in schema] == [
+        str(f.type) for f in outputs.output_schema(keep_schema)
+    ]
 
     meta_raw = schema.metadata[b"batchrun"]
     meta = orjson.loads(meta_raw)
@@ -338,7 +362,11 @@ async def test_end_to_end_output(tmp_path: Path, api_key: str, endpoint: MockSer
         assert r["finish_reason"] == "stop"
         prompt = expected_prompt_tokens(SYSTEM, user_prompt(src_row))
         completion = count_tokens(expected_completion(i))
-        assert (r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]) == (prompt, completion, prompt + completion)
+        assert (r["prompt_tokens"], r["completion_tokens"], r["total_tokens"]) == (
+            prompt,
+            completion,
+            prompt + completion,
+        )
         assert r["attempts"] == 1
         assert r["latency_ms"] > 0
         assert r["started_at"] <= r["finished_at"]
@@ -365,7 +393,9 @@ async def test_end_to_end_output(tmp_path: Path, api_key: str, endpoint: MockSer
     assert str(df["started_at"].dt.tz) == "UTC"
 
 
-async def test_rows_without_id_column_are_numbered(tmp_path: Path, api_key: str, endpoint: MockServer) -> None:
+async def test_rows_without_id_column_are_numbered(
+    tmp_path: Path, api_key: str, endpoint: MockServer
+) -> None:
     rows = [{"ticket": r["ticket"]} for r in tickets(12)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.parquet"
@@ -376,18 +406,55 @@ async def test_rows_without_id_column_are_numbered(tmp_path: Path, api_key: str,
     assert [r["row"] for r in got] == list(range(12))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: keep_columns may name the id column (api.check_columns exempts `id` from its clash "
+    "check), but outputs.output_schema then holds two `id` fields and Journal.finish raises "
+    "pyarrow ArrowInvalid after every row was sent and paid for; a rerun resumes and crashes again",
+)
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+async def test_keep_columns_naming_the_id_column(
+    tmp_path: Path, api_key: str, endpoint: MockServer, fmt: str
+) -> None:
+    rows = tickets(6)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    if fmt == "parquet":
+        src = tmp_path / "in.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), src)
+    out = tmp_path / "out.parquet"
+    job = make_job(endpoint.base_url, src, out, keep_columns=["id", "customer"])
+    try:
+        result = await run_job(job)
+    except JobError:
+        # Refusing the job is fine too, as long as it happens before anything is sent.
+        assert completion_requests(endpoint) == 0
+        return
+    assert result.exit_code == 0
+    names = pq.read_schema(out).names
+    assert names.count("id") == 1 and "customer" in names
+    assert [r["id"] for r in read_rows(out)] == [r["id"] for r in rows]
+
+
 # ---- 2. Parquet input -------------------------------------------------------------
 
 
-async def test_parquet_input_matches_jsonl_input(tmp_path: Path, api_key: str, endpoint: MockServer) -> None:
+async def test_parquet_input_matches_jsonl_input(
+    tmp_path: Path, api_key: str, endpoint: MockServer
+) -> None:
     rows = [{k: v for k, v in r.items() if k != "tags"} for r in typed_tickets(30)]
     jsonl = write_jsonl(tmp_path / "in.jsonl", rows)
     parquet = tmp_path / "in.parquet"
     pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=7)  # several row groups
     keep = ["customer", "priority", "score", "vip"]
 
-    r1 = await run_job(make_job(endpoint.base_url, jsonl, tmp_path / "a.parquet", keep_columns=keep, concurrency=4))
-    r2 = await run_job(make_job(endpoint.base_url, parquet, tmp_path / "b.parquet", keep_columns=keep, concurrency=4))
+    r1 = await run_job(
+        make_job(endpoint.base_url, jsonl, tmp_path / "a.parquet", keep_columns=keep, concurrency=4)
+    )
+    r2 = await run_job(
+        make_job(
+            endpoint.base_url, parquet, tmp_path / "b.parquet", keep_columns=keep, concurrency=4
+        )
+    )
     assert r1.exit_code == r2.exit_code == 0
 
     times = ["latency_ms", "started_at", "finished_at"]
@@ -401,7 +468,15 @@ async def test_parquet_input_matches_jsonl_input(tmp_path: Path, api_key: str, e
 # ---- 3. retries with Retry-After and backoff ---------------------------------------
 
 
-async def test_429_retry_after_is_waited(tmp_path: Path, api_key: str) -> None:
+def retry_waits(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits the retry policy chose, from the `retry` events (rounded to ms)."""
+    return [r.wait_s for r in caplog.records if getattr(r, "event", None) == "retry"]  # type: ignore[attr-defined]
+
+
+async def test_429_retry_after_is_waited(
+    tmp_path: Path, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="batchrun")
     n = 10
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
@@ -412,8 +487,11 @@ async def test_429_retry_after_is_waited(tmp_path: Path, api_key: str) -> None:
         assert server.stats.by_outcome == {"429": 3, "ok": n}
         assert completion_requests(server) == n + 3
     assert result.exit_code == 0 and result.retries == 3 and result.requests == n + 3
-    assert 2.0 in sleep.waits
-    assert sleep.waits == [2.0, 2.0, 2.0]
+    assert retry_waits(caplog) == [2.0, 2.0, 2.0]
+    # Every wait went through the injected sleep (the retries', and the job-wide
+    # pause after a 429, which is never longer than the Retry-After).
+    assert sleep.waits.count(2.0) >= 3
+    assert all(0 < w <= 2.0 for w in sleep.waits), sleep.waits
     got = read_rows(out)
     assert all(r["status"] == "ok" for r in got)
     assert sum(r["attempts"] for r in got) == n + 3
@@ -421,7 +499,10 @@ async def test_429_retry_after_is_waited(tmp_path: Path, api_key: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["500", "503", "429-no-retry-after"])
-async def test_5xx_retries_use_backoff(tmp_path: Path, api_key: str, kind: str) -> None:
+async def test_5xx_retries_use_backoff(
+    tmp_path: Path, api_key: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="batchrun")
     n = 10
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
@@ -431,10 +512,13 @@ async def test_5xx_retries_use_backoff(tmp_path: Path, api_key: str, kind: str) 
         result = await run_job(make_job(server.base_url, src, out), sleep)
         assert completion_requests(server) == n + 3
     assert result.exit_code == 0 and result.retries == 3
-    assert len(sleep.waits) == 3
-    # Exponential backoff with jitter: 0.5 s (+ up to 0.5 s) on a first retry, more after.
-    assert all(0.5 <= w <= 30.0 for w in sleep.waits), sleep.waits
+    waits = retry_waits(caplog)
+    # No Retry-After: a jittered backoff from 0.5 s, so a first retry waits at most about that.
+    assert len(waits) == 3 and all(0 < w <= 1.0 for w in waits), waits
+    assert all(any(abs(w - f) < 0.001 for f in sleep.waits) for w in waits), (waits, sleep.waits)
     assert 2.0 not in sleep.waits
+    if kind != "429-no-retry-after":
+        assert len(sleep.waits) == 3  # a 5xx does not pause the other rows
     got = read_rows(out)
     assert all(r["status"] == "ok" for r in got)
     assert sum(r["attempts"] for r in got) == n + 3
@@ -445,7 +529,10 @@ async def test_5xx_retries_use_backoff(tmp_path: Path, api_key: str, kind: str) 
 
 def long_ticket_rows(n: int, long_row: int) -> list[dict[str, Any]]:
     rows = tickets(n)
-    rows[long_row] = {**rows[long_row], "ticket": "Ticket number 99 " + "word " * 80 + "is too long."}
+    rows[long_row] = {
+        **rows[long_row],
+        "ticket": "Ticket number 99 " + "word " * 80 + "is too long.",
+    }
     return rows
 
 
@@ -474,8 +561,17 @@ def test_cli_context_length_400_exits_1(tmp_path: Path, api_key: str, threaded: 
     server = threaded(lambda: serve(MockConfig(api_key=TEST_KEY, context_tokens=40)))
     src = write_jsonl(tmp_path / "in.jsonl", long_ticket_rows(10, 2))
     result = invoke(
-        "--input", str(src), "--prompt-template", TEMPLATE, "--model", MODEL,
-        "--base-url", server.base_url, "--output", "out.parquet", "-q",
+        "--input",
+        str(src),
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        MODEL,
+        "--base-url",
+        server.base_url,
+        "--output",
+        "out.parquet",
+        "-q",
     )
     assert_exit(result, 1)
     got = read_rows(tmp_path / "out.parquet")
@@ -531,13 +627,25 @@ async def test_bad_key_on_a_job_smaller_than_the_probe(
     assert not out.exists()
 
 
-def test_cli_bad_key_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: Any) -> None:
+def test_cli_bad_key_exits_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: Any
+) -> None:
     server = threaded(lambda: serve(MockConfig(api_key=TEST_KEY)))
     monkeypatch.setenv("LLMTUNE_API_KEY", WRONG_KEY)
     src = write_jsonl(tmp_path / "in.jsonl", tickets(30))
     result = invoke(
-        "--input", str(src), "--prompt-template", TEMPLATE, "--model", MODEL,
-        "--base-url", server.base_url, "--output", "out.parquet", "--concurrency", "4",
+        "--input",
+        str(src),
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        MODEL,
+        "--base-url",
+        server.base_url,
+        "--output",
+        "out.parquet",
+        "--concurrency",
+        "4",
     )
     assert_exit(result, 3)
     assert "LLMTUNE_API_KEY" in result.stderr
@@ -600,7 +708,9 @@ async def test_hang_fault_times_out_and_is_retried(tmp_path: Path, api_key: str)
     config = MockConfig(api_key=TEST_KEY, fault_rate=0.3, faults=("hang",), hang_s=2, seed=3)
     async with serve(config) as server:
         started = time.monotonic()
-        result = await run_job(make_job(server.base_url, src, out, request_timeout_s=0.3, max_attempts=10))
+        result = await run_job(
+            make_job(server.base_url, src, out, request_timeout_s=0.3, max_attempts=10)
+        )
         elapsed = time.monotonic() - started
         received = completion_requests(server)
         hangs = server.stats.by_outcome.get("hang", 0)
@@ -615,12 +725,22 @@ async def test_hang_fault_times_out_and_is_retried(tmp_path: Path, api_key: str)
 # ---- 8. too few attempts ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kind", "status", "text"), [("500", 500, "HTTP 500: server_error: Internal server error"), ("429", 429, "HTTP 429: rate_limited: Rate limit exceeded")])
-async def test_rows_fail_after_max_attempts(tmp_path: Path, api_key: str, kind: str, status: int, text: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "status", "text"),
+    [
+        ("500", 500, "HTTP 500: server_error: Internal server error"),
+        ("429", 429, "HTTP 429: rate_limited: Rate limit exceeded"),
+    ],
+)
+async def test_rows_fail_after_max_attempts(
+    tmp_path: Path, api_key: str, kind: str, status: int, text: str
+) -> None:
     n = 10
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
-    async with serve(MockConfig(api_key=TEST_KEY, fail_first=1000, fail_first_kind=kind, retry_after_s=0.1)) as server:
+    async with serve(
+        MockConfig(api_key=TEST_KEY, fail_first=1000, fail_first_kind=kind, retry_after_s=0.1)
+    ) as server:
         result = await run_job(make_job(server.base_url, src, out, max_attempts=2))
         assert completion_requests(server) == 2 * n
     assert result.exit_code == 1 and (result.ok, result.failed) == (0, n)
@@ -658,13 +778,17 @@ async def test_interrupted_run_resumes_each_row_once(tmp_path: Path, api_key: st
     assert result.run_id == orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["run_id"]
 
 
-async def test_retry_failed_resends_only_failed_and_missing_rows(tmp_path: Path, api_key: str) -> None:
+async def test_retry_failed_resends_only_failed_and_missing_rows(
+    tmp_path: Path, api_key: str
+) -> None:
     n = 30
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
     async with serve(sick) as server:
-        done = await interrupted_run(make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12)
+        done = await interrupted_run(
+            make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12
+        )
     failed_rows = {r["row"] for r in done if r["status"] == "error"}
     ok_rows = {r["row"] for r in done if r["status"] == "ok"}
     assert len(failed_rows) == 5 and ok_rows
@@ -688,7 +812,9 @@ async def test_resume_without_retry_failed_keeps_failed_rows(tmp_path: Path, api
     out = tmp_path / "out.parquet"
     sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
     async with serve(sick) as server:
-        done = await interrupted_run(make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12)
+        done = await interrupted_run(
+            make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12
+        )
     async with serve(MockConfig(api_key=TEST_KEY)) as healthy:
         result = await run_job(make_job(healthy.base_url, src, out, concurrency=2, max_attempts=1))
         assert completion_requests(healthy) == n - len({r["row"] for r in done})
@@ -707,7 +833,9 @@ async def test_finished_failed_run_then_retry_failed(tmp_path: Path, api_key: st
     assert first.exit_code == 1 and first.failed == n
     assert all(r["status"] == "error" for r in read_rows(out))
     async with serve(MockConfig(api_key=TEST_KEY)) as healthy:
-        result = await run_job(make_job(healthy.base_url, src, out, max_attempts=1), retry_failed=True)
+        result = await run_job(
+            make_job(healthy.base_url, src, out, max_attempts=1), retry_failed=True
+        )
         assert completion_requests(healthy) == n
         assert set(healthy.stats.bodies.values()) == {1}
     assert result.exit_code == 0
@@ -739,7 +867,9 @@ async def test_restart_discards_an_unfinished_run(tmp_path: Path, api_key: str) 
         pytest.param("input", id="input"),
     ],
 )
-async def test_changed_job_on_unfinished_run_conflicts(tmp_path: Path, api_key: str, change: Any) -> None:
+async def test_changed_job_on_unfinished_run_conflicts(
+    tmp_path: Path, api_key: str, change: Any
+) -> None:
     n = 20
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
@@ -767,6 +897,43 @@ async def test_changed_job_on_unfinished_run_conflicts(tmp_path: Path, api_key: 
         assert result.exit_code == 0 and result.resumed == 0
 
 
+def test_cli_resume_conflict_then_restart(tmp_path: Path, api_key: str, threaded: Any) -> None:
+    n = 20
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
+    server = threaded(lambda: serve(MockConfig(api_key=TEST_KEY, latency_s=0.02)))
+
+    async def leave_unfinished() -> None:
+        await interrupted_run(make_job(server.base_url, src, out, concurrency=2), min_lines=4)
+
+    asyncio.run(leave_unfinished())
+    before = server.stats.requests
+    args = [
+        "--input",
+        str(src),
+        "--prompt-template",
+        TEMPLATE,
+        "--base-url",
+        server.base_url,
+        "--output",
+        str(out),
+        "--concurrency",
+        "2",
+        "-q",
+    ]
+    result = invoke(*args, "--model", "another-model")
+    assert_exit(result, 2)
+    assert "--restart" in result.stderr and "`model`" in result.stderr
+    assert result.stderr.startswith("batchrun: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.output
+    assert server.stats.requests == before and journal_of(out).exists()
+
+    result = invoke(*args, "--model", "another-model", "--restart")
+    assert_exit(result, 0)
+    assert server.stats.requests - before == n
+    assert {r["model"] for r in read_rows(out)} == {"another-model"}
+
+
 # ---- 10. the key stays secret --------------------------------------------------------
 
 
@@ -789,9 +956,23 @@ def test_cli_key_never_written_anywhere(
         log = tmp_path / f"log-{fmt}.txt"
         server.seen.clear()
         result = invoke(
-            "--input", str(src), "--prompt-template", TEMPLATE, "--model", MODEL,
-            "--base-url", server.base_url, "--output", str(out), "--concurrency", "4",
-            "--log-file", str(log), "--log-format", fmt, "-v",
+            "--input",
+            str(src),
+            "--prompt-template",
+            TEMPLATE,
+            "--model",
+            MODEL,
+            "--base-url",
+            server.base_url,
+            "--output",
+            str(out),
+            "--concurrency",
+            "4",
+            "--log-file",
+            str(log),
+            "--log-format",
+            fmt,
+            "-v",
         )
         assert_exit(result, 1)
         got = read_rows(out)
@@ -803,18 +984,35 @@ def test_cli_key_never_written_anywhere(
         assert TEST_KEY not in repr(pq.read_schema(out).metadata)
         assert key not in journals[-1] and b"[redacted]" in journals[-1]
         log_text = log.read_text()
-        assert TEST_KEY not in log_text and "[redacted]" in log_text  # the retries and failures are logged
+        assert (
+            TEST_KEY not in log_text and "[redacted]" in log_text
+        )  # the retries and failures are logged
         assert TEST_KEY not in result.output
 
 
-def test_cli_key_rejected_message_redacts_an_echoed_key(tmp_path: Path, api_key: str, threaded: Any) -> None:
+def test_cli_key_rejected_message_redacts_an_echoed_key(
+    tmp_path: Path, api_key: str, threaded: Any
+) -> None:
     server = threaded(lambda: serve_echo("reject"))
     src = write_jsonl(tmp_path / "in.jsonl", tickets(20))
     log = tmp_path / "log.jsonl"
     result = invoke(
-        "--input", str(src), "--prompt-template", TEMPLATE, "--model", MODEL,
-        "--base-url", server.base_url, "--output", "out.parquet", "--concurrency", "2",
-        "--log-file", str(log), "--log-format", "json",
+        "--input",
+        str(src),
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        MODEL,
+        "--base-url",
+        server.base_url,
+        "--output",
+        "out.parquet",
+        "--concurrency",
+        "2",
+        "--log-file",
+        str(log),
+        "--log-format",
+        "json",
     )
     assert_exit(result, 3)
     assert "[redacted]" in result.stderr and "LLMTUNE_API_KEY" in result.stderr
@@ -822,17 +1020,14 @@ def test_cli_key_rejected_message_redacts_an_echoed_key(tmp_path: Path, api_key:
     assert TEST_KEY not in log.read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: client._error_text truncates an error body to MAX_ERROR_TEXT before _redact runs, "
-    "so a key straddling the cut is not redacted and its prefix is written to the output and logs",
-)
 async def test_key_prefix_not_leaked_by_truncated_error_text(tmp_path: Path, api_key: str) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(3))
     out = tmp_path / "out.parquet"
     async with serve_echo("long") as server:
         result = await run_job(make_job(server.base_url, src, out, max_attempts=1))
     assert result.failed == 3
+    # The key starts a few characters before the error text's length cap: redacting
+    # after the cut would leave its first characters in the output.
     for r in read_rows(out):
         assert r["error"].startswith("HTTP 500: upstream failure")
         assert TEST_KEY[:12] not in r["error"], r["error"][-40:]
@@ -861,8 +1056,15 @@ def test_cli_job_file_with_mock(tmp_path: Path) -> None:
 def test_cli_job_from_flags_alone(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "tickets.jsonl", tickets(15))
     result = invoke(
-        "--input", "tickets.jsonl", "--prompt-template", "Summarize: {ticket}",
-        "--model", "m", "--output", "out.parquet", "--mock",
+        "--input",
+        "tickets.jsonl",
+        "--prompt-template",
+        "Summarize: {ticket}",
+        "--model",
+        "m",
+        "--output",
+        "out.parquet",
+        "--mock",
     )
     assert_exit(result, 0)
     got = read_rows(tmp_path / "out.parquet")
@@ -873,7 +1075,15 @@ def test_cli_job_from_flags_alone(tmp_path: Path) -> None:
 
 def test_cli_flag_overrides_job_file(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
-    result = invoke(str(REPO / "jobs" / "summarize_tickets.toml"), "--mock", "--output", str(out), "--max-tokens", "5", "-q")
+    result = invoke(
+        str(REPO / "jobs" / "summarize_tickets.toml"),
+        "--mock",
+        "--output",
+        str(out),
+        "--max-tokens",
+        "5",
+        "-q",
+    )
     assert_exit(result, 0)
     table = pq.read_table(out)
     assert table.num_rows == 200
@@ -886,22 +1096,43 @@ def test_cli_unknown_template_column(tmp_path: Path, api_key: str, threaded: Any
     server = threaded(lambda: serve(MockConfig(api_key=TEST_KEY)))
     write_jsonl(tmp_path / "in.jsonl", tickets(5))
     result = invoke(
-        "--input", "in.jsonl", "--prompt-template", "Summarize: {body}", "--model", MODEL,
-        "--base-url", server.base_url, "--output", "out.parquet",
+        "--input",
+        "in.jsonl",
+        "--prompt-template",
+        "Summarize: {body}",
+        "--model",
+        MODEL,
+        "--base-url",
+        server.base_url,
+        "--output",
+        "out.parquet",
     )
     assert_exit(result, 2)
     assert "`body`" in result.stderr
     assert "Columns present: id, customer, ticket" in result.stderr
     assert server.stats.requests == 0
-    assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.parquet.partial").exists()
+    assert (
+        not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.parquet.partial").exists()
+    )
 
 
 def test_cli_json_log_file(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", tickets(10))
     log = tmp_path / "run.log"
     result = invoke(
-        "--input", "in.jsonl", "--prompt-template", TEMPLATE, "--model", "m",
-        "--output", "out.parquet", "--mock", "--log-format", "json", "--log-file", str(log),
+        "--input",
+        "in.jsonl",
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        "m",
+        "--output",
+        "out.parquet",
+        "--mock",
+        "--log-format",
+        "json",
+        "--log-file",
+        str(log),
     )
     assert_exit(result, 0)
     events = [orjson.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -917,23 +1148,45 @@ def test_cli_json_log_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_column", "missing_input", "job_file_typo", "insecure_http", "duplicate_ids", "no_output_dir", "no_key"],
+    [
+        "unknown_column",
+        "missing_input",
+        "job_file_typo",
+        "insecure_http",
+        "duplicate_ids",
+        "no_output_dir",
+        "no_key",
+    ],
 )
-def test_cli_exit_2_is_one_paragraph(tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_exit_2_is_one_paragraph(
+    tmp_path: Path, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rows = tickets(5)
     if case == "duplicate_ids":
         rows.append(rows[0])
     write_jsonl(tmp_path / "in.jsonl", rows)
     if case != "no_key":
         monkeypatch.setenv("LLMTUNE_API_KEY", TEST_KEY)
-    args = ["--input", "in.jsonl", "--prompt-template", TEMPLATE, "--model", "m", "--output", "out.parquet",
-            "--base-url", "http://127.0.0.1:9/v1"]  # never reached: every case fails before sending
+    args = [
+        "--input",
+        "in.jsonl",
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        "m",
+        "--output",
+        "out.parquet",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+    ]  # never reached: every case fails before sending
     if case == "unknown_column":
         args[3] = "Summarize: {nope}"
     elif case == "missing_input":
         args[1] = "nope.jsonl"
     elif case == "job_file_typo":
-        (tmp_path / "job.toml").write_text('input = "in.jsonl"\nmodel = "m"\nprompt_template = "{ticket}"\nmax_token = 5\n')
+        (tmp_path / "job.toml").write_text(
+            'input = "in.jsonl"\nmodel = "m"\nprompt_template = "{ticket}"\nmax_token = 5\n'
+        )
         args = ["job.toml", "--output", "out.parquet"]
     elif case == "insecure_http":
         args[-1] = "http://example.com/v1"

@@ -1,0 +1,213 @@
+"""Structured outputs: JSON Schema → typed output columns, and each completion
+parsed and validated into values for them.
+
+Mapping of a top-level property's schema to its Arrow column:
+
+============================  =====================================================
+schema                        column
+============================  =====================================================
+string                        string
+string with ``enum``          dictionary<int32, string>
+integer                       int64
+number                        float64
+boolean                       bool
+array with typed ``items``    list<item type>
+object with ``properties``    struct<those properties, each mapped the same way>
+anything else                 string holding the value as JSON text
+============================  =====================================================
+
+``type: [X, "null"]`` and ``anyOf: [X, {"type": "null"}]`` map as X; every column
+is nullable (an ``invalid`` row has nulls there).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from batchrun.config import Job
+from batchrun.errors import JobError
+
+_FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
+_SCALARS: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "integer": pa.int64(),
+    "number": pa.float64(),
+    "boolean": pa.bool_(),
+}
+
+
+class InvalidAnswer(ValueError):
+    """A completion that is not JSON, does not fit the schema, or was cut off."""
+
+
+def _non_null(schema: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The schema without its null alternative (``[X, "null"]``, ``anyOf``/``oneOf`` with null)."""
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        rest = [k for k in kind if k != "null"]
+        if len(rest) == 1:
+            return {**schema, "type": rest[0]}
+    for key in ("anyOf", "oneOf"):
+        options = schema.get(key)
+        if isinstance(options, list):
+            rest = [o for o in options if not (isinstance(o, Mapping) and o.get("type") == "null")]
+            if len(rest) == 1 and isinstance(rest[0], Mapping):
+                return rest[0]
+    return schema
+
+
+def arrow_type(schema: Any) -> pa.DataType:
+    """The Arrow type of values fitting ``schema`` (see the module table)."""
+    if not isinstance(schema, Mapping):
+        return pa.string()
+    schema = _non_null(schema)
+    kind = schema.get("type")
+    if kind == "string" and isinstance(schema.get("enum"), list):
+        return pa.dictionary(pa.int32(), pa.string())
+    if isinstance(kind, str) and kind in _SCALARS:
+        return _SCALARS[kind]
+    if kind == "array" and isinstance(schema.get("items"), Mapping):
+        item = arrow_type(schema["items"])
+        if not _is_json_text(schema["items"], item):
+            return pa.list_(item)
+    if kind == "object" and isinstance(schema.get("properties"), Mapping) and schema["properties"]:
+        return pa.struct(
+            [pa.field(name, arrow_type(sub)) for name, sub in schema["properties"].items()]
+        )
+    return pa.string()
+
+
+def _is_json_text(schema: Any, mapped: pa.DataType) -> bool:
+    """Whether ``mapped`` is the JSON-text fallback rather than a real string."""
+    return pa.types.is_string(mapped) and not (
+        isinstance(schema, Mapping) and _non_null(schema).get("type") == "string"
+    )
+
+
+@dataclass(frozen=True)
+class Structured:
+    """What a structured job asks for and how its answers become columns."""
+
+    format: str
+    schema: Mapping[str, Any] | None
+    name: str
+    fields: tuple[pa.Field, ...]
+    validator: Any
+
+    def body_field(self) -> dict[str, Any]:
+        """The request body's ``response_format``."""
+        if self.format == "json_object" or self.schema is None:
+            return {"type": "json_object"}
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": self.name, "schema": self.schema, "strict": True},
+        }
+
+    def parse(self, text: str | None, finish_reason: str | None, max_tokens: int) -> dict[str, Any]:
+        """The values of one answer, by column. Raises InvalidAnswer saying precisely why not."""
+        if finish_reason == "length":
+            raise InvalidAnswer(f"cut off at max_tokens={max_tokens}: raise max_tokens")
+        if text is None:
+            raise InvalidAnswer("the answer has no text")
+        body = text.strip()
+        fenced = _FENCE.match(body)
+        if fenced:
+            body = fenced.group(1).strip()
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidAnswer(f"not JSON ({exc}): {body[:60]!r}") from None
+        if not isinstance(value, dict):
+            raise InvalidAnswer(f"JSON {type(value).__name__}, not an object")
+        if self.validator is not None:
+            error = _first_error(self.validator, value)
+            if error is not None:
+                raise InvalidAnswer(error)
+        return {f.name: self.column_value(f, value.get(f.name)) for f in self.fields}
+
+    @staticmethod
+    def column_value(field: pa.Field, value: Any) -> Any:
+        """A JSON value as its column holds it: JSON text for the fallback columns."""
+        if value is None:
+            return None
+        if pa.types.is_string(field.type) and not isinstance(value, str):
+            return orjson.dumps(value).decode()
+        return value
+
+
+def _first_error(validator: Any, value: Any) -> str | None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    path = ".".join(str(p) for p in error.absolute_path)
+    return f"{path}: {error.message}" if path else error.message
+
+
+def load_structured(job: Job, taken: set[str]) -> Structured | None:
+    """The job's structured-output settings, checked; None for plain text jobs.
+
+    ``taken`` holds the output's other column names: a schema property may not
+    reuse one. Raises JobError naming the schema file and the fix.
+    """
+    if job.response_format == "text":
+        return None
+    if job.response_format == "json_object" and job.response_schema is None:
+        return Structured("json_object", None, "json_object", (), None)
+    path = job.response_schema
+    assert path is not None  # load_job requires it for json_schema
+    schema = _read_schema(path)
+    from jsonschema import validators
+    from jsonschema.exceptions import SchemaError
+
+    cls = validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        raise JobError(
+            f"Schema {path} is not a valid JSON Schema: {exc.message}. Fix the schema file."
+        ) from None
+    properties = schema.get("properties")
+    if schema.get("type") != "object" or not isinstance(properties, Mapping) or not properties:
+        raise JobError(
+            f'Schema {path} must describe an object with properties ("type": "object", "properties": {{...}}): '
+            "each top-level property becomes an output column."
+        )
+    clash = sorted(name for name in properties if name in taken)
+    if clash:
+        raise JobError(
+            f"Schema {path} has properties named like output columns batchrun already writes: "
+            f"{', '.join(clash)}. Rename them in the schema (or leave them out of keep_columns)."
+        )
+    fields = tuple(pa.field(name, arrow_type(sub)) for name, sub in properties.items())
+    name = str(schema.get("title") or path.stem)
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
+    return Structured(job.response_format, schema, name, fields, cls(schema))
+
+
+def _read_schema(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise JobError(
+            f"Schema file {path} does not exist. Check `response_schema` (relative to the job file's folder)."
+        ) from None
+    except OSError as exc:
+        raise JobError(f"Schema file {path} cannot be read: {exc.strerror}.") from None
+    try:
+        schema = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise JobError(f"Schema file {path} is not valid JSON: {exc}. Fix the file.") from None
+    if not isinstance(schema, dict):
+        raise JobError(
+            f"Schema file {path} must hold a JSON object (a JSON Schema), not a {type(schema).__name__}."
+        )
+    return schema
