@@ -1,4 +1,5 @@
-"""The public entry points. The CLI is a thin layer over ``arun``.
+"""The public entry points. The CLI is a thin layer over ``run_job``, and so are
+``run`` and ``arun`` for Python code and notebooks.
 
 ``arun(job)`` checks everything that can be checked before a request is sent
 (the key variable, the input, the columns, the output folder, an unfinished
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -65,7 +67,7 @@ class RunOptions:
     skip_bad_lines: bool = False
     dedupe: bool = False
     progress: bool = True
-    interactive: bool | None = None
+    progress_mode: str | None = None
     handle_signals: bool = False
     mock: bool = False
     reuse: tuple[Path, ...] = ()
@@ -94,6 +96,13 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.failed == 0 and self.invalid == 0 else 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for DataFrame.attrs and JSON."""
+        data = dataclasses.asdict(self)
+        data["output"] = str(self.output)
+        data["exit_code"] = self.exit_code
+        return data
 
     def summary(self) -> str:
         lines = [
@@ -169,7 +178,7 @@ def check_columns(job: Job, table: InputTable, scan: Scan) -> None:
                 f"`{key}` uses column `{column}`, which input {table.path} lacks. Columns present: {present}. "
                 f"Fix the {key} or the input."
             )
-    clash = [c for c in job.keep_columns if c in FIXED_COLUMNS and c != "id"]
+    clash = [c for c in job.keep_columns if c in FIXED_COLUMNS]
     if clash:
         raise JobError(
             f"`keep_columns` names {', '.join(clash)}, which the output already has as its own column. "
@@ -189,8 +198,10 @@ async def _endpoint(job: Job, mock: bool) -> AsyncIterator[Job]:
         yield replace(job, base_url=server.base_url, api_key_env="", allow_insecure_http=False)
 
 
-async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
-    """Run ``job`` to the end (or to a stop, raised as JobStopped) and return what it did."""
+async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
+    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
+    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
+    waits (tests)."""
     options = options or RunOptions()
     started = time.monotonic()
     if job.output is None:
@@ -200,6 +211,9 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
     api_key = None if options.mock else api_key_for(job)
     headers, secrets = expand_headers(job)
 
+    if "id" in job.keep_columns and job.id_column == "id":
+        # The id column is in the output already, as `id`.
+        job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
     table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
@@ -217,7 +231,10 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
         )
 
     identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
-    journal = Journal(job.output, scan.num_rows, identity, restart=options.restart)
+    assert job.output is not None  # checked above
+    journal = Journal(
+        job.output, scan.num_rows, identity, restart=options.restart, keep_columns=job.keep_columns
+    )
     try:
         if journal.resumed is not None:
             check_resume(journal, prepared(job))
@@ -274,7 +291,7 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
                 retry_failed=options.retry_failed,
                 structured=structured,
             )
-            progress = Progress(tally, enabled=options.progress, interactive=options.interactive)
+            progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
             rows = prepared(sent_job)
             with _signals(scheduler, options.handle_signals, job):
                 ticker = asyncio.create_task(_tick(progress, journal))
@@ -294,6 +311,7 @@ async def arun(job: Job, options: RunOptions | None = None, *, sleep: Any = None
             "batchrun_version": __version__,
             "run_id": journal.run_id,
             "job": job.settings(),
+            "identity": identity,
             "rows": total,
         }
         output = journal.finish(
@@ -407,3 +425,120 @@ def _signals(scheduler: Scheduler, enabled: bool, job: Job) -> Any:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+# ---- the Python API ----------------------------------------------------------
+
+InputLike = Any
+"""A path (str or Path), a pandas DataFrame, a pyarrow Table, or an iterable of dicts."""
+
+
+async def arun(
+    job: str | Path | None = None,
+    *,
+    input: InputLike = None,
+    output: str | Path | None = None,
+    restart: bool = False,
+    retry_failed: bool = False,
+    reuse: tuple[str | Path, ...] | list[str | Path] = (),
+    skip_bad_lines: bool = False,
+    dedupe: bool = False,
+    mock: bool = False,
+    progress: bool = True,
+    **keys: Any,
+) -> Any:
+    """Run a job from Python and return its output as a pandas DataFrame.
+
+    ``job`` is an optional TOML job file; ``keys`` are job keys with the same
+    names, checks and defaults as in the file and as CLI flags (they override
+    the file). ``input`` may be a path, a DataFrame, a pyarrow Table or an
+    iterable of dicts. With ``output``, the Parquet file is written there and a
+    rerun resumes exactly as the CLI does; without it, the output lives in a
+    temporary folder only for the call. ``DataFrame.attrs["batchrun"]`` holds
+    the run's summary (rows ok/failed, tokens, requests, run id).
+
+    Bad jobs raise ``batchrun.BatchrunError`` subclasses carrying the message the
+    CLI prints; a failed row is a row (``status`` error or invalid), never an
+    exception.
+    """
+    import tempfile
+
+    import pandas as pd
+
+    from batchrun.config import load_job
+
+    with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
+        overrides: dict[str, Any] = dict(keys)
+        if input is not None:
+            overrides["input"] = _input_path(input, Path(tmp))
+        if output is not None:
+            overrides["output"] = output
+        elif job is None or "output" not in _file_keys(job):
+            overrides["output"] = Path(tmp) / "output.parquet"
+        checked = load_job(job, overrides, overrides_source="keyword argument")
+        options = RunOptions(
+            restart=restart,
+            retry_failed=retry_failed,
+            reuse=tuple(Path(p) for p in reuse),
+            skip_bad_lines=skip_bad_lines,
+            dedupe=dedupe,
+            mock=mock,
+            progress=progress,
+            progress_mode="notebook" if _in_notebook() else None,
+        )
+        result = await run_job(checked, options)
+        frame = pd.read_parquet(result.output)
+    frame.attrs["batchrun"] = result.as_dict()
+    return frame
+
+
+def run(job: str | Path | None = None, **kwargs: Any) -> Any:
+    """``arun`` for code without an event loop, and for notebooks, whose loop is
+    already running (the job then runs on its own loop in a worker thread)."""
+    import concurrent.futures
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(arun(job, **kwargs))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool:
+        return pool.submit(asyncio.run, arun(job, **kwargs)).result()
+
+
+def _file_keys(job: str | Path) -> set[str]:
+    from batchrun.config import read_job_file
+
+    return set(read_job_file(Path(job)))
+
+
+def _input_path(value: InputLike, tmp: Path) -> Path | str:
+    """A path as it is; anything else written once to a Parquet file in ``tmp``."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(value, pa.Table):
+        table = value
+    elif type(value).__module__.startswith("pandas"):
+        table = pa.Table.from_pandas(value, preserve_index=False)
+    else:
+        try:
+            table = pa.Table.from_pylist(list(value))
+        except (TypeError, pa.ArrowInvalid) as exc:
+            raise JobError(
+                f"`input` must be a path, a pandas DataFrame, a pyarrow Table or an iterable of dicts ({exc})."
+            ) from None
+    path = tmp / "input.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def _in_notebook() -> bool:
+    import sys
+
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    ip = shell.get_ipython()
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"

@@ -85,6 +85,10 @@ def _overrides(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def fail(exc: BatchrunError) -> NoReturn:
     click.echo(f"batchrun: {exc}", err=True)
     sys.exit(exc.exit_code)
@@ -149,7 +153,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
     batchrun run --input tickets.jsonl --prompt-template 'Summarize: {ticket}' \\
         --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
     """
-    from batchrun.api import RunOptions, arun
+    from batchrun.api import RunOptions, run_job
     from batchrun.config import load_job
     from batchrun.logs import setup_logging
 
@@ -166,7 +170,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
             mock=flags["mock"],
             reuse=tuple(flags["reuse"]),
         )
-        result = _run_async(arun(job, options))
+        result = _run_async(run_job(job, options))
     except BatchrunError as exc:
         import logging
 
@@ -235,6 +239,24 @@ def _run_async(coro: Any) -> Any:
     help="Fault kind of the first N requests.",
 )
 @click.option(
+    "--invalid-rate",
+    default=0.0,
+    show_default=True,
+    help="Share of structured answers (0..1) made invalid.",
+)
+@click.option(
+    "--invalid-kinds",
+    default=None,
+    metavar="A,B",
+    help="Invalid kinds to draw from: not-json, wrong-type, missing-required, cut-off.",
+)
+@click.option(
+    "--fence-rate",
+    default=0.0,
+    show_default=True,
+    help="Share of valid structured answers wrapped in a ```json fence.",
+)
+@click.option(
     "--api-key-env", default=None, help="Require the key held by this environment variable."
 )
 @click.option("--ready-file", default=None, help="Write the base URL to this file once listening.")
@@ -273,6 +295,13 @@ def mock_server(**opts: Any) -> None:
             context_tokens=opts["context_tokens"],
             fail_first=opts["fail_first"],
             fail_first_kind=opts["fail_first_kind"],
+            invalid_rate=opts["invalid_rate"],
+            fence_rate=opts["fence_rate"],
+            **(
+                {"invalid_kinds": _comma_list(opts["invalid_kinds"])}
+                if opts["invalid_kinds"]
+                else {}
+            ),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -150,7 +150,11 @@ class ApiClient:
         try:
             async with self._session.post(self._url, data=body) as resp:
                 status = resp.status
-                if self.job.stream and 200 <= status < 300:
+                if (
+                    self.job.stream
+                    and 200 <= status < 300
+                    and resp.content_type != "application/json"
+                ):
                     return await self._read_stream(resp, sent)
                 raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After")
@@ -188,13 +192,27 @@ class ApiClient:
                 raise BadResponse(f"stream chunk is not JSON: {data[:80]!r}", resp.status) from exc
             if not isinstance(chunk, dict):
                 raise BadResponse("stream chunk is not a JSON object", resp.status)
+            if chunk.get("error"):
+                # Servers (vLLM among them) report a failure mid-generation as an error event.
+                error = chunk["error"]
+                detail = error.get("message") if isinstance(error, dict) else error
+                raise ServerError(self._redact(f"error event in the stream: {detail}"), resp.status)
             response_id = response_id or chunk.get("id")
             response_model = response_model or chunk.get("model")
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
+            choices = chunk.get("choices") or []
+            if not isinstance(choices, list):
+                raise BadResponse("stream chunk's `choices` is not a list", resp.status)
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    raise BadResponse("stream chunk's choice is not an object", resp.status)
                 delta = choice.get("delta") or {}
+                if not isinstance(delta, dict):
+                    raise BadResponse("stream chunk's delta is not an object", resp.status)
                 piece = delta.get("content")
+                if piece is not None and not isinstance(piece, str):
+                    raise BadResponse("stream chunk's content is not text", resp.status)
                 if piece:
                     if ttft_ms is None:
                         ttft_ms = (time.perf_counter() - sent) * 1000

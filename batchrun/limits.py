@@ -103,6 +103,10 @@ class AdaptiveLimit:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # pass on the wake-up this waiter no longer uses
+                raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
@@ -186,10 +190,14 @@ class Limits:
 
     async def wait_turn(self, est_tokens: int) -> None:
         """Wait out the job-wide pause and the rpm/tpm budgets for one attempt."""
-        if self.pause is not None:
+        while self.pause is not None:
+            until = self.pause.until
             wait = self.pause.remaining()
-            if wait > 0:
-                await self.sleep(wait)
+            if wait <= 0:
+                break
+            await self.sleep(wait)
+            if self.pause.until == until:
+                break  # not extended by another 429 meanwhile
         wait = 0.0
         if self.rpm is not None:
             wait = max(wait, self.rpm.reserve(1))

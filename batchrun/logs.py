@@ -46,7 +46,9 @@ def setup_logging(
     off a terminal (cron) it shows info events too, progress lines among them.
     """
     logger = logging.getLogger("batchrun")
-    logger.handlers.clear()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     text = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,19 +98,27 @@ class Resumed:
     run_id: str
     rows_ok: int
     rows_failed: int
+    rows_invalid: int
 
 
 class Journal:
     """The append-only record of finished rows for one output path."""
 
     def __init__(
-        self, output: Path, num_rows: int, identity: Mapping[str, Any], restart: bool = False
+        self,
+        output: Path,
+        num_rows: int,
+        identity: Mapping[str, Any],
+        restart: bool = False,
+        keep_columns: Sequence[str] = (),
     ) -> None:
         """Open (or create) the journal for ``output``.
 
         ``identity`` holds what must not change for a resume (model, prompts,
         parameters, input); a journal written under another identity raises
-        ResumeConflict unless ``restart`` discards it.
+        ResumeConflict unless ``restart`` discards it. A finished output of the
+        same job counts as a journal too: its rows are taken back in, so a rerun
+        sends nothing (or, with --retry-failed, only the failed rows).
         """
         self.output = output
         self.folder = partial_dir(output)
@@ -128,12 +137,13 @@ class Journal:
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)
         identity = dict(identity)
+        finished_run = None if restart else self._finished_run(identity)
         try:
             if self.folder.exists() and (self.folder / "job.json").exists():
                 self.run_id = self._check_identity(identity)
             else:
                 self.folder.mkdir(exist_ok=True)
-                self.run_id = uuid.uuid4().hex[:12]
+                self.run_id = finished_run or uuid.uuid4().hex[:12]
                 self._write_job_json(
                     {**identity, "run_id": self.run_id, "batchrun_version": __version__}
                 )
@@ -147,6 +157,9 @@ class Journal:
                 f"Cannot write the journal in {self.folder}: {exc.strerror}. Free space or fix the folder, then run again."
             ) from None
         self.end = self._load()
+        if finished_run is not None and self.end == 0:
+            self._take_back(keep_columns)
+            self.end = self._load()
 
     # ---- identity --------------------------------------------------------
 
@@ -170,6 +183,41 @@ class Journal:
             )
         return str(old.get("run_id") or uuid.uuid4().hex[:12])
 
+    def _finished_run(self, identity: dict[str, Any]) -> str | None:
+        """The run id of a finished output of this same job, None when there is
+        no finished output. ResumeConflict when it was written by another job."""
+        if not self.output.exists() or self.folder.exists():
+            return None
+        try:
+            meta = pq.read_schema(self.output).metadata or {}
+            written = orjson.loads(meta[b"batchrun"])
+        except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError):
+            written = {}
+        old = written.get("identity") or {}
+        changed = [k for k in identity if old.get(k) != identity[k]]
+        if changed:
+            what = ", ".join(f"`{k}`" for k in changed) if old else "its settings are unknown"
+            raise ResumeConflict(
+                f"{self.output} already exists and was written by a different job ({what}). "
+                "Pass --restart to replace it, or choose another `output`."
+            )
+        return str(written.get("run_id") or uuid.uuid4().hex[:12])
+
+    def _take_back(self, keep_columns: Sequence[str]) -> None:
+        """Journal every row of the finished output, so it resumes like a journal."""
+        skip = {"id", "row", *keep_columns}
+        fixed = FIXED_COLUMNS
+        for batch in pq.ParquetFile(self.output).iter_batches(batch_size=8192):
+            for row in batch.to_pylist():
+                rec = {
+                    k: journal_value(v) for k, v in row.items() if k in fixed or k in ("row", "id")
+                }
+                values = {k: v for k, v in row.items() if k not in fixed and k not in skip}
+                if values:
+                    rec["values"] = values
+                if 0 <= rec["row"] < self.num_rows:
+                    self.append(rec)
+
     # ---- reading back ----------------------------------------------------
 
     def _load(self) -> int:
@@ -177,7 +225,6 @@ class Journal:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0
-        ok = failed = 0
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pos = 0
             while pos < size:
@@ -190,22 +237,15 @@ class Journal:
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     break
                 if 0 <= row < self.num_rows:
-                    before = self.status[row]
-                    if before == STATUS_OK:
-                        ok -= 1
-                    elif before == STATUS_ERROR:
-                        failed -= 1
-                    code = STATUS_CODES.get(rec.get("status"), STATUS_ERROR)
                     self.offsets[row] = pos
                     self.lengths[row] = nl - pos
-                    self.status[row] = code
+                    self.status[row] = STATUS_CODES.get(rec.get("status"), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
-                    ok += code == STATUS_OK
-                    failed += code == STATUS_ERROR
                 pos = nl + 1
         if pos < size:
             os.ftruncate(self.fd, pos)
-        self.resumed = Resumed(self.run_id, ok, failed)
+        ok, failed, invalid = self.counts()
+        self.resumed = Resumed(self.run_id, ok, failed, invalid)
         return pos
 
     def record(self, row: int) -> dict[str, Any] | None:
@@ -343,6 +383,13 @@ class Journal:
         for keep in keep_batches:
             yield start, keep
             start += keep.num_rows
+
+
+def journal_value(value: Any) -> Any:
+    """A value read back from Parquet as the journal keeps it (timestamps as epoch µs)."""
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1_000_000)
+    return value
 
 
 def _fsync_path(path: Path) -> None:

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 log = logging.getLogger("batchrun")
 
@@ -80,29 +80,41 @@ def status_text(t: Tally) -> str:
 
 
 class Progress:
-    """Draws the tally: a bar on a terminal, log lines elsewhere."""
+    """Draws the tally: a bar on a terminal, log lines elsewhere, a tqdm bar in
+    a notebook. ``mode`` is "terminal", "log" or "notebook"; None picks terminal
+    or log by whether the stream is a terminal."""
 
     def __init__(
         self,
         tally: Tally,
         stream: TextIO | None = None,
         enabled: bool = True,
-        interactive: bool | None = None,
+        mode: str | None = None,
         log_every_s: float = 10.0,
     ) -> None:
         self.tally = tally
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.interactive = self.stream.isatty() if interactive is None else interactive
-        self.interval_s = 0.2 if self.interactive else log_every_s
+        self.mode = mode or ("terminal" if self.stream.isatty() else "log")
+        self.interval_s = log_every_s if self.mode == "log" else 0.2
         self._drawn = False
+        self._bar: Any = None
+        if enabled and self.mode == "notebook":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=tally.total, initial=tally.done, unit="row", dynamic_ncols=True)
 
     def tick(self) -> None:
         """Show the current state once."""
         if not self.enabled:
             return
-        if self.interactive:
-            t = self.tally
+        t = self.tally
+        if self._bar is not None:
+            self._bar.update(t.done - self._bar.n)
+            self._bar.set_postfix_str(
+                f"ok {t.ok} failed {t.failed} tokens {_count(t.prompt_tokens + t.completion_tokens)}"
+            )
+        elif self.mode == "terminal":
             width = 24
             filled = int(width * t.done / t.total) if t.total else width
             bar = "#" * filled + "-" * (width - filled)
@@ -111,13 +123,16 @@ class Progress:
             self._drawn = True
         else:
             log.info(
-                "progress: %s",
-                status_text(self.tally),
-                extra={"event": "progress", **progress_fields(self.tally)},
+                "progress: %s", status_text(t), extra={"event": "progress", **progress_fields(t)}
             )
 
     def close(self) -> None:
-        if self.enabled and self.interactive and self._drawn:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self.tick()
+            self._bar.close()
+        elif self.mode == "terminal" and self._drawn:
             self.tick()
             self.stream.write("\n")
             self.stream.flush()

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.outputs import RESULT_FIELDS, hash_key
+from batchrun.outputs import RESULT_FIELDS, hash_key, journal_value
 
 _ROW_BITS = 40
 """Positions pack (file index << 40 | row index): a trillion rows per file."""
@@ -116,14 +116,7 @@ class ReuseIndex:
                         pa.array([(m.position & mask) - start for m in picked], pa.int64())
                     )
                     for m, earlier in zip(picked, taken.to_pylist(), strict=True):
-                        rec = {k: _plain(v) for k, v in earlier.items()}
+                        rec = {k: journal_value(v) for k, v in earlier.items()}
                         rec.update(row=m.row, id=m.id, model=model, attempts=0)
                         yield rec
                 start = end
-
-
-def _plain(value: Any) -> Any:
-    """Timestamps back to epoch microseconds, as the journal keeps them."""
-    if hasattr(value, "timestamp"):
-        return int(value.timestamp() * 1_000_000)
-    return value

@@ -172,7 +172,7 @@ class Scheduler:
         self._producer: asyncio.Task[None] | None = None
         # Answers that were 401/403 before the key proved good are held back, not
         # journaled: a job stopped for a bad key must resume them once the key is fixed.
-        self._probe_results = 0
+        self._probe_lock = asyncio.Lock()
         self._probe_auth_failures = 0
         self._held: list[dict[str, Any]] = []
         self._key_settled = False
@@ -253,12 +253,22 @@ class Scheduler:
         adaptive = limits.concurrency.auto
 
         async def attempt() -> Completion:
-            if limits.paces or limits.pause_active():
-                await limits.wait_turn(p.est_tokens)
-            tally.requests += 1
+            if not self._key_settled:
+                # Until one answer shows the key is accepted, requests go one at a
+                # time: a bad key costs a handful of requests, not a pool's worth.
+                async with self._probe_lock:
+                    if not self._key_settled:
+                        return await self._probe(p)
             if not adaptive:
+                if limits.paces or limits.pause_active():
+                    await limits.wait_turn(p.est_tokens)
+                tally.requests += 1
                 return await self.client.complete(p.body)
+            # A place first, then the budgets and the pause: waiting for a place
+            # must not let a request skip a pause that began meanwhile.
             async with limits.concurrency.place():
+                await limits.wait_turn(p.est_tokens)
+                tally.requests += 1
                 t = time.perf_counter()
                 try:
                     answer = await self.client.complete(p.body)
@@ -279,6 +289,8 @@ class Scheduler:
                     attempt, self.policy, self._on_retry(p)
                 )
             except RequestError as exc:
+                if isinstance(exc, RateLimited):
+                    limits.rate_limited(exc.retry_after, self.policy.backoff_initial_s)
                 self._check_api_down(exc)
                 rec = self._error_record(
                     p, str(exc), exc.status, requests + exc.attempts, started, _ms_since(t0)
@@ -310,6 +322,20 @@ class Scheduler:
                 p, completion, usage, requests, started, t0, status="invalid", error=reason
             )
         )
+
+    async def _probe(self, p: Prepared) -> Completion:
+        """One request while the key is unproven; any answer but 401/403 proves it."""
+        if self.limits.paces or self.limits.pause_active():
+            await self.limits.wait_turn(p.est_tokens)
+        self.tally.requests += 1
+        try:
+            answer = await self.client.complete(p.body)
+        except RequestError as exc:
+            if exc.status not in AUTH_STATUSES:
+                self._key_settled = True
+            raise
+        self._key_settled = True
+        return answer
 
     def _answer_record(
         self,
@@ -413,22 +439,25 @@ class Scheduler:
 
     def _record(self, rec: dict[str, Any]) -> None:
         """Journal one result (or hold it while the key is unproven) and count it."""
-        if not self._key_settled and rec.get("attempts"):
-            self._probe_results += 1
-            if rec["status"] == "error" and rec.get("http_status") in AUTH_STATUSES:
-                self._probe_auth_failures += 1
-                self._held.append(rec)
-                if self._probe_auth_failures >= self._probe_size:
-                    self._held.clear()
-                    self.stop_now(
-                        KeyRejected(
-                            f"The API refused the key on the first {self._probe_auth_failures} requests "
-                            f"({rec['error']}). Check that ${self.job.api_key_env} holds a valid key for "
-                            f"{self.job.base_url}, then run the same command again: nothing was recorded for those rows."
-                        )
+        if (
+            not self._key_settled
+            and rec.get("attempts")
+            and rec["status"] == "error"
+            and rec.get("http_status") in AUTH_STATUSES
+        ):
+            self._probe_auth_failures += 1
+            self._held.append(rec)
+            if self._probe_auth_failures >= self._probe_size:
+                self._held.clear()
+                self.stop_now(
+                    KeyRejected(
+                        f"The API refused the key on the first {self._probe_auth_failures} requests "
+                        f"({rec['error']}). Check that ${self.job.api_key_env} holds a valid key for "
+                        f"{self.job.base_url}, then run the same command again: nothing was recorded for those rows."
                     )
-                return
-            self._key_settled = True
+                )
+            return
+        if self._held and self._key_settled:
             held, self._held = self._held, []
             for h in held:
                 self._write(h)

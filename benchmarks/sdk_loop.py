@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from minimal_loop import build_body, error_record, read_rows, run_loop, write_parquet
 
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 import pytest
 
 from batchrun.mock import (
     FAULT_KINDS,
     FAULT_KINDS_DEFAULT,
+    INVALID_KINDS,
     MockConfig,
     count_tokens,
     serve,
@@ -76,6 +79,17 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="fault_rate"):
         MockConfig(fault_rate=1.5)
     assert MockConfig(faults=["500"]).faults == ("500",)  # type: ignore[arg-type]
+    assert MockConfig().invalid_kinds == INVALID_KINDS
+    kinds: Any = ["cut-off"]  # any sequence is accepted and stored as a tuple
+    assert MockConfig(invalid_kinds=kinds).invalid_kinds == ("cut-off",)
+    with pytest.raises(ValueError, match="unknown invalid kind"):
+        MockConfig(invalid_kinds=("garbage",))
+    with pytest.raises(ValueError, match="invalid_rate"):
+        MockConfig(invalid_rate=-0.1)
+    with pytest.raises(ValueError, match="fence_rate"):
+        MockConfig(fence_rate=1.01)
+    with pytest.raises(ValueError, match="invalid_kinds"):
+        MockConfig(invalid_rate=0.5, invalid_kinds=())
 
 
 async def test_summary_usage_and_shape() -> None:
@@ -198,6 +212,38 @@ async def test_api_key_required_and_never_echoed() -> None:
         (
             {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
             b"max_tokens",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": "json",
+            },
+            b"'response_format'",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "xml"},
+            },
+            b"'response_format'",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema"},
+            },
+            b"'response_format.json_schema'",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_schema", "json_schema": {"schema": [1]}},
+            },
+            b"'response_format.json_schema'",
         ),
     ],
 )
@@ -522,3 +568,480 @@ def test_serve_forever_in_subprocess(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
     assert f"batchrun mock endpoint on {base_url}".encode() in stderr
+
+
+# --- structured output (response_format) ------------------------------------------
+
+TRIAGE_SCHEMA: dict[str, Any] = {
+    "title": "ticket_triage",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["summary", "category", "urgency", "needs_human"],
+    "properties": {
+        "summary": {"type": "string", "maxLength": 300},
+        "category": {
+            "type": "string",
+            "enum": [
+                "billing",
+                "login",
+                "bug",
+                "feature_request",
+                "data_export",
+                "integrations",
+                "other",
+            ],
+        },
+        "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
+        "needs_human": {"type": "boolean"},
+    },
+}
+
+# ticket, expected category, expected urgency range, expected needs_human (None: any)
+TICKETS: list[tuple[str, str, tuple[int, int], bool | None]] = [
+    (
+        "I was charged twice on my last invoice and need a refund. Billing support never "
+        "answered! Please help.",
+        "billing",
+        (2, 4),
+        True,
+    ),
+    (
+        "Our whole team is locked out: login fails with error 500 since this morning. The "
+        "dashboard is down, this is urgent.",
+        "login",
+        (5, 5),
+        True,
+    ),
+    (
+        "Minor thing: a feature request for dark mode. No rush at all.",
+        "feature_request",
+        (1, 1),
+        None,
+    ),
+    ("The CSV data export drops the last row. Repro steps attached.", "data_export", (2, 4), None),
+    ("How do I connect the Slack integration? The docs are unclear.", "integrations", (2, 4), None),
+]
+
+
+def structured_body(
+    text: str, schema: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A request for a ``json_schema`` answer (default: the triage schema) about ``text``."""
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "ticket_triage", "schema": schema or TRIAGE_SCHEMA, "strict": True},
+    }
+    return request_body(text, response_format=response_format, **extra)
+
+
+def extractive_summary(text: str) -> str:
+    """The first two sentences of ``text`` (what the mock's summaries are made of)."""
+    return " ".join(re.split(r"(?<=[.!?])\s+", " ".join(text.split()))[:2])
+
+
+async def complete(
+    session: aiohttp.ClientSession, url: str, body: Any
+) -> tuple[str, str, dict[str, Any]]:
+    """POST ``body``; return the message content, the finish reason and the whole doc."""
+    status, _, data = await post(session, url, body)
+    assert status == 200, data
+    doc = orjson.loads(data)
+    choice = doc["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], doc
+
+
+def is_valid(instance: Any, schema: dict[str, Any]) -> bool:
+    """Whether ``instance`` validates against ``schema``."""
+    try:
+        jsonschema.validate(instance, schema)
+    except jsonschema.ValidationError:
+        return False
+    return True
+
+
+async def test_triage_answers_are_valid_keyword_driven_and_deterministic() -> None:
+    async def run(seed: int, model: str, system: str) -> list[tuple[str, str, dict[str, Any]]]:
+        async with serve(MockConfig(seed=seed)) as server, aiohttp.ClientSession() as session:
+            url = server.base_url + "/chat/completions"
+            out = []
+            for text, *_ in TICKETS:
+                body = structured_body(text, model=model)
+                body["messages"][0]["content"] = system
+                out.append(await complete(session, url, body))
+            return out
+
+    first = await run(0, "a", "Triage this ticket.")
+    # Another server, seed, model and system prompt: the same ticket, the same answer.
+    second = await run(99, "b", "You are a support triage bot.")
+    assert [c for c, _, _ in first] == [c for c, _, _ in second]
+    for (text, category, (low, high), needs_human), (content, finish, doc) in zip(
+        TICKETS, first, strict=True
+    ):
+        assert finish == "stop"
+        assert content == orjson.dumps(orjson.loads(content)).decode()  # compact JSON
+        answer = orjson.loads(content)
+        jsonschema.validate(answer, TRIAGE_SCHEMA)
+        assert list(answer) == ["summary", "category", "urgency", "needs_human"]
+        assert answer["summary"] == extractive_summary(text)
+        assert answer["category"] == category
+        assert low <= answer["urgency"] <= high
+        if needs_human is not None:
+            assert answer["needs_human"] is needs_human
+        assert doc["usage"]["completion_tokens"] == count_tokens(content)
+
+
+async def test_summary_is_cut_to_max_length_at_a_word() -> None:
+    text = "word " * 100 + "end. Second sentence."
+    async with serve() as server, aiohttp.ClientSession() as session:
+        content, _, _ = await complete(
+            session, server.base_url + "/chat/completions", structured_body(text)
+        )
+    summary = orjson.loads(content)["summary"]
+    assert 290 <= len(summary) <= 300
+    assert summary == ("word " * 60).strip()
+
+
+KITCHEN_SINK: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["title", "tags", "count", "flag", "nested", "maybe", "either"],
+    "properties": {
+        "title": {"type": "string"},
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["billing", "login", "bug"]},
+            "minItems": 1,
+            "maxItems": 3,
+            "uniqueItems": True,
+        },
+        "score": {"type": "number", "minimum": -2.5, "maximum": 2.5},
+        "ratio": {"type": "number"},
+        "count": {"type": "integer"},
+        "big": {"type": "integer", "minimum": 1000},
+        "neg": {"type": "integer", "maximum": -10},
+        "open_int": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 3},
+        "open_num": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.01},
+        "flag": {"type": "boolean"},
+        "nested": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["inner"],
+            "properties": {
+                "inner": {
+                    "type": "object",
+                    "required": ["depth"],
+                    "properties": {"depth": {"type": "integer", "minimum": 7, "maximum": 7}},
+                },
+                "rows": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["k"],
+                        "properties": {"k": {"type": "string", "maxLength": 4}},
+                    },
+                },
+            },
+        },
+        "maybe": {"type": ["string", "null"], "maxLength": 10},
+        "either": {"anyOf": [{"type": "integer", "minimum": 10, "maximum": 20}, {"type": "null"}]},
+        "fixed": {"const": "v1"},
+        "when": {"type": "string", "format": "date"},
+        "stamp": {"type": "string", "format": "date-time"},
+        "contact": {"type": "string", "format": "email"},
+        "uid": {"type": "string", "format": "uuid"},
+        "anything": {},
+        "short": {"type": "string", "maxLength": 5},
+        "padded": {"type": "string", "minLength": 40, "maxLength": 45},
+        "levels": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 2},
+            "minItems": 4,
+            "maxItems": 4,
+        },
+        "nothing": {"type": "array", "maxItems": 0},
+        "untyped_items": {"type": "array"},
+        "priority": {"type": "integer", "minimum": 0, "maximum": 10},
+        "kind": {"enum": [1, 2, None]},
+        "nil": {"type": "null"},
+    },
+}
+
+
+async def test_every_schema_type_is_honoured() -> None:
+    texts = [
+        f"Ticket {i}: something about item {i * 7}. More words follow here." for i in range(200)
+    ]
+    texts += ["", "!!!", "Login broke after the billing change, a bug. Urgent: prod is down."]
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        results = await asyncio.gather(
+            *(complete(session, url, structured_body(t, KITCHEN_SINK)) for t in texts)
+        )
+        stats = server.stats.to_dict()
+    assert stats["by_outcome"] == {"ok": len(texts)}
+    answers = [orjson.loads(content) for content, _, _ in results]
+    checker = jsonschema.FormatChecker()
+    for answer in answers:
+        jsonschema.validate(answer, KITCHEN_SINK, format_checker=checker)
+        assert set(answer) == set(KITCHEN_SINK["properties"])  # optional ones too
+        assert answer["fixed"] == "v1" and answer["nil"] is None
+        assert 1 <= answer["count"] <= 5
+        assert 1000 <= answer["big"] <= 1004 and -14 <= answer["neg"] <= -10
+        assert answer["open_int"] in (1, 2) and 0 < answer["open_num"] < 0.01
+        assert 0 <= answer["ratio"] <= 1
+        assert answer["nested"]["inner"] == {"depth": 7}
+        assert 1 <= len(answer["nested"]["rows"]) <= 3
+        assert 1 <= len(answer["untyped_items"]) <= 3
+        assert all(isinstance(v, str) for v in answer["untyped_items"])
+        assert answer["nothing"] == [] and len(answer["levels"]) == 4
+        assert isinstance(answer["anything"], str) and isinstance(answer["title"], str)
+        assert 40 <= len(answer["padded"]) <= 45 and len(answer["short"]) <= 5
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", answer["stamp"])
+    # Nullable values are usually, but not always, non-null.
+    for key in ("maybe", "either", "kind"):
+        nulls = sum(a[key] is None for a in answers)
+        assert 0 < nulls < len(answers) / 4, (key, nulls)
+    # Hashed choices spread over their range.
+    assert {a["count"] for a in answers} == {1, 2, 3, 4, 5}
+    assert {a["flag"] for a in answers} == {True, False}
+    assert {len(a["tags"]) for a in answers} == {1, 2, 3}
+    # The last text: enum items in order of mention, urgency words, the title.
+    last = answers[-1]
+    assert last["tags"] == ["login", "billing", "bug"][: len(last["tags"])]
+    assert last["priority"] == 10 and last["flag"] is True
+    assert last["title"] == "Login broke after the billing change"
+    assert answers[-3]["title"] == "n/a"  # empty text
+
+
+async def test_structured_answers_depend_only_on_the_text() -> None:
+    text = TICKETS[0][0]
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        a, _, _ = await complete(session, url, structured_body(text, KITCHEN_SINK))
+        b, _, _ = await complete(session, url, structured_body(text, KITCHEN_SINK, temperature=1))
+        c, _, _ = await complete(session, url, structured_body(text + " ", KITCHEN_SINK))
+    assert a == b
+    assert a != c
+
+
+async def test_json_object_and_text_response_formats() -> None:
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        content, finish, doc = await complete(
+            session, url, request_body(response_format={"type": "json_object"})
+        )
+        text, _, _ = await complete(session, url, request_body(response_format={"type": "text"}))
+    assert content == orjson.dumps({"summary": SUMMARY.removeprefix("Summary: ")}).decode()
+    assert finish == "stop" and doc["usage"]["completion_tokens"] == count_tokens(content)
+    assert text == SUMMARY
+
+
+async def test_max_tokens_cuts_structured_answers() -> None:
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        full, _, _ = await complete(session, url, structured_body(TICKETS[0][0]))
+        cut, finish, doc = await complete(
+            session, url, structured_body(TICKETS[0][0], max_tokens=7)
+        )
+    assert finish == "length" and full.startswith(cut) and count_tokens(cut) == 7
+    assert doc["usage"]["completion_tokens"] == 7
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(cut)
+
+
+async def valid_and_spoiled(
+    kind: str, schema: dict[str, Any], text: str = TICKETS[0][0]
+) -> tuple[str, str, str, dict[str, int]]:
+    """Answer ``text`` without and with ``kind`` of defect; return both, finish, outcomes."""
+    async with aiohttp.ClientSession() as session:
+        async with serve() as server:
+            valid, _, _ = await complete(
+                session, server.base_url + "/chat/completions", structured_body(text, schema)
+            )
+        config = MockConfig(invalid_rate=1.0, invalid_kinds=(kind,))
+        async with serve(config) as server:
+            spoiled, finish, doc = await complete(
+                session, server.base_url + "/chat/completions", structured_body(text, schema)
+            )
+            outcomes = server.stats.to_dict()["by_outcome"]
+    assert doc["usage"]["completion_tokens"] == count_tokens(spoiled)
+    return valid, spoiled, finish, outcomes
+
+
+async def test_invalid_not_json() -> None:
+    valid, spoiled, finish, outcomes = await valid_and_spoiled("not-json", TRIAGE_SCHEMA)
+    assert outcomes == {"invalid:not-json": 1} and finish == "stop"
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(spoiled)
+    assert "{" not in spoiled and orjson.loads(valid)["summary"] in spoiled
+
+
+async def test_invalid_wrong_type() -> None:
+    valid, spoiled, finish, outcomes = await valid_and_spoiled("wrong-type", TRIAGE_SCHEMA)
+    assert outcomes == {"invalid:wrong-type": 1} and finish == "stop"
+    good, bad = orjson.loads(valid), orjson.loads(spoiled)
+    assert bad == {**good, "urgency": "high"}  # the first integer property, nothing else
+    with pytest.raises(jsonschema.ValidationError) as caught:
+        jsonschema.validate(bad, TRIAGE_SCHEMA)
+    assert caught.value.validator == "type"
+    # Without integers, a boolean is spoiled; with no single-typed property, "not-json".
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string"}, "b": {"type": "boolean"}},
+    }
+    valid, spoiled, _, _ = await valid_and_spoiled("wrong-type", schema)
+    good, bad = orjson.loads(valid), orjson.loads(spoiled)
+    assert bad == {**good, "b": "yes" if good["b"] else "no"}
+    # No single-typed property: the root object itself becomes a (JSON) string.
+    schema = {"type": "object", "properties": {"x": {}}}
+    valid, spoiled, _, outcomes = await valid_and_spoiled("wrong-type", schema)
+    assert outcomes == {"invalid:wrong-type": 1}
+    assert orjson.loads(spoiled) == valid and not is_valid(orjson.loads(spoiled), schema)
+    # Nothing typed at all: falls back to "not-json".
+    schema = {"properties": {"x": {}}}
+    _, spoiled, _, outcomes = await valid_and_spoiled("wrong-type", schema)
+    assert outcomes == {"invalid:not-json": 1} and spoiled.startswith("Sure!")
+
+
+async def test_invalid_missing_required() -> None:
+    valid, spoiled, finish, outcomes = await valid_and_spoiled("missing-required", TRIAGE_SCHEMA)
+    assert outcomes == {"invalid:missing-required": 1} and finish == "stop"
+    good, bad = orjson.loads(valid), orjson.loads(spoiled)
+    [gone] = set(good) - set(bad)
+    assert gone in TRIAGE_SCHEMA["required"]
+    assert bad == {k: v for k, v in good.items() if k != gone}
+    with pytest.raises(jsonschema.ValidationError) as caught:
+        jsonschema.validate(bad, TRIAGE_SCHEMA)
+    assert caught.value.validator == "required"
+    # Nothing required: falls back to "not-json".
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    _, spoiled, _, outcomes = await valid_and_spoiled("missing-required", schema)
+    assert outcomes == {"invalid:not-json": 1}
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(spoiled)
+
+
+async def test_invalid_cut_off() -> None:
+    valid, spoiled, finish, outcomes = await valid_and_spoiled("cut-off", TRIAGE_SCHEMA)
+    assert outcomes == {"invalid:cut-off": 1}
+    assert finish == "length" and spoiled == valid[: len(valid) // 2]
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(spoiled)
+
+
+async def test_fence_wraps_valid_answers_only() -> None:
+    body = structured_body(TICKETS[1][0])
+    async with aiohttp.ClientSession() as session:
+        async with serve() as server:
+            valid, _, _ = await complete(session, server.base_url + "/chat/completions", body)
+        async with serve(MockConfig(fence_rate=1.0)) as server:
+            fenced, finish, doc = await complete(
+                session, server.base_url + "/chat/completions", body
+            )
+            assert server.stats.to_dict()["by_outcome"] == {"fenced": 1}
+        config = MockConfig(fence_rate=1.0, invalid_rate=1.0, invalid_kinds=("cut-off",))
+        async with serve(config) as server:
+            spoiled, _, _ = await complete(session, server.base_url + "/chat/completions", body)
+            assert server.stats.to_dict()["by_outcome"] == {"invalid:cut-off": 1}
+    assert finish == "stop" and fenced != fenced.strip()
+    assert fenced.strip() == f"```json\n{valid}\n```"
+    assert doc["usage"]["completion_tokens"] == count_tokens(fenced)
+    assert "```" not in spoiled
+
+
+async def test_faults_take_precedence_over_spoiling() -> None:
+    config = MockConfig(fail_first=1, fail_first_kind="no-usage", invalid_rate=1.0, fence_rate=1.0)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        content, _, doc = await complete(
+            session, server.base_url + "/chat/completions", structured_body(TICKETS[0][0])
+        )
+        stats = server.stats.to_dict()
+    assert "usage" not in doc and is_valid(orjson.loads(content), TRIAGE_SCHEMA)
+    assert stats["by_outcome"] == {"no-usage": 1}
+
+
+def expected_structured(
+    seed: int, repeat: int, raw: bytes, invalid_rate: float, fence_rate: float
+) -> str:
+    """The structured-answer draw the spec prescribes, computed independently of the server."""
+    digest = hashlib.sha256(f"{seed}:invalid:{repeat}:".encode() + raw).digest()
+    if int.from_bytes(digest[:8], "big") / 2**64 < invalid_rate:
+        return "invalid:" + INVALID_KINDS[int.from_bytes(digest[8:16], "big") % len(INVALID_KINDS)]
+    digest = hashlib.sha256(f"{seed}:fence:{repeat}:".encode() + raw).digest()
+    return "fenced" if int.from_bytes(digest[:8], "big") / 2**64 < fence_rate else "ok"
+
+
+def classify(content: str, finish: str, schema: dict[str, Any]) -> str:
+    """Tell from an answer alone which outcome the server recorded for it."""
+    stripped = content.strip()
+    if stripped.startswith("```json\n") and stripped.endswith("\n```"):
+        assert is_valid(orjson.loads(stripped[len("```json\n") : -len("\n```")]), schema)
+        return "fenced"
+    try:
+        answer = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return "invalid:cut-off" if finish == "length" else "invalid:not-json"
+    try:
+        jsonschema.validate(answer, schema)
+    except jsonschema.ValidationError as exc:
+        kinds = {"type": "invalid:wrong-type", "required": "invalid:missing-required"}
+        return kinds[str(exc.validator)]
+    return "ok"
+
+
+async def test_invalid_and_fence_rates_are_drawn_per_body_and_retry() -> None:
+    seed, invalid_rate, fence_rate = 3, 0.3, 0.25
+    config = MockConfig(seed=seed, invalid_rate=invalid_rate, fence_rate=fence_rate)
+    bodies = [
+        orjson.dumps(structured_body(f"Ticket {i}: {TICKETS[i % len(TICKETS)][0]}"))
+        for i in range(150)
+    ]
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+
+        async def attempts(raw: bytes) -> list[str]:
+            out = []
+            for _ in range(2):  # the client "retries" the same body
+                content, finish, _ = await complete(session, url, raw)
+                out.append(classify(content, finish, TRIAGE_SCHEMA))
+            return out
+
+        seen = await asyncio.gather(*(attempts(raw) for raw in bodies))
+        stats = server.stats.to_dict()
+    for raw, outcomes in zip(bodies, seen, strict=True):
+        assert outcomes == [
+            expected_structured(seed, n, raw, invalid_rate, fence_rate) for n in range(2)
+        ]
+    flat = [o for outcomes in seen for o in outcomes]
+    assert stats["by_outcome"] == {o: flat.count(o) for o in set(flat)}
+    assert {o.removeprefix("invalid:") for o in flat if o.startswith("invalid:")} == set(
+        INVALID_KINDS
+    )
+    invalid = sum(o.startswith("invalid:") for o in flat) / len(flat)
+    fenced = flat.count("fenced") / len(flat)
+    assert 0.22 < invalid < 0.38
+    assert 0.12 < fenced < 0.24  # 0.25 of the ~70 % that are not spoiled
+    # A retry gets a fresh draw: some body must be spoiled and then come back valid.
+    assert any(o[0].startswith("invalid:") and o[1] == "ok" for o in seen)
+
+
+async def test_stream_structured_answer() -> None:
+    body = structured_body(TICKETS[0][0], stream=True, stream_options={"include_usage": True})
+    async with serve() as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        status, _, raw = await stream(session, url, body)
+        plain, _, doc = await complete(session, url, structured_body(TICKETS[0][0]))
+    config = MockConfig(invalid_rate=1.0, invalid_kinds=("cut-off",))
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        _, _, raw_cut = await stream(session, server.base_url + "/chat/completions", body)
+    assert status == 200
+    chunks = [orjson.loads(e) for e in sse_events(raw)[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain and len(chunks) > 3
+    jsonschema.validate(orjson.loads(text), TRIAGE_SCHEMA)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == doc["usage"]
+    cut = [orjson.loads(e) for e in sse_events(raw_cut)[:-1]]
+    cut_text = "".join(c["choices"][0]["delta"].get("content", "") for c in cut if c["choices"])
+    assert cut_text == plain[: len(plain) // 2]
+    assert cut[-2]["choices"][0]["finish_reason"] == "length"

@@ -1,0 +1,1093 @@
+#!/usr/bin/env python3
+"""batchrun's benchmark suite: ``python benchmarks/run.py`` (or ``make bench``).
+
+Everything runs against the embedded endpoint (``batchrun mock-server``) started
+in its own process on 127.0.0.1. With two or more CPUs the endpoint is pinned to
+one core and every measured client process to another, so client and server
+never share a core. Results are printed as a table and written to
+``benchmarks/results.md`` (``BENCH_RESULTS`` overrides the path).
+
+1. Throughput at no server latency: batchrun end to end vs ``minimal_loop.py``
+   (aiohttp + asyncio.Semaphore) at concurrency 64 and 256, in alternating
+   pairs; the median ratio and its range. Plus the ``openai`` SDK loop
+   (``sdk_loop.py``) at concurrency 64 on fewer rows, when ``openai`` imports.
+2. 50 ms server latency, concurrency 64: batchrun rows/s against 64 / 0.05 s.
+3. Peak RSS of the batchrun process as the input grows (1,000,000 rows only with
+   ``BENCH_FULL=1``).
+4. ``batchrun --help`` start-up time, and that pandas/pyarrow are not imported on it.
+5. The cost of ``--rpm``/``--tpm`` pacing that never has to wait, in alternating pairs.
+
+Environment switches: ``BENCH_FULL=1`` (add the 1M-row memory run),
+``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
+(alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
+default ``10000,100000,300000``), ``BENCH_KEEP=1`` (keep the temp dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from make_tickets import write_files  # noqa: E402
+
+PY = sys.executable
+TEMPLATE = "Summarize this ticket: {ticket}"
+MODEL = "m"
+
+ROWS = int(os.environ.get("BENCH_ROWS", "20000"))
+PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
+FULL = os.environ.get("BENCH_FULL", "") not in ("", "0")
+KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
+RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
+
+THROUGHPUT_CONCURRENCY = (64, 256)
+SDK_ROWS = min(3000, ROWS)
+LATENCY_MS = 50
+LATENCY_CONCURRENCY = 64
+LATENCY_RUNS = 3
+MEMORY_CONCURRENCY = 256
+MEMORY_SIZES = tuple(
+    int(x) for x in os.environ.get("BENCH_MEM_SIZES", "10000,100000,300000").split(",") if x
+) + ((1_000_000,) if FULL else ())
+HELP_RUNS = 10
+
+TARGET_LATENCY_SHARE = 0.95
+TARGET_RSS_MB = 300.0
+TARGET_HELP_S = 0.3
+TARGET_PACING_OVERHEAD = 0.05
+
+# No proxy may route a loopback request anywhere.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- CPUs
+
+
+def _cpu_plan() -> tuple[int | None, int | None]:
+    """(client core, server core): two distinct cores when there are two, else no pinning."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return cpus[0], cpus[1]
+
+
+CLIENT_CPU, SERVER_CPU = _cpu_plan()
+
+
+def _pin(cpu: int | None) -> Callable[[], None] | None:
+    if cpu is None:
+        return None
+
+    def pin() -> None:
+        os.sched_setaffinity(0, {cpu})
+
+    return pin
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a live process, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _busy_s() -> float:
+    """CPU seconds spent busy by the whole machine so far (all CPUs, /proc/stat)."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    return sum(v[i] for i in (0, 1, 2, 5, 6, 7) if i < len(v)) / _CLK_TCK
+
+
+def _steal_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat (0, 0 when unreadable)."""
+    try:
+        with open("/proc/stat") as fh:
+            parts = fh.readline().split()[1:]
+    except OSError:
+        return 0, 0
+    values = [int(v) for v in parts]
+    steal = values[7] if len(values) > 7 else 0
+    return steal, sum(values[:8])
+
+
+# ---------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    rc: int
+    wall_s: float
+    cpu_s: float
+    maxrss_mb: float
+    stdout: str
+    stderr: str
+    machine_busy_s: float = 0.0
+
+
+def run_proc(
+    cmd: Sequence[str],
+    *,
+    cpu: int | None,
+    timeout_s: float,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """Run ``cmd`` pinned to ``cpu``; wall time from spawn to reaped exit, with the
+    child's own CPU time and peak RSS from wait4. Killed after ``timeout_s``."""
+    out_path = workdir / "proc.stdout"
+    err_path = workdir / "proc.stderr"
+    timed_out = threading.Event()
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        busy0 = _busy_s()
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            preexec_fn=_pin(cpu),
+            env=env,
+            cwd=workdir,
+        )
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            while True:
+                try:
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(10)
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - started
+        busy = _busy_s() - busy0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    result = Proc(
+        rc=proc.returncode,
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+        machine_busy_s=busy,
+    )
+    if timed_out.is_set():
+        raise BenchError(f"timed out after {timeout_s:.0f}s: {' '.join(cmd[:6])} ...")
+    return result
+
+
+class MockServer:
+    """``batchrun mock-server`` in its own process on 127.0.0.1, pinned to the server core."""
+
+    def __init__(self, workdir: Path, latency_ms: float = 0.0) -> None:
+        self.workdir = workdir
+        self.latency_ms = latency_ms
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+        self.root = ""
+
+    def __enter__(self) -> MockServer:
+        ready = self.workdir / f"mock-ready-{self.latency_ms:g}"
+        ready.unlink(missing_ok=True)
+        self.log = (self.workdir / f"mock-{self.latency_ms:g}.log").open("wb")
+        cmd = [PY, "-m", "batchrun", "mock-server", "--host", "127.0.0.1", "--port", "0"]
+        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_pin(SERVER_CPU),
+            cwd=self.workdir,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                if self.proc.poll() is not None:
+                    raise BenchError(
+                        f"mock server exited with {self.proc.returncode}: "
+                        + (self.workdir / f"mock-{self.latency_ms:g}.log").read_text()[-2000:]
+                    )
+                if time.monotonic() > deadline:
+                    raise BenchError("mock server not ready within 30s")
+                time.sleep(0.05)
+            self.base_url = ready.read_text().strip()
+            if not self.base_url.startswith("http://127.0.0.1:"):
+                raise BenchError(f"mock server is not on loopback: {self.base_url}")
+            self.root = self.base_url.removesuffix("/v1")
+            self.stats()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        say(f"mock server ({self.latency_ms:g} ms latency) on {self.base_url}, pid {self.proc.pid}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def _call(self, method: str, path: str) -> bytes:
+        req = urllib.request.Request(
+            self.root + path, method=method, data=b"" if method == "POST" else None
+        )
+        with _OPENER.open(req, timeout=30) as resp:
+            body: bytes = resp.read()
+            return body
+
+    def reset(self) -> None:
+        self._call("POST", "/_reset")
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self._call("GET", "/_stats"))
+        data.pop("bodies", None)
+        return data
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        return _proc_cpu_s(self.proc.pid)
+
+
+# -------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    kind: str
+    rows: int
+    concurrency: int
+    wall_s: float
+    run_s: float | None
+    cpu_s: float
+    maxrss_mb: float
+    server_busy: float
+    other_load: float = 0.0
+    send_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s
+
+    @property
+    def run_rows_per_s(self) -> float | None:
+        return self.rows / self.run_s if self.run_s else None
+
+    @property
+    def send_rows_per_s(self) -> float:
+        return self.rows / self.send_s if self.send_s > 0 else 0.0
+
+    @property
+    def cpu_us_per_row(self) -> float:
+        return self.cpu_s / self.rows * 1e6
+
+
+def _log_times(path: Path) -> float | None:
+    """Seconds from batchrun's ``start`` event (input scanned, journal open) to its
+    ``summary`` event (Parquet written), from its JSON log (ms resolution)."""
+    start = end = None
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            when = dt.datetime.strptime(rec["time"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+            if rec.get("event") == "start" and start is None:
+                start = when
+            elif rec.get("event") == "summary":
+                end = when
+    return end - start if start is not None and end is not None else None
+
+
+def _timeout_for(rows: int, rate_floor: float = 300.0) -> float:
+    return 60.0 + rows / rate_floor
+
+
+def _check_output(path: Path, rows: int) -> float:
+    """Check the output has every row, all ok; return the sending span in seconds
+    (first ``started_at`` to last ``finished_at``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["status", "started_at", "finished_at"])
+    if table.num_rows != rows:
+        raise BenchError(f"{path.name} has {table.num_rows} rows, expected {rows}")
+    ok = pc.sum(pc.equal(table["status"], "ok")).as_py()
+    if ok != rows:
+        raise BenchError(f"{path.name}: {rows - ok} rows are not ok")
+    first = pc.min(table["started_at"]).value
+    last = pc.max(table["finished_at"]).value
+    return float(last - first) / 1e6
+
+
+def _finish(
+    kind: str,
+    server: MockServer,
+    proc: Proc,
+    cmd: Sequence[str],
+    rows: int,
+    concurrency: int,
+    output: Path,
+    server_cpu_before: float,
+    run_s: float | None,
+    extra: dict[str, Any],
+) -> Run:
+    server_cpu = server.cpu_s() - server_cpu_before
+    if proc.rc != 0:
+        raise BenchError(
+            f"{kind} exited {proc.rc}: {' '.join(cmd[:4])} ...\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}"
+        )
+    send_s = _check_output(output, rows)
+    received = server.stats().get("requests")
+    if received != rows:
+        raise BenchError(f"{kind}: the server received {received} requests for {rows} rows")
+    output.unlink(missing_ok=True)
+    return Run(
+        kind,
+        rows,
+        concurrency,
+        proc.wall_s,
+        run_s,
+        proc.cpu_s,
+        proc.maxrss_mb,
+        server_cpu / proc.wall_s,
+        max(0.0, proc.machine_busy_s - proc.cpu_s - server_cpu) / proc.wall_s,
+        send_s,
+        extra,
+    )
+
+
+def run_batchrun(
+    server: MockServer,
+    workdir: Path,
+    input_path: Path,
+    rows: int,
+    concurrency: int,
+    extra_args: Sequence[str] = (),
+    kind: str = "batchrun",
+) -> Run:
+    output = workdir / "batchrun-out.parquet"
+    log = workdir / "batchrun-log.jsonl"
+    output.unlink(missing_ok=True)
+    log.unlink(missing_ok=True)
+    shutil.rmtree(workdir / "batchrun-out.parquet.partial", ignore_errors=True)
+    cmd = [PY, "-m", "batchrun", "run", "--input", str(input_path)]
+    cmd += ["--prompt-template", TEMPLATE, "--model", MODEL, "--base-url", server.base_url]
+    cmd += ["--api-key-env", "", "--concurrency", str(concurrency), "--output", str(output), "-q"]
+    cmd += ["--log-file", str(log), "--log-format", "json", *extra_args]
+    server.reset()
+    before = server.cpu_s()
+    proc = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(rows), workdir=workdir)
+    return _finish(kind, server, proc, cmd, rows, concurrency, output, before, _log_times(log), {})
+
+
+def run_loop_script(
+    script: str,
+    server: MockServer,
+    workdir: Path,
+    input_path: Path,
+    rows: int,
+    concurrency: int,
+    kind: str,
+) -> Run:
+    output = workdir / f"{kind}-out.parquet"
+    output.unlink(missing_ok=True)
+    cmd = [PY, str(HERE / script), "--input", str(input_path), "--base-url", server.base_url]
+    cmd += ["--model", MODEL, "--prompt-template", TEMPLATE, "--concurrency", str(concurrency)]
+    cmd += ["--output", str(output)]
+    server.reset()
+    before = server.cpu_s()
+    proc = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(rows, 100.0), workdir=workdir)
+    stats: dict[str, Any] = {}
+    with contextlib.suppress(ValueError, IndexError):
+        stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Comparable with batchrun's start→summary span: sending plus the Parquet write.
+    run_s = stats["send_s"] + stats["write_s"] if "send_s" in stats else None
+    return _finish(kind, server, proc, cmd, rows, concurrency, output, before, run_s, stats)
+
+
+# -------------------------------------------------------------------------- inputs
+
+
+def make_inputs(workdir: Path) -> Path:
+    path = workdir / f"tickets-{ROWS}.jsonl"
+    t = time.perf_counter()
+    write_files(ROWS, path, seed=7)
+    say(
+        f"generated {ROWS:,} tickets in {time.perf_counter() - t:.1f}s ({path.stat().st_size / 1e6:.1f} MB)"
+    )
+    return path
+
+
+def head_lines(src: Path, dst: Path, n: int) -> Path:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        for i, line in enumerate(fin):
+            if i >= n:
+                break
+            fout.write(line)
+    return dst
+
+
+def stream_big_input(base: Path, dst: Path, n: int) -> Path:
+    """``n`` rows written as a stream: the base tickets cycled, every id made unique."""
+    import orjson
+
+    with base.open("rb") as fh:
+        tickets = [orjson.loads(line) for line in fh if line.strip()]
+    width = max(7, len(str(n)))
+    with dst.open("wb", buffering=1 << 20) as out:
+        for i in range(n):
+            row = tickets[i % len(tickets)]
+            out.write(orjson.dumps({**row, "id": f"T-{i + 1:0{width}d}"}) + b"\n")
+    return dst
+
+
+# ---------------------------------------------------------------------- benchmarks
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+@dataclass
+class Pairs:
+    """Alternating pairs (a, b): b/a ratio per pair."""
+
+    a: list[Run] = field(default_factory=list)
+    b: list[Run] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [rb.rows_per_s / ra.rows_per_s for ra, rb in zip(self.a, self.b, strict=True)]
+
+    def cpu_ratios(self) -> list[float]:
+        return [rb.cpu_s / ra.cpu_s for ra, rb in zip(self.a, self.b, strict=True)]
+
+
+def alternate(n: int, first: Callable[[], Run], second: Callable[[], Run], label: str) -> Pairs:
+    pairs = Pairs()
+    for i in range(n):
+        ra = first()
+        rb = second()
+        pairs.a.append(ra)
+        pairs.b.append(rb)
+        say(
+            f"{label} pair {i + 1}/{n}: {ra.kind} {ra.rows_per_s:,.0f} rows/s, "
+            f"{rb.kind} {rb.rows_per_s:,.0f} rows/s (ratio {rb.rows_per_s / ra.rows_per_s:.3f})"
+        )
+    return pairs
+
+
+def bench_throughput(server: MockServer, workdir: Path, tickets: Path) -> dict[int, Pairs]:
+    # Warm-up (discarded): page cache, .pyc files, the server's first connections.
+    warm = head_lines(tickets, workdir / "warmup.jsonl", 2000)
+    run_loop_script("minimal_loop.py", server, workdir, warm, 2000, 64, "minimal")
+    run_batchrun(server, workdir, warm, 2000, 64)
+    out: dict[int, Pairs] = {}
+    for c in THROUGHPUT_CONCURRENCY:
+        out[c] = alternate(
+            PAIRS,
+            lambda c=c: run_loop_script(
+                "minimal_loop.py", server, workdir, tickets, ROWS, c, "minimal"
+            ),
+            lambda c=c: run_batchrun(server, workdir, tickets, ROWS, c),
+            f"throughput c={c}",
+        )
+    return out
+
+
+def bench_sdk(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Run] | str:
+    check = subprocess.run(
+        [PY, "-c", "import openai; print(openai.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check.returncode != 0:
+        return "skipped: `openai` is not importable (pip install openai to include it)"
+    small = head_lines(tickets, workdir / f"sdk-input-{SDK_ROWS}.jsonl", SDK_ROWS)
+    runs = {
+        "sdk": run_loop_script("sdk_loop.py", server, workdir, small, SDK_ROWS, 64, "sdk"),
+        "minimal": run_loop_script(
+            "minimal_loop.py", server, workdir, small, SDK_ROWS, 64, "minimal"
+        ),
+        "batchrun": run_batchrun(server, workdir, small, SDK_ROWS, 64),
+    }
+    runs["sdk"].extra["openai_version"] = check.stdout.strip()
+    say("sdk loop c=64: " + ", ".join(f"{k} {r.rows_per_s:,.0f} rows/s" for k, r in runs.items()))
+    return runs
+
+
+def bench_pacing(server: MockServer, workdir: Path, tickets: Path) -> Pairs:
+    return alternate(
+        PAIRS,
+        lambda: run_batchrun(server, workdir, tickets, ROWS, 64),
+        lambda: run_batchrun(
+            server,
+            workdir,
+            tickets,
+            ROWS,
+            64,
+            ("--rpm", "10000000", "--tpm", "10000000000"),
+            kind="batchrun+rpm/tpm",
+        ),
+        "rpm/tpm c=64",
+    )
+
+
+def bench_memory(server: MockServer, workdir: Path, tickets: Path) -> list[Run]:
+    runs = []
+    for n in MEMORY_SIZES:
+        path = workdir / f"big-{n}.jsonl"
+        t = time.perf_counter()
+        stream_big_input(tickets, path, n)
+        say(
+            f"memory: wrote {n:,} rows in {time.perf_counter() - t:.1f}s ({path.stat().st_size / 1e6:.0f} MB)"
+        )
+        run = run_batchrun(server, workdir, path, n, MEMORY_CONCURRENCY)
+        path.unlink()
+        runs.append(run)
+        say(f"memory: {n:,} rows peak RSS {run.maxrss_mb:.0f} MB, {run.rows_per_s:,.0f} rows/s")
+    return runs
+
+
+def bench_latency(server: MockServer, workdir: Path, tickets: Path) -> dict[str, list[Run]]:
+    runs: dict[str, list[Run]] = {"batchrun": [], "minimal": []}
+    for i in range(LATENCY_RUNS):
+        r = run_batchrun(server, workdir, tickets, ROWS, LATENCY_CONCURRENCY)
+        runs["batchrun"].append(r)
+        say(
+            f"latency {LATENCY_MS} ms run {i + 1}/{LATENCY_RUNS}: batchrun {r.rows_per_s:,.0f} rows/s "
+            f"end to end, {r.run_rows_per_s or 0:,.0f} rows/s in-run"
+        )
+    r = run_loop_script(
+        "minimal_loop.py", server, workdir, tickets, ROWS, LATENCY_CONCURRENCY, "minimal"
+    )
+    runs["minimal"].append(r)
+    say(f"latency {LATENCY_MS} ms reference: minimal {r.rows_per_s:,.0f} rows/s end to end")
+    return runs
+
+
+def bench_help(workdir: Path) -> dict[str, Any]:
+    cmd = [PY, "-m", "batchrun", "--help"]
+    run_proc(cmd, cpu=CLIENT_CPU, timeout_s=60, workdir=workdir)  # warm-up
+    walls = []
+    for _ in range(HELP_RUNS):
+        p = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=60, workdir=workdir)
+        if p.rc != 0:
+            raise BenchError(f"batchrun --help exited {p.rc}: {p.stderr[-1000:]}")
+        walls.append(p.wall_s)
+    bare = [
+        run_proc([PY, "-c", "pass"], cpu=CLIENT_CPU, timeout_s=60, workdir=workdir).wall_s
+        for _ in range(HELP_RUNS)
+    ]
+
+    def importtime(args: list[str]) -> dict[str, int]:
+        p = run_proc([PY, "-X", "importtime", *args], cpu=CLIENT_CPU, timeout_s=60, workdir=workdir)
+        found: dict[str, int] = {}
+        for line in p.stderr.splitlines():
+            m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|\s*(\S+)", line)
+            if m:
+                found[m.group(3)] = int(m.group(2))
+        return found
+
+    imported = importtime(cmd[1:])
+    baseline = importtime(["-c", "pass"])
+    top = [(us, name) for name, us in imported.items() if name not in baseline]
+    heavy = ("pandas", "pyarrow", "numpy", "aiohttp")
+    present = [h for h in heavy if any(n == h or n.startswith(h + ".") for n in imported)]
+    return {
+        "median_s": _median(walls),
+        "min_s": min(walls),
+        "max_s": max(walls),
+        "python_s": _median(bare),
+        "heavy_imported": present,
+        "top_imports": sorted(top, reverse=True)[:6],
+    }
+
+
+# ------------------------------------------------------------------------- report
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ram = "unknown"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal"):
+                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "ram": ram,
+        "kernel": platform.release(),
+        "load_start": load,
+        "pinning": (
+            f"client on CPU {CLIENT_CPU}, mock server on CPU {SERVER_CPU}"
+            if CLIENT_CPU is not None
+            else "none (fewer than 2 CPUs available)"
+        ),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("batchrun", "aiohttp", "pyarrow", "orjson", "uvloop", "openai"):
+        out[dist] = _version(dist)
+    return out
+
+
+def _fmt_rate(x: float | None) -> str:
+    return f"{x:,.0f}" if x is not None else "n/a"
+
+
+def _range(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+
+def _met(ok: bool | None) -> str:
+    return "—" if ok is None else ("met" if ok else "**not met**")
+
+
+def _linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares y = a + b x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def _cell(runs: Sequence[Run], attr: str, fmt: str = "{:,.0f}", spread: bool = False) -> str:
+    values = [getattr(r, attr) for r in runs]
+    values = [x for x in values if x is not None]
+    if not values:
+        return "n/a"
+    text = fmt.format(_median(values))
+    if spread and len(values) > 1:
+        text += f" ({_range(values, fmt)})"
+    return text
+
+
+def render(report: dict[str, Any]) -> tuple[str, str]:
+    """(summary table for the terminal, the whole results.md)."""
+    m, v = report["machine"], report["versions"]
+    summary: list[tuple[str, str, str, str]] = []
+    md: list[str] = [
+        "## Machine and versions",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPUs (nproc) | {m['nproc']} x {m['cpu']} |",
+        f"| RAM | {m['ram']} |",
+        f"| kernel | {m['kernel']} |",
+        f"| pinning | {m['pinning']} |",
+        f"| load average at start / end | {m['load_start']} / {m['load_end']} |",
+        f"| CPU steal during the run | {report['steal_pct']:.1f}% of all CPU time |",
+        f"| Python | {v['python']} |",
+        f"| batchrun | {v['batchrun']} |",
+        f"| aiohttp | {v['aiohttp']} |",
+        f"| pyarrow | {v['pyarrow']} |",
+        f"| orjson / uvloop / openai | {v['orjson']} / {v['uvloop']} / {v['openai']} |",
+        "",
+        "The machine is shared and noisy: comparisons are made in alternating pairs and the",
+        "median ratio is reported with its range (min-max over the pairs). Rates:",
+        "",
+        "- *end to end*: rows / process wall time from spawn to exit (interpreter start,",
+        "  imports, input read, sending, Parquet write). The ratios use this one.",
+        "- *in-run*: rows / the time without interpreter start and imports: for batchrun",
+        "  from its `start` log event (input scanned, journal open) to its `summary` event",
+        "  (Parquet written); for the loops their own send + write time.",
+        "- *sending*: rows / (last `finished_at` - first `started_at`) in the output file.",
+        "",
+        "*Client CPU* is the client process's user+system CPU time per row (wait4), which the",
+        "noise affects much less than wall time. *Server busy* is the mock server's CPU time",
+        "over the run's wall time: near 100% means the single-core endpoint, not the client,",
+        "set the pace. *Other load* is the CPU (in cores, of "
+        f"{m['nproc']}) used meanwhile by processes other",
+        "than the client and the server: the noise from the rest of the machine.",
+        "",
+    ]
+
+    # 1. throughput
+    tp: dict[int, Pairs] = report["throughput"]
+    md += [
+        f"## 1. Throughput, no server latency ({ROWS:,} rows)",
+        "",
+        "| concurrency | program | end-to-end rows/s (median, range) | in-run rows/s | sending rows/s | client CPU µs/row | peak RSS MB | server busy | other load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c, pairs in tp.items():
+        for runs in (pairs.a, pairs.b):
+            md.append(
+                f"| {c} | {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | "
+                f"{_cell(runs, 'run_rows_per_s')} | {_cell(runs, 'send_rows_per_s')} | "
+                f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'maxrss_mb')} | "
+                f"{_median([r.server_busy for r in runs]):.0%} | {_cell(runs, 'other_load', '{:.2f}')} |"
+            )
+    md += [
+        "",
+        "| concurrency | batchrun / minimal, end-to-end rows/s (median, range) | batchrun / minimal, client CPU per row (median, range) | pairs |",
+        "|---|---|---|---|",
+    ]
+    for c, pairs in tp.items():
+        ratios, cpu = pairs.ratios(), pairs.cpu_ratios()
+        md.append(
+            f"| {c} | **{_median(ratios):.2f}** ({_range(ratios)}) | {_median(cpu):.2f} ({_range(cpu)}) | {len(ratios)} |"
+        )
+        summary.append(
+            (
+                f"throughput c={c}",
+                f"batchrun {_cell(pairs.b, 'rows_per_s')} rows/s vs minimal "
+                f"{_cell(pairs.a, 'rows_per_s')}; ratio {_median(ratios):.2f} ({_range(ratios)})",
+                "— (reference)",
+                "—",
+            )
+        )
+    md.append("")
+    sdk = report["sdk"]
+    md += [f"### openai SDK loop (concurrency 64, {SDK_ROWS:,} rows, one run each)", ""]
+    if isinstance(sdk, str):
+        md += [sdk, ""]
+        summary.append(("SDK loop c=64", sdk, "—", "—"))
+    else:
+        md += [
+            "| program | end-to-end rows/s | in-run rows/s | sending rows/s | client CPU µs/row | server busy | other load |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in sdk.items():
+            label = (
+                f"sdk (openai {r.extra.get('openai_version', '?')})" if name == "sdk" else r.kind
+            )
+            md.append(
+                f"| {label} | {r.rows_per_s:,.0f} | {_fmt_rate(r.run_rows_per_s)} | {r.send_rows_per_s:,.0f} | "
+                f"{r.cpu_us_per_row:,.0f} | {r.server_busy:.0%} | {r.other_load:.2f} |"
+            )
+        x = sdk["batchrun"].rows_per_s / sdk["sdk"].rows_per_s
+        xs = sdk["batchrun"].send_rows_per_s / max(sdk["sdk"].send_rows_per_s, 1e-9)
+        md += [
+            "",
+            f"batchrun is **{x:.1f}x** the SDK loop end to end ({xs:.1f}x while sending).",
+            "",
+        ]
+        summary.append(
+            (
+                "SDK loop c=64",
+                f"batchrun {sdk['batchrun'].rows_per_s:,.0f} rows/s vs SDK {sdk['sdk'].rows_per_s:,.0f} "
+                f"= {x:.1f}x ({SDK_ROWS:,} rows)",
+                "far ahead (≥ 2x)",
+                _met(x >= 2.0),
+            )
+        )
+
+    # 2. latency
+    lat = report["latency"]
+    limit = LATENCY_CONCURRENCY / (LATENCY_MS / 1000)
+    br = lat["batchrun"]
+    mini = lat["minimal"]
+    send = _median([r.send_rows_per_s for r in br])
+    inrun = _median([r.run_rows_per_s or 0 for r in br])
+    e2e = _median([r.rows_per_s for r in br])
+    md += [
+        f"## 2. {LATENCY_MS} ms server latency, concurrency {LATENCY_CONCURRENCY} ({ROWS:,} rows)",
+        "",
+        f"Limit: {LATENCY_CONCURRENCY} / {LATENCY_MS / 1000:g} s = {limit:,.0f} rows/s. "
+        f"Target: ≥ {TARGET_LATENCY_SHARE:.0%} of it while sending.",
+        "",
+        "| program | runs | sending rows/s (median, range) | share of limit | in-run rows/s | share | end-to-end rows/s | share | other load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in (("batchrun", br), ("minimal (reference)", mini)):
+        s_ = _median([r.send_rows_per_s for r in runs])
+        i_ = _median([r.run_rows_per_s or 0 for r in runs])
+        e_ = _median([r.rows_per_s for r in runs])
+        md.append(
+            f"| {name} | {len(runs)} | {_cell(runs, 'send_rows_per_s', spread=True)} | **{s_ / limit:.1%}** | "
+            f"{i_:,.0f} | {i_ / limit:.1%} | {e_:,.0f} | {e_ / limit:.1%} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    md += [
+        "",
+        "In-run and end to end add batchrun's fixed costs (input scan, Parquet write; and",
+        f"start-up) that a {ROWS:,}-row run at {limit:,.0f} rows/s does not amortise fully.",
+        "",
+    ]
+    summary.append(
+        (
+            f"{LATENCY_MS} ms latency c={LATENCY_CONCURRENCY}",
+            f"sending {send:,.0f} rows/s = {send / limit:.1%} of {limit:,.0f} "
+            f"(in-run {inrun / limit:.1%}, end to end {e2e / limit:.1%})",
+            f"≥ {TARGET_LATENCY_SHARE:.0%}",
+            _met(send / limit >= TARGET_LATENCY_SHARE),
+        )
+    )
+
+    # 3. memory
+    mem: list[Run] = report["memory"]
+    md += [
+        f"## 3. Peak RSS of the batchrun process (concurrency {MEMORY_CONCURRENCY}, no latency)",
+        "",
+        "Inputs are written as a stream: the generated tickets cycled, every id unique.",
+        "",
+        "| rows | peak RSS MB | end-to-end rows/s | in-run rows/s | sending rows/s | wall s | other load |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in mem:
+        md.append(
+            f"| {r.rows:,} | {r.maxrss_mb:.0f} | {r.rows_per_s:,.0f} | {_fmt_rate(r.run_rows_per_s)} | "
+            f"{r.send_rows_per_s:,.0f} | {r.wall_s:.1f} | {r.other_load:.2f} |"
+        )
+    measured_1m = next((r for r in mem if r.rows >= 1_000_000), None)
+    # The growth that matters is the one between the largest inputs (small runs
+    # are dominated by fixed costs), so extrapolate along the last two points.
+    fit = mem[-2:] if len(mem) >= 2 else mem
+    a, b = _linear_fit([r.rows for r in fit], [r.maxrss_mb for r in fit])
+    predicted = a + b * 1_000_000
+    md += [
+        "",
+        f"Growth between the two largest sizes: {b * 1024 * 1000:,.0f} KB per 1,000 rows "
+        f"({b * 1024 * 1024:,.0f} bytes a row)"
+        + (
+            "."
+            if measured_1m
+            else f"; along that line 1,000,000 rows would peak at about {predicted:.0f} MB "
+            "(extrapolated; `BENCH_FULL=1` measures it)."
+        ),
+        "",
+    ]
+    largest = mem[-1]
+    if measured_1m:
+        mem_text = (
+            f"{measured_1m.maxrss_mb:.0f} MB at 1,000,000 rows (measured); "
+            f"{mem[0].maxrss_mb:.0f} MB at {mem[0].rows:,}"
+        )
+        mem_ok = measured_1m.maxrss_mb < TARGET_RSS_MB
+        met_text = _met(mem_ok)
+    else:
+        mem_text = (
+            f"{mem[0].maxrss_mb:.0f} MB at {mem[0].rows:,} … {largest.maxrss_mb:.0f} MB at "
+            f"{largest.rows:,} (largest measured); ~{predicted:.0f} MB at 1M extrapolated"
+        )
+        mem_ok = max(largest.maxrss_mb, predicted) < TARGET_RSS_MB
+        met_text = _met(mem_ok) + " (extrapolated)"
+    summary.append(("peak RSS", mem_text, f"flat, < {TARGET_RSS_MB:.0f} MB at 1M", met_text))
+
+    # 4. help
+    h = report["help"]
+    heavy = h["heavy_imported"]
+    bad = [x for x in heavy if x in ("pandas", "pyarrow")]
+    md += [
+        "## 4. `batchrun --help` start-up",
+        "",
+        f"Median of {HELP_RUNS} runs of `python -m batchrun --help`: **{h['median_s']:.3f} s** "
+        f"(range {h['min_s']:.3f}-{h['max_s']:.3f} s; a bare `python -c pass` takes {h['python_s']:.3f} s). "
+        f"Target < {TARGET_HELP_S} s: {_met(h['median_s'] < TARGET_HELP_S)}.",
+        "",
+        "Heavy modules imported on that path (`python -X importtime -m batchrun --help`): "
+        + (
+            ", ".join(f"**{x}**" for x in heavy)
+            if heavy
+            else "none of pandas, pyarrow, numpy, aiohttp"
+        )
+        + ".",
+        "",
+        "Slowest imports beyond the interpreter's own (cumulative µs, nested ones included): "
+        + ", ".join(f"{name} {us:,}" for us, name in h["top_imports"])
+        + ".",
+        "",
+    ]
+    summary.append(
+        (
+            "--help start-up",
+            f"{h['median_s']:.3f} s median; pandas/pyarrow imported: "
+            + ("yes: " + ", ".join(bad) if bad else "no"),
+            f"< {TARGET_HELP_S} s, no pandas/pyarrow",
+            _met(h["median_s"] < TARGET_HELP_S and not bad),
+        )
+    )
+
+    # 5. pacing
+    pcs: Pairs = report["pacing"]
+    ratios = pcs.ratios()
+    overhead = [1 - x for x in ratios]
+    cpu = pcs.cpu_ratios()
+    md += [
+        f"## 5. `--rpm 10000000 --tpm 10000000000` vs no pacing (concurrency 64, {ROWS:,} rows)",
+        "",
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | sending rows/s | client CPU µs/row | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pcs.a, pcs.b):
+        md.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'send_rows_per_s')} | {_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    med = _median(overhead)
+    md += [
+        "",
+        f"Overhead (1 - paced / unpaced end-to-end rows/s) over {len(ratios)} alternating pairs: median "
+        f"**{med:+.1%}** (range {min(overhead):+.1%} to {max(overhead):+.1%}); client CPU per row, paced / "
+        f"unpaced: {_median(cpu):.3f} ({_range(cpu, '{:.3f}')}). Target < {TARGET_PACING_OVERHEAD:.0%}: "
+        f"{_met(med < TARGET_PACING_OVERHEAD)}.",
+        "",
+    ]
+    summary.append(
+        (
+            "rpm/tpm overhead c=64",
+            f"{med:+.1%} median ({min(overhead):+.1%} to {max(overhead):+.1%}); CPU/row x{_median(cpu):.3f}",
+            f"< {TARGET_PACING_OVERHEAD:.0%}",
+            _met(med < TARGET_PACING_OVERHEAD),
+        )
+    )
+
+    head = [
+        "# batchrun benchmarks",
+        "",
+        f"Generated by `python benchmarks/run.py` on {report['date']}; the whole run took "
+        f"{report['total_s'] / 60:.1f} min"
+        + (
+            " with `BENCH_FULL=1`."
+            if FULL
+            else " (without `BENCH_FULL=1`, so the 1,000,000-row memory run was skipped)."
+        ),
+        "What each benchmark measures: [`README.md`](README.md).",
+        "",
+        "## Summary",
+        "",
+        "| benchmark | result | target | met |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary],
+        "",
+    ]
+    text = "\n".join(head + md)
+
+    cols = ("benchmark", "result", "target", "met")
+    rows = [cols, *[tuple(x.replace("**", "") for x in row) for row in summary]]
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(s.ljust(w[i]) for i, s in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines), text
+
+
+# --------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="batchrun-bench-"))
+    try:
+        yield path
+    finally:
+        if KEEP:
+            say(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    started = time.perf_counter()
+    steal0 = _steal_ticks()
+    if SERVER_CPU is not None:
+        # The runner mostly sleeps; keep it off the client's core.
+        os.sched_setaffinity(0, {SERVER_CPU})
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "versions": versions(),
+    }
+    say(f"{report['machine']['pinning']}; {ROWS:,} rows, {PAIRS} pairs, BENCH_FULL={int(FULL)}")
+    with workspace() as workdir:
+        tickets = make_inputs(workdir)
+        with MockServer(workdir) as server:
+            report["throughput"] = bench_throughput(server, workdir, tickets)
+            report["sdk"] = bench_sdk(server, workdir, tickets)
+            report["pacing"] = bench_pacing(server, workdir, tickets)
+            report["memory"] = bench_memory(server, workdir, tickets)
+        with MockServer(workdir, latency_ms=LATENCY_MS) as server:
+            report["latency"] = bench_latency(server, workdir, tickets)
+        report["help"] = bench_help(workdir)
+    steal1 = _steal_ticks()
+    total = steal1[1] - steal0[1]
+    report["steal_pct"] = 100 * (steal1[0] - steal0[0]) / total if total > 0 else 0.0
+    report["machine"]["load_end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report["total_s"] = time.perf_counter() - started
+    table, text = render(report)
+    RESULTS.write_text(text)
+    print(table)
+    print(f"\nwhole run: {report['total_s']:.0f} s; results written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except BenchError as exc:
+        say(f"FAILED: {exc}")
+        raise SystemExit(1) from None
