@@ -19,17 +19,21 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from batchrun import __version__
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
-from batchrun.limits import Limits
+from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, TTFT_FIELD, Journal
 from batchrun.payload import prompt_columns
+from batchrun.prices import load_prices
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
 from batchrun.reuse import Match, ReuseIndex
@@ -92,6 +96,8 @@ class RunResult:
     skipped_lines: int = 0
     reused: int = 0
     reused_tokens: int = 0
+    cost: Decimal | None = None
+    currency: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -102,6 +108,7 @@ class RunResult:
         data = dataclasses.asdict(self)
         data["output"] = str(self.output)
         data["exit_code"] = self.exit_code
+        data["cost"] = float(self.cost) if self.cost is not None else None
         return data
 
     def summary(self) -> str:
@@ -112,6 +119,11 @@ class RunResult:
             + ")",
             f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
             f"requests    {self.requests:,}  (retries {self.retries:,})",
+            *(
+                [f"cost        {self.cost:.4f} {self.currency} (this job, all runs)"]
+                if self.cost is not None
+                else []
+            ),
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
@@ -252,6 +264,9 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
         tally = Tally(total=total)
         tally.ok, tally.failed, tally.invalid = journal.counts()
         tally.resumed = tally.done
+        spend = _spend(job, journal)
+        if spend is not None:
+            tally.cost, tally.currency = spend.spent, spend_currency(job)
         to_send = journal.missing_rows(scan.duplicate_rows) + (
             tally.failed if options.retry_failed else 0
         )
@@ -290,6 +305,9 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
                 limits,
                 retry_failed=options.retry_failed,
                 structured=structured,
+                spend=spend,
+                currency=tally.currency,
+                grace_s=GRACE_S,
             )
             progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
             rows = prepared(sent_job)
@@ -343,6 +361,8 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
         skipped_lines=len(scan.skipped_lines),
         reused=reused,
         reused_tokens=reused_tokens,
+        cost=tally.cost,
+        currency=tally.currency,
     )
     log.info(
         "job finished: %s",
@@ -350,6 +370,36 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
         extra={"event": "summary", **progress_fields(tally), "output": str(output)},
     )
     return result
+
+
+def spend_currency(job: Job) -> str:
+    return load_prices(job.prices).currency if job.prices else ""
+
+
+def _spend(job: Job, journal: Journal) -> CostBudget | None:
+    """The job's spend so far (earlier runs' answers included) and its budget,
+    when the job names a prices file."""
+    if job.prices is None:
+        return None
+    prices = load_prices(job.prices)
+    price = prices.price(job.model)
+    if price is None:
+        if job.max_cost is not None:
+            raise JobError(
+                f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
+                f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
+            )
+        log.warning(
+            "model %s is not in prices file %s: its spend is not shown", job.model, job.prices
+        )
+        return None
+    spent = Decimal(0)
+    for row in np.nonzero(journal.status != STATUS_NONE)[0]:
+        rec = journal.record(int(row))
+        if rec and rec.get("attempts"):
+            spent += price.cost(rec.get("prompt_tokens") or 0, rec.get("completion_tokens") or 0)
+    max_cost = Decimal(str(job.max_cost)) if job.max_cost is not None else None
+    return CostBudget(max_cost, price, job.max_tokens, spent)
 
 
 def _reuse(

@@ -53,8 +53,9 @@ def _key_option(key: Key) -> Callable[[Any], Any]:
     if key.kind == "bool":
         return click.option(key.flag, key.name, is_flag=True, default=None, help=help_text)
     if key.kind == "table":
+        flags = [key.flag, *([key.alias] if key.alias else [])]
         return click.option(
-            key.flag, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable."
+            *flags, key.name, multiple=True, metavar="KEY=VALUE", help=help_text + " Repeatable."
         )
     click_type: Any = {"int": int, "float": float}.get(key.kind, str)
     metavar = {

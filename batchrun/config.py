@@ -54,6 +54,7 @@ class Key:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    alias: str | None = None
 
     @property
     def flag(self) -> str:
@@ -193,12 +194,27 @@ KEYS: tuple[Key, ...] = (
         "table",
         {},
         "Any other request body fields (top_p, stop, seed, a server's own extensions), merged into every request.",
+        alias="--param",
     ),
     Key(
         "headers",
         "table",
         {},
         "Extra HTTP headers; ${VAR} in a value is replaced by that environment variable (and kept out of every output and log).",
+        alias="--header",
+    ),
+    Key(
+        "prices",
+        "path",
+        None,
+        "Prices file (TOML, see jobs/prices.toml): the progress line and summary show the spend, and max_cost can stop the job.",
+    ),
+    Key(
+        "max_cost",
+        "float",
+        None,
+        "Budget in the prices' currency: no request starts that could push the spend (paid + worst case in flight) over it; the job then stops (exit 4, resumable).",
+        minimum=0.0,
     ),
     Key(
         "api_down_after_s",
@@ -255,6 +271,8 @@ class Job:
     max_parse_attempts: int
     params: Mapping[str, Any]
     headers: Mapping[str, Any]
+    prices: Path | None
+    max_cost: float | None
     api_down_after_s: float
     max_failures: float | None
     allow_insecure_http: bool
@@ -428,6 +446,11 @@ def load_job(
         raise JobError(
             f'`response_format` is "json_schema" in {source} but no `response_schema` is given: '
             'set response_schema = "schema.json" (or pass --response-schema FILE).'
+        )
+    if values["max_cost"] is not None and values["prices"] is None:
+        raise JobError(
+            f'`max_cost` is set in {source} but no `prices` file: set prices = "prices.toml" '
+            "(or pass --prices FILE) so batchrun can tell what the job spends."
         )
     _check_params(values["params"], source)
     _check_headers(values["headers"], source)

@@ -21,6 +21,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
+
+from batchrun.prices import ModelPrice
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -147,6 +150,56 @@ class AdaptiveLimit:
         self._last_cut = now
         self._successes = 0
         self.limit = max(1, int(self.limit * 0.7))
+
+
+class CostBudget:
+    """The spend so far and ``max_cost``: no request starts that could push the
+    spend over the budget (``max_cost`` None: the spend is only counted).
+
+    Before each attempt the worst case of that attempt (every prompt byte a
+    token, plus max_tokens of completion) is reserved; when the answer comes, the
+    reservation is replaced by what the usage says it cost (the worst case stays
+    charged when the API reports no usage). Amounts are Decimals in the prices'
+    currency.
+    """
+
+    def __init__(
+        self,
+        max_cost: Decimal | None,
+        price: ModelPrice,
+        max_tokens: int,
+        spent: Decimal = Decimal(0),
+    ) -> None:
+        self.max_cost = max_cost
+        self.price = price
+        self.max_tokens = max_tokens
+        self.spent = spent
+        self.reserved = Decimal(0)
+
+    def worst_case(self, prompt_bound: int) -> Decimal:
+        return self.price.cost(prompt_bound, self.max_tokens)
+
+    def reserve(self, prompt_bound: int) -> Decimal | None:
+        """Reserve one attempt's worst case; None when it does not fit the budget."""
+        worst = self.worst_case(prompt_bound)
+        if self.max_cost is not None and self.spent + self.reserved + worst > self.max_cost:
+            return None
+        self.reserved += worst
+        return worst
+
+    def settle(
+        self, reservation: Decimal, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """Replace a reservation by the attempt's real cost (the reservation when unknown)."""
+        self.reserved -= reservation
+        if prompt_tokens is None and completion_tokens is None:
+            self.spent += reservation
+        else:
+            self.spent += self.price.cost(prompt_tokens or 0, completion_tokens or 0)
+
+    def release(self, reservation: Decimal) -> None:
+        """An attempt the API refused with an error status is not paid."""
+        self.reserved -= reservation
 
 
 @dataclass

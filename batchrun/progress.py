@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, TextIO
 
 log = logging.getLogger("batchrun")
@@ -30,6 +31,8 @@ class Tally:
     completion_tokens: int = 0
     requests: int = 0
     retries: int = 0
+    cost: Decimal | None = None
+    currency: str = ""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -75,7 +78,9 @@ def status_text(t: Tally) -> str:
     return (
         f"{t.done}/{t.total} rows  ok {t.ok}  failed {t.failed}  "
         + (f"invalid {t.invalid}  " if t.invalid else "")
-        + f"tokens {_count(tokens)}  {t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
+        + f"tokens {_count(tokens)}  "
+        + (f"spent {t.cost:.2f} {t.currency}  " if t.cost is not None else "")
+        + f"{t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
     )
 
 
@@ -151,4 +156,5 @@ def progress_fields(t: Tally) -> dict[str, object]:
         "requests": t.requests,
         "retries": t.retries,
         "rows_per_s": round(t.rows_per_s, 1),
+        "cost": str(t.cost) if t.cost is not None else None,
     }

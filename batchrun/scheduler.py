@@ -21,6 +21,7 @@ from batchrun.config import Job
 from batchrun.errors import (
     ApiDown,
     BatchrunError,
+    BudgetReached,
     JobStopped,
     KeyRejected,
     RateLimited,
@@ -31,7 +32,7 @@ from batchrun.errors import (
     TooManyFailures,
 )
 from batchrun.inputs import RowBatch
-from batchrun.limits import Limits
+from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
 from batchrun.payload import (
     Completion,
@@ -62,6 +63,7 @@ class Prepared:
     request_hash: str
     error: str | None = None
     est_tokens: int = 0
+    prompt_bound: int = 0
 
 
 def prepare_rows(
@@ -85,7 +87,12 @@ def prepare_rows(
                 continue
             body = encode_body(build_body(job, messages, row_id, response_format))
             yield Prepared(
-                number, row_id, body, request_hash(body), est_tokens=estimate_tokens(job, messages)
+                number,
+                row_id,
+                body,
+                request_hash(body),
+                est_tokens=estimate_tokens(job, messages),
+                prompt_bound=prompt_token_bound(messages),
             )
 
 
@@ -93,6 +100,13 @@ def estimate_tokens(job: Job, messages: list[dict[str, Any]]) -> int:
     """Tokens a request may use, before the answer says: prompt characters / 4 + max_tokens."""
     chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
     return chars // 4 + job.max_tokens
+
+
+def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
+    """At most this many prompt tokens: a token covers at least one byte, plus a
+    few tokens of chat framing per message."""
+    size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+    return size + 8 * len(messages) + 8
 
 
 def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
@@ -117,6 +131,10 @@ def _now_us() -> int:
 
 def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
+
+
+class _OverBudget(Exception):
+    """Raised inside a row's attempt when the budget stops the job: the row is left unsent."""
 
 
 class _Usage:
@@ -157,6 +175,9 @@ class Scheduler:
         limits: Limits,
         retry_failed: bool = False,
         structured: Structured | None = None,
+        spend: CostBudget | None = None,
+        currency: str = "",
+        grace_s: float = 10.0,
     ) -> None:
         self.job = job
         self.client = client
@@ -165,6 +186,9 @@ class Scheduler:
         self.policy = policy
         self.limits = limits
         self.structured = structured
+        self.spend = spend
+        self.currency = currency
+        self.grace_s = grace_s
         self.retry_failed = retry_failed
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
@@ -247,8 +271,6 @@ class Scheduler:
     async def _send(self, p: Prepared) -> None:
         started = _now_us()
         t0 = time.perf_counter()
-        tally = self.tally
-
         limits = self.limits
         adaptive = limits.concurrency.auto
 
@@ -258,25 +280,13 @@ class Scheduler:
                 # time: a bad key costs a handful of requests, not a pool's worth.
                 async with self._probe_lock:
                     if not self._key_settled:
-                        return await self._probe(p)
-            if not adaptive:
-                if limits.paces or limits.pause_active():
-                    await limits.wait_turn(p.est_tokens)
-                tally.requests += 1
-                return await self.client.complete(p.body)
-            # A place first, then the budgets and the pause: waiting for a place
-            # must not let a request skip a pause that began meanwhile.
-            async with limits.concurrency.place():
-                await limits.wait_turn(p.est_tokens)
-                tally.requests += 1
-                t = time.perf_counter()
-                try:
-                    answer = await self.client.complete(p.body)
-                except RequestTimeout:
-                    limits.concurrency.on_overload()
-                    raise
-                limits.concurrency.on_success(time.perf_counter() - t)
-                return answer
+                        return await self._post(p)
+            if adaptive:
+                # A place first, then the budgets and the pause: waiting for a place
+                # must not let a request skip a pause that began meanwhile.
+                async with limits.concurrency.place():
+                    return await self._post(p)
+            return await self._post(p)
 
         structured = self.structured
         asks = self.job.max_parse_attempts if structured is not None else 1
@@ -288,6 +298,8 @@ class Scheduler:
                 completion, attempts = await send_with_retries(
                     attempt, self.policy, self._on_retry(p)
                 )
+            except _OverBudget:
+                return  # the job is stopping: this row stays unsent, for the resume
             except RequestError as exc:
                 if isinstance(exc, RateLimited):
                     limits.rate_limited(exc.retry_after, self.policy.backoff_initial_s)
@@ -323,19 +335,54 @@ class Scheduler:
             )
         )
 
-    async def _probe(self, p: Prepared) -> Completion:
-        """One request while the key is unproven; any answer but 401/403 proves it."""
-        if self.limits.paces or self.limits.pause_active():
-            await self.limits.wait_turn(p.est_tokens)
+    async def _post(self, p: Prepared) -> Completion:
+        """One attempt: wait for the limits, reserve the worst-case cost, send."""
+        limits = self.limits
+        if limits.paces or limits.pause_active():
+            await limits.wait_turn(p.est_tokens)
+        spend = self.spend
+        reservation = None
+        if spend is not None:
+            reservation = spend.reserve(p.prompt_bound)
+            if reservation is None:
+                self._over_budget(spend)
+                raise _OverBudget
         self.tally.requests += 1
+        t = time.perf_counter()
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
             if exc.status not in AUTH_STATUSES:
                 self._key_settled = True
+            if isinstance(exc, RequestTimeout):
+                limits.concurrency.on_overload()
+            if spend is not None and reservation is not None:
+                # No answer read: the API may still have generated it, so the worst case stays charged.
+                if exc.status is None:
+                    spend.settle(reservation, None, None)
+                else:
+                    spend.release(reservation)
+                self.tally.cost = spend.spent
             raise
         self._key_settled = True
+        limits.concurrency.on_success(time.perf_counter() - t)
+        if spend is not None and reservation is not None:
+            spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
+            self.tally.cost = spend.spent
         return answer
+
+    def _over_budget(self, spend: CostBudget) -> None:
+        if self._stop is not None:
+            return
+        self.stop(
+            BudgetReached(
+                f"Stopped before passing max_cost={spend.max_cost} {self.currency}: {spend.spent:.4f} spent so far, "
+                f"{spend.reserved:.4f} held for the requests in flight at their worst case (every prompt byte a "
+                "token, max_tokens of completion). Every finished row is saved: raise max_cost and run the "
+                "same command again to resume."
+            ),
+            grace_s=self.grace_s,
+        )
 
     def _answer_record(
         self,

@@ -20,7 +20,8 @@ never share a core. Results are printed as a table and written to
 Environment switches: ``BENCH_FULL=1`` (add the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
-default ``10000,100000,300000``), ``BENCH_KEEP=1`` (keep the temp dir).
+default ``10000,100000,300000``), ``BENCH_ONLY`` (comma list of throughput, sdk,
+pacing, memory, latency, help), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
+SECTIONS = ("throughput", "sdk", "pacing", "memory", "latency", "help")
+ONLY = (
+    tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
+)
 
 THROUGHPUT_CONCURRENCY = (64, 256)
 SDK_ROWS = min(3000, ROWS)
@@ -737,46 +742,9 @@ def _cell(runs: Sequence[Run], attr: str, fmt: str = "{:,.0f}", spread: bool = F
     return text
 
 
-def render(report: dict[str, Any]) -> tuple[str, str]:
-    """(summary table for the terminal, the whole results.md)."""
-    m, v = report["machine"], report["versions"]
-    summary: list[tuple[str, str, str, str]] = []
-    md: list[str] = [
-        "## Machine and versions",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| CPUs (nproc) | {m['nproc']} x {m['cpu']} |",
-        f"| RAM | {m['ram']} |",
-        f"| kernel | {m['kernel']} |",
-        f"| pinning | {m['pinning']} |",
-        f"| load average at start / end | {m['load_start']} / {m['load_end']} |",
-        f"| CPU steal during the run | {report['steal_pct']:.1f}% of all CPU time |",
-        f"| Python | {v['python']} |",
-        f"| batchrun | {v['batchrun']} |",
-        f"| aiohttp | {v['aiohttp']} |",
-        f"| pyarrow | {v['pyarrow']} |",
-        f"| orjson / uvloop / openai | {v['orjson']} / {v['uvloop']} / {v['openai']} |",
-        "",
-        "The machine is shared and noisy: comparisons are made in alternating pairs and the",
-        "median ratio is reported with its range (min-max over the pairs). Rates:",
-        "",
-        "- *end to end*: rows / process wall time from spawn to exit (interpreter start,",
-        "  imports, input read, sending, Parquet write). The ratios use this one.",
-        "- *in-run*: rows / the time without interpreter start and imports: for batchrun",
-        "  from its `start` log event (input scanned, journal open) to its `summary` event",
-        "  (Parquet written); for the loops their own send + write time.",
-        "- *sending*: rows / (last `finished_at` - first `started_at`) in the output file.",
-        "",
-        "*Client CPU* is the client process's user+system CPU time per row (wait4), which the",
-        "noise affects much less than wall time. *Server busy* is the mock server's CPU time",
-        "over the run's wall time: near 100% means the single-core endpoint, not the client,",
-        "set the pace. *Other load* is the CPU (in cores, of "
-        f"{m['nproc']}) used meanwhile by processes other",
-        "than the client and the server: the noise from the rest of the machine.",
-        "",
-    ]
-
+def _render_throughput(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     # 1. throughput
     tp: dict[int, Pairs] = report["throughput"]
     md += [
@@ -807,12 +775,18 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             (
                 f"throughput c={c}",
                 f"batchrun {_cell(pairs.b, 'rows_per_s')} rows/s vs minimal "
-                f"{_cell(pairs.a, 'rows_per_s')}; ratio {_median(ratios):.2f} ({_range(ratios)})",
+                f"{_cell(pairs.a, 'rows_per_s')}; ratio {_median(ratios):.2f} ({_range(ratios)}); "
+                f"client CPU/row ratio {_median(cpu):.2f}",
                 "— (reference)",
                 "—",
             )
         )
     md.append("")
+
+
+def _render_sdk(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     sdk = report["sdk"]
     md += [f"### openai SDK loop (concurrency 64, {SDK_ROWS:,} rows, one run each)", ""]
     if isinstance(sdk, str):
@@ -848,6 +822,10 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             )
         )
 
+
+def _render_latency(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     # 2. latency
     lat = report["latency"]
     limit = LATENCY_CONCURRENCY / (LATENCY_MS / 1000)
@@ -889,6 +867,10 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         )
     )
 
+
+def _render_memory(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     # 3. memory
     mem: list[Run] = report["memory"]
     md += [
@@ -939,6 +921,10 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         met_text = _met(mem_ok) + " (extrapolated)"
     summary.append(("peak RSS", mem_text, f"flat, < {TARGET_RSS_MB:.0f} MB at 1M", met_text))
 
+
+def _render_help(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     # 4. help
     h = report["help"]
     heavy = h["heavy_imported"]
@@ -973,6 +959,10 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         )
     )
 
+
+def _render_pacing(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
     # 5. pacing
     pcs: Pairs = report["pacing"]
     ratios = pcs.ratios()
@@ -990,22 +980,87 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             f"{_cell(runs, 'send_rows_per_s')} | {_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'other_load', '{:.2f}')} |"
         )
     med = _median(overhead)
+    cpu_over = _median(cpu) - 1
+    if med < TARGET_PACING_OVERHEAD:
+        verdict = _met(True)
+    elif cpu_over < TARGET_PACING_OVERHEAD:
+        # Wall-time pairs on a loaded machine can swing by tens of percent; say
+        # what each measure shows rather than pick the kinder one.
+        verdict = (
+            f"**not met** on rows/s ({med:+.1%}, pairs spread {max(overhead) - min(overhead):.0%}); "
+            f"met on CPU per row ({cpu_over:+.1%})"
+        )
+    else:
+        verdict = _met(False)
     md += [
         "",
         f"Overhead (1 - paced / unpaced end-to-end rows/s) over {len(ratios)} alternating pairs: median "
         f"**{med:+.1%}** (range {min(overhead):+.1%} to {max(overhead):+.1%}); client CPU per row, paced / "
         f"unpaced: {_median(cpu):.3f} ({_range(cpu, '{:.3f}')}). Target < {TARGET_PACING_OVERHEAD:.0%}: "
-        f"{_met(med < TARGET_PACING_OVERHEAD)}.",
+        f"{verdict}.",
         "",
     ]
     summary.append(
         (
             "rpm/tpm overhead c=64",
-            f"{med:+.1%} median ({min(overhead):+.1%} to {max(overhead):+.1%}); CPU/row x{_median(cpu):.3f}",
+            f"{med:+.1%} median rows/s ({min(overhead):+.1%} to {max(overhead):+.1%}); "
+            f"client CPU/row {_median(cpu) - 1:+.1%}",
             f"< {TARGET_PACING_OVERHEAD:.0%}",
-            _met(med < TARGET_PACING_OVERHEAD),
+            verdict,
         )
     )
+
+
+def render(report: dict[str, Any]) -> tuple[str, str]:
+    """(summary table for the terminal, the whole results.md)."""
+    m, v = report["machine"], report["versions"]
+    summary: list[tuple[str, str, str, str]] = []
+    md: list[str] = [
+        "## Machine and versions",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPUs (nproc) | {m['nproc']} x {m['cpu']} |",
+        f"| RAM | {m['ram']} |",
+        f"| kernel | {m['kernel']} |",
+        f"| pinning | {m['pinning']} |",
+        f"| load average at start / end | {m['load_start']} / {m['load_end']} |",
+        f"| CPU steal during the run | {report['steal_pct']:.1f}% of all CPU time |",
+        f"| Python | {v['python']} |",
+        f"| batchrun | {v['batchrun']} |",
+        f"| aiohttp | {v['aiohttp']} |",
+        f"| pyarrow | {v['pyarrow']} |",
+        f"| orjson / uvloop / openai | {v['orjson']} / {v['uvloop']} / {v['openai']} |",
+        "",
+        "The machine is shared and noisy: comparisons are made in alternating pairs and the",
+        "median ratio is reported with its range (min-max over the pairs). Rates:",
+        "",
+        "- *end to end*: rows / process wall time from spawn to exit (interpreter start,",
+        "  imports, input read, sending, Parquet write). The ratios use this one.",
+        "- *in-run*: rows / the time without interpreter start and imports: for batchrun",
+        "  from its `start` log event (input scanned, journal open) to its `summary` event",
+        "  (Parquet written); for the loops their own send + write time.",
+        "- *sending*: rows / (last `finished_at` - first `started_at`) in the output file.",
+        "",
+        "*Client CPU* is the client process's user+system CPU time per row (wait4), which the",
+        "noise affects much less than wall time. *Server busy* is the mock server's CPU time",
+        "over the run's wall time: near 100% means the single-core endpoint, not the client,",
+        "set the pace. *Other load* is the CPU (in cores, of "
+        f"{m['nproc']}) used meanwhile by processes other",
+        "than the client and the server: the noise from the rest of the machine.",
+        "",
+    ]
+
+    for name, section in (
+        ("throughput", _render_throughput),
+        ("sdk", _render_sdk),
+        ("latency", _render_latency),
+        ("memory", _render_memory),
+        ("help", _render_help),
+        ("pacing", _render_pacing),
+    ):
+        if name in report:
+            section(report, md, summary)
 
     head = [
         "# batchrun benchmarks",
@@ -1017,7 +1072,8 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             if FULL
             else " (without `BENCH_FULL=1`, so the 1,000,000-row memory run was skipped)."
         ),
-        "What each benchmark measures: [`README.md`](README.md).",
+        "What each benchmark measures: [`README.md`](README.md)."
+        + ("" if ONLY == SECTIONS else f" Only these ran (`BENCH_ONLY`): {', '.join(ONLY)}."),
         "",
         "## Summary",
         "",
@@ -1062,17 +1118,27 @@ def main() -> int:
         "machine": machine_info(),
         "versions": versions(),
     }
-    say(f"{report['machine']['pinning']}; {ROWS:,} rows, {PAIRS} pairs, BENCH_FULL={int(FULL)}")
+    unknown = [x for x in ONLY if x not in SECTIONS]
+    if unknown:
+        raise BenchError(f"BENCH_ONLY: unknown {unknown}; known: {', '.join(SECTIONS)}")
+    say(
+        f"{report['machine']['pinning']}; {ROWS:,} rows, {PAIRS} pairs, BENCH_FULL={int(FULL)}, "
+        f"benchmarks: {', '.join(x for x in SECTIONS if x in ONLY)}"
+    )
     with workspace() as workdir:
         tickets = make_inputs(workdir)
-        with MockServer(workdir) as server:
-            report["throughput"] = bench_throughput(server, workdir, tickets)
-            report["sdk"] = bench_sdk(server, workdir, tickets)
-            report["pacing"] = bench_pacing(server, workdir, tickets)
-            report["memory"] = bench_memory(server, workdir, tickets)
-        with MockServer(workdir, latency_ms=LATENCY_MS) as server:
-            report["latency"] = bench_latency(server, workdir, tickets)
-        report["help"] = bench_help(workdir)
+        plain = {"throughput": bench_throughput, "sdk": bench_sdk, "pacing": bench_pacing}
+        plain["memory"] = bench_memory
+        if any(name in ONLY for name in plain):
+            with MockServer(workdir) as server:
+                for name, bench in plain.items():
+                    if name in ONLY:
+                        report[name] = bench(server, workdir, tickets)
+        if "latency" in ONLY:
+            with MockServer(workdir, latency_ms=LATENCY_MS) as server:
+                report["latency"] = bench_latency(server, workdir, tickets)
+        if "help" in ONLY:
+            report["help"] = bench_help(workdir)
     steal1 = _steal_ticks()
     total = steal1[1] - steal0[1]
     report["steal_pct"] = 100 * (steal1[0] - steal0[0]) / total if total > 0 else 0.0
