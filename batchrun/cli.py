@@ -198,6 +198,32 @@ def _run_async(coro: Any) -> Any:
         return runner.run(coro)
 
 
+@main.command(
+    epilog="Exit codes: 0 the job can run; 2 it would fail before sending (the message says why)."
+)
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@job_options
+@click.option("--mock", is_flag=True, help="Plan for the embedded endpoint (no key needed).")
+@click.option(
+    "--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects."
+)
+@click.option("--dedupe", is_flag=True, help="Keep the first row of each duplicate id.")
+def plan(job_file: Path | None, **flags: Any) -> None:
+    """Check JOB_FILE and its input without sending anything: rows, the first
+    request (key hidden), estimated tokens, cost range and time."""
+    from batchrun.api import RunOptions, plan_job
+    from batchrun.config import load_job
+
+    try:
+        job = load_job(job_file, _overrides(flags))
+        options = RunOptions(
+            mock=flags["mock"], skip_bad_lines=flags["skip_bad_lines"], dedupe=flags["dedupe"]
+        )
+        click.echo(plan_job(job, options).text())
+    except BatchrunError as exc:
+        fail(exc)
+
+
 @main.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")

@@ -55,7 +55,7 @@ class Tally:
         return (self.total - self.done) / rate if rate > 0 else None
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
     seconds = int(seconds)
@@ -80,7 +80,7 @@ def status_text(t: Tally) -> str:
         + (f"invalid {t.invalid}  " if t.invalid else "")
         + f"tokens {_count(tokens)}  "
         + (f"spent {t.cost:.2f} {t.currency}  " if t.cost is not None else "")
-        + f"{t.rows_per_s:,.0f} rows/s  ETA {_duration(t.eta_s)}"
+        + f"{t.rows_per_s:,.0f} rows/s  ETA {duration(t.eta_s)}"
     )
 
 

@@ -1069,7 +1069,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         f"{report['total_s'] / 60:.1f} min"
         + (
             " with `BENCH_FULL=1`."
-            if FULL
+            if FULL or "memory" not in ONLY
             else " (without `BENCH_FULL=1`, so the 1,000,000-row memory run was skipped)."
         ),
         "What each benchmark measures: [`README.md`](README.md)."
