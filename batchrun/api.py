@@ -76,6 +76,8 @@ class RunOptions:
     handle_signals: bool = False
     mock: bool = False
     reuse: tuple[Path, ...] = ()
+    shard: tuple[int, int] | None = None
+    """(K, N): send only the rows whose id hashes to shard K (0-based) of N."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,8 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
     id_column = job.id_column if scan.has_id_column else None
+    if options.shard is not None:
+        table.keep_shard(scan, id_column, *options.shard)
     needed = prompt_columns(job)
     structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
     response_format = structured.body_field() if structured is not None else None
@@ -239,11 +243,11 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
     )
 
     def prepared(for_job: Job) -> Iterator[Prepared]:
-        return prepare_rows(
-            for_job, table.batches(needed, id_column), scan.duplicate_rows, response_format
-        )
+        return prepare_rows(for_job, table.batches(needed, id_column), scan.skip, response_format)
 
     identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
+    if options.shard is not None:
+        identity["shard"] = "{}/{}".format(*options.shard)
     assert job.output is not None  # checked above
     journal = Journal(
         job.output, scan.num_rows, identity, restart=options.restart, keep_columns=job.keep_columns
@@ -261,16 +265,14 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
         reused = reused_tokens = 0
         if options.reuse:
             reused, reused_tokens = _reuse(journal, options.reuse, prepared(job), job.model)
-        total = scan.num_rows - len(scan.duplicate_rows)
+        total = scan.rows_kept
         tally = Tally(total=total)
         tally.ok, tally.failed, tally.invalid = journal.counts()
         tally.resumed = tally.done
         spend = _spend(job, journal)
         if spend is not None:
             tally.cost, tally.currency = spend.spent, spend_currency(job)
-        to_send = journal.missing_rows(scan.duplicate_rows) + (
-            tally.failed if options.retry_failed else 0
-        )
+        to_send = journal.missing_rows(scan.skip) + (tally.failed if options.retry_failed else 0)
         log.info(
             "job started: %d rows, %d to send, model %s, %s",
             total,
@@ -320,7 +322,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
                     ticker.cancel()
                     progress.close()
             scheduler.flush_held()
-        missing = journal.missing_rows(scan.duplicate_rows)
+        missing = journal.missing_rows(scan.skip)
         if missing:
             raise JobStopped(
                 f"{missing} rows have no result yet. Run the same command again to send them."
@@ -337,7 +339,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
             scan.keep_schema,
             keep_batches,
             metadata,
-            skip_rows=scan.duplicate_rows,
+            skip_rows=scan.skip,
             extra_fields=extra_fields,
             value_columns=frozenset(f.name for f in structured.fields)
             if structured
@@ -676,7 +678,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     first: dict[str, Any] | None = None
     prompt_tokens = to_send = 0
     for p in prepare_rows(
-        job, table.batches(prompt_columns(job), id_column), scan.duplicate_rows, response_format
+        job, table.batches(prompt_columns(job), id_column), scan.skip, response_format
     ):
         if p.error:
             continue
@@ -700,7 +702,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         per_row = (prompt_tokens + to_send * job.max_tokens) / to_send
         pace = min(pace or float("inf"), job.tpm / 60 / per_row)
     return Plan(
-        rows=scan.num_rows - len(scan.duplicate_rows),
+        rows=scan.rows_kept,
         to_send=to_send,
         first_request=first or {},
         url=job.url,

@@ -86,6 +86,17 @@ def _overrides(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n):
+        raise click.BadParameter(
+            f"{text!r} is not K/N with 0 <= K < N, e.g. 0/4", param_hint="--shard"
+        )
+    return int(k), int(n)
+
+
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -120,6 +131,12 @@ def main() -> None:
 )
 @click.option(
     "--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing."
+)
+@click.option(
+    "--shard",
+    metavar="K/N",
+    default=None,
+    help="Send only the rows whose id hashes to shard K of N (K from 0 to N-1); run N processes, each with its own --output, then batchrun merge.",
 )
 @click.option(
     "--reuse",
@@ -170,6 +187,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
             handle_signals=True,
             mock=flags["mock"],
             reuse=tuple(flags["reuse"]),
+            shard=_parse_shard(flags["shard"]),
         )
         result = _run_async(run_job(job, options))
     except BatchrunError as exc:

@@ -14,6 +14,7 @@ fixes column types from the first block.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,20 @@ class Scan:
     has_id_column: bool
     keep_schema: pa.Schema
     skipped_lines: list[int] = field(default_factory=list)
-    duplicate_rows: set[int] = field(default_factory=set)
+    skip: Any = None
+    """numpy bool mask: rows left out of this run (later duplicates with --dedupe,
+    rows of other shards with --shard)."""
+
+    def __post_init__(self) -> None:
+        if self.skip is None:
+            import numpy as np
+
+            self.skip = np.zeros(self.num_rows, dtype=bool)
+
+    @property
+    def rows_kept(self) -> int:
+        """Rows this run must give a result (the output's row count)."""
+        return self.num_rows - int(self.skip.sum())
 
 
 def _id_text(value: Any) -> str:
@@ -254,7 +268,8 @@ class InputTable:
         if not dups:
             return  # hash collisions only
         if dedupe:
-            scan.duplicate_rows = {r for rows in dups.values() for r in rows[1:]}
+            for rows in dups.values():
+                scan.skip[rows[1:]] = True
             return
         listed = "; ".join(
             f"{i!r} at rows {', '.join(map(str, rows))}"
@@ -265,6 +280,15 @@ class InputTable:
             f"Input {self.path} has duplicate ids in `{id_column}`: {listed}{more}. Ids must be unique so each row is "
             "sent and resumed once: fix the input, or pass --dedupe to keep the first row of each id."
         )
+
+    def keep_shard(self, scan: Scan, id_column: str | None, shard: int, shards: int) -> None:
+        """Leave out of ``scan`` every row whose id does not hash to ``shard`` of ``shards``."""
+        ids: Iterator[str] = (
+            self._iter_ids(id_column) if id_column else (str(r) for r in range(scan.num_rows))
+        )
+        for row, id_ in enumerate(ids):
+            if shard_of(id_, shards) != shard:
+                scan.skip[row] = True
 
     def _iter_ids(self, id_column: str) -> Iterator[str]:
         if self.format == "jsonl":
@@ -333,6 +357,13 @@ class InputTable:
                 rows = []
         if rows:
             yield _keep_batch(rows, keep_schema)
+
+
+def shard_of(row_id: str, shards: int) -> int:
+    """The shard (0-based) a row id belongs to: a hash of the id, the same on every
+    run and machine (not Python's salted hash)."""
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
 
 
 def _arrow_type_for(kinds: set[type]) -> pa.DataType:

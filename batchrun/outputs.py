@@ -313,10 +313,10 @@ class Journal:
             int((status == STATUS_INVALID).sum()),
         )
 
-    def missing_rows(self, skip: set[int] | None = None) -> int:
-        """How many rows have no result yet."""
-        missing = int((self.status == STATUS_NONE).sum())
-        return missing - len(skip or ())
+    def missing_rows(self, skip: Any = None) -> int:
+        """How many rows have no result yet (``skip``: a bool mask of rows left out)."""
+        none = self.status == STATUS_NONE
+        return int((none & ~skip).sum()) if skip is not None else int(none.sum())
 
     # ---- the finished file ----------------------------------------------
 
@@ -325,7 +325,7 @@ class Journal:
         keep_schema: pa.Schema,
         keep_batches: Iterator[pa.RecordBatch] | None,
         metadata: Mapping[str, Any],
-        skip_rows: set[int] | None = None,
+        skip_rows: Any = None,
         batch_rows: int = 8192,
         extra_fields: Sequence[pa.Field] = (),
         value_columns: frozenset[str] = frozenset(),
@@ -334,7 +334,8 @@ class Journal:
         self.sync()
         schema = output_schema(keep_schema, metadata, extra_fields)
         tmp = self.output.with_name(f".{self.output.name}.{self.run_id}.tmp")
-        skip = skip_rows or set()
+        skip = skip_rows if skip_rows is not None else np.zeros(self.num_rows, dtype=bool)
+        any_skipped = bool(skip.any())
         try:
             with (
                 open(self.path, "rb") as fh,
@@ -348,12 +349,16 @@ class Journal:
                             if keep is not None
                             else min(batch_rows, self.num_rows - start)
                         )
-                        rows = [r for r in range(start, stop) if r not in skip]
+                        rows = (
+                            (np.nonzero(~skip[start:stop])[0] + start).tolist()
+                            if any_skipped
+                            else range(start, stop)
+                        )
                         records = [
                             orjson.loads(mm[self.offsets[r] : self.offsets[r] + self.lengths[r]])
                             for r in rows
                         ]
-                        if keep is not None and skip:
+                        if keep is not None and any_skipped:
                             keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
                         writer.write_batch(_result_batch(records, keep, schema, value_columns))
                 finally:

@@ -69,15 +69,15 @@ class Prepared:
 def prepare_rows(
     job: Job,
     batches: Iterator[RowBatch],
-    skip: set[int] | None = None,
+    skip: Any = None,
     response_format: Mapping[str, Any] | None = None,
 ) -> Iterator[Prepared]:
     """Input rows → request bodies, in input order."""
-    skip = skip or set()
+    any_skipped = skip is not None and bool(skip.any())
     for batch in batches:
         for i, row in enumerate(batch.rows):
             number = batch.start + i
-            if number in skip:
+            if any_skipped and skip[number]:
                 continue
             row_id = batch.ids[i]
             try:

@@ -393,7 +393,7 @@ def test_signal_stops_after_requests_in_flight(
     tmp_path: Path, procs: Procs, signum: int, code: int, name: str
 ) -> None:
     server = start_mock(procs, "--latency-ms", "50")
-    rows = tickets(300)
+    rows = tickets(200)
     ids = [str(r["id"]) for r in rows]
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
@@ -918,20 +918,52 @@ BAD_INPUTS = [
 ]
 
 
+@dataclass
+class BadRun:
+    done: Done
+    want: list[str]
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(
+    tmp_path_factory: pytest.TempPathFactory, shared_server: MockProc
+) -> Iterator[tuple[dict[str, BadRun], int]]:
+    """Every bad-input case through the CLI, all at once (they are independent), and
+    how many requests the server received meanwhile."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    p = Procs(root)
+    try:
+        before = shared_server.requests()
+        started = {}
+        for case in BAD_INPUTS:
+            folder = root / case
+            folder.mkdir()
+            inp, extra, want = _bad_input(folder, case)
+            out = folder / "out.parquet"
+            proc = p.start([*run_cmd(inp, out, shared_server.base_url), *extra])
+            started[case] = (proc, want, out)
+        runs = {
+            case: BadRun(p.wait(proc, timeout=60), want, out)
+            for case, (proc, want, out) in started.items()
+        }
+        yield runs, shared_server.requests() - before
+    finally:
+        p.close()
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_exit_2_nothing_sent(
-    tmp_path: Path, procs: Procs, shared_server: MockProc, case: str
+    bad_input_runs: tuple[dict[str, BadRun], int], case: str
 ) -> None:
-    inp, extra, want = _bad_input(tmp_path, case)
-    out = tmp_path / "out.parquet"
-    before = shared_server.requests()
-    done = procs.run([*run_cmd(inp, out, shared_server.base_url), *extra])
-    assert done.rc == 2, done.text
-    assert "Traceback" not in done.text
-    for fragment in want:
-        assert fragment in done.err, (fragment, done.err)
-    assert shared_server.requests() == before, "a request was sent"
-    assert not out.exists() and not batchrun.outputs.partial_dir(out).exists()
+    runs, sent = bad_input_runs
+    run = runs[case]
+    assert run.done.rc == 2, run.done.text
+    assert "Traceback" not in run.done.text
+    for fragment in run.want:
+        assert fragment in run.done.err, (fragment, run.done.err)
+    assert not run.out.exists() and not batchrun.outputs.partial_dir(run.out).exists()
+    assert sent == 0, "a bad-input run sent a request"
 
 
 def test_skip_bad_lines_completes_and_counts(

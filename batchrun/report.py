@@ -1,0 +1,869 @@
+"""Usage and cost of finished jobs, read back from their output files.
+
+``batchrun report OUTPUT... [--prices FILE] [--by COLUMN ...]`` reads one or many
+outputs (files, folders of ``*.parquet``, globs), only the columns it needs, and
+counts in total and per group. What each figure means:
+
+- ``rows``: every output row. ``ok``, ``failed`` (status ``error``) and
+  ``invalid`` (status ``invalid``: the API answered, and was paid, but the answer
+  did not fit the job's schema) are counted apart: an invalid row is not an API
+  failure.
+- A row with ``attempts == 0`` had no request in the run that wrote it: either
+  *reused* (status ``ok``, copied by ``--reuse`` from an earlier output) or never
+  sent (it could not be turned into a request; status ``error``). Nothing was paid
+  for it in that run, so its tokens are in neither the token sums nor the cost:
+  ``reused`` counts the reused rows and ``reused_tokens`` their total tokens.
+- ``prompt_tokens``, ``completion_tokens``, ``total_tokens``: sums of the usage
+  columns over the rows sent (``attempts >= 1``; a null ``attempts`` counts as
+  sent, so cost is never under-reported), failed and invalid rows included where
+  the API reported usage. A null usage counts 0; ``no_usage`` counts the ok and
+  invalid rows sent whose answer reported no usage at all (the cost misses them).
+- ``cost``: exact ``Decimal``. Tokens are summed per group and model (integers,
+  exact), then priced once with :class:`~batchrun.prices.Prices` — the same
+  figure as pricing each row and summing, since a price is linear in tokens. A
+  group with any sent row whose model has no price has ``cost = None``
+  ("unpriced", never 0); ``priced_cost`` is then the cost of its priced rows and
+  ``unpriced_tokens`` the prompt + completion tokens left unpriced. Without a
+  prices file every sent row is unpriced and ``priced_cost`` is None.
+- ``tokens_per_row_*``: mean, median and 95th percentile of ``total_tokens``
+  over the sent rows that reported it; ``latency_ms_p50`` / ``_p95`` over the sent
+  rows (milliseconds, retries included). Percentiles interpolate linearly; None
+  when no row qualifies.
+- ``retries``: requests beyond the first, ``sum(attempts - 1)`` over rows with
+  ``attempts >= 1`` (re-asks after an answer that did not fit the schema count).
+
+``--by day`` groups by the UTC date of ``finished_at`` unless the output has a
+column named ``day``.
+
+Formats: a terminal table (``table``), ``csv`` (one line per group, then the
+total; ``scope`` says which), ``json`` (one object ``{"total": {...}, "groups":
+[...]}``, costs as exact decimal numbers) and ``markdown``; :func:`write_html`
+writes one self-contained page (inline CSS and SVG, no network) with the tables
+and three charts: cost per group, a completion-token histogram, rows per day.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import glob
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.errors import InputError, JobError, OutputError
+from batchrun.prices import Prices, load_prices
+
+Format = Literal["table", "csv", "json", "markdown"]
+FORMATS: tuple[Format, ...] = ("table", "csv", "json", "markdown")
+
+NEEDED_COLUMNS = (
+    "model",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "latency_ms",
+    "attempts",
+    "finished_at",
+)
+"""The columns of a batchrun output that the report reads (plus the ``--by`` ones)."""
+
+DAY = "day"
+"""``--by day``: the UTC date of ``finished_at``, unless the output has a ``day`` column."""
+
+MAX_CHART_BARS = 40
+"""The cost chart shows the groups that cost most, at most this many."""
+
+
+# ---- the figures -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The figures of one group (or of the total). See the module docstring for
+    what each one counts; tokens are counts, costs are in the prices' currency,
+    latencies in milliseconds."""
+
+    rows: int
+    ok: int
+    failed: int
+    invalid: int
+    reused: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    reused_tokens: int
+    no_usage: int
+    cost: Decimal | None
+    priced_cost: Decimal | None
+    unpriced_tokens: int
+    unpriced_rows: int
+    tokens_per_row_mean: float | None
+    tokens_per_row_p50: float | None
+    tokens_per_row_p95: float | None
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    retries: int
+
+
+STAT_NAMES = tuple(f.name for f in fields(Stats))
+RESERVED_NAMES = frozenset({*STAT_NAMES, "currency", "scope"})
+"""Names a ``--by`` column cannot have: they are the report's own columns."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One group: its key (one value per ``--by`` column, None for null) and figures."""
+
+    key: tuple[Any, ...]
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class Bin:
+    """A histogram bin: rows whose completion_tokens is in ``low..high`` (inclusive)."""
+
+    low: int
+    high: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Day:
+    """Rows that finished on one UTC date (None: no finished_at), by status."""
+
+    day: str | None
+    ok: int
+    failed: int
+    invalid: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything the formats render: the figures, plus the data of the charts."""
+
+    files: tuple[Path, ...]
+    by: tuple[str, ...]
+    prices: Prices | None
+    total: Stats
+    groups: tuple[Group, ...]
+    unpriced_models: tuple[str, ...]
+    """Models of sent rows that the prices file does not price (all of them without one)."""
+    cost_chart: tuple[tuple[str, Stats], ...]
+    """Bars of the cost chart: the groups, or per model when there is no ``--by``."""
+    completion_histogram: tuple[Bin, ...]
+    days: tuple[Day, ...]
+    never_sent: int = 0
+    """Rows with attempts 0 that are not ok: they could not be made into a request."""
+
+    @property
+    def currency(self) -> str | None:
+        return self.prices.currency if self.prices is not None else None
+
+
+# ---- reading outputs --------------------------------------------------------------------
+
+
+def output_files(specs: Iterable[str | Path]) -> list[Path]:
+    """The Parquet files named by ``specs``: files, folders (every ``*.parquet``
+    below, hidden ones skipped) and glob patterns (``**`` recurses), in the order
+    given, folders and globs sorted; a file named twice is read once.
+
+    InputError when a spec matches nothing."""
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = _parquet_below(path)
+            if not found:
+                raise InputError(
+                    f"Folder {path} holds no .parquet file. Give the output files that `batchrun run` writes, or the folder that holds them."
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(str(spec)):
+            matches = sorted(Path(m) for m in glob.glob(str(spec), recursive=True))
+            found = []
+            for match in matches:
+                found.extend(_parquet_below(match) if match.is_dir() else [match])
+            if not found:
+                raise InputError(f"No file matches {spec}. Check the pattern (quote it).")
+            files.extend(found)
+        else:
+            raise InputError(
+                f"Output {path} does not exist. Check the path: give output files, folders or globs."
+            )
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for file in files:
+        resolved = file.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(file)
+    return unique
+
+
+def _parquet_below(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def read_outputs(files: Sequence[Path], by: Sequence[str] = ()) -> pd.DataFrame:
+    """The needed columns and the ``by`` columns of every file, one frame.
+
+    Integer columns come back as nullable ``Int64``/``Int32``. ``day`` (when asked
+    for and absent) is derived per file: the UTC date of ``finished_at`` as
+    ``YYYY-MM-DD``, None where it is null. InputError names the file and what is
+    wrong: not Parquet, not a batchrun output (the columns it lacks), a ``by``
+    column it does not have (with the columns it has), a nested ``by`` column."""
+    frames = [_read_output(path, by) for path in files]
+    if not frames:
+        raise InputError("No output file given. Name output files, folders or globs.")
+    if len(frames) == 1:
+        return frames[0]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_output(path: Path, by: Sequence[str]) -> pd.DataFrame:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(
+            f"{path} is not a Parquet file ({exc}). Give the output files that `batchrun run` writes."
+        ) from None
+    schema = parquet.schema_arrow
+    names = schema.names
+    missing = [c for c in NEEDED_COLUMNS if c not in names]
+    if missing:
+        raise InputError(
+            f"{path} is not a batchrun output: it lacks the column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)}. Give the Parquet files that `batchrun run` writes."
+        )
+    derive_day = False
+    for column in by:
+        if column == DAY and DAY not in names:
+            derive_day = True
+        elif column not in names:
+            raise InputError(
+                f"--by {column}: {path} has no column {column}. Its columns are: {', '.join(names)}."
+            )
+        elif pa.types.is_nested(schema.field(column).type):
+            raise InputError(
+                f"--by {column}: column {column} of {path} holds {schema.field(column).type} values, "
+                "which cannot be grouped. Group by a column of plain values."
+            )
+    columns = list(dict.fromkeys([*NEEDED_COLUMNS, *(c for c in by if c in names)]))
+    try:
+        table = parquet.read(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"Cannot read {path}: {exc}. Is the file complete?") from None
+    frame = table.to_pandas(types_mapper=_NULLABLE_INTS.get)
+    if derive_day:
+        frame[DAY] = _utc_day(frame["finished_at"])
+    return frame
+
+
+_NULLABLE_INTS = {
+    pa.int64(): pd.Int64Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int8(): pd.Int8Dtype(),
+}
+
+
+def _utc_day(finished_at: pd.Series) -> pd.Series:
+    stamps = pd.to_datetime(finished_at, utc=True)
+    days = stamps.dt.strftime("%Y-%m-%d")
+    return days.astype(object).where(stamps.notna(), None)
+
+
+# ---- computing --------------------------------------------------------------------------
+
+
+def build_report(
+    outputs: Iterable[str | Path],
+    by: Sequence[str] = (),
+    prices: Prices | str | Path | None = None,
+) -> Report:
+    """Read ``outputs`` (files, folders, globs) and compute the report.
+
+    ``by``: output columns to group by (``day``: the UTC date of finished_at).
+    ``prices``: a :class:`Prices` or the path of a prices file; None leaves every
+    cost unpriced. Raises InputError (outputs, columns) or JobError (prices file,
+    a ``by`` name the report uses itself)."""
+    keys = _check_by(by)
+    if prices is not None and not isinstance(prices, Prices):
+        prices = load_prices(prices)
+    files = tuple(output_files(outputs))
+    frame = read_outputs(files, keys)
+    return compute_report(frame, keys, prices, files)
+
+
+def _check_by(by: Sequence[str]) -> tuple[str, ...]:
+    keys: list[str] = []
+    for name in by:
+        if not name:
+            raise JobError("--by needs a column name (or day).")
+        if name in RESERVED_NAMES:
+            raise JobError(
+                f"--by {name}: {name} is the name of a report column, so the groups could not carry it. "
+                "Copy the column under another name to group by it."
+            )
+        if name not in keys:
+            keys.append(name)
+    return tuple(keys)
+
+
+def compute_report(
+    frame: pd.DataFrame,
+    by: Sequence[str],
+    prices: Prices | None,
+    files: Sequence[Path] = (),
+) -> Report:
+    """The report of ``frame`` (columns as :func:`read_outputs` returns them)."""
+    by = tuple(by)
+    rows = _row_figures(frame)
+    total_groups = _aggregate(frame, rows, (), prices)
+    total = total_groups[0].stats if total_groups else _empty_stats(prices)
+    groups = tuple(_aggregate(frame, rows, by, prices)) if by else ()
+    if by:
+        cost_chart = tuple((_key_label(g.key), g.stats) for g in groups)
+    else:
+        per_model = _aggregate(frame, rows, ("model",), prices)
+        cost_chart = tuple((_key_label(g.key), g.stats) for g in per_model)
+    sent_models = frame["model"][rows.sent]
+    unpriced = sorted(
+        {
+            str(_plain(m))
+            for m in sent_models.drop_duplicates()
+            if prices is None or prices.price(_plain(m)) is None
+        }
+    )
+    return Report(
+        files=tuple(files),
+        by=by,
+        prices=prices,
+        total=total,
+        groups=groups,
+        unpriced_models=tuple(unpriced),
+        cost_chart=cost_chart,
+        completion_histogram=tuple(_histogram(frame, rows)),
+        days=tuple(_days(frame, rows)),
+        never_sent=int(np.count_nonzero(~rows.sent) - total.reused),
+    )
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-row figures, as numpy arrays aligned with the frame."""
+
+    sent: np.ndarray
+    work: pd.DataFrame
+    prompt: np.ndarray
+    completion: np.ndarray
+
+
+def _ints(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """An integer column as (int64 values with nulls as 0, null mask)."""
+    nulls = series.isna().to_numpy()
+    values = pd.to_numeric(series).fillna(0).to_numpy(dtype="int64")
+    return values, nulls
+
+
+def _row_figures(frame: pd.DataFrame) -> _Rows:
+    status = frame["status"].to_numpy(dtype=object)
+    ok = status == "ok"
+    failed = status == "error"
+    invalid = status == "invalid"
+    attempts = frame["attempts"].to_numpy(dtype="float64", na_value=np.nan)
+    reused = (attempts == 0) & ok
+    sent = ~(attempts == 0)  # a null attempts counts as sent: never under-report cost
+    prompt, prompt_null = _ints(frame["prompt_tokens"])
+    completion, completion_null = _ints(frame["completion_tokens"])
+    total, total_null = _ints(frame["total_tokens"])
+    latency = frame["latency_ms"].to_numpy(dtype="float64", na_value=np.nan)
+    zero = np.zeros(len(frame), dtype="int64")
+    work = pd.DataFrame(
+        {
+            "rows": np.ones(len(frame), dtype="int64"),
+            "ok": ok.astype("int64"),
+            "failed": failed.astype("int64"),
+            "invalid": invalid.astype("int64"),
+            "reused": reused.astype("int64"),
+            "prompt_tokens": np.where(sent, prompt, zero),
+            "completion_tokens": np.where(sent, completion, zero),
+            "total_tokens": np.where(sent, total, zero),
+            "reused_tokens": np.where(reused, total, zero),
+            "no_usage": (
+                sent & (ok | invalid) & prompt_null & completion_null & total_null
+            ).astype("int64"),
+            "retries": np.where(attempts >= 1, np.nan_to_num(attempts) - 1, 0).astype("int64"),
+            "tokens_per_row": np.where(sent & ~total_null, total.astype("float64"), np.nan),
+            "latency_ms": np.where(sent, latency, np.nan),
+        },
+        index=frame.index,
+    )
+    return _Rows(
+        sent=sent,
+        work=work,
+        prompt=np.where(sent, prompt, zero),
+        completion=np.where(sent, completion, zero),
+    )
+
+
+_SUMS = [
+    "rows",
+    "ok",
+    "failed",
+    "invalid",
+    "reused",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "reused_tokens",
+    "no_usage",
+    "retries",
+]
+
+
+def _groupers(frame: pd.DataFrame, keys: Sequence[str]) -> list[pd.Series]:
+    if not keys:
+        return [pd.Series(np.zeros(len(frame), dtype="int8"), index=frame.index, name="_all")]
+    return [frame[k].rename(f"_key{i}") for i, k in enumerate(keys)]
+
+
+def _groupby(data: pd.DataFrame, groupers: list[pd.Series]) -> Any:
+    """``data.groupby`` keeping null keys; :func:`_sorted` orders the groups after."""
+    return data.groupby(groupers, dropna=False, sort=False)
+
+
+def _key_tuples(index: pd.Index) -> list[tuple[Any, ...]]:
+    return [tuple(_plain(v) for v in (k if isinstance(k, tuple) else (k,))) for k in index]
+
+
+def _aggregate(
+    frame: pd.DataFrame, rows: _Rows, keys: Sequence[str], prices: Prices | None
+) -> list[Group]:
+    """One Group per distinct key of ``keys`` (the total when ``keys`` is empty)."""
+    if len(frame) == 0:
+        return []
+    groupers = _groupers(frame, keys)
+    grouped = _groupby(rows.work, groupers)
+    sums = grouped[_SUMS].sum()
+    mean = grouped["tokens_per_row"].mean()
+    tokens_p50 = grouped["tokens_per_row"].quantile(0.5)
+    tokens_p95 = grouped["tokens_per_row"].quantile(0.95)
+    latency_p50 = grouped["latency_ms"].quantile(0.5)
+    latency_p95 = grouped["latency_ms"].quantile(0.95)
+    costs = _costs(frame, rows, groupers, prices)
+    groups = []
+    for i, key in enumerate(_key_tuples(sums.index)):
+        priced, unpriced_rows, unpriced_tokens = costs.get(key, (Decimal(0), 0, 0))
+        counts = {name: int(sums[name].iloc[i]) for name in _SUMS}
+        stats = Stats(
+            **counts,
+            cost=priced if unpriced_rows == 0 else None,
+            priced_cost=priced if prices is not None else None,
+            unpriced_tokens=unpriced_tokens,
+            unpriced_rows=unpriced_rows,
+            tokens_per_row_mean=_float(mean.iloc[i]),
+            tokens_per_row_p50=_float(tokens_p50.iloc[i]),
+            tokens_per_row_p95=_float(tokens_p95.iloc[i]),
+            latency_ms_p50=_float(latency_p50.iloc[i]),
+            latency_ms_p95=_float(latency_p95.iloc[i]),
+        )
+        groups.append(Group(key if keys else (), stats))
+    return _sorted(groups)
+
+
+def _costs(
+    frame: pd.DataFrame, rows: _Rows, groupers: list[pd.Series], prices: Prices | None
+) -> dict[tuple[Any, ...], tuple[Decimal, int, int]]:
+    """Per group key: (cost of the priced sent rows, unpriced sent rows, their tokens).
+
+    Tokens are summed per group and model first (exact integers), then priced."""
+    usage = pd.DataFrame(
+        {"prompt": rows.prompt, "completion": rows.completion, "sent": rows.sent.astype("int64")},
+        index=frame.index,
+    )
+    model = frame["model"].rename("_model")
+    per_model = _groupby(usage, [*groupers, model]).sum()
+    out: dict[tuple[Any, ...], tuple[Decimal, int, int]] = {}
+    for full_key, prompt, completion, sent in zip(
+        _key_tuples(per_model.index),
+        per_model["prompt"],
+        per_model["completion"],
+        per_model["sent"],
+        strict=True,
+    ):
+        key, model_name = full_key[:-1], full_key[-1]
+        priced, unpriced_rows, unpriced_tokens = out.get(key, (Decimal(0), 0, 0))
+        if sent:
+            price = prices.price(model_name) if prices is not None else None
+            if price is None:
+                unpriced_rows += int(sent)
+                unpriced_tokens += int(prompt) + int(completion)
+            else:
+                priced += price.cost(int(prompt), int(completion))
+        out[key] = (priced, unpriced_rows, unpriced_tokens)
+    return out
+
+
+def _sorted(groups: list[Group]) -> list[Group]:
+    """Groups sorted by key, nulls last; values of mixed types sort by their text."""
+
+    def order(group: Group) -> tuple[Any, ...]:
+        return tuple((v is None, type(v).__name__, v) for v in group.key)
+
+    try:
+        return sorted(groups, key=order)
+    except TypeError:
+        return sorted(groups, key=lambda g: tuple((v is None, str(v)) for v in g.key))
+
+
+def _empty_stats(prices: Prices | None) -> Stats:
+    return Stats(
+        **dict.fromkeys(_SUMS, 0),
+        cost=Decimal(0),
+        priced_cost=Decimal(0) if prices is not None else None,
+        unpriced_tokens=0,
+        unpriced_rows=0,
+        tokens_per_row_mean=None,
+        tokens_per_row_p50=None,
+        tokens_per_row_p95=None,
+        latency_ms_p50=None,
+        latency_ms_p95=None,
+    )
+
+
+def _histogram(frame: pd.DataFrame, rows: _Rows) -> list[Bin]:
+    """completion_tokens of the sent rows that reported it, in at most about 30 bins
+    of a round width."""
+    values, nulls = _ints(frame["completion_tokens"])
+    values = values[rows.sent & ~nulls]
+    if values.size == 0:
+        return []
+    low, high = int(values.min()), int(values.max())
+    width = _nice_ceil(max(1.0, (high - low + 1) / 30))
+    width = max(1, int(width))
+    start = (low // width) * width
+    counts = np.bincount((values - start) // width)
+    return [
+        Bin(start + i * width, start + (i + 1) * width - 1, int(n)) for i, n in enumerate(counts)
+    ]
+
+
+def _days(frame: pd.DataFrame, rows: _Rows) -> list[Day]:
+    """Rows per UTC date of finished_at, every date of the range (up to a year of
+    them) listed even when empty, undated rows last."""
+    work = pd.DataFrame(
+        {
+            "day": _utc_day(frame["finished_at"]),
+            "ok": rows.work["ok"],
+            "failed": rows.work["failed"],
+            "invalid": rows.work["invalid"],
+        }
+    )
+    counts = work.groupby("day", dropna=False, sort=False)[["ok", "failed", "invalid"]].sum()
+    by_day = {_plain(d): tuple(int(v) for v in r) for d, r in zip(counts.index, counts.values)}
+    dated = sorted(d for d in by_day if d is not None)
+    if dated:
+        first, last = dt.date.fromisoformat(dated[0]), dt.date.fromisoformat(dated[-1])
+        if (last - first).days <= 366:
+            dated = [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+    days = [Day(d, *by_day.get(d, (0, 0, 0))) for d in dated]
+    if None in by_day:
+        days.append(Day(None, *by_day[None]))
+    return days
+
+
+# ---- values -----------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A key value as a plain Python value: numpy scalars unwrapped, nulls as None,
+    dates and timestamps as ISO text."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, pd.Timestamp | dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _float(value: Any) -> float | None:
+    value = _plain(value)
+    return None if value is None else float(value)
+
+
+def _key_label(key: tuple[Any, ...]) -> str:
+    return " / ".join(_text(v) for v in key) if key else "total"
+
+
+def _text(value: Any) -> str:
+    return "(null)" if value is None else str(value)
+
+
+def _decimal_text(value: Decimal) -> str:
+    """Exact, without exponent or trailing zeros: Decimal('2.640E-2') → '0.0264'."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
+    """The figures as a dict in schema order, with ``currency`` after the costs."""
+    out: dict[str, Any] = {}
+    for name in STAT_NAMES:
+        out[name] = getattr(stats, name)
+        if name == "unpriced_rows":
+            out["currency"] = currency
+    return out
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """``{"total": {...}, "groups": [{by columns..., figures...}, ...]}``; costs stay Decimal."""
+    return {
+        "total": stats_dict(report.total, report.currency),
+        "groups": [
+            {
+                **dict(zip(report.by, group.key, strict=True)),
+                **stats_dict(group.stats, report.currency),
+            }
+            for group in report.groups
+        ],
+    }
+
+
+# ---- formats ----------------------------------------------------------------------------
+
+
+def render(report: Report, fmt: Format = "table") -> str:
+    """The report as text in ``fmt`` (table, csv, json or markdown), ending in a newline."""
+    renderers: dict[str, Callable[[Report], str]] = {
+        "table": render_table,
+        "csv": render_csv,
+        "json": render_json,
+        "markdown": render_markdown,
+    }
+    if fmt not in renderers:
+        raise JobError(f"Unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    return renderers[fmt](report)
+
+
+def render_json(report: Report) -> str:
+    """One JSON object; costs are exact decimal numbers (not floats), other floats
+    rounded to 3 decimals, nulls for figures with no data."""
+    return _json(report_dict(report), 0) + "\n"
+
+
+def _json(value: Any, indent: int) -> str:
+    pad = "  " * (indent + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        inner = [f"{json.dumps(str(k))}: {_json(v, indent + 1)}" for k, v in value.items()]
+        if indent >= 2:  # a group's figures on one line each group
+            return "{" + ", ".join(inner) + "}"
+        return "{\n" + ",\n".join(pad + line for line in inner) + "\n" + "  " * indent + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        items = [pad + _json(v, indent + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * indent + "]"
+    if isinstance(value, Decimal):
+        return _decimal_text(value)
+    if isinstance(value, float):
+        return "null" if not math.isfinite(value) else json.dumps(round(value, 3))
+    value = _plain(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_csv(report: Report) -> str:
+    """A header, one line per group, then the total line (``scope`` = group / total).
+    Costs are exact decimals; a null is an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scope", *report.by, *stats_dict(report.total, None)])
+    for group in report.groups:
+        writer.writerow(
+            ["group", *group.key, *_csv_values(stats_dict(group.stats, report.currency))]
+        )
+    writer.writerow(
+        ["total", *([None] * len(report.by)), *_csv_values(stats_dict(report.total, report.currency))]
+    )
+    return buffer.getvalue()
+
+
+def _csv_values(values: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values.values():
+        if isinstance(value, Decimal):
+            out.append(_decimal_text(value))
+        elif isinstance(value, float):
+            out.append(round(value, 3))
+        else:
+            out.append(value)
+    return out
+
+
+# The two tables every human-readable format shows: (header, figure) pairs.
+_USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("rows", lambda s, r: _count(s.rows)),
+    ("ok", lambda s, r: _count(s.ok)),
+    ("failed", lambda s, r: _count(s.failed)),
+    ("invalid", lambda s, r: _count(s.invalid)),
+    ("reused", lambda s, r: _count(s.reused)),
+    ("prompt tokens", lambda s, r: _count(s.prompt_tokens)),
+    ("completion tokens", lambda s, r: _count(s.completion_tokens)),
+    ("total tokens", lambda s, r: _count(s.total_tokens)),
+    ("cost", lambda s, r: _money(s.cost, r)),
+]
+_ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("tokens/row mean", lambda s, r: _number(s.tokens_per_row_mean, 1)),
+    ("tokens/row p50", lambda s, r: _number(s.tokens_per_row_p50, 1)),
+    ("tokens/row p95", lambda s, r: _number(s.tokens_per_row_p95, 1)),
+    ("latency p50 ms", lambda s, r: _number(s.latency_ms_p50, 1)),
+    ("latency p95 ms", lambda s, r: _number(s.latency_ms_p95, 1)),
+    ("retries", lambda s, r: _count(s.retries)),
+]
+
+
+def _count(value: int) -> str:
+    return f"{value:,}"
+
+
+def _number(value: float | None, decimals: int) -> str:
+    return "-" if value is None else f"{value:,.{decimals}f}"
+
+
+def _money(value: Decimal | None, report: Report) -> str:
+    return "unpriced" if value is None else f"{value:,.4f}"
+
+
+def _cost_header(report: Report) -> str:
+    return f"cost {report.currency}" if report.currency else "cost"
+
+
+def _table_rows(
+    report: Report, columns: list[tuple[str, Callable[[Stats, Report], str]]]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body of one table: a line per group, then the total."""
+    key_headers = list(report.by) or [""]
+    headers = [*key_headers, *(_cost_header(report) if h == "cost" else h for h, _ in columns)]
+    body = [
+        [*(_text(v) for v in g.key), *(f(g.stats, report) for _, f in columns)]
+        for g in report.groups
+    ]
+    total_key = ["total", *([""] * (len(key_headers) - 1))]
+    body.append([*total_key, *(f(report.total, report) for _, f in columns)])
+    return headers, body
+
+
+def _title(report: Report) -> str:
+    n = len(report.files)
+    names = ", ".join(str(f) for f in report.files[:3]) + (", …" if n > 3 else "")
+    files = f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+    prices = (
+        f"prices {report.prices.path or 'given'} ({report.currency})"
+        if report.prices is not None
+        else "no prices"
+    )
+    return f"batchrun report: {files}, {report.total.rows:,} rows, {prices}"
+
+
+def _notes(report: Report) -> list[str]:
+    """What the reader must know to read the costs right."""
+    notes = []
+    t = report.total
+    if report.prices is None:
+        notes.append(
+            "No prices: costs are unpriced. Pass --prices FILE (see jobs/prices.toml for the format)."
+        )
+    elif report.unpriced_models:
+        notes.append(
+            f"Unpriced: {', '.join(report.unpriced_models)} "
+            f"{'has' if len(report.unpriced_models) == 1 else 'have'} no price in "
+            f"{report.prices.path or 'the prices'}: {t.unpriced_tokens:,} tokens of "
+            f"{t.unpriced_rows:,} rows are not costed (the priced rows cost "
+            f"{_money(t.priced_cost, report)} {report.currency}). Add the model to the prices file."
+        )
+    if t.reused:
+        notes.append(
+            f"Reused: {t.reused:,} rows ({t.reused_tokens:,} tokens) were copied from earlier "
+            "outputs, not sent: they are not in the tokens or the cost."
+        )
+    if report.never_sent:
+        notes.append(
+            f"Never sent: {report.never_sent:,} failed rows could not be made into a request (attempts 0)."
+        )
+    if t.no_usage:
+        notes.append(
+            f"No usage: {t.no_usage:,} answered rows reported no token usage; the cost misses them."
+        )
+    if t.invalid:
+        notes.append(
+            f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+        )
+    return notes
+
+
+def render_table(report: Report) -> str:
+    """A readable terminal table: usage and cost, then per-row figures, then notes."""
+    out = [_title(report), ""]
+    for columns in (_USAGE_COLUMNS, _ROW_COLUMNS):
+        headers, body = _table_rows(report, columns)
+        widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
+        nkeys = len(report.by) or 1
+        for line in [headers, *body]:
+            cells = [
+                cell.ljust(w) if i < nkeys else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ]
+            out.append("  ".join(cells).rstrip())
+        out.append("")
+    out.extend(_notes(report))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def render_markdown(report: Report) -> str:
+    """Two GitHub-style pipe tables (the total in bold) and the notes as a list."""
+    out = [f"**{_md(_title(report))}**", ""]
+    nkeys = len(report.by) or 1
+    for columns in (_USAGE_COLUMNS, _ROW_COLUMNS):
+        headers, body = _table_rows(report, columns)
+        out.append("| " + " | ".join(_md(h) for h in headers) + " |")
+        out.append("|" + "|".join(":---" if i < nkeys else "---:" for i in range(len(headers))) + "|")
+        for n, line in enumerate(body):
+            cells = [_md(c) for c in line]
+            if n == len(body) - 1:
+                cells = [f"**{c}**" if c else c for c in cells]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out.extend(f"- {_md(note)}" for note in _notes(report))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
