@@ -242,6 +242,60 @@ def plan(job_file: Path | None, **flags: Any) -> None:
         fail(exc)
 
 
+@main.command()
+@click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
+@click.option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Prices file (TOML, see jobs/prices.toml). Without it every cost is unpriced.",
+)
+@click.option(
+    "--by",
+    multiple=True,
+    metavar="COLUMN",
+    help="Group by this output column (repeatable, or a,b); day: the UTC date of finished_at.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "markdown"]),
+    default="table",
+    show_default=True,
+    help="What to print on stdout.",
+)
+@click.option(
+    "--html",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a self-contained HTML page (tables and charts) to this file.",
+)
+def report(
+    outputs: tuple[str, ...], prices: Path | None, by: tuple[str, ...], fmt: str, html: Path | None
+) -> None:
+    """Rows, tokens and cost of finished jobs, from their OUTPUT files (files,
+    folders of *.parquet, globs), in total and per --by group.
+
+    \b
+    batchrun report out/summaries.parquet --prices jobs/prices.toml --by priority
+    batchrun report 'out/nightly/*.parquet' --by day --by model --format csv
+
+    Reused rows (attempts 0) are shown but not costed; a group with a model the
+    prices file lacks is unpriced, never 0. Exit 2 on bad input.
+    """
+    from batchrun.report import build_report, render, write_html
+
+    try:
+        columns = [c for b in by for c in _comma_list(b)]
+        result = build_report(outputs, by=columns, prices=prices)
+        text = render(result, fmt)
+        if html is not None:
+            write_html(result, html)
+    except BatchrunError as exc:
+        fail(exc)
+    click.echo(text, nl=False)
+    if html is not None:
+        click.echo(f"wrote {html}", err=True)
+
+
 @main.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -32,10 +33,10 @@ from batchrun.config import Job, load_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
 
-try:  # ``arun(job, RunOptions, sleep=)`` was renamed ``run_job`` when ``arun`` became a DataFrame API
-    from batchrun.api import run_job as arun
-except ImportError:  # pragma: no cover - before that rename
-    from batchrun.api import arun
+try:
+    from batchrun.api import run_job
+except ImportError:  # pragma: no cover - the name before arun became the DataFrame API
+    from batchrun.api import arun as run_job
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -358,7 +359,7 @@ async def test_resume_drops_a_torn_journal_tail(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(latency_s=0.02)) as server:
         job = make_job(inp, out, server.base_url, concurrency=2)
-        task = asyncio.create_task(arun(job, RunOptions(progress=False)))
+        task = asyncio.create_task(run_job(job, RunOptions(progress=False)))
         deadline = time.monotonic() + 10
         while journal_lines(out) < 6:
             assert not task.done() and time.monotonic() < deadline
@@ -373,7 +374,7 @@ async def test_resume_drops_a_torn_journal_tail(tmp_path: Path) -> None:
         with journal_path(out).open("ab") as fh:
             fh.write(whole[: len(whole) // 2])  # no newline: a torn write
         before = server.stats.requests
-        result = await arun(job, RunOptions(progress=False))
+        result = await run_job(job, RunOptions(progress=False))
         sent = server.stats.requests - before
     assert result.exit_code == 0 and result.resumed == len(records)
     assert sent == len(rows) - len(records)
@@ -562,7 +563,7 @@ async def test_fault_mix_every_row_ok_and_attempts_match_server(tmp_path: Path) 
             inp, out, server.base_url, concurrency=64, max_attempts=10, request_timeout_s=0.2
         )
         t0 = time.monotonic()
-        result = await arun(job, RunOptions(progress=False), sleep=fast_sleep)
+        result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         wall = time.monotonic() - t0
         stats = server.stats.to_dict()
     out_rows = assert_complete(out, ids)
@@ -609,7 +610,7 @@ async def test_too_few_attempts_record_the_last_cause(tmp_path: Path, procs: Pro
     # One worker: the first 6 requests (rows 0, 1, 2, twice each) get 503.
     async with serve(MockConfig(fail_first=6, fail_first_kind="503")) as server:
         job = make_job(inp, out, server.base_url, concurrency=1, max_attempts=2)
-        result = await arun(job, RunOptions(progress=False), sleep=fast_sleep)
+        result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         assert server.stats.requests == 6 + 7
     out_rows = assert_complete(out, ids, status=None)
     assert result.exit_code == 1 and result.failed == 3 and result.ok == 7
@@ -647,7 +648,7 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
         )
         t0 = time.monotonic()
         with pytest.raises(ApiDown) as info:
-            await arun(job, RunOptions(progress=False), sleep=small_sleep)
+            await run_job(job, RunOptions(progress=False), sleep=small_sleep)
         stopped_s = time.monotonic() - t0
         sent = down.stats.requests
     assert info.value.exit_code == 3
@@ -662,7 +663,7 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
 
     async with serve(MockConfig()) as healthy:
         job = make_job(inp, out, healthy.base_url, concurrency=8, api_down_after_s=1.0)
-        result = await arun(job, RunOptions(progress=False, retry_failed=True))
+        result = await run_job(job, RunOptions(progress=False, retry_failed=True))
         assert healthy.stats.requests == len(rows)
     assert result.exit_code == 0 and result.ok == len(rows)
     assert_complete(out, ids)
@@ -684,7 +685,7 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
         out = tmp_path / "count.parquet"
         job = make_job(inp, out, server.base_url, concurrency=2, max_failures=3)
         with pytest.raises(TooManyFailures) as info:
-            await arun(job, RunOptions(progress=False), sleep=fast_sleep)
+            await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         assert info.value.exit_code == 3
         assert "max_failures=3" in str(info.value)
         assert "context_length_exceeded" in str(info.value)
@@ -695,7 +696,7 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
 
         out = tmp_path / "fraction.parquet"
         job = make_job(inp, out, server.base_url, concurrency=2, max_failures=0.9)
-        result = await arun(job, RunOptions(progress=False), sleep=fast_sleep)
+        result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
     assert result.exit_code == 1 and result.failed == 10 and result.ok == 10
     out_rows = assert_complete(out, ids, status=None)
     for r in out_rows[1::2]:
@@ -744,7 +745,7 @@ async def test_disk_full_keeps_whole_lines_and_resumes(
         job = make_job(inp, out, server.base_url, concurrency=8)
         monkeypatch.setattr(batchrun.outputs, "os", fake)
         with pytest.raises(OutputError) as info:
-            await arun(job, RunOptions(progress=False))
+            await run_job(job, RunOptions(progress=False))
         monkeypatch.undo()
         message = str(info.value)
         assert str(journal_path(out)) in message
@@ -756,7 +757,7 @@ async def test_disk_full_keeps_whole_lines_and_resumes(
         journaled = {r["request_hash"] for r in records}
         first = server.stats.requests
 
-        result = await arun(job, RunOptions(progress=False))
+        result = await run_job(job, RunOptions(progress=False))
         seen = server_counts_by_hash(server.stats.bodies)
         resent = server.stats.requests - first
     assert result.exit_code == 0 and result.resumed == k
@@ -783,14 +784,14 @@ async def test_reuse_sends_only_changed_and_new_rows(tmp_path: Path, procs: Proc
     earlier.mkdir()
     out1 = earlier / "night1.parquet"
     async with serve(MockConfig()) as server:
-        await arun(make_job(inp1, out1, server.base_url), RunOptions(progress=False))
+        await run_job(make_job(inp1, out1, server.base_url), RunOptions(progress=False))
         assert server.stats.requests == n
         first = {r["id"]: r for r in read_output(out1)}
         changed = {"T-0003", "T-0007", f"T-{n:04d}"}
         for source in (out1, earlier):
             out2 = tmp_path / f"night2-{source.name}.parquet"
             before = server.stats.requests
-            result = await arun(
+            result = await run_job(
                 make_job(inp2, out2, server.base_url), RunOptions(progress=False, reuse=(source,))
             )
             assert server.stats.requests - before == 3, f"--reuse {source}"
@@ -918,52 +919,44 @@ BAD_INPUTS = [
 ]
 
 
-@dataclass
-class BadRun:
-    done: Done
-    want: list[str]
-    out: Path
+@pytest.fixture
+def in_process_cli() -> Iterator[Any]:
+    """Invoke ``batchrun`` in this process (no interpreter start-up), then put back
+    the ``batchrun`` logger that the command's setup_logging rewires."""
+    from click.testing import CliRunner
 
+    import batchrun.cli
 
-@pytest.fixture(scope="module")
-def bad_input_runs(
-    tmp_path_factory: pytest.TempPathFactory, shared_server: MockProc
-) -> Iterator[tuple[dict[str, BadRun], int]]:
-    """Every bad-input case through the CLI, all at once (they are independent), and
-    how many requests the server received meanwhile."""
-    root = tmp_path_factory.mktemp("bad-inputs")
-    p = Procs(root)
+    logger = logging.getLogger("batchrun")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
     try:
-        before = shared_server.requests()
-        started = {}
-        for case in BAD_INPUTS:
-            folder = root / case
-            folder.mkdir()
-            inp, extra, want = _bad_input(folder, case)
-            out = folder / "out.parquet"
-            proc = p.start([*run_cmd(inp, out, shared_server.base_url), *extra])
-            started[case] = (proc, want, out)
-        runs = {
-            case: BadRun(p.wait(proc, timeout=60), want, out)
-            for case, (proc, want, out) in started.items()
-        }
-        yield runs, shared_server.requests() - before
+        yield lambda args: CliRunner().invoke(batchrun.cli.main, args)
     finally:
-        p.close()
+        for handler in logger.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_exit_2_nothing_sent(
-    bad_input_runs: tuple[dict[str, BadRun], int], case: str
+    tmp_path: Path, shared_server: MockProc, in_process_cli: Any, case: str
 ) -> None:
-    runs, sent = bad_input_runs
-    run = runs[case]
-    assert run.done.rc == 2, run.done.text
-    assert "Traceback" not in run.done.text
-    for fragment in run.want:
-        assert fragment in run.done.err, (fragment, run.done.err)
-    assert not run.out.exists() and not batchrun.outputs.partial_dir(run.out).exists()
-    assert sent == 0, "a bad-input run sent a request"
+    inp, extra, want = _bad_input(tmp_path, case)
+    out = tmp_path / "out.parquet"
+    before = shared_server.requests()
+    cmd = [*run_cmd(inp, out, shared_server.base_url), *extra]
+    result = in_process_cli(cmd[cmd.index("run") :])
+    # A clean exit with the code, not an exception that escaped the command.
+    assert isinstance(result.exception, SystemExit), result.exc_info
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for fragment in want:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert shared_server.requests() == before, "a request was sent"
+    assert not out.exists() and not batchrun.outputs.partial_dir(out).exists()
 
 
 def test_skip_bad_lines_completes_and_counts(
@@ -1017,7 +1010,7 @@ async def test_resume_conflict_needs_restart(tmp_path: Path, procs: Procs) -> No
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(latency_s=0.05)) as server:
         job = make_job(inp, out, server.base_url, concurrency=4)
-        task = asyncio.create_task(arun(job, RunOptions(progress=False)))
+        task = asyncio.create_task(run_job(job, RunOptions(progress=False)))
         deadline = time.monotonic() + 10
         while journal_lines(out) < 5:
             assert not task.done() and time.monotonic() < deadline

@@ -177,7 +177,8 @@ def test_dedupe_lists_the_later_rows(tmp_path: Path) -> None:
     ids = ["a", "b", "a", "c", "b", "a"]
     path = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": "x"} for i in ids])
     scan = InputTable(path).scan("id", False, [], dedupe=True)
-    assert scan.duplicate_rows == {2, 4, 5}
+    assert set(scan.skip.nonzero()[0].tolist()) == {2, 4, 5}
+    assert scan.rows_kept == scan.num_rows - 3
     assert scan.num_rows == 6
 
 
@@ -188,7 +189,7 @@ def test_duplicate_ids_in_parquet_folder_across_parts(tmp_path: Path) -> None:
     write_parquet(folder / "p1.parquet", [{"id": "c"}, {"id": "a"}])
     with pytest.raises(InputError, match="'a' at rows 0, 3"):
         InputTable(folder).scan("id", False, [])
-    assert InputTable(folder).scan("id", False, [], dedupe=True).duplicate_rows == {3}
+    assert InputTable(folder).scan("id", False, [], dedupe=True).skip.nonzero()[0].tolist() == [3]
 
 
 def test_int_and_string_id_with_the_same_text_are_duplicates(tmp_path: Path) -> None:
