@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from batchrun import __version__
 from batchrun.client import ApiClient
@@ -39,7 +40,7 @@ from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
 from batchrun.reuse import Match, ReuseIndex
 from batchrun.scheduler import Prepared, Scheduler, check_resume, prepare_rows
-from batchrun.structured import load_structured
+from batchrun.structured import Structured, load_structured
 
 log = logging.getLogger("batchrun")
 
@@ -213,37 +214,75 @@ async def _endpoint(job: Job, mock: bool) -> AsyncIterator[Job]:
         yield replace(job, base_url=server.base_url, api_key_env="", allow_insecure_http=False)
 
 
-async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
-    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
-    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
-    waits (tests)."""
-    options = options or RunOptions()
-    started = time.monotonic()
+@dataclass(frozen=True)
+class CheckedJob:
+    """A job with everything checked that can be checked before a request is sent."""
+
+    job: Job
+    table: InputTable
+    scan: Scan
+    id_column: str | None
+    structured: Structured | None
+    api_key: str | None
+    headers: dict[str, str]
+    secrets: list[str]
+
+    @property
+    def extra_fields(self) -> list[pa.Field]:
+        """Output columns after the fixed ones: ttft_ms when streamed, the schema's."""
+        ttft = [TTFT_FIELD] if self.job.stream else []
+        return ttft + list(self.structured.fields if self.structured else ())
+
+    def rows(self, for_job: Job | None = None) -> Iterator[Prepared]:
+        """The rows of this run (skipped ones left out) as requests, in input order."""
+        response_format = self.structured.body_field() if self.structured is not None else None
+        return prepare_rows(
+            for_job or self.job,
+            self.table.batches(prompt_columns(self.job), self.id_column),
+            self.scan.skip,
+            response_format,
+        )
+
+
+def check_job(job: Job, options: RunOptions) -> CheckedJob:
+    """Every check ``run`` makes before its first request: the output, the key
+    variable, the headers, the whole input, its columns, the shard and the schema.
+    Raises a BatchrunError saying what to fix."""
     if job.output is None:
         raise JobError(
             'No `output` given: set output = "....parquet" in the job file or pass --output.'
         )
     api_key = None if options.mock else api_key_for(job)
     headers, secrets = expand_headers(job)
-
+    batch_requests = job.input_format == "openai-batch"
+    if batch_requests:
+        job = replace(job, id_column="custom_id")
     if "id" in job.keep_columns and job.id_column == "id":
         # The id column is in the output already, as `id`.
         job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
-    table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
+    table = InputTable(
+        job.input, skip_bad_lines=options.skip_bad_lines, batch_requests=batch_requests
+    )
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
     id_column = job.id_column if scan.has_id_column else None
     if options.shard is not None:
         table.keep_shard(scan, id_column, *options.shard)
-    needed = prompt_columns(job)
     structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
-    response_format = structured.body_field() if structured is not None else None
-    extra_fields = ([TTFT_FIELD] if job.stream else []) + list(
-        structured.fields if structured else ()
-    )
+    return CheckedJob(job, table, scan, id_column, structured, api_key, headers, secrets)
 
-    def prepared(for_job: Job) -> Iterator[Prepared]:
-        return prepare_rows(for_job, table.batches(needed, id_column), scan.skip, response_format)
+
+async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
+    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
+    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
+    waits (tests)."""
+    options = options or RunOptions()
+    started = time.monotonic()
+    checked = check_job(job, options)
+    job, table, scan, structured = checked.job, checked.table, checked.scan, checked.structured
+    api_key, headers, secrets = checked.api_key, checked.headers, checked.secrets
+    prepared = checked.rows
+    extra_fields = checked.extra_fields
 
     identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
     if options.shard is not None:
@@ -542,6 +581,8 @@ async def arun(
         result = await run_job(checked, options)
         frame = pd.read_parquet(result.output)
     frame.attrs["batchrun"] = result.as_dict()
+    if output is None and (job is None or "output" not in _file_keys(job)):
+        frame.attrs["batchrun"]["output"] = None  # it lived in a temporary folder, now gone
     return frame
 
 
@@ -552,7 +593,10 @@ def run(job: str | Path | None = None, **kwargs: Any) -> Any:
 
     try:
         asyncio.get_running_loop()
+        in_loop = True
     except RuntimeError:
+        in_loop = False
+    if not in_loop:
         return asyncio.run(arun(job, **kwargs))
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool:
         return pool.submit(asyncio.run, arun(job, **kwargs)).result()
@@ -577,7 +621,16 @@ def _input_path(value: InputLike, tmp: Path) -> Path | str:
         table = pa.Table.from_pandas(value, preserve_index=False)
     else:
         try:
-            table = pa.Table.from_pylist(list(value))
+            rows = list(value)
+        except TypeError:
+            rows = None
+        if rows is None or not all(isinstance(r, Mapping) for r in rows):
+            raise JobError(
+                "`input` must be a path, a pandas DataFrame, a pyarrow Table or an iterable of dicts "
+                "(one dict per row)."
+            )
+        try:
+            table = pa.Table.from_pylist(rows)
         except (TypeError, pa.ArrowInvalid) as exc:
             raise JobError(
                 f"`input` must be a path, a pandas DataFrame, a pyarrow Table or an iterable of dicts ({exc})."
@@ -654,32 +707,16 @@ class Plan:
 def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     """Check ``job`` as ``run`` would before its first request, and estimate
     its tokens, cost and time. Sends nothing, writes nothing."""
-    options = options or RunOptions()
-    if job.output is None:
-        raise JobError(
-            'No `output` given: set output = "....parquet" in the job file or pass --output.'
-        )
-    if not options.mock:
-        api_key_for(job)
-    expand_headers(job)
-    if "id" in job.keep_columns and job.id_column == "id":
-        job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
-    table = InputTable(job.input, skip_bad_lines=options.skip_bad_lines)
-    scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
-    check_columns(job, table, scan)
+    checked = check_job(job, options or RunOptions())
+    job, scan = checked.job, checked.scan
     folder = job.output.parent if job.output is not None else Path(".")
     if not folder.is_dir():
         raise OutputError(
             f"Output folder {folder} does not exist. Create it (mkdir -p {folder}) or choose another `output`."
         )
-    structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
-    response_format = structured.body_field() if structured is not None else None
-    id_column = job.id_column if scan.has_id_column else None
     first: dict[str, Any] | None = None
     prompt_tokens = to_send = 0
-    for p in prepare_rows(
-        job, table.batches(prompt_columns(job), id_column), scan.skip, response_format
-    ):
+    for p in checked.rows(job):
         if p.error:
             continue
         if first is None:

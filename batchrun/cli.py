@@ -150,6 +150,13 @@ def main() -> None:
     help="Send to the embedded local endpoint instead of base_url (no key, no network).",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: send the rows from Ray actors, on this machine or on the cluster RAY_ADDRESS names (pip install 'batchrun[ray]').",
+)
+@click.option(
     "--log-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write every event to this file.",
@@ -189,7 +196,12 @@ def run(job_file: Path | None, **flags: Any) -> None:
             reuse=tuple(flags["reuse"]),
             shard=_parse_shard(flags["shard"]),
         )
-        result = _run_async(run_job(job, options))
+        if flags["engine"] == "ray":
+            from batchrun.engines.ray import run_on_ray
+
+            result = run_on_ray(job, options)
+        else:
+            result = _run_async(run_job(job, options))
     except BatchrunError as exc:
         import logging
 
@@ -294,6 +306,75 @@ def report(
     click.echo(text, nl=False)
     if html is not None:
         click.echo(f"wrote {html}", err=True)
+
+
+@main.command(
+    epilog="Exit codes: 0 merged; 2 the files cannot be merged (the message says why; nothing written)."
+)
+@click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The merged Parquet file (written atomically; may be one of the OUTPUTs).",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    help="The job's input (JSONL or Parquet): check that each of its ids has a row.",
+)
+@click.option(
+    "--id-column",
+    default=None,
+    metavar="COLUMN",
+    help="The input's id column [default: the job's id_column, from the outputs].",
+)
+@click.option(
+    "--prefer-ok",
+    is_flag=True,
+    help="An id in several rows keeps its ok row, else the one that finished last (instead of failing).",
+)
+@click.option(
+    "--allow-missing", is_flag=True, help="Write the merged file even when input rows have no row."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+def merge(
+    outputs: tuple[str, ...],
+    output: Path,
+    input_path: Path | None,
+    id_column: str | None,
+    prefer_ok: bool,
+    allow_missing: bool,
+    quiet: bool,
+) -> None:
+    """Merge the OUTPUT files (files, folders of *.parquet, globs) of a sharded job,
+    or of several runs of one job, into one file in input order.
+
+    \b
+    batchrun merge 'out/part-*.parquet' -o out/summaries.parquet --input tickets.jsonl
+    batchrun merge out/summaries.parquet out/retry.parquet -o out/summaries.parquet --prefer-ok
+
+    Each id must appear once (--prefer-ok resolves doubles) and no input row may be
+    missing: checked by id with --input, else by row number.
+    """
+    from batchrun.merge import merge_outputs
+
+    try:
+        result = merge_outputs(
+            outputs,
+            output,
+            input_path,
+            id_column,
+            prefer_ok=prefer_ok,
+            allow_missing=allow_missing,
+        )
+    except BatchrunError as exc:
+        fail(exc)
+    if not quiet:
+        click.echo(result.summary(), err=True)
+    sys.exit(result.exit_code)
 
 
 @main.command("mock-server")

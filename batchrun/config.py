@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from batchrun.errors import JobError
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
 ENDPOINTS = ("chat", "inference")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai-batch")
 OWNED_BODY_KEYS = {
     "model": "model",
     "messages": "prompt_template or messages_column",
@@ -67,6 +70,13 @@ KEYS: tuple[Key, ...] = (
         "path",
         None,
         "Input table: a JSONL file, a Parquet file or a folder of Parquet files.",
+    ),
+    Key(
+        "input_format",
+        "str",
+        "auto",
+        "`jsonl`, `parquet`, or `openai-batch` (OpenAI Batch API request lines: custom_id becomes the id, each body is sent as it is); `auto` tells them apart by the file.",
+        choices=INPUT_FORMATS,
     ),
     Key("output", "path", None, "Output Parquet file (written atomically when the job finishes)."),
     Key("model", "str", None, "Model id sent as `model` (and in the path for endpoint=inference)."),
@@ -245,6 +255,7 @@ class Job:
     """A checked job. Build it with ``load_job``; every field is a key of ``KEYS``."""
 
     input: Path
+    input_format: str
     output: Path | None
     model: str
     base_url: str
@@ -428,13 +439,27 @@ def load_job(
             raise _unknown_key_error(name, overrides_source)
         values[name] = _check_value(KEYS_BY_NAME[name], raw, overrides_source, None)
 
-    source = str(job_path) if job_path else "the flags"
-    for required in ("input", "model"):
-        if values[required] is None:
+    source = str(job_path) if job_path else f"the {overrides_source}s"
+    if values["input"] is None:
+        raise JobError("No `input` given: set input = ... in the job file or pass --input.")
+    if values["input_format"] == "auto":
+        values["input_format"] = detect_format(values["input"])
+    batch_requests = values["input_format"] == "openai-batch"
+    if values["model"] is None and not batch_requests:
+        raise JobError("No `model` given: set model = ... in the job file or pass --model.")
+    if batch_requests:
+        if values["prompt_template"] or values["messages_column"]:
             raise JobError(
-                f"No `{required}` given: set {required} = ... in the job file or pass {KEYS_BY_NAME[required].flag}."
+                f"Input {values['input']} holds OpenAI batch requests, whose bodies are sent as they are: "
+                "leave out `prompt_template` and `messages_column`."
             )
-    if bool(values["prompt_template"]) == bool(values["messages_column"]):
+        if values["endpoint"] != "chat":
+            raise JobError(
+                f"Input {values['input']} holds OpenAI batch requests, which go to {{base_url}}/chat/completions: "
+                'set endpoint = "chat".'
+            )
+        values["model"] = values["model"] or ""  # each body names its own model
+    elif bool(values["prompt_template"]) == bool(values["messages_column"]):
         raise JobError(
             f"Set exactly one of `prompt_template` (e.g. 'Summarize: {{ticket}}') or `messages_column` "
             f"(a column holding a chat message list) in {source}."
@@ -455,6 +480,24 @@ def load_job(
     _check_params(values["params"], source)
     _check_headers(values["headers"], source)
     return Job(**values, job_file=job_path)
+
+
+def detect_format(path: Path) -> str:
+    """parquet by the name (or a folder), openai-batch when the first line is an
+    OpenAI Batch API request ({"custom_id", "body", ...}), else jsonl."""
+    if path.is_dir() or path.suffix.lower() in (".parquet", ".pq"):
+        return "parquet"
+    try:
+        with path.open("rb") as fh:
+            for line in fh:
+                if line.strip():
+                    first = orjson.loads(line)
+                    if isinstance(first, dict) and "custom_id" in first and "body" in first:
+                        return "openai-batch"
+                    break
+    except (OSError, orjson.JSONDecodeError):
+        pass  # the input checks say what is wrong, with the line number
+    return "jsonl"
 
 
 def _check_params(params: Mapping[str, Any], source: str) -> None:

@@ -72,9 +72,14 @@ def _id_text(value: Any) -> str:
 class InputTable:
     """A JSONL file, a Parquet file, or a folder of Parquet part files."""
 
-    def __init__(self, path: Path, *, skip_bad_lines: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, skip_bad_lines: bool = False, batch_requests: bool = False
+    ) -> None:
+        """``batch_requests``: the JSONL lines are OpenAI Batch API requests
+        ({"custom_id", "method", "url", "body"}); each is checked as such."""
         self.path = path
         self.skip_bad_lines = skip_bad_lines
+        self.batch_requests = batch_requests
         if not path.exists():
             raise InputError(
                 f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder)."
@@ -193,6 +198,8 @@ class InputTable:
                         if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX
                         else type(value)
                     )
+            if self.batch_requests:
+                self._check_batch_request(lineno, obj)
             if id_column not in obj and first_without_id is None:
                 first_without_id = lineno
             if id_column in obj and obj[id_column] is None:
@@ -207,6 +214,25 @@ class InputTable:
             )
         keep_schema = pa.schema([pa.field(c, _arrow_type_for(kinds[c])) for c in keep_columns])
         return Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
+
+    def _check_batch_request(self, lineno: int, obj: dict[str, Any]) -> None:
+        where = f"Input {self.path}, line {lineno}"
+        if not isinstance(obj.get("custom_id"), str) or not obj["custom_id"]:
+            raise InputError(
+                f"{where}: an OpenAI batch request needs a string `custom_id`; add one to the line."
+            )
+        if not isinstance(obj.get("body"), dict) or not isinstance(
+            obj["body"].get("messages"), list
+        ):
+            raise InputError(
+                f"{where}: the request's `body` must be a chat completion request with `messages`; fix the line."
+            )
+        url = obj.get("url")
+        if url is not None and not str(url).rstrip("/").endswith("/chat/completions"):
+            raise InputError(
+                f"{where}: url {url!r} is not a chat completions request; batchrun sends only "
+                "/v1/chat/completions requests. Leave such lines out of the file."
+            )
 
     def _open_parquet(self, part: Path) -> pq.ParquetFile:
         try:

@@ -42,6 +42,8 @@ def template_columns(template: str) -> list[str]:
 
 def prompt_columns(job: Job) -> list[str]:
     """The input columns a row's prompt is built from."""
+    if job.input_format == "openai-batch":
+        return ["body"]
     if job.messages_column:
         return [job.messages_column]
     return template_columns(job.prompt_template or "")

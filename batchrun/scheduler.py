@@ -64,6 +64,8 @@ class Prepared:
     error: str | None = None
     est_tokens: int = 0
     prompt_bound: int = 0
+    model: str | None = None
+    """The model a batch request names (else the job's)."""
 
 
 def prepare_rows(
@@ -74,12 +76,28 @@ def prepare_rows(
 ) -> Iterator[Prepared]:
     """Input rows → request bodies, in input order."""
     any_skipped = skip is not None and bool(skip.any())
+    batch_requests = job.input_format == "openai-batch"
     for batch in batches:
         for i, row in enumerate(batch.rows):
             number = batch.start + i
             if any_skipped and skip[number]:
                 continue
             row_id = batch.ids[i]
+            if batch_requests:
+                # An OpenAI batch request line: its body goes as it is.
+                request = row["body"]
+                messages = [m for m in request["messages"] if isinstance(m, dict)]
+                body = encode_body(request)
+                yield Prepared(
+                    number,
+                    row_id,
+                    body,
+                    request_hash(body),
+                    est_tokens=estimate_tokens(job, messages, request.get("max_tokens")),
+                    prompt_bound=prompt_token_bound(messages),
+                    model=request.get("model"),
+                )
+                continue
             try:
                 messages = build_messages(job, row)
             except RowError as exc:
@@ -96,10 +114,10 @@ def prepare_rows(
             )
 
 
-def estimate_tokens(job: Job, messages: list[dict[str, Any]]) -> int:
+def estimate_tokens(job: Job, messages: list[dict[str, Any]], max_tokens: Any = None) -> int:
     """Tokens a request may use, before the answer says: prompt characters / 4 + max_tokens."""
     chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return chars // 4 + job.max_tokens
+    return chars // 4 + (max_tokens if isinstance(max_tokens, int) else job.max_tokens)
 
 
 def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
@@ -402,7 +420,7 @@ class Scheduler:
             "row": p.row,
             "id": p.id,
             "status": status,
-            "model": self.job.model,
+            "model": p.model or self.job.model,
             "response_model": completion.response_model,
             "completion": completion.text,
             "finish_reason": completion.finish_reason,
@@ -435,7 +453,7 @@ class Scheduler:
             "row": p.row,
             "id": p.id,
             "status": "error",
-            "model": self.job.model,
+            "model": p.model or self.job.model,
             "error": error,
             "http_status": status,
             "attempts": attempts,

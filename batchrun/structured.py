@@ -23,7 +23,7 @@ is nullable (an ``invalid`` row has nulls there).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,40 @@ def arrow_type(schema: Any) -> pa.DataType:
     return pa.string()
 
 
+Convert = Callable[[Any], Any]
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def converter(schema: Any) -> Convert:
+    """A function turning a (validated) JSON value into what its column holds:
+    JSON text in the fallback columns (strings included, so the text is always
+    JSON), the same recursively inside lists and structs. Raises InvalidAnswer
+    for an integer an int64 column cannot hold."""
+    mapped = arrow_type(schema)
+    if _is_json_text(schema, mapped):
+        return lambda v: None if v is None else orjson.dumps(v).decode()
+    if pa.types.is_int64(mapped):
+
+        def to_int(v: Any) -> Any:
+            if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
+                raise InvalidAnswer(f"{v} does not fit a 64-bit integer column")
+            return v
+
+        return to_int
+    inner = _non_null(schema) if isinstance(schema, Mapping) else {}
+    if pa.types.is_list(mapped):
+        item = converter(inner["items"])
+        return lambda v: None if v is None else [item(x) for x in v]
+    if pa.types.is_struct(mapped):
+        parts = {name: converter(sub) for name, sub in inner["properties"].items()}
+        return lambda v: None if v is None else {n: c(v.get(n)) for n, c in parts.items()}
+    return _identity
+
+
 def _is_json_text(schema: Any, mapped: pa.DataType) -> bool:
     """Whether ``mapped`` is the JSON-text fallback rather than a real string."""
     return pa.types.is_string(mapped) and not (
@@ -100,6 +134,7 @@ class Structured:
     name: str
     fields: tuple[pa.Field, ...]
     validator: Any
+    converters: tuple[Convert, ...] = ()
 
     def body_field(self) -> dict[str, Any]:
         """The request body's ``response_format``."""
@@ -130,16 +165,13 @@ class Structured:
             error = _first_error(self.validator, value)
             if error is not None:
                 raise InvalidAnswer(error)
-        return {f.name: self.column_value(f, value.get(f.name)) for f in self.fields}
-
-    @staticmethod
-    def column_value(field: pa.Field, value: Any) -> Any:
-        """A JSON value as its column holds it: JSON text for the fallback columns."""
-        if value is None:
-            return None
-        if pa.types.is_string(field.type) and not isinstance(value, str):
-            return orjson.dumps(value).decode()
-        return value
+        values: dict[str, Any] = {}
+        for f, convert in zip(self.fields, self.converters, strict=True):
+            try:
+                values[f.name] = convert(value.get(f.name))
+            except InvalidAnswer as exc:
+                raise InvalidAnswer(f"{f.name}: {exc}") from None
+        return values
 
 
 def _first_error(validator: Any, value: Any) -> str | None:
@@ -188,9 +220,10 @@ def load_structured(job: Job, taken: set[str]) -> Structured | None:
             f"{', '.join(clash)}. Rename them in the schema (or leave them out of keep_columns)."
         )
     fields = tuple(pa.field(name, arrow_type(sub)) for name, sub in properties.items())
+    converters = tuple(converter(sub) for sub in properties.values())
     name = str(schema.get("title") or path.stem)
     name = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
-    return Structured(job.response_format, schema, name, fields, cls(schema))
+    return Structured(job.response_format, schema, name, fields, cls(schema), converters)
 
 
 def _read_schema(path: Path) -> dict[str, Any]:

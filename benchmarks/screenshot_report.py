@@ -51,15 +51,24 @@ def sample_report(folder: Path) -> Path:
     output = folder / "summaries.parquet"
     page = folder / "report.html"
     batchrun = [sys.executable, "-m", "batchrun"]
+    job = str(REPO / "jobs" / "summarize_tickets.toml")
     subprocess.run(
-        [*batchrun, "run", str(REPO / "jobs" / "summarize_tickets.toml"), "--mock", "-q"]
-        + ["--output", str(output)],
+        [*batchrun, "run", job, "--mock", "-q", "--output", str(output)],
         check=True,
         timeout=300,
     )
     subprocess.run(
-        [*batchrun, "report", str(output), "--prices", str(REPO / "jobs" / "prices.toml")]
-        + ["--by", "priority", "--html", str(page)],
+        [
+            *batchrun,
+            "report",
+            str(output),
+            "--prices",
+            str(REPO / "jobs" / "prices.toml"),
+            "--by",
+            "priority",
+            "--html",
+            str(page),
+        ],
         check=True,
         timeout=120,
         stdout=subprocess.DEVNULL,
@@ -67,9 +76,7 @@ def sample_report(folder: Path) -> Path:
     return page
 
 
-def screenshot(
-    chromium: str, page: Path, png: Path, width: int = 1280, height: int = 2000
-) -> None:
+def screenshot(chromium: str, page: Path, png: Path, width: int = 1280, height: int = 2000) -> None:
     """Save a ``width`` x ``height`` pixel PNG of ``page`` with headless Chromium."""
     with tempfile.TemporaryDirectory(prefix="batchrun-chromium-") as profile:
         subprocess.run(

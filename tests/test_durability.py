@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,7 @@ def journal_lines(out: Path) -> int:
         return 0
 
 
-def journal_records(out: Path, ids: list[str], unique: bool = True) -> list[dict[str, Any]]:
+def journal_records(out: Path, ids: list[str]) -> list[dict[str, Any]]:
     """Every journal line complete JSON for a row of the input, no torn tail, no duplicate."""
     data = journal_path(out).read_bytes()
     assert not data or data.endswith(b"\n"), f"torn last journal line: {data[-200:]!r}"
@@ -274,10 +275,8 @@ def journal_records(out: Path, ids: list[str], unique: bool = True) -> list[dict
         assert ids[rec["row"]] == rec["id"], rec
         assert rec["status"] in ("ok", "error", "invalid"), rec
         records.append(rec)
-    if unique:
-        rows = [r["row"] for r in records]
-        dups = sorted({r for r in rows if rows.count(r) > 1})
-        assert not dups, f"rows journaled twice: {dups[:10]}"
+    dups = sorted(row for row, n in Counter(r["row"] for r in records).items() if n > 1)
+    assert not dups, f"rows journaled twice: {dups[:10]}"
     return records
 
 
@@ -334,7 +333,7 @@ def test_kill9_at_three_points_then_resume(tmp_path: Path, procs: Procs) -> None
         records = journal_records(out, ids)
         assert all(r["status"] == "ok" for r in records)
         resent.append(server.requests() - len(records) - sum(resent))
-    assert out.exists() is False
+    assert not out.exists()
     done = procs.run(cmd, timeout=30)
     assert done.rc == 0, done.text
     assert "Traceback" not in done.text
@@ -352,7 +351,8 @@ def test_kill9_at_three_points_then_resume(tmp_path: Path, procs: Procs) -> None
 
 async def test_resume_drops_a_torn_journal_tail(tmp_path: Path) -> None:
     """What a crash mid-write (or a power cut before the fsync) leaves at the end of
-    the journal is dropped on resume; only that row is sent again."""
+    the journal is cut off on resume: its row counts as unsent, and the records
+    appended next start on a clean line."""
     rows = tickets(30)
     ids = [str(r["id"]) for r in rows]
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -422,7 +422,9 @@ def test_signal_stops_after_requests_in_flight(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="BUG: after SIGTERM, rows waiting to retry still send their retry"
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: after SIGTERM, rows waiting to retry still send their retry",
 )
 def test_sigterm_sends_no_retry_after_the_signal(tmp_path: Path, procs: Procs) -> None:
     """Rows waiting out a retry backoff when SIGTERM comes have no request in flight:
@@ -461,7 +463,9 @@ def test_sigterm_sends_no_retry_after_the_signal(tmp_path: Path, procs: Procs) -
 
 
 @pytest.mark.xfail(
-    strict=True, reason="BUG: Ctrl-C during the input scan exits 1 ('Aborted!'), not 130"
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: Ctrl-C during the input scan exits 1 ('Aborted!'), not 130",
 )
 def test_sigint_during_the_input_scan_exits_130(tmp_path: Path, procs: Procs) -> None:
     """The scan runs before batchrun installs its signal handlers. A Ctrl-C then must
@@ -492,7 +496,9 @@ def test_sigint_during_the_input_scan_exits_130(tmp_path: Path, procs: Procs) ->
         time.sleep(0.3)
         os.replace(regular, inp)  # later passes over the input open a plain file
         os.set_blocking(fd, True)
-        os.write(fd, data)
+        # The run may have stopped reading at once (and closed its end): fine too.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(fd, data)
     finally:
         os.close(fd)
     done = procs.wait(proc, timeout=30)
@@ -559,15 +565,18 @@ async def test_fault_mix_every_row_ok_and_attempts_match_server(tmp_path: Path) 
     )
     assert "hang" in config.faults and "no-usage" in config.faults
     async with serve(config) as server:
+        # 0.5 s, not less: the client and the server share this event loop, and on a
+        # busy machine a shorter timeout can fire before the server has even counted
+        # the request, which would break the exact attempts == requests check.
         job = make_job(
-            inp, out, server.base_url, concurrency=64, max_attempts=10, request_timeout_s=0.2
+            inp, out, server.base_url, concurrency=64, max_attempts=10, request_timeout_s=0.5
         )
         t0 = time.monotonic()
         result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         wall = time.monotonic() - t0
         stats = server.stats.to_dict()
     out_rows = assert_complete(out, ids)
-    assert result.exit_code == 0 and result.ok == n and result.failed == 0
+    assert (result.exit_code, result.ok, result.failed) == (0, n, 0), result
     by_outcome = stats["by_outcome"]
     # Every kind was drawn, so every kind was survived.
     assert set(by_outcome) == {"ok", *FAULT_KINDS_DEFAULT}, by_outcome
@@ -575,7 +584,7 @@ async def test_fault_mix_every_row_ok_and_attempts_match_server(tmp_path: Path) 
     assert sum(attempts) == stats["requests"] == result.requests
     assert result.retries == stats["requests"] - n
     seen = server_counts_by_hash(stats["bodies"])
-    assert len(seen) == n
+    assert len(seen) == n and {r["request_hash"] for r in out_rows} == set(seen)
     repeated = 0
     for r in out_rows:
         count = seen[r["request_hash"]]
@@ -691,8 +700,11 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
         assert "context_length_exceeded" in str(info.value)
         assert not out.exists()
         records = journal_records(out, ids)
-        assert sum(r["status"] == "error" for r in records) == 4
-        assert server.stats.by_outcome.get("400") == 4  # a 400 is never retried
+        failed = [r for r in records if r["status"] == "error"]
+        assert len(failed) == 4
+        # A 400 is never retried; the other worker may have had one more in flight.
+        assert all(r["attempts"] == 1 and r["http_status"] == 400 for r in failed)
+        assert server.stats.by_outcome.get("400") in (4, 5)
 
         out = tmp_path / "fraction.parquet"
         job = make_job(inp, out, server.base_url, concurrency=2, max_failures=0.9)

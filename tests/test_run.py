@@ -126,21 +126,6 @@ async def interrupted_run(job: Job, min_lines: int) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in journal.read_bytes().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def reset_batchrun_logger() -> Iterator[None]:
-    """The CLI configures the `batchrun` logger for its run (handlers bound to
-    CliRunner's streams, a log file); put it back after each test."""
-    logger = logging.getLogger("batchrun")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
-
-
 # ---- a server in a background thread (for the CLI, which runs its own loop) --------
 
 

@@ -1,0 +1,642 @@
+"""The Ray engine: ``batchrun run JOB.toml --engine ray`` (extra ``batchrun[ray]``).
+
+The driver (the process that runs ``batchrun run``) does what the local engine
+does before and after sending, with the same functions: it checks the key
+variable, the input, the columns and the structured schema, opens the same
+journal (``OUTPUT.partial/journal.jsonl``), and when every row has a result
+writes the output with ``Journal.finish`` — the same schema and metadata as a
+local run, written to a temporary name and renamed. Only the sending moves to
+Ray:
+
+- The requests (batchrun's own request bodies, one per row still to send) go
+  into a Ray Dataset (``ray.data.from_arrow``, in blocks). The input file is
+  read in the driver with batchrun's reader rather than with Ray Data's JSON
+  reader, whose type inference would change the requests (a nested object
+  gains null keys, a line's bad JSON has no line number), and so the
+  input need not be reachable from the workers.
+- ``map_batches`` hands the batches to a pool of ``RowSender`` actors (one per
+  CPU of the cluster, at most one per request in flight). Each actor owns one
+  event loop, one ``ApiClient`` session and one ``Limits`` for its life, and
+  sends each batch with batchrun's ``Scheduler``: the same retry policy, key
+  probe, structured re-asks and records as a local run, with many requests in
+  flight. The job's ``concurrency`` (or ``max_concurrency`` for "auto"),
+  ``rpm`` and ``tpm`` are split evenly across the actors (concurrency rounded
+  down, so the whole never exceeds the job's).
+- Each batch's results stream back to the driver as JSON records, which the
+  driver journals as they arrive.
+
+What it does not do, or does differently:
+
+- Durability is per batch, not per row: a result is journaled when its whole
+  batch comes back to the driver. A crash, Ctrl-C or a failed Ray job loses
+  the batches in flight (at most actors x 2 batches, since Ray queues a
+  second one per actor); every journaled row is kept and the same command
+  (with either engine) resumes from the journal.
+- Ray retries the batch of an actor that died (a lost node): the rows of that
+  batch are sent again and may be paid twice. A task that raised is not
+  retried; the job stops and resumes from the journal.
+- The journal lives on the driver's machine, and so does ``output``: with
+  ``ray job submit`` that is the head node.
+- ``max_cost`` is refused (a budget cannot be split across actors without
+  stopping early or overshooting); a prices file still shows the spend.
+- ``max_failures`` is counted by the driver as batches arrive, so the job stops
+  at the end of the batch that passed it. ``api_down_after_s`` and the
+  401/403 key probe work within each batch (an actor probes the key again at
+  the start of each batch).
+- Retries are logged in the actors (Ray forwards their warnings to the driver's
+  stderr), not to ``--log-file``; failed rows are logged by the driver.
+- ``--mock`` serves the embedded endpoint from the driver on 127.0.0.1, which
+  only actors on the same machine can reach.
+
+The API key reaches the actors as a constructor argument wrapped so that its
+repr hides it: it is never in Ray's runtime environment (which the dashboard
+shows), in a dataset, task or actor name, or in a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from types import ModuleType
+from typing import Any, cast
+
+import orjson
+import pyarrow as pa
+
+from batchrun import __version__, errors
+from batchrun.api import (
+    IDENTITY_KEYS,
+    RunOptions,
+    RunResult,
+    _reuse,
+    _spend,
+    check_job,
+    spend_currency,
+)
+from batchrun.client import ApiClient
+from batchrun.config import Job
+from batchrun.errors import Interrupted, JobError, JobStopped, TooManyFailures
+from batchrun.limits import Limits
+from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
+from batchrun.progress import Progress, Tally, progress_fields, status_text
+from batchrun.retry import RetryPolicy
+from batchrun.scheduler import Prepared, Scheduler, _failure_limit, check_resume
+from batchrun.structured import Structured
+
+log = logging.getLogger("batchrun")
+
+INSTALL_HINT = "pip install 'batchrun[ray]'"
+GRACE_S = 10.0
+"""Seconds an actor's requests in flight get to finish when its batch stops."""
+MIN_BATCH_ROWS = 16
+BATCH_PER_SLOT = 8
+"""An actor's batch holds this many rows per request it may have in flight, so the
+tail of a batch (fewer rows left than places) is a small part of it."""
+
+REQUEST_SCHEMA = pa.schema([pa.field("row", pa.int64()), pa.field("prepared", pa.binary())])
+"""One row to send: its number and its ``scheduler.Prepared``, pickled (so the
+engine follows that dataclass whatever fields it gains)."""
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64()),
+        pa.field("record", pa.binary()),
+        pa.field("requests", pa.int64()),
+        pa.field("retries", pa.int64()),
+        pa.field("stop_kind", pa.string()),
+        pa.field("stop", pa.string()),
+    ]
+)
+"""What an actor returns for a batch: one row per result (``record``: the journal
+record as JSON), then one summary row (``row`` -1) with the requests and retries
+made and, when the batch stopped the job, the stop's class and message."""
+
+
+class Secret:
+    """A value (the API key, header values from the environment) that must not be
+    shown: its repr is a mask, so no Ray message or log can print it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+
+# ---- the actor ---------------------------------------------------------------
+
+
+class RowSender:
+    """A Ray Data actor that sends batches of requests with batchrun's Scheduler.
+
+    Batches arrive one at a time (a plain, synchronous ``__call__``); each one is
+    run to the end on the actor's own event loop, with ``job.workers`` requests in
+    flight. The client session and the limits outlive the batches, so
+    connections are kept alive and the rpm/tpm budgets stay even across them.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        api_key: Secret | None,
+        headers: Secret,
+        secrets: Secret,
+        structured: Structured | None,
+    ) -> None:
+        self.job = job
+        self.structured = structured
+        self.runner = asyncio.Runner(loop_factory=_loop_factory())
+        self.client = ApiClient(
+            job, api_key.value if api_key else None, headers.value, secrets.value
+        )
+        self.runner.run(self.client.__aenter__())
+        self.limits = Limits.build(job.concurrency, job.max_concurrency, job.rpm, job.tpm)
+        self.policy = RetryPolicy.for_job(job)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [pickle.loads(b) for b in batch.column("prepared").to_pylist()]
+        return self.runner.run(self.send(rows))
+
+    async def send(self, rows: list[Prepared]) -> pa.Table:
+        results = _Results()
+        tally = Tally(total=len(rows))
+        scheduler = Scheduler(
+            self.job,
+            self.client,
+            cast(Journal, results),  # the scheduler only looks up and appends records
+            tally,
+            self.policy,
+            self.limits,
+            structured=self.structured,
+            grace_s=GRACE_S,
+        )
+        stop: JobStopped | None = None
+        try:
+            await scheduler.run(iter(rows), sum(1 for p in rows if p.error is None))
+        except JobStopped as exc:
+            stop = exc
+        else:
+            scheduler.flush_held()
+        return _result_table(results.records, tally, stop)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.runner.run(self.client.__aexit__(None, None, None))
+            self.runner.close()
+
+
+class _Results:
+    """Stands in for the journal inside an actor: every row it is given is unsent
+    (the driver only sends rows without a result), and results are kept in order."""
+
+    def __init__(self) -> None:
+        self.status = _Unsent()
+        self.records: list[dict[str, Any]] = []
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.records.append(dict(record))
+
+
+class _Unsent:
+    def __getitem__(self, row: int) -> int:
+        return STATUS_NONE
+
+
+def _result_table(records: list[dict[str, Any]], tally: Tally, stop: JobStopped | None) -> pa.Table:
+    n = len(records)
+    return pa.Table.from_pydict(
+        {
+            "row": [r["row"] for r in records] + [-1],
+            "record": [orjson.dumps(r) for r in records] + [None],
+            "requests": [0] * n + [tally.requests],
+            "retries": [0] * n + [tally.retries],
+            "stop_kind": [None] * n + [type(stop).__name__ if stop else None],
+            "stop": [None] * n + [str(stop) if stop else None],
+        },
+        schema=RESULT_SCHEMA,
+    )
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (as the CLI uses), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+# ---- the driver --------------------------------------------------------------
+
+
+def import_ray() -> ModuleType:
+    """The ``ray`` module with Ray Data, or JobError saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise JobError(
+            f"--engine ray needs Ray, which is not installed ({exc}). Install it with: {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
+    """Run a checked ``job`` with its rows sent by Ray actors, to the end (or to a
+    stop, raised as JobStopped), and return what it did.
+
+    Ray is started on this machine unless it is already initialized or
+    ``RAY_ADDRESS`` names a cluster to join; a Ray started here is shut down at
+    the end.
+    """
+    options = options or RunOptions()
+    started = time.monotonic()
+    ray = import_ray()
+    if job.max_cost is not None:
+        raise JobError(
+            "`max_cost` is not supported with --engine ray: a budget cannot be split across "
+            "Ray actors. Leave max_cost out (a prices file still shows the spend), or run "
+            "with the local engine."
+        )
+    # Every check run_job makes before its first request, with the same function.
+    checked = check_job(job, options)
+    job, table, scan, structured = checked.job, checked.table, checked.scan, checked.structured
+    prepared = checked.rows
+
+    identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
+    if options.shard is not None:
+        identity["shard"] = "{}/{}".format(*options.shard)
+    assert job.output is not None  # checked above
+    journal = Journal(
+        job.output, scan.num_rows, identity, restart=options.restart, keep_columns=job.keep_columns
+    )
+    try:
+        if journal.resumed is not None:
+            check_resume(journal, prepared(job))
+            log.info(
+                "resuming run %s: %d rows ok and %d failed already",
+                journal.run_id,
+                journal.resumed.rows_ok,
+                journal.resumed.rows_failed,
+                extra={"event": "resume", "run_id": journal.run_id},
+            )
+        reused = reused_tokens = 0
+        if options.reuse:
+            reused, reused_tokens = _reuse(journal, options.reuse, prepared(job), job.model)
+        total = scan.rows_kept
+        tally = Tally(total=total)
+        tally.ok, tally.failed, tally.invalid = journal.counts()
+        tally.resumed = tally.done
+        to_send = journal.missing_rows(scan.skip) + (tally.failed if options.retry_failed else 0)
+        log.info(
+            "job started on Ray: %d rows, %d to send, model %s, %s",
+            total,
+            to_send,
+            job.model,
+            job.url if not options.mock else "embedded endpoint",
+            extra={
+                "event": "start",
+                "run_id": journal.run_id,
+                "rows_total": total,
+                "rows_to_send": to_send,
+                "model": job.model,
+                "version": __version__,
+                "engine": "ray",
+            },
+        )
+        if to_send:
+            with (
+                _embedded_endpoint(job, options.mock) as sent_job,
+                _ray_session(ray),
+                _signals(options.handle_signals, job),
+            ):
+                rows = _rows_to_send(prepared(sent_job), journal, options.retry_failed)
+                progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
+                try:
+                    _send_on_ray(
+                        ray,
+                        sent_job,
+                        rows,
+                        to_send,
+                        journal,
+                        tally,
+                        progress,
+                        api_key=Secret(checked.api_key) if checked.api_key else None,
+                        headers=Secret(checked.headers),
+                        secrets=Secret(checked.secrets),
+                        structured=structured,
+                    )
+                finally:
+                    progress.close()
+        missing = journal.missing_rows(scan.skip)
+        if missing:
+            raise JobStopped(
+                f"{missing} rows have no result yet. Run the same command again to send them."
+            )
+        spend = _spend(job, journal)
+        if spend is not None:
+            tally.cost, tally.currency = spend.spent, spend_currency(job)
+        keep_batches = table.keep_batches(scan.keep_schema) if job.keep_columns else None
+        metadata = {
+            "batchrun_version": __version__,
+            "run_id": journal.run_id,
+            "job": job.settings(),
+            "identity": identity,
+            "rows": total,
+        }
+        output = journal.finish(
+            scan.keep_schema,
+            keep_batches,
+            metadata,
+            skip_rows=scan.skip,
+            extra_fields=checked.extra_fields,
+            value_columns=frozenset(f.name for f in structured.fields)
+            if structured
+            else frozenset(),
+        )
+    finally:
+        if journal.folder.exists():
+            journal.close()
+    result = RunResult(
+        output=output,
+        rows=total,
+        ok=tally.ok,
+        failed=tally.failed,
+        invalid=tally.invalid,
+        resumed=tally.resumed - reused,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        requests=tally.requests,
+        retries=tally.retries,
+        wall_s=time.monotonic() - started,
+        run_id=journal.run_id,
+        skipped_lines=len(scan.skipped_lines),
+        reused=reused,
+        reused_tokens=reused_tokens,
+        cost=tally.cost,
+        currency=tally.currency,
+    )
+    log.info(
+        "job finished: %s",
+        status_text(tally),
+        extra={"event": "summary", **progress_fields(tally), "output": str(output)},
+    )
+    return result
+
+
+def _rows_to_send(
+    rows: Iterator[Prepared], journal: Journal, retry_failed: bool
+) -> Iterator[Prepared]:
+    """The rows without a result (and, with --retry-failed, those that failed)."""
+    status = journal.status
+    for p in rows:
+        done = status[p.row]
+        if done == STATUS_NONE or (retry_failed and done == STATUS_ERROR):
+            yield p
+
+
+def _request_blocks(rows: Iterator[Prepared], block_rows: int) -> Iterator[pa.Table]:
+    """The rows to send in blocks of ``block_rows``: each block is one actor call."""
+    chunk: list[Prepared] = []
+    for p in rows:
+        chunk.append(p)
+        if len(chunk) >= block_rows:
+            yield _request_block(chunk)
+            chunk = []
+    if chunk:
+        yield _request_block(chunk)
+
+
+def _request_block(chunk: Sequence[Prepared]) -> pa.Table:
+    return pa.Table.from_pydict(
+        {"row": [p.row for p in chunk], "prepared": [pickle.dumps(p) for p in chunk]},
+        schema=REQUEST_SCHEMA,
+    )
+
+
+def actor_plan(job: Job, cpus: float, to_send: int) -> tuple[int, Job, int]:
+    """How many actors, the job each one runs (its share of the concurrency,
+    rpm and tpm) and the rows per batch."""
+    actors = max(1, min(int(cpus), job.workers, math.ceil(to_send / MIN_BATCH_ROWS)))
+    if job.concurrency == "auto":
+        share = replace(job, max_concurrency=max(1, job.max_concurrency // actors))
+    else:
+        assert isinstance(job.concurrency, int)
+        share = replace(job, concurrency=max(1, job.concurrency // actors))
+    share = replace(
+        share,
+        rpm=job.rpm / actors if job.rpm else None,
+        tpm=job.tpm / actors if job.tpm else None,
+        # Counted over the whole job by the driver.
+        max_failures=None,
+    )
+    batch_rows = max(MIN_BATCH_ROWS, BATCH_PER_SLOT * share.workers)
+    batch_rows = max(1, min(batch_rows, math.ceil(to_send / actors)))
+    return actors, share, batch_rows
+
+
+def _send_on_ray(
+    ray: ModuleType,
+    job: Job,
+    rows: Iterator[Prepared],
+    to_send: int,
+    journal: Journal,
+    tally: Tally,
+    progress: Progress,
+    *,
+    api_key: Secret | None,
+    headers: Secret,
+    secrets: Secret,
+    structured: Structured | None,
+) -> None:
+    """Send ``rows`` through a pool of RowSender actors and journal every result."""
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors, share, batch_rows = actor_plan(job, cpus, to_send)
+    log.info(
+        "sending with %d Ray actors, %s requests in flight each, %d rows per batch",
+        actors,
+        share.concurrency,
+        batch_rows,
+        extra={"event": "ray_plan", "actors": actors, "batch_rows": batch_rows},
+    )
+    # One block per batch: Ray Data hands whole blocks to the actors, so the blocks
+    # decide how the rows spread over them.
+    requests = ray.data.from_arrow(list(_request_blocks(rows, batch_rows)))
+    context = requests.context
+    context.enable_progress_bars = False  # batchrun draws its own
+    context.print_on_execution_start = False
+    results = requests.map_batches(
+        RowSender,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "job": share,
+            "api_key": api_key,
+            "headers": headers,
+            "secrets": secrets,
+            "structured": structured,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    failure_limit = _failure_limit(job.max_failures, tally.total)
+    failures = 0
+    last_tick = last_sync = time.monotonic()
+    try:
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stop: JobStopped | None = None
+            for item in batch.to_pylist():
+                if item["row"] < 0:
+                    tally.requests += item["requests"]
+                    tally.retries += item["retries"]
+                    if item["stop_kind"] is not None and stop is None:
+                        stop = _stop_error(item["stop_kind"], item["stop"])
+                    continue
+                rec = orjson.loads(item["record"])
+                journal.append(rec)
+                tally.prompt_tokens += rec.get("prompt_tokens") or 0
+                tally.completion_tokens += rec.get("completion_tokens") or 0
+                if rec["status"] == "error":
+                    failures += 1
+                    log.debug(
+                        "row %s failed: %s",
+                        rec["id"],
+                        rec["error"],
+                        extra={
+                            "event": "row_failed",
+                            "row_id": rec["id"],
+                            "error": rec["error"],
+                            "attempts": rec.get("attempts"),
+                        },
+                    )
+            tally.ok, tally.failed, tally.invalid = journal.counts()
+            if stop is not None:
+                raise stop
+            if failure_limit is not None and failures > failure_limit:
+                raise TooManyFailures(
+                    f"{failures} rows failed, more than max_failures={job.max_failures:g} allows. "
+                    "Every finished row is saved: fix the cause and run the same command again to "
+                    "resume (add --retry-failed to resend the failed rows)."
+                )
+            now = time.monotonic()
+            if now - last_tick >= progress.interval_s:
+                progress.tick()
+                last_tick = now
+            if now - last_sync >= 1.0:
+                journal.sync()
+                last_sync = now
+    except ray.exceptions.RayError as exc:
+        raise JobStopped(
+            f"The Ray job failed: {_first_line(exc)}. Every result that came back is saved in "
+            f"{journal.folder}: run the same command again to resume."
+        ) from None
+
+
+def _stop_error(kind: str, message: str) -> JobStopped:
+    """The JobStopped an actor raised, rebuilt from its class name and message."""
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, JobStopped) and cls is not Interrupted:
+        return cls(message)
+    return JobStopped(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+@contextlib.contextmanager
+def _ray_session(ray: ModuleType) -> Iterator[None]:
+    """Ray as it is when already initialized; else joined (RAY_ADDRESS) or started
+    here, and shut down at the end."""
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _embedded_endpoint(job: Job, mock: bool) -> Iterator[Job]:
+    """The job as sent: with ``mock``, against the embedded endpoint served from a
+    thread of this process on 127.0.0.1 (the driver blocks on Ray meanwhile)."""
+    if not mock:
+        yield job
+        return
+    from batchrun.mock import MockConfig, serve
+
+    ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = (
+        concurrent.futures.Future()
+    )
+
+    async def serve_until_stopped() -> None:
+        stop = asyncio.Event()
+        async with serve(MockConfig()) as server:
+            ready.set_result((asyncio.get_running_loop(), stop, server.base_url))
+            await stop.wait()
+
+    def main() -> None:
+        try:
+            asyncio.run(serve_until_stopped())
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+
+    thread = threading.Thread(target=main, name="batchrun-mock", daemon=True)
+    thread.start()
+    loop, stop, base_url = ready.result(timeout=30)
+    try:
+        yield replace(job, base_url=base_url, api_key_env="", allow_insecure_http=False)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the driver's main thread like KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _signals(enabled: bool, job: Job) -> Iterator[None]:
+    """Ctrl-C / SIGTERM: stop at once; the journaled rows are kept for a resume.
+    The batches in flight are lost (Ray's actors are stopped with the driver)."""
+    if not enabled:
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise _interrupted(job, signal.SIGINT) from None
+    except _Terminated:
+        raise _interrupted(job, signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(job: Job, signum: int) -> Interrupted:
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    return Interrupted(
+        f"Stopped by {name}. Every result that came back is saved in {job.output}.partial; "
+        "run the same command again to resume.",
+        exit_code=128 + signum,
+    )

@@ -1,0 +1,561 @@
+"""Merge the outputs of a sharded job (or of several runs of one job) into one file.
+
+``batchrun merge OUTPUT... -o FINAL.parquet [--input INPUT]`` reads batchrun outputs
+(files, folders of ``*.parquet``, globs), checks that they can be one output, and
+writes one Parquet file with one row per id, in ``row`` order (the input's order:
+each shard keeps the global row numbers of the input).
+
+What is checked, and what a failed check does (InputError, exit 2, nothing written):
+
+- Every file has the same columns with the same types (the error names the two
+  files and the columns that differ).
+- Every id appears once. An id in several rows (the same job run twice, a shard
+  given twice) is an error listing the first ids and their files, unless
+  ``prefer_ok`` (``--prefer-ok``) resolves it with one rule: keep the row whose
+  status is ``ok``; among several ok rows, or when none is ok, the one that
+  finished last (``finished_at``; a null counts as oldest); on a tie, the one from
+  the file named later. So merging a run with its rerun of the failed rows keeps
+  every success, and the newest answer when both succeeded.
+- Two ids never claim the same ``row`` (they would when the outputs come from
+  different inputs, or the input changed between runs).
+- No row is missing. With ``input``: every id of the input has a row, and every
+  row's id is in the input. Without it: every row number below the input's row
+  count (recorded in the first file's metadata) has a row — which catches a
+  forgotten shard, but cannot name its ids. ``allow_missing`` writes the file
+  anyway and reports what is missing (a run with ``--dedupe`` leaves the later
+  duplicates of the input out on purpose: pass ``--allow-missing`` then, or
+  ``--input``, which checks by id).
+
+The merged file keeps the first file's ``batchrun`` metadata, with ``rows`` set to
+the merged row count, ``shard`` taken out of ``identity`` (the file is no longer one
+shard) and ``merged_from`` added: one ``{"file", "run_id", "rows", "shard"}`` per
+file. It is written like every batchrun output: to a temporary name in the same
+folder, zstd-compressed, fsynced, then ``os.replace``d onto the path, so a
+half-written file is never taken for a merged one. The output may be one of the
+files merged (everything is read before anything is written); a file that merely
+turns up in a folder or glob being merged is left out when it is the output.
+
+Memory: v1 reads every part whole with pyarrow (the merged table, at its in-memory
+Arrow size), plus a few bytes a row of numpy arrays (row numbers, a keep mask,
+the write order) and, with ``input``, the input's ids. The sorted copy is never
+built whole: rows are taken in write order 65,536 at a time. Ids are checked with
+pyarrow compute (``value_counts``, ``is_in``) and numpy, never a Python loop over
+the rows; only the reported examples (at most ``MAX_LISTED``) become Python objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchrun.errors import InputError, OutputError
+
+MAX_LISTED = 5
+"""How many duplicate or missing ids an error or summary names."""
+
+WRITE_ROWS = 65_536
+"""Rows taken, in write order, per Parquet row group of the merged file."""
+
+NEEDED_COLUMNS = ("id", "row", "status", "finished_at")
+"""The columns a file must have to be merged (every batchrun output has them)."""
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge_outputs`` wrote. Counts are rows of the merged file unless named otherwise."""
+
+    output: Path
+    files: list[Path]
+    rows: int
+    ok: int
+    failed: int
+    invalid: int
+    duplicate_ids: int
+    """Ids that were in more than one row (resolved by ``prefer_ok``)."""
+    duplicates_dropped: int
+    """Rows left out because another row of their id was kept."""
+    missing: int
+    """Input ids (with ``input``) or input row numbers (without) that have no row."""
+    missing_examples: list[str] = field(default_factory=list)
+    """The first missing ids (or ``row N``), at most MAX_LISTED."""
+    checked_by: str = "ids"
+    """``ids`` (an input was given), ``rows`` (the row count in the metadata) or ``none``."""
+    other_jobs: list[str] = field(default_factory=list)
+    """``file: keys`` for each file whose job settings differ from the first file's."""
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0: the merged file was written (missing rows only get here when allowed)."""
+        return 0
+
+    def summary(self) -> str:
+        names = ", ".join(str(f) for f in self.files[:MAX_LISTED])
+        more = f", … {len(self.files) - MAX_LISTED} more" if len(self.files) > MAX_LISTED else ""
+        lines = [
+            f"files       {len(self.files)}  ({names}{more})",
+            f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
+            + (f", invalid {self.invalid:,}" if self.invalid else "")
+            + ")",
+            f"duplicates  {self.duplicate_ids:,} ids resolved (--prefer-ok), {self.duplicates_dropped:,} rows dropped"
+            if self.duplicate_ids
+            else "duplicates  none",
+        ]
+        if self.checked_by == "none":
+            lines.append("missing     not checked (no --input, no row count in the metadata)")
+        elif self.missing:
+            what = "input ids" if self.checked_by == "ids" else "input rows"
+            lines.append(
+                f"missing     {self.missing:,} {what} (--allow-missing): {', '.join(self.missing_examples)}"
+                + (" and more" if self.missing > len(self.missing_examples) else "")
+            )
+        else:
+            lines.append(
+                "missing     none"
+                + (
+                    " (checked by row number; --input checks ids)"
+                    if self.checked_by == "rows"
+                    else ""
+                )
+            )
+        lines.extend(
+            f"note        {other} differs from the first file" for other in self.other_jobs
+        )
+        lines.append(f"wall time   {self.seconds:.1f}s")
+        lines.append(f"output      {self.output}")
+        return "\n".join(lines)
+
+
+def merge_outputs(
+    paths: Sequence[Path | str],
+    output: Path,
+    input: Path | None = None,
+    id_column: str | None = None,
+    *,
+    prefer_ok: bool = False,
+    allow_missing: bool = False,
+) -> MergeResult:
+    """Merge batchrun outputs ``paths`` (files, folders, globs) into ``output``.
+
+    ``input`` (JSONL, Parquet file or folder): check that every id of the input has
+    a row. ``id_column``: the input's id column (default: the job's ``id_column``
+    from the outputs' metadata, else ``id``). ``prefer_ok`` and ``allow_missing``:
+    see the module docstring. Raises InputError (exit 2, nothing written) when the
+    files cannot be merged, OutputError when the output cannot be written.
+    """
+    started = time.monotonic()
+    output = Path(output)
+    files = output_files(paths, leave_out=output)
+    read = [_read(path) for path in files]
+    metas = [meta for _, meta in read]
+    schema = _common_schema(files, [t for t, _ in read])
+    table = _contiguous([t.select(schema.names) for t, _ in read], schema)
+    del read
+    offsets = np.cumsum([0, *(m["num_rows"] for m in metas)])
+
+    keep, dup_ids, dropped_status = _resolve_duplicates(table, files, offsets, prefer_ok)
+    rows = table.column("row").to_numpy()
+    order = keep[np.argsort(rows[keep], kind="stable")]
+    _check_rows(table, files, offsets, rows, order)
+
+    first = metas[0]["batchrun"]
+    if input is not None:
+        ids = table.column("id").take(pa.array(order))
+        missing, examples = _missing_ids(ids, input, id_column or _job_id_column(first))
+        checked_by = "ids"
+    else:
+        total = (first.get("identity") or {}).get("rows")
+        missing, examples = _missing_rows(rows[order], total)
+        checked_by = "rows" if isinstance(total, int) else "none"
+    if missing and not allow_missing:
+        what = "ids of the input" if checked_by == "ids" else "row numbers of the input"
+        raise InputError(
+            f"{missing:,} {what} have no row in the outputs: {', '.join(examples)}"
+            + (f" and {missing - len(examples):,} more" if missing > len(examples) else "")
+            + ". Add the output that holds them (a shard left out?), run the job again for them, "
+            "or pass --allow-missing to write the merged file without them."
+        )
+
+    metadata = _merged_metadata(first, files, metas, len(order))
+    _write(table, order, schema.with_metadata({b"batchrun": orjson.dumps(metadata)}), output)
+
+    status_all = _status_counts(table.column("status"))
+    ok, failed, invalid = (status_all[s] - dropped_status[s] for s in ("ok", "error", "invalid"))
+    return MergeResult(
+        output=output,
+        files=list(files),
+        rows=len(order),
+        ok=ok,
+        failed=failed,
+        invalid=invalid,
+        duplicate_ids=dup_ids,
+        duplicates_dropped=table.num_rows - len(order),
+        missing=missing,
+        missing_examples=examples,
+        checked_by=checked_by,
+        other_jobs=_other_jobs(files, metas),
+        seconds=time.monotonic() - started,
+    )
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+
+def output_files(specs: Sequence[Path | str], leave_out: Path | None = None) -> list[Path]:
+    """The Parquet files named by ``specs``: files, folders (every ``*.parquet`` below,
+    hidden ones skipped, sorted) and globs (``**`` recurses), in the order given; a
+    file named twice is read once. ``leave_out`` is dropped when a folder or glob
+    finds it (the merged file inside the folder being merged), kept when named.
+    InputError when a spec matches nothing."""
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            matches = _parquet_below(path)
+        elif glob.has_magic(str(spec)):
+            matches = []
+            for match in sorted(Path(m) for m in glob.glob(str(spec), recursive=True)):
+                matches.extend(_parquet_below(match) if match.is_dir() else [match])
+        else:
+            raise InputError(
+                f"Output {path} does not exist. Give the files `batchrun run` wrote, folders of them, or globs."
+            )
+        if leave_out is not None:
+            matches = [m for m in matches if m.resolve() != leave_out.resolve()]
+        if not matches:
+            raise InputError(
+                f"{spec} holds no .parquet file. Give the files `batchrun run` wrote, folders of them, or globs."
+            )
+        found.extend(matches)
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for file in found:
+        if file.resolve() not in seen:
+            seen.add(file.resolve())
+            unique.append(file)
+    return unique
+
+
+def _parquet_below(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _read(path: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """The whole file, and ``{"batchrun": its metadata, "num_rows": n}``."""
+    try:
+        # ParquetFile rather than pq.read_table: the latter imports pyarrow.dataset (0.5 s).
+        table = pq.ParquetFile(path).read()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(
+            f"{path} is not a readable Parquet file ({exc}). Give the files `batchrun run` wrote."
+        ) from None
+    lacking = [c for c in NEEDED_COLUMNS if c not in table.column_names]
+    if lacking:
+        raise InputError(
+            f"{path} is not a batchrun output: it has no {', '.join(f'`{c}`' for c in lacking)} column. "
+            "Give the files `batchrun run` wrote."
+        )
+    nulls = [c for c in ("id", "row") if table.column(c).null_count]
+    if nulls:
+        raise InputError(
+            f"{path} has rows without {' or '.join(f'`{c}`' for c in nulls)}: not a batchrun output. "
+            "Give the files `batchrun run` wrote."
+        )
+    try:
+        meta = orjson.loads((table.schema.metadata or {})[b"batchrun"])
+    except (KeyError, orjson.JSONDecodeError):
+        meta = {}
+    return table.replace_schema_metadata(None), {
+        "batchrun": meta if isinstance(meta, dict) else {},
+        "num_rows": table.num_rows,
+    }
+
+
+def _common_schema(files: Sequence[Path], tables: Sequence[pa.Table]) -> pa.Schema:
+    """The first file's schema, once every file is shown to have the same column
+    names and types (the order of the columns may differ)."""
+    first = tables[0].schema
+    types = {f.name: f.type for f in first}
+    for path, table in zip(files[1:], tables[1:], strict=True):
+        other = {f.name: f.type for f in table.schema}
+        if other == types:
+            continue
+        differ = [
+            *(f"`{n}` only in {files[0]}" for n in types if n not in other),
+            *(f"`{n}` only in {path}" for n in other if n not in types),
+            *(
+                f"`{n}` is {types[n]} vs {other[n]}"
+                for n in types
+                if n in other and types[n] != other[n]
+            ),
+        ]
+        raise InputError(
+            f"{files[0]} and {path} have different columns: {'; '.join(differ)}. "
+            "Merge only outputs of the same job (same keep_columns, response_format and stream)."
+        )
+    # Nullability may differ between writers; the merged file takes the first's.
+    return pa.schema([f.with_nullable(True) if f.name not in ("id", "row") else f for f in first])
+
+
+def _contiguous(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """The tables one after the other, each column one contiguous array.
+
+    Why not ``pa.concat_tables``: taking rows from a chunked string column
+    concatenates its chunks on every call, so writing in slices would copy the
+    whole column once per slice. Columns are joined one at a time, each dropped
+    from the parts once joined, so memory peaks at the merged table plus one
+    column. A column over 2 GiB of text gets 64-bit offsets (``large_string``);
+    ``_write`` casts each slice back to the schema's type.
+    """
+    columns = []
+    for f in schema:
+        chunks = [chunk for t in tables for chunk in t.column(f.name).chunks]
+        try:
+            columns.append(pa.concat_arrays(chunks) if chunks else pa.array([], f.type))
+        except (pa.ArrowInvalid, pa.ArrowCapacityError):
+            large = _large(f.type)
+            columns.append(pa.concat_arrays([c.cast(large) for c in chunks]))
+        tables = [t.drop_columns([f.name]) for t in tables]
+    return pa.table(columns, names=schema.names)
+
+
+def _large(type_: pa.DataType) -> pa.DataType:
+    """``type_`` with 64-bit offsets wherever it has 32-bit ones."""
+    if pa.types.is_string(type_):
+        return pa.large_string()
+    if pa.types.is_binary(type_):
+        return pa.large_binary()
+    if pa.types.is_list(type_):
+        return pa.large_list(_large(type_.value_type))
+    if pa.types.is_struct(type_):
+        return pa.struct(
+            [type_.field(i).with_type(_large(type_.field(i).type)) for i in range(type_.num_fields)]
+        )
+    return type_
+
+
+# ---- checking ----------------------------------------------------------------------------
+
+
+def _resolve_duplicates(
+    table: pa.Table, files: Sequence[Path], offsets: np.ndarray, prefer_ok: bool
+) -> tuple[np.ndarray, int, dict[str, int]]:
+    """The positions (in the concatenated table) of the rows to keep, how many ids
+    were doubled, and the status counts of the rows dropped."""
+    n = table.num_rows
+    ids = table.column("id")
+    counts = pc.value_counts(ids)
+    doubled = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(doubled) == 0:
+        return np.arange(n), 0, {"ok": 0, "error": 0, "invalid": 0}
+    positions = np.flatnonzero(_bools(pc.is_in(ids, value_set=doubled)))
+    rows = table.select(["id", "status", "finished_at"]).take(pa.array(positions))
+    codes = _codes(rows.column("id"))
+    if not prefer_ok:
+        listed = []
+        for value in doubled[:MAX_LISTED].to_pylist():
+            at = positions[_bools(pc.equal(rows.column("id"), value))]
+            where = [str(files[i]) for i in np.searchsorted(offsets, at, side="right") - 1]
+            listed.append(f"{value!r} ({', '.join(where)})")
+        more = f" and {len(doubled) - MAX_LISTED:,} more" if len(doubled) > MAX_LISTED else ""
+        raise InputError(
+            f"{len(doubled):,} ids have more than one row: {'; '.join(listed)}{more}. "
+            "Leave out the extra file (a shard given twice?), or pass --prefer-ok to keep, for "
+            "each id, its ok row, else the one that finished last."
+        )
+    not_ok = _bools(pc.not_equal(pc.fill_null(rows.column("status"), ""), "ok")).astype(np.int8)
+    finished = pc.fill_null(rows.column("finished_at").cast(pa.int64()), -(2**62)).to_numpy()
+    # Best first within each id: ok, then latest finished_at, then the later file.
+    order = np.lexsort((-positions, -finished, not_ok, codes))
+    sorted_codes = codes[order]
+    best = np.empty(len(order), dtype=bool)
+    best[0] = True
+    best[1:] = sorted_codes[1:] != sorted_codes[:-1]
+    drop = positions[order[~best]]
+    keep = np.ones(n, dtype=bool)
+    keep[drop] = False
+    dropped = _status_counts(rows.column("status").take(pa.array(order[~best])))
+    return np.flatnonzero(keep), len(doubled), dropped
+
+
+def _check_rows(
+    table: pa.Table, files: Sequence[Path], offsets: np.ndarray, rows: np.ndarray, order: np.ndarray
+) -> None:
+    """InputError when two ids claim one row number: the outputs come from different inputs."""
+    ordered = rows[order]
+    clash = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(clash) == 0:
+        return
+    listed = []
+    for i in clash[:MAX_LISTED]:
+        a, b = order[i], order[i + 1]
+        fa, fb = (files[j] for j in np.searchsorted(offsets, [a, b], side="right") - 1)
+        ida, idb = (table.column("id")[int(p)].as_py() for p in (a, b))
+        listed.append(f"row {int(ordered[i])} is {ida!r} in {fa} but {idb!r} in {fb}")
+    raise InputError(
+        f"{len(clash):,} row numbers belong to more than one id: {'; '.join(listed)}. These outputs come "
+        "from different inputs (or the input changed between runs): merge only outputs of one input."
+    )
+
+
+def _missing_ids(ids: pa.ChunkedArray, input: Path, id_column: str) -> tuple[int, list[str]]:
+    """Input ids with no row (count, first few in input order). InputError when a
+    row's id is not in the input at all: the outputs belong to another input."""
+    from batchrun.inputs import InputTable
+
+    table = InputTable(input, skip_bad_lines=True)
+    # dedupe: a run with --dedupe left later duplicates out; their id is there once.
+    scan = table.scan(id_column, id_required=False, keep_columns=(), dedupe=True)
+    chunks = [
+        pa.array(batch.ids, pa.string())
+        for batch in table.batches([], id_column if scan.has_id_column else None, 65_536)
+    ]
+    input_ids = pa.chunked_array(chunks, pa.string()).combine_chunks()
+    merged = ids.combine_chunks()
+    strangers = pc.invert(pc.is_in(merged, value_set=input_ids))
+    stranger_count = pc.sum(strangers).as_py() or 0
+    if stranger_count:
+        examples = pc.filter(merged, strangers)[:MAX_LISTED].to_pylist()
+        raise InputError(
+            f"{stranger_count:,} ids of the outputs are not in input {input}: "
+            f"{', '.join(map(repr, examples))}. Give the input the job ran on"
+            + (
+                f" (and its id column: --id-column; `{id_column}` was used)."
+                if not scan.has_id_column
+                else "."
+            )
+        )
+    absent = pc.invert(pc.is_in(input_ids, value_set=merged))
+    count = pc.sum(absent).as_py() or 0
+    return count, [repr(i) for i in pc.filter(input_ids, absent)[:MAX_LISTED].to_pylist()]
+
+
+def _missing_rows(rows: np.ndarray, total: Any) -> tuple[int, list[str]]:
+    """Row numbers below ``total`` (the input's row count) with no row."""
+    if not isinstance(total, int) or total <= 0:
+        return 0, []
+    present = np.zeros(total, dtype=bool)
+    present[rows[(rows >= 0) & (rows < total)]] = True
+    absent = np.flatnonzero(~present)
+    return len(absent), [f"row {r}" for r in absent[:MAX_LISTED].tolist()]
+
+
+def _job_id_column(meta: dict[str, Any]) -> str:
+    job = meta.get("job") or {}
+    value = job.get("id_column") if isinstance(job, dict) else None
+    return value if isinstance(value, str) and value else "id"
+
+
+def _other_jobs(files: Sequence[Path], metas: Sequence[dict[str, Any]]) -> list[str]:
+    """``file (`key`, …)`` for each file whose identity (model, prompts, parameters,
+    input rows; the shard aside) differs from the first file's."""
+    first = {k: v for k, v in (metas[0]["batchrun"].get("identity") or {}).items() if k != "shard"}
+    notes = []
+    for path, meta in zip(files[1:], metas[1:], strict=True):
+        other = {k: v for k, v in (meta["batchrun"].get("identity") or {}).items() if k != "shard"}
+        changed = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if changed:
+            notes.append(f"{path} ({', '.join(f'`{k}`' for k in changed)})")
+    return notes
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+
+def _merged_metadata(
+    first: dict[str, Any], files: Sequence[Path], metas: Sequence[dict[str, Any]], rows: int
+) -> dict[str, Any]:
+    merged = dict(first)
+    identity = first.get("identity")
+    if isinstance(identity, dict):
+        merged["identity"] = {k: v for k, v in identity.items() if k != "shard"}
+    merged["rows"] = rows
+    merged["merged_from"] = [
+        {
+            "file": str(path),
+            "run_id": meta["batchrun"].get("run_id"),
+            "rows": meta["num_rows"],
+            "shard": (meta["batchrun"].get("identity") or {}).get("shard"),
+        }
+        for path, meta in zip(files, metas, strict=True)
+    ]
+    return merged
+
+
+def _write(table: pa.Table, order: np.ndarray, schema: pa.Schema, output: Path) -> None:
+    """Rows ``order`` of ``table`` to ``output``: temporary name, fsync, os.replace."""
+    if not output.parent.is_dir():
+        raise OutputError(
+            f"Output folder {output.parent} does not exist. Create it (mkdir -p {output.parent}) or choose another -o."
+        )
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for start in range(0, len(order), WRITE_ROWS):
+                part = table.take(pa.array(order[start : start + WRITE_ROWS]))
+                writer.write_table(part.cast(schema), row_group_size=WRITE_ROWS)
+        _fsync(tmp)
+        os.replace(tmp, output)
+        _fsync(output.parent)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot write {output}: {exc.strerror or exc}. Free space (or fix the folder) and merge again."
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- small vectorized pieces -------------------------------------------------------------
+
+
+def _bools(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A pyarrow boolean mask as numpy (a null counts as False)."""
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _codes(values: pa.ChunkedArray) -> np.ndarray:
+    """An integer per distinct value (equal values, equal codes)."""
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _status_counts(status: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    counts = {"ok": 0, "error": 0, "invalid": 0}
+    vc = pc.value_counts(status)
+    for value, count in zip(
+        vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True
+    ):
+        if value in counts:
+            counts[value] += count
+        elif value is not None:
+            counts["error"] += count  # an unknown status counts as a failure, as in the journal
+    return counts
