@@ -77,6 +77,8 @@ class RunOptions:
     handle_signals: bool = False
     mock: bool = False
     reuse: tuple[Path, ...] = ()
+    output_format: str = "parquet"
+    """parquet, or openai-batch: the Parquet file plus OpenAI batch output lines beside it."""
     shard: tuple[int, int] | None = None
     """(K, N): send only the rows whose id hashes to shard K (0-based) of N."""
 
@@ -316,7 +318,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
             "job started: %d rows, %d to send, model %s, %s",
             total,
             to_send,
-            job.model,
+            job.model or "named by each request",
             job.url if not options.mock else "embedded endpoint",
             extra={
                 "event": "start",
@@ -384,6 +386,10 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
             if structured
             else frozenset(),
         )
+        if options.output_format == "openai-batch":
+            from batchrun.openai_batch import write_batch_output
+
+            log.info("wrote %s", write_batch_output(output), extra={"event": "batch_output"})
     finally:
         if journal.folder.exists():
             journal.close()

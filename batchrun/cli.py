@@ -133,6 +133,13 @@ def main() -> None:
     "--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing."
 )
 @click.option(
+    "--output-format",
+    type=click.Choice(["parquet", "openai-batch"]),
+    default="parquet",
+    show_default=True,
+    help="openai-batch: also write OpenAI Batch API output lines beside the Parquet file (OUTPUT with .jsonl).",
+)
+@click.option(
     "--shard",
     metavar="K/N",
     default=None,
@@ -195,6 +202,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
             mock=flags["mock"],
             reuse=tuple(flags["reuse"]),
             shard=_parse_shard(flags["shard"]),
+            output_format=flags["output_format"],
         )
         if flags["engine"] == "ray":
             from batchrun.engines.ray import run_on_ray
