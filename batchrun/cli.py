@@ -119,12 +119,12 @@ def main() -> None:
 @click.option(
     "--restart",
     is_flag=True,
-    help="Discard an unfinished earlier run of this output and start over.",
+    help="Discard what an earlier run of this output left (an unfinished journal or the finished file) and start over.",
 )
 @click.option(
     "--retry-failed",
     is_flag=True,
-    help="Send again the rows of an unfinished run whose status is error.",
+    help="Send again the rows whose status is error (in the unfinished run, or in the finished output) and replace them.",
 )
 @click.option(
     "--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects."

@@ -162,8 +162,9 @@ def merge_outputs(
     read = [_read(path) for path in files]
     metas = [meta for _, meta in read]
     schema = _common_schema(files, [t for t, _ in read])
-    table = _contiguous([t.select(schema.names) for t, _ in read], schema)
-    del read
+    tables = [t.select(schema.names) for t, _ in read]
+    del read  # _contiguous frees each column of the parts once joined: no other reference
+    table = _contiguous(tables, schema)
     offsets = np.cumsum([0, *(m["num_rows"] for m in metas)])
 
     keep, dup_ids, dropped_status = _resolve_duplicates(table, files, offsets, prefer_ok)
@@ -323,8 +324,8 @@ def _contiguous(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
     Why not ``pa.concat_tables``: taking rows from a chunked string column
     concatenates its chunks on every call, so writing in slices would copy the
     whole column once per slice. Columns are joined one at a time, each dropped
-    from the parts once joined, so memory peaks at the merged table plus one
-    column. A column over 2 GiB of text gets 64-bit offsets (``large_string``);
+    from ``tables`` (emptied in place: the caller must hold no other reference
+    to the parts) once joined, so memory peaks at the merged table plus one column. A column over 2 GiB of text gets 64-bit offsets (``large_string``);
     ``_write`` casts each slice back to the schema's type.
     """
     columns = []
@@ -335,7 +336,7 @@ def _contiguous(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowCapacityError):
             large = _large(f.type)
             columns.append(pa.concat_arrays([c.cast(large) for c in chunks]))
-        tables = [t.drop_columns([f.name]) for t in tables]
+        tables[:] = [t.drop_columns([f.name]) for t in tables]
     return pa.table(columns, names=schema.names)
 
 

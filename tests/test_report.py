@@ -9,6 +9,7 @@ columns and the prices written in the test, not with ``batchrun.prices``.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import shutil
@@ -674,12 +675,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_html_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     """The page opens in a real browser (no network): a PNG of the sample job's report."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import screenshot_report
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    assert CHROMIUM is not None
+    spec = importlib.util.spec_from_file_location(
+        "screenshot_report", REPO / "benchmarks" / "screenshot_report.py"
+    )
+    assert spec is not None and spec.loader is not None and CHROMIUM is not None
+    screenshot_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot_report)
     page = screenshot_report.sample_report(tmp_path)
     png = tmp_path / "report.png"
     screenshot_report.screenshot(CHROMIUM, page, png, width=1280, height=1600)

@@ -461,7 +461,8 @@ def _send_on_ray(
     secrets: Secret,
     structured: Structured | None,
 ) -> None:
-    """Send ``rows`` through a pool of RowSender actors and journal every result."""
+    """Send ``rows`` through a pool of RowSender actors and journal every result
+    as its batch comes back."""
     cpus = ray.cluster_resources().get("CPU", 1)
     actors, share, batch_rows = actor_plan(job, cpus, to_send)
     log.info(
@@ -471,77 +472,105 @@ def _send_on_ray(
         batch_rows,
         extra={"event": "ray_plan", "actors": actors, "batch_rows": batch_rows},
     )
-    # One block per batch: Ray Data hands whole blocks to the actors, so the blocks
-    # decide how the rows spread over them.
-    requests = ray.data.from_arrow(list(_request_blocks(rows, batch_rows)))
-    context = requests.context
-    context.enable_progress_bars = False  # batchrun draws its own
-    context.print_on_execution_start = False
-    results = requests.map_batches(
-        RowSender,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_constructor_kwargs={
-            "job": share,
-            "api_key": api_key,
-            "headers": headers,
-            "secrets": secrets,
-            "structured": structured,
-        },
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-    )
     failure_limit = _failure_limit(job.max_failures, tally.total)
     failures = 0
     last_tick = last_sync = time.monotonic()
     try:
-        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            stop: JobStopped | None = None
-            for item in batch.to_pylist():
-                if item["row"] < 0:
-                    tally.requests += item["requests"]
-                    tally.retries += item["retries"]
-                    if item["stop_kind"] is not None and stop is None:
-                        stop = _stop_error(item["stop_kind"], item["stop"])
-                    continue
-                rec = orjson.loads(item["record"])
-                journal.append(rec)
-                tally.prompt_tokens += rec.get("prompt_tokens") or 0
-                tally.completion_tokens += rec.get("completion_tokens") or 0
-                if rec["status"] == "error":
-                    failures += 1
-                    log.debug(
-                        "row %s failed: %s",
-                        rec["id"],
-                        rec["error"],
-                        extra={
-                            "event": "row_failed",
-                            "row_id": rec["id"],
-                            "error": rec["error"],
-                            "attempts": rec.get("attempts"),
-                        },
+        with _quiet_ray_data(ray):
+            # One block per batch: Ray Data hands whole blocks to the actors, so the
+            # blocks decide how the rows spread over them.
+            requests = ray.data.from_arrow(list(_request_blocks(rows, batch_rows)))
+            results = requests.map_batches(
+                RowSender,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_constructor_kwargs={
+                    "job": share,
+                    "api_key": api_key,
+                    "headers": headers,
+                    "secrets": secrets,
+                    "structured": structured,
+                },
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+            )
+            for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+                failed, stop = _journal_batch(batch, journal, tally)
+                failures += failed
+                if stop is not None:
+                    raise stop
+                if failure_limit is not None and failures > failure_limit:
+                    raise TooManyFailures(
+                        f"{failures} rows failed, more than max_failures={job.max_failures:g} allows. "
+                        "Every finished row is saved: fix the cause and run the same command again "
+                        "to resume (add --retry-failed to resend the failed rows)."
                     )
-            tally.ok, tally.failed, tally.invalid = journal.counts()
-            if stop is not None:
-                raise stop
-            if failure_limit is not None and failures > failure_limit:
-                raise TooManyFailures(
-                    f"{failures} rows failed, more than max_failures={job.max_failures:g} allows. "
-                    "Every finished row is saved: fix the cause and run the same command again to "
-                    "resume (add --retry-failed to resend the failed rows)."
-                )
-            now = time.monotonic()
-            if now - last_tick >= progress.interval_s:
-                progress.tick()
-                last_tick = now
-            if now - last_sync >= 1.0:
-                journal.sync()
-                last_sync = now
+                now = time.monotonic()
+                if now - last_tick >= progress.interval_s:
+                    progress.tick()
+                    last_tick = now
+                if now - last_sync >= 1.0:
+                    journal.sync()
+                    last_sync = now
     except ray.exceptions.RayError as exc:
         raise JobStopped(
             f"The Ray job failed: {_first_line(exc)}. Every result that came back is saved in "
             f"{journal.folder}: run the same command again to resume."
         ) from None
+
+
+def _journal_batch(
+    batch: pa.Table, journal: Journal, tally: Tally
+) -> tuple[int, JobStopped | None]:
+    """Journal the results of one batch and count them. Returns how many rows
+    failed and the stop the batch ended with, if any."""
+    failed = 0
+    stop: JobStopped | None = None
+    for item in batch.to_pylist():
+        if item["row"] < 0:
+            tally.requests += item["requests"]
+            tally.retries += item["retries"]
+            if item["stop_kind"] is not None and stop is None:
+                stop = _stop_error(item["stop_kind"], item["stop"])
+            continue
+        rec = orjson.loads(item["record"])
+        journal.append(rec)
+        tally.prompt_tokens += rec.get("prompt_tokens") or 0
+        tally.completion_tokens += rec.get("completion_tokens") or 0
+        if rec["status"] == "error":
+            failed += 1
+            log.debug(
+                "row %s failed: %s",
+                rec["id"],
+                rec["error"],
+                extra={
+                    "event": "row_failed",
+                    "row_id": rec["id"],
+                    "error": rec["error"],
+                    "attempts": rec.get("attempts"),
+                },
+            )
+    tally.ok, tally.failed, tally.invalid = journal.counts()
+    return failed, stop
+
+
+@contextlib.contextmanager
+def _quiet_ray_data(ray: ModuleType) -> Iterator[None]:
+    """No Ray Data progress bars or info lines meanwhile (batchrun shows its own
+    progress); Ray Data's warnings still show."""
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    loggers = [logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")]
+    levels = [logger.level for logger in loggers]
+    context.enable_progress_bars = False
+    loggers[0].setLevel(logging.WARNING)
+    loggers[1].setLevel(logging.ERROR)  # it warns that its bars are off
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = bars
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _stop_error(kind: str, message: str) -> JobStopped:
