@@ -8,6 +8,7 @@ modules (pyarrow, pandas, aiohttp) are imported inside the commands, so
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import click
 
 from batchrun import __version__
 from batchrun.config import KEYS, Key
-from batchrun.errors import BatchrunError
+from batchrun.errors import BatchrunError, Interrupted
 
 EXIT_CODES = """\b
 Exit codes:
@@ -95,6 +96,14 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
             f"{text!r} is not K/N with 0 <= K < N, e.g. 0/4", param_hint="--shard"
         )
     return int(k), int(n)
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the part of a run that handles it gracefully."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -189,6 +198,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
     from batchrun.config import load_job
     from batchrun.logs import setup_logging
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
     try:
         job = load_job(job_file, _overrides(flags))
@@ -210,6 +220,16 @@ def run(job_file: Path | None, **flags: Any) -> None:
             result = run_on_ray(job, options)
         else:
             result = _run_async(run_job(job, options))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        # A signal before sending began (the input scan) or after it ended (the
+        # final write): the journal, if any, is whole; the same command resumes.
+        terminated = isinstance(exc, _Terminated)
+        fail(
+            Interrupted(
+                f"Stopped by {'SIGTERM' if terminated else 'Ctrl-C'}. Nothing is lost: run the same command again to resume.",
+                exit_code=143 if terminated else 130,
+            )
+        )
     except BatchrunError as exc:
         import logging
 

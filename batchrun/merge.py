@@ -35,12 +35,17 @@ half-written file is never taken for a merged one. The output may be one of the
 files merged (everything is read before anything is written); a file that merely
 turns up in a folder or glob being merged is left out when it is the output.
 
-Memory: v1 reads every part whole with pyarrow (the merged table, at its in-memory
-Arrow size), plus a few bytes a row of numpy arrays (row numbers, a keep mask,
-the write order) and, with ``input``, the input's ids. The sorted copy is never
-built whole: rows are taken in write order 65,536 at a time. Ids are checked with
-pyarrow compute (``value_counts``, ``is_in``) and numpy, never a Python loop over
-the rows; only the reported examples (at most ``MAX_LISTED``) become Python objects.
+Memory: v1 reads every file whole with pyarrow, so it needs the merged table at
+its in-memory Arrow size (about 1.4 GB for 3 million rows of 300-character
+completions), plus a few bytes a row of numpy arrays (row numbers, a keep mask,
+the write order) and, with ``input``, the input's ids. Nothing is copied whole:
+the checks read zero-copy views of the ``id``, ``row``, ``status`` and
+``finished_at`` columns, and rows are gathered in write order 65,536 at a time
+(one take per file, then one reorder of the slice). Since each file is in row
+order already, a streaming k-way merge could get by with a row group per file;
+v1 does not. Ids are checked with pyarrow compute (``value_counts``, ``is_in``)
+and numpy, never a Python loop over the rows; only the examples an error or the
+summary names (at most ``MAX_LISTED``) become Python objects.
 """
 
 from __future__ import annotations
@@ -159,13 +164,19 @@ def merge_outputs(
     started = time.monotonic()
     output = Path(output)
     files = output_files(paths, leave_out=output)
+    if not files:
+        raise InputError(
+            "No output file given. Name the files `batchrun run` wrote, folders or globs."
+        )
     read = [_read(path) for path in files]
     metas = [meta for _, meta in read]
-    schema = _common_schema(files, [t for t, _ in read])
+    schema = _common_schema(files, [m["schema"] for m in metas])
     tables = [t.select(schema.names) for t, _ in read]
-    del read  # _contiguous frees each column of the parts once joined: no other reference
-    table = _contiguous(tables, schema)
-    offsets = np.cumsum([0, *(m["num_rows"] for m in metas)])
+    del read
+    offsets = np.cumsum([0, *(t.num_rows for t in tables)])
+    # The columns the checks read, all files end to end (zero-copy: chunks of the parts).
+    needed = pa.schema([schema.field(c) for c in NEEDED_COLUMNS])
+    table = pa.concat_tables(t.select(list(NEEDED_COLUMNS)).cast(needed) for t in tables)
 
     keep, dup_ids, dropped_status = _resolve_duplicates(table, files, offsets, prefer_ok)
     rows = table.column("row").to_numpy()
@@ -191,7 +202,9 @@ def merge_outputs(
         )
 
     metadata = _merged_metadata(first, files, metas, len(order))
-    _write(table, order, schema.with_metadata({b"batchrun": orjson.dumps(metadata)}), output)
+    _write(
+        tables, offsets, order, schema.with_metadata({b"batchrun": orjson.dumps(metadata)}), output
+    )
 
     status_all = _status_counts(table.column("status"))
     ok, failed, invalid = (status_all[s] - dropped_status[s] for s in ("ok", "error", "invalid"))
@@ -262,10 +275,13 @@ def _parquet_below(folder: Path) -> list[Path]:
 
 
 def _read(path: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """The whole file, and ``{"batchrun": its metadata, "num_rows": n}``."""
+    """The whole file, and ``{"batchrun": its metadata, "schema": its Arrow schema}``
+    (the schema as written: the table may hold ``large_string`` where it says string)."""
     try:
         # ParquetFile rather than pq.read_table: the latter imports pyarrow.dataset (0.5 s).
-        table = pq.ParquetFile(path).read()
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+        table = _one_chunk(file.read())
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(
             f"{path} is not a readable Parquet file ({exc}). Give the files `batchrun run` wrote."
@@ -283,22 +299,23 @@ def _read(path: Path) -> tuple[pa.Table, dict[str, Any]]:
             "Give the files `batchrun run` wrote."
         )
     try:
-        meta = orjson.loads((table.schema.metadata or {})[b"batchrun"])
+        meta = orjson.loads((schema.metadata or {})[b"batchrun"])
     except (KeyError, orjson.JSONDecodeError):
         meta = {}
     return table.replace_schema_metadata(None), {
         "batchrun": meta if isinstance(meta, dict) else {},
         "num_rows": table.num_rows,
+        "schema": schema.remove_metadata(),
     }
 
 
-def _common_schema(files: Sequence[Path], tables: Sequence[pa.Table]) -> pa.Schema:
+def _common_schema(files: Sequence[Path], schemas: Sequence[pa.Schema]) -> pa.Schema:
     """The first file's schema, once every file is shown to have the same column
     names and types (the order of the columns may differ)."""
-    first = tables[0].schema
+    first = schemas[0]
     types = {f.name: f.type for f in first}
-    for path, table in zip(files[1:], tables[1:], strict=True):
-        other = {f.name: f.type for f in table.schema}
+    for path, schema in zip(files[1:], schemas[1:], strict=True):
+        other = {f.name: f.type for f in schema}
         if other == types:
             continue
         differ = [
@@ -318,26 +335,28 @@ def _common_schema(files: Sequence[Path], tables: Sequence[pa.Table]) -> pa.Sche
     return pa.schema([f.with_nullable(True) if f.name not in ("id", "row") else f for f in first])
 
 
-def _contiguous(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    """The tables one after the other, each column one contiguous array.
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """``table`` with each column one contiguous array.
 
-    Why not ``pa.concat_tables``: taking rows from a chunked string column
-    concatenates its chunks on every call, so writing in slices would copy the
-    whole column once per slice. Columns are joined one at a time, each dropped
-    from ``tables`` (emptied in place: the caller must hold no other reference
-    to the parts) once joined, so memory peaks at the merged table plus one column. A column over 2 GiB of text gets 64-bit offsets (``large_string``);
-    ``_write`` casts each slice back to the schema's type.
+    Taking rows from a chunked column concatenates its chunks on every call, so
+    writing in slices would copy the whole column once per slice. A Parquet file
+    read whole is one chunk a column already (nothing is copied then) unless a
+    column holds over 2 GiB of text: that one is joined with 64-bit offsets
+    (``large_string``), and ``_write`` casts each slice back to the schema's type.
     """
+    if all(column.num_chunks <= 1 for column in table.columns):
+        return table
     columns = []
-    for f in schema:
-        chunks = [chunk for t in tables for chunk in t.column(f.name).chunks]
+    for f in table.schema:
+        chunks = table.column(f.name).chunks
         try:
-            columns.append(pa.concat_arrays(chunks) if chunks else pa.array([], f.type))
+            columns.append(pa.concat_arrays(chunks))
         except (pa.ArrowInvalid, pa.ArrowCapacityError):
             large = _large(f.type)
             columns.append(pa.concat_arrays([c.cast(large) for c in chunks]))
-        tables[:] = [t.drop_columns([f.name]) for t in tables]
-    return pa.table(columns, names=schema.names)
+    return pa.Table.from_arrays(columns, names=table.schema.names).replace_schema_metadata(
+        table.schema.metadata
+    )
 
 
 def _large(type_: pa.DataType) -> pa.DataType:
@@ -503,8 +522,15 @@ def _merged_metadata(
     return merged
 
 
-def _write(table: pa.Table, order: np.ndarray, schema: pa.Schema, output: Path) -> None:
-    """Rows ``order`` of ``table`` to ``output``: temporary name, fsync, os.replace."""
+def _write(
+    tables: Sequence[pa.Table],
+    offsets: np.ndarray,
+    order: np.ndarray,
+    schema: pa.Schema,
+    output: Path,
+) -> None:
+    """Rows ``order`` (positions in ``tables`` end to end) to ``output``: temporary
+    name, fsync, os.replace."""
     if not output.parent.is_dir():
         raise OutputError(
             f"Output folder {output.parent} does not exist. Create it (mkdir -p {output.parent}) or choose another -o."
@@ -513,8 +539,8 @@ def _write(table: pa.Table, order: np.ndarray, schema: pa.Schema, output: Path) 
     try:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for start in range(0, len(order), WRITE_ROWS):
-                part = table.take(pa.array(order[start : start + WRITE_ROWS]))
-                writer.write_table(part.cast(schema), row_group_size=WRITE_ROWS)
+                part = _gather(tables, offsets, order[start : start + WRITE_ROWS], schema)
+                writer.write_table(part, row_group_size=WRITE_ROWS)
         _fsync(tmp)
         os.replace(tmp, output)
         _fsync(output.parent)
@@ -525,6 +551,25 @@ def _write(table: pa.Table, order: np.ndarray, schema: pa.Schema, output: Path) 
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _gather(
+    tables: Sequence[pa.Table], offsets: np.ndarray, positions: np.ndarray, schema: pa.Schema
+) -> pa.Table:
+    """The rows at ``positions`` (in ``tables`` end to end), in that order, typed by
+    ``schema``: one take per file from its contiguous columns, then one reorder."""
+    file_of = np.searchsorted(offsets, positions, side="right") - 1
+    by_file = np.argsort(file_of, kind="stable")
+    groups = np.split(by_file, np.flatnonzero(np.diff(file_of[by_file])) + 1)
+    pieces = [
+        tables[file_of[g[0]]].take(pa.array(positions[g] - offsets[file_of[g[0]]])).cast(schema)
+        for g in groups
+    ]
+    if len(pieces) == 1:
+        return pieces[0]
+    back = np.empty_like(by_file)
+    back[by_file] = np.arange(len(by_file))
+    return pa.concat_tables(pieces).combine_chunks().take(pa.array(back))
 
 
 def _fsync(path: Path) -> None:

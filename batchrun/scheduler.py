@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from batchrun.client import ApiClient
@@ -151,8 +151,9 @@ def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-class _OverBudget(Exception):
-    """Raised inside a row's attempt when the budget stops the job: the row is left unsent."""
+class _Abandon(Exception):
+    """Raised inside a row's attempt once the job is stopping (a signal, the
+    budget): the row is left without a result, to be sent by the resume."""
 
 
 class _Usage:
@@ -201,7 +202,10 @@ class Scheduler:
         self.client = client
         self.journal = journal
         self.tally = tally
-        self.policy = policy
+        # Retry waits end early when the job stops: a row waiting to retry is abandoned, not sent.
+        self.policy = replace(policy, sleep=self._retry_sleep)
+        self._base_sleep = policy.sleep
+        self._stopped = asyncio.Event()
         self.limits = limits
         self.structured = structured
         self.spend = spend
@@ -241,9 +245,11 @@ class Scheduler:
             raise self._stop
 
     def stop(self, error: JobStopped, grace_s: float) -> None:
-        """Send no new request; cancel what is still in flight after ``grace_s`` seconds."""
+        """Send no new request (rows waiting to retry are abandoned); cancel what is
+        still in flight after ``grace_s`` seconds."""
         if self._stop is None:
             self._stop = error
+        self._stopped.set()
         if self._producer is not None:
             self._producer.cancel()
         # Wake the idle workers: the queue is emptied, so the wake-ups always fit.
@@ -256,6 +262,7 @@ class Scheduler:
     def stop_now(self, error: JobStopped) -> None:
         """Stop at once: requests in flight are abandoned (their rows stay unsent)."""
         self._stop = error
+        self._stopped.set()
         self._cancel_all()
 
     def _cancel_all(self) -> None:
@@ -316,8 +323,8 @@ class Scheduler:
                 completion, attempts = await send_with_retries(
                     attempt, self.policy, self._on_retry(p)
                 )
-            except _OverBudget:
-                return  # the job is stopping: this row stays unsent, for the resume
+            except _Abandon:
+                return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
                 if isinstance(exc, RateLimited):
                     limits.rate_limited(exc.retry_after, self.policy.backoff_initial_s)
@@ -353,18 +360,33 @@ class Scheduler:
             )
         )
 
+    async def _retry_sleep(self, seconds: float) -> None:
+        """The wait before a retry, cut short (and the row abandoned) if the job stops."""
+        if self._stop is None:
+            waiting = asyncio.ensure_future(self._base_sleep(seconds))
+            stopping = asyncio.ensure_future(self._stopped.wait())
+            try:
+                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                stopping.cancel()
+        if self._stop is not None:
+            raise _Abandon
+
     async def _post(self, p: Prepared) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""
         limits = self.limits
         if limits.paces or limits.pause_active():
             await limits.wait_turn(p.est_tokens)
+            if self._stop is not None:
+                raise _Abandon
         spend = self.spend
         reservation = None
         if spend is not None:
             reservation = spend.reserve(p.prompt_bound)
             if reservation is None:
                 self._over_budget(spend)
-                raise _OverBudget
+                raise _Abandon
         self.tally.requests += 1
         t = time.perf_counter()
         try:

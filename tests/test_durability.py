@@ -421,11 +421,6 @@ def test_signal_stops_after_requests_in_flight(
     assert server.requests() == len(rows), "a row was sent twice"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: after SIGTERM, rows waiting to retry still send their retry",
-)
 def test_sigterm_sends_no_retry_after_the_signal(tmp_path: Path, procs: Procs) -> None:
     """Rows waiting out a retry backoff when SIGTERM comes have no request in flight:
     the job stops at once and sends them no retry (the README: "stop sending, let
@@ -462,11 +457,6 @@ def test_sigterm_sends_no_retry_after_the_signal(tmp_path: Path, procs: Procs) -
     assert server.requests() == 32 + len(rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: Ctrl-C during the input scan exits 1 ('Aborted!'), not 130",
-)
 def test_sigint_during_the_input_scan_exits_130(tmp_path: Path, procs: Procs) -> None:
     """The scan runs before batchrun installs its signal handlers. A Ctrl-C then must
     still mean exit 130 with nothing sent, not exit 1 (the code for finished rows)."""

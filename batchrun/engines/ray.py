@@ -491,8 +491,8 @@ def _send_on_ray(
                     "secrets": secrets,
                     "structured": structured,
                 },
-                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
+                **_actor_pool(ray, actors),
             )
             for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
                 failed, stop = _journal_batch(batch, journal, tally)
@@ -517,6 +517,15 @@ def _send_on_ray(
             f"The Ray job failed: {_first_line(exc)}. Every result that came back is saved in "
             f"{journal.folder}: run the same command again to resume."
         ) from None
+
+
+def _actor_pool(ray: ModuleType, actors: int) -> dict[str, Any]:
+    """map_batches' argument for a pool of ``actors`` actors: ``compute`` from Ray
+    2.51, ``concurrency`` before (each version deprecates the other)."""
+    major, minor = (int(part) for part in ray.__version__.split(".")[:2])
+    if (major, minor) >= (2, 51):
+        return {"compute": ray.data.ActorPoolStrategy(size=actors)}
+    return {"concurrency": actors}
 
 
 def _journal_batch(
