@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP    ?= $(PYTHON) -m pip
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-ray lint format bench clean
 
 install:            ## batchrun with the test and lint tools, editable
 	$(PIP) install -q -e '.[dev]'
@@ -15,6 +15,10 @@ demo:               ## install, then summarize the sample tickets on the embedde
 test:               ## install the test extras, then run the whole test suite
 	$(PIP) install -q -e '.[test]'
 	$(PYTHON) -m pytest
+
+test-ray:           ## install the Ray extra, then run the Ray engine's tests on a local Ray (not part of make test)
+	$(PIP) install -q -e '.[test,ray]'
+	$(PYTHON) -m pytest -m ray
 
 lint:               ## ruff (lint + format check) and mypy
 	ruff check .

@@ -51,7 +51,6 @@ summary names (at most ``MAX_LISTED``) become Python objects.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import time
 import uuid
@@ -67,6 +66,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, OutputError
+from batchrun.outputs import output_files
 
 MAX_LISTED = 5
 """How many duplicate or missing ids an error or summary names."""
@@ -226,52 +226,6 @@ def merge_outputs(
 
 
 # ---- reading -----------------------------------------------------------------------------
-
-
-def output_files(specs: Sequence[Path | str], leave_out: Path | None = None) -> list[Path]:
-    """The Parquet files named by ``specs``: files, folders (every ``*.parquet`` below,
-    hidden ones skipped, sorted) and globs (``**`` recurses), in the order given; a
-    file named twice is read once. ``leave_out`` is dropped when a folder or glob
-    finds it (the merged file inside the folder being merged), kept when named.
-    InputError when a spec matches nothing."""
-    found: list[Path] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_file():
-            found.append(path)
-            continue
-        if path.is_dir():
-            matches = _parquet_below(path)
-        elif glob.has_magic(str(spec)):
-            matches = []
-            for match in sorted(Path(m) for m in glob.glob(str(spec), recursive=True)):
-                matches.extend(_parquet_below(match) if match.is_dir() else [match])
-        else:
-            raise InputError(
-                f"Output {path} does not exist. Give the files `batchrun run` wrote, folders of them, or globs."
-            )
-        if leave_out is not None:
-            matches = [m for m in matches if m.resolve() != leave_out.resolve()]
-        if not matches:
-            raise InputError(
-                f"{spec} holds no .parquet file. Give the files `batchrun run` wrote, folders of them, or globs."
-            )
-        found.extend(matches)
-    seen: set[Path] = set()
-    unique: list[Path] = []
-    for file in found:
-        if file.resolve() not in seen:
-            seen.add(file.resolve())
-            unique.append(file)
-    return unique
-
-
-def _parquet_below(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*.parquet")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def _read(path: Path) -> tuple[pa.Table, dict[str, Any]]:

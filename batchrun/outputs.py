@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import mmap
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun import __version__
-from batchrun.errors import OutputError, ResumeConflict
+from batchrun.errors import InputError, OutputError, ResumeConflict
 
 STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
 STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR, "invalid": STATUS_INVALID}
@@ -388,6 +389,56 @@ class Journal:
         for keep in keep_batches:
             yield start, keep
             start += keep.num_rows
+
+
+def output_files(specs: Iterable[Path | str], leave_out: Path | None = None) -> list[Path]:
+    """The Parquet files named by ``specs``: files, folders (every ``*.parquet`` below,
+    hidden ones skipped, sorted) and globs (``**`` recurses), in the order given; a
+    file named twice is read once. ``leave_out`` is dropped when a folder or glob
+    finds it (the merged file inside the folder being merged), kept when named.
+    InputError when a spec matches nothing."""
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            matches = _parquet_below(path)
+        elif glob.has_magic(str(spec)):
+            matches = []
+            for match in sorted(Path(m) for m in glob.glob(str(spec), recursive=True)):
+                matches.extend(_parquet_below(match) if match.is_dir() else [match])
+        else:
+            raise InputError(
+                f"Output {path} does not exist. Give the files `batchrun run` wrote, folders of them, or globs."
+            )
+        if leave_out is not None:
+            matches = [m for m in matches if m.resolve() != leave_out.resolve()]
+        if not matches and not path.is_dir():
+            raise InputError(
+                f"No file matches {spec}. Check the pattern (and quote it, so the shell leaves it alone)."
+            )
+        if not matches:
+            raise InputError(
+                f"{spec} holds no .parquet file. Give the files `batchrun run` wrote, folders of them, or globs."
+            )
+        found.extend(matches)
+    seen: set[Path] = set()
+    unique: list[Path] = []
+    for file in found:
+        if file.resolve() not in seen:
+            seen.add(file.resolve())
+            unique.append(file)
+    return unique
+
+
+def _parquet_below(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def journal_value(value: Any) -> Any:

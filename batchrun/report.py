@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import glob
 import html
 import io
 import json
@@ -64,6 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, JobError, OutputError
+from batchrun.outputs import output_files
 from batchrun.prices import Prices, load_prices
 
 Format = Literal["table", "csv", "json", "markdown"]
@@ -175,54 +175,6 @@ class Report:
 
 
 # ---- reading outputs --------------------------------------------------------------------
-
-
-def output_files(specs: Iterable[str | Path]) -> list[Path]:
-    """The Parquet files named by ``specs``: files, folders (every ``*.parquet``
-    below, hidden ones skipped) and glob patterns (``**`` recurses), in the order
-    given, folders and globs sorted; a file named twice is read once.
-
-    InputError when a spec matches nothing."""
-    files: list[Path] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found = _parquet_below(path)
-            if not found:
-                raise InputError(
-                    f"Folder {path} holds no .parquet file. Give the output files that `batchrun run` writes, or the folder that holds them."
-                )
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        elif glob.has_magic(str(spec)):
-            matches = sorted(Path(m) for m in glob.glob(str(spec), recursive=True))
-            found = []
-            for match in matches:
-                found.extend(_parquet_below(match) if match.is_dir() else [match])
-            if not found:
-                raise InputError(f"No file matches {spec}. Check the pattern (quote it).")
-            files.extend(found)
-        else:
-            raise InputError(
-                f"Output {path} does not exist. Check the path: give output files, folders or globs."
-            )
-    seen: set[Path] = set()
-    unique: list[Path] = []
-    for file in files:
-        resolved = file.resolve()
-        if resolved not in seen:
-            seen.add(resolved)
-            unique.append(file)
-    return unique
-
-
-def _parquet_below(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*.parquet")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def read_outputs(files: Sequence[Path], by: Sequence[str] = ()) -> pd.DataFrame:

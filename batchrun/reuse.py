@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.outputs import RESULT_FIELDS, hash_key, journal_value
+from batchrun.outputs import RESULT_FIELDS, hash_key, journal_value, output_files
 
 _ROW_BITS = 40
 """Positions pack (file index << 40 | row index): a trillion rows per file."""
@@ -36,21 +36,6 @@ class Match:
     row: int
     id: str
     position: int
-
-
-def output_files(paths: Sequence[Path]) -> list[Path]:
-    """The Parquet files named, folders expanded (sorted)."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*.parquet") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise InputError(
-                f"--reuse {path} does not exist. Give earlier batchrun output files or folders of them."
-            )
-    return files
 
 
 class ReuseIndex:

@@ -29,9 +29,10 @@ What it does not do, or does differently:
 
 - Durability is per batch, not per row: a result is journaled when its whole
   batch comes back to the driver. A crash, Ctrl-C or a failed Ray job loses
-  the batches in flight (at most actors x 2 batches, since Ray queues a
-  second one per actor); every journaled row is kept and the same command
-  (with either engine) resumes from the journal.
+  every result not journaled yet (the batches the actors are on, and finished
+  ones Ray has not yet handed to the driver), and those rows were paid for;
+  every journaled row is kept, and the same command (with either engine)
+  resumes from the journal, sending only the rows without a result.
 - Ray retries the batch of an actor that died (a lost node): the rows of that
   batch are sent again and may be paid twice. A task that raised is not
   retried; the job stops and resumes from the journal.
@@ -39,6 +40,7 @@ What it does not do, or does differently:
   ``ray job submit`` that is the head node.
 - ``max_cost`` is refused (a budget cannot be split across actors without
   stopping early or overshooting); a prices file still shows the spend.
+- A 429 pauses the actor that got it (its share of the rpm), not the others.
 - ``max_failures`` is counted by the driver as batches arrive, so the job stops
   at the end of the batch that passed it. ``api_down_after_s`` and the
   401/403 key probe work within each batch (an actor probes the key again at
@@ -60,6 +62,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import pickle
 import signal
 import threading
@@ -602,7 +605,15 @@ def _ray_session(ray: ModuleType) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = os.environ.get("RAY_ADDRESS")
+        what = f"join the Ray cluster at RAY_ADDRESS={where}" if where else "start Ray here"
+        raise JobError(
+            f"Cannot {what} ({_first_line(exc)}). Check that the cluster is up (ray status), "
+            "or unset RAY_ADDRESS to run on this machine."
+        ) from None
     try:
         yield
     finally:
