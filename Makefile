@@ -16,7 +16,7 @@ test:               ## install the test extras, then run the whole test suite
 	$(PIP) install -q -e '.[test]'
 	$(PYTHON) -m pytest
 
-test-ray:           ## install the Ray extra, then run the Ray engine's tests on a local Ray (not part of make test)
+test-ray:           ## install the Ray extra, then only the Ray engine's tests on a local Ray (make test runs them too when Ray is installed)
 	$(PIP) install -q -e '.[test,ray]'
 	$(PYTHON) -m pytest -m ray
 

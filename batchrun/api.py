@@ -274,64 +274,154 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
     return CheckedJob(job, table, scan, id_column, structured, api_key, headers, secrets)
 
 
-async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
-    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
-    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
-    waits (tests)."""
-    options = options or RunOptions()
-    started = time.monotonic()
-    checked = check_job(job, options)
-    job, table, scan, structured = checked.job, checked.table, checked.scan, checked.structured
-    api_key, headers, secrets = checked.api_key, checked.headers, checked.secrets
-    prepared = checked.rows
-    extra_fields = checked.extra_fields
+class OpenRun:
+    """A run between its checks and its output: the journal is open, an earlier
+    run's results are taken back, ``--reuse`` is applied and the tally is set.
+    Both engines (local and Ray) open a run with ``open_run``, send the rows it
+    says, and end with ``finish``; use it as a context manager so the journal is
+    closed whatever happens."""
 
-    identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
-    if options.shard is not None:
-        identity["shard"] = "{}/{}".format(*options.shard)
-    assert job.output is not None  # checked above
-    journal = Journal(
-        job.output, scan.num_rows, identity, restart=options.restart, keep_columns=job.keep_columns
-    )
-    try:
-        if journal.resumed is not None:
-            check_resume(journal, prepared(job))
-            log.info(
-                "resuming run %s: %d rows ok and %d failed already",
-                journal.run_id,
-                journal.resumed.rows_ok,
-                journal.resumed.rows_failed,
-                extra={"event": "resume", "run_id": journal.run_id},
+    def __init__(self, job: Job, options: RunOptions, engine: str = "local") -> None:
+        self.started = time.monotonic()
+        self.options = options
+        self.checked = check_job(job, options)
+        self.job = job = self.checked.job
+        scan = self.checked.scan
+        self.identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
+        if options.shard is not None:
+            self.identity["shard"] = "{}/{}".format(*options.shard)
+        assert job.output is not None  # check_job makes sure
+        self.journal = journal = Journal(
+            job.output,
+            scan.num_rows,
+            self.identity,
+            restart=options.restart,
+            keep_columns=job.keep_columns,
+        )
+        try:
+            if journal.resumed is not None:
+                check_resume(journal, self.checked.rows())
+                log.info(
+                    "resuming run %s: %d rows ok and %d failed already",
+                    journal.run_id,
+                    journal.resumed.rows_ok,
+                    journal.resumed.rows_failed,
+                    extra={"event": "resume", "run_id": journal.run_id},
+                )
+            self.reused = self.reused_tokens = 0
+            if options.reuse:
+                self.reused, self.reused_tokens = _reuse(
+                    journal, options.reuse, self.checked.rows(), job.model
+                )
+            self.tally = tally = Tally(total=scan.rows_kept)
+            tally.ok, tally.failed, tally.invalid = journal.counts()
+            tally.resumed = tally.done
+            self.spend = _spend(job, journal)
+            if self.spend is not None:
+                tally.cost, tally.currency = self.spend.spent, spend_currency(job)
+            self.to_send = journal.missing_rows(scan.skip) + (
+                tally.failed if options.retry_failed else 0
             )
-        reused = reused_tokens = 0
-        if options.reuse:
-            reused, reused_tokens = _reuse(journal, options.reuse, prepared(job), job.model)
-        total = scan.rows_kept
-        tally = Tally(total=total)
-        tally.ok, tally.failed, tally.invalid = journal.counts()
-        tally.resumed = tally.done
-        spend = _spend(job, journal)
-        if spend is not None:
-            tally.cost, tally.currency = spend.spent, spend_currency(job)
-        to_send = journal.missing_rows(scan.skip) + (tally.failed if options.retry_failed else 0)
+        except BaseException:
+            self.close()
+            raise
         log.info(
-            "job started: %d rows, %d to send, model %s, %s",
-            total,
-            to_send,
+            "job started%s: %d rows, %d to send, model %s, %s",
+            "" if engine == "local" else f" on {engine.title()}",
+            tally.total,
+            self.to_send,
             job.model or "named by each request",
             job.url if not options.mock else "embedded endpoint",
             extra={
                 "event": "start",
                 "run_id": journal.run_id,
-                "rows_total": total,
-                "rows_to_send": to_send,
+                "rows_total": tally.total,
+                "rows_to_send": self.to_send,
                 "model": job.model,
                 "version": __version__,
+                "engine": engine,
             },
         )
+
+    def __enter__(self) -> OpenRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.journal.folder.exists():
+            self.journal.close()
+
+    def finish(self) -> RunResult:
+        """Write the output (every row has a result by now, else JobStopped) and
+        say what the run did."""
+        checked, journal, tally = self.checked, self.journal, self.tally
+        job, scan, structured = checked.job, checked.scan, checked.structured
+        missing = journal.missing_rows(scan.skip)
+        if missing:
+            raise JobStopped(
+                f"{missing} rows have no result yet. Run the same command again to send them."
+            )
+        keep_batches = checked.table.keep_batches(scan.keep_schema) if job.keep_columns else None
+        metadata = {
+            "batchrun_version": __version__,
+            "run_id": journal.run_id,
+            "job": job.settings(),
+            "identity": self.identity,
+            "rows": tally.total,
+        }
+        output = journal.finish(
+            scan.keep_schema,
+            keep_batches,
+            metadata,
+            skip_rows=scan.skip,
+            extra_fields=checked.extra_fields,
+            value_columns=frozenset(f.name for f in structured.fields)
+            if structured
+            else frozenset(),
+        )
+        if self.options.output_format == "openai-batch":
+            from batchrun.openai_batch import write_batch_output
+
+            log.info("wrote %s", write_batch_output(output), extra={"event": "batch_output"})
+        result = RunResult(
+            output=output,
+            rows=tally.total,
+            ok=tally.ok,
+            failed=tally.failed,
+            invalid=tally.invalid,
+            resumed=tally.resumed - self.reused,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            requests=tally.requests,
+            retries=tally.retries,
+            wall_s=time.monotonic() - self.started,
+            run_id=journal.run_id,
+            skipped_lines=len(scan.skipped_lines),
+            reused=self.reused,
+            reused_tokens=self.reused_tokens,
+            cost=tally.cost,
+            currency=tally.currency,
+        )
+        log.info(
+            "job finished: %s",
+            status_text(tally),
+            extra={"event": "summary", **progress_fields(tally), "output": str(output)},
+        )
+        return result
+
+
+async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
+    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
+    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
+    waits (tests)."""
+    options = options or RunOptions()
+    with OpenRun(job, options) as run:
+        checked, tally = run.checked, run.tally
         async with (
-            _endpoint(job, options.mock) as sent_job,
-            ApiClient(sent_job, api_key, headers, secrets) as client,
+            _endpoint(run.job, options.mock) as sent_job,
+            ApiClient(sent_job, checked.api_key, checked.headers, checked.secrets) as client,
         ):
             limits = Limits.build(
                 sent_job.concurrency,
@@ -343,81 +433,26 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
             scheduler = Scheduler(
                 sent_job,
                 client,
-                journal,
+                run.journal,
                 tally,
                 RetryPolicy.for_job(sent_job, sleep),
                 limits,
                 retry_failed=options.retry_failed,
-                structured=structured,
-                spend=spend,
+                structured=checked.structured,
+                spend=run.spend,
                 currency=tally.currency,
                 grace_s=GRACE_S,
             )
             progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
-            rows = prepared(sent_job)
-            with _signals(scheduler, options.handle_signals, job):
-                ticker = asyncio.create_task(_tick(progress, journal))
+            with _signals(scheduler, options.handle_signals, run.job):
+                ticker = asyncio.create_task(_tick(progress, run.journal))
                 try:
-                    await scheduler.run(rows, to_send)
+                    await scheduler.run(checked.rows(sent_job), run.to_send)
                 finally:
                     ticker.cancel()
                     progress.close()
             scheduler.flush_held()
-        missing = journal.missing_rows(scan.skip)
-        if missing:
-            raise JobStopped(
-                f"{missing} rows have no result yet. Run the same command again to send them."
-            )
-        keep_batches = table.keep_batches(scan.keep_schema) if job.keep_columns else None
-        metadata = {
-            "batchrun_version": __version__,
-            "run_id": journal.run_id,
-            "job": job.settings(),
-            "identity": identity,
-            "rows": total,
-        }
-        output = journal.finish(
-            scan.keep_schema,
-            keep_batches,
-            metadata,
-            skip_rows=scan.skip,
-            extra_fields=extra_fields,
-            value_columns=frozenset(f.name for f in structured.fields)
-            if structured
-            else frozenset(),
-        )
-        if options.output_format == "openai-batch":
-            from batchrun.openai_batch import write_batch_output
-
-            log.info("wrote %s", write_batch_output(output), extra={"event": "batch_output"})
-    finally:
-        if journal.folder.exists():
-            journal.close()
-    result = RunResult(
-        output=output,
-        rows=total,
-        ok=tally.ok,
-        failed=tally.failed,
-        invalid=tally.invalid,
-        resumed=tally.resumed - reused,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        requests=tally.requests,
-        retries=tally.retries,
-        wall_s=time.monotonic() - started,
-        run_id=journal.run_id,
-        skipped_lines=len(scan.skipped_lines),
-        reused=reused,
-        reused_tokens=reused_tokens,
-        cost=tally.cost,
-        currency=tally.currency,
-    )
-    log.info(
-        "job finished: %s",
-        status_text(tally),
-        extra={"event": "summary", **progress_fields(tally), "output": str(output)},
-    )
-    return result
+        return run.finish()
 
 
 def spend_currency(job: Job) -> str:

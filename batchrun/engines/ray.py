@@ -52,7 +52,9 @@ What it does not do, or does differently:
 
 The API key reaches the actors as a constructor argument wrapped so that its
 repr hides it: it is never in Ray's runtime environment (which the dashboard
-shows), in a dataset, task or actor name, or in a log.
+shows), in a dataset, task or actor name, or in a log. Like every actor
+argument it is pickled into Ray's object store (shared memory, spilled to the
+Ray session folder if memory runs short) while the job runs.
 """
 
 from __future__ import annotations
@@ -75,24 +77,16 @@ from typing import Any, cast
 import orjson
 import pyarrow as pa
 
-from batchrun import __version__, errors
-from batchrun.api import (
-    IDENTITY_KEYS,
-    RunOptions,
-    RunResult,
-    _reuse,
-    _spend,
-    check_job,
-    spend_currency,
-)
+from batchrun import errors
+from batchrun.api import OpenRun, RunOptions, RunResult, _spend
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped, TooManyFailures
 from batchrun.limits import Limits
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
-from batchrun.progress import Progress, Tally, progress_fields, status_text
+from batchrun.progress import Progress, Tally
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import Prepared, Scheduler, _failure_limit, check_resume
+from batchrun.scheduler import Prepared, Scheduler, _failure_limit
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
@@ -260,12 +254,11 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
     """Run a checked ``job`` with its rows sent by Ray actors, to the end (or to a
     stop, raised as JobStopped), and return what it did.
 
-    Ray is started on this machine unless it is already initialized or
-    ``RAY_ADDRESS`` names a cluster to join; a Ray started here is shut down at
-    the end.
+    Ray's own rule picks the cluster: the one this process already joined, else
+    the one ``RAY_ADDRESS`` names, else one that ``ray start`` runs on this
+    machine, else a new one started here (and shut down at the end).
     """
     options = options or RunOptions()
-    started = time.monotonic()
     ray = import_ray()
     if job.max_cost is not None:
         raise JobError(
@@ -273,130 +266,38 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
             "Ray actors. Leave max_cost out (a prices file still shows the spend), or run "
             "with the local engine."
         )
-    # Every check run_job makes before its first request, with the same function.
-    checked = check_job(job, options)
-    job, table, scan, structured = checked.job, checked.table, checked.scan, checked.structured
-    prepared = checked.rows
-
-    identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
-    if options.shard is not None:
-        identity["shard"] = "{}/{}".format(*options.shard)
-    assert job.output is not None  # checked above
-    journal = Journal(
-        job.output, scan.num_rows, identity, restart=options.restart, keep_columns=job.keep_columns
-    )
-    try:
-        if journal.resumed is not None:
-            check_resume(journal, prepared(job))
-            log.info(
-                "resuming run %s: %d rows ok and %d failed already",
-                journal.run_id,
-                journal.resumed.rows_ok,
-                journal.resumed.rows_failed,
-                extra={"event": "resume", "run_id": journal.run_id},
-            )
-        reused = reused_tokens = 0
-        if options.reuse:
-            reused, reused_tokens = _reuse(journal, options.reuse, prepared(job), job.model)
-        total = scan.rows_kept
-        tally = Tally(total=total)
-        tally.ok, tally.failed, tally.invalid = journal.counts()
-        tally.resumed = tally.done
-        to_send = journal.missing_rows(scan.skip) + (tally.failed if options.retry_failed else 0)
-        log.info(
-            "job started on Ray: %d rows, %d to send, model %s, %s",
-            total,
-            to_send,
-            job.model,
-            job.url if not options.mock else "embedded endpoint",
-            extra={
-                "event": "start",
-                "run_id": journal.run_id,
-                "rows_total": total,
-                "rows_to_send": to_send,
-                "model": job.model,
-                "version": __version__,
-                "engine": "ray",
-            },
-        )
-        if to_send:
+    # The same checks, journal, resume, reuse and output as a local run: only the sending differs.
+    with OpenRun(job, options, engine="ray") as run:
+        checked, journal, tally = run.checked, run.journal, run.tally
+        if run.to_send:
             with (
-                _embedded_endpoint(job, options.mock) as sent_job,
+                _embedded_endpoint(run.job, options.mock) as sent_job,
                 _ray_session(ray),
-                _signals(options.handle_signals, job),
+                _signals(options.handle_signals, run.job),
             ):
-                rows = _rows_to_send(prepared(sent_job), journal, options.retry_failed)
+                rows = _rows_to_send(checked.rows(sent_job), journal, options.retry_failed)
                 progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
                 try:
                     _send_on_ray(
                         ray,
                         sent_job,
                         rows,
-                        to_send,
+                        run.to_send,
                         journal,
                         tally,
                         progress,
                         api_key=Secret(checked.api_key) if checked.api_key else None,
                         headers=Secret(checked.headers),
                         secrets=Secret(checked.secrets),
-                        structured=structured,
+                        structured=checked.structured,
                     )
                 finally:
                     progress.close()
-        missing = journal.missing_rows(scan.skip)
-        if missing:
-            raise JobStopped(
-                f"{missing} rows have no result yet. Run the same command again to send them."
-            )
-        spend = _spend(job, journal)
-        if spend is not None:
-            tally.cost, tally.currency = spend.spent, spend_currency(job)
-        keep_batches = table.keep_batches(scan.keep_schema) if job.keep_columns else None
-        metadata = {
-            "batchrun_version": __version__,
-            "run_id": journal.run_id,
-            "job": job.settings(),
-            "identity": identity,
-            "rows": total,
-        }
-        output = journal.finish(
-            scan.keep_schema,
-            keep_batches,
-            metadata,
-            skip_rows=scan.skip,
-            extra_fields=checked.extra_fields,
-            value_columns=frozenset(f.name for f in structured.fields)
-            if structured
-            else frozenset(),
-        )
-    finally:
-        if journal.folder.exists():
-            journal.close()
-    result = RunResult(
-        output=output,
-        rows=total,
-        ok=tally.ok,
-        failed=tally.failed,
-        invalid=tally.invalid,
-        resumed=tally.resumed - reused,
-        prompt_tokens=tally.prompt_tokens,
-        completion_tokens=tally.completion_tokens,
-        requests=tally.requests,
-        retries=tally.retries,
-        wall_s=time.monotonic() - started,
-        run_id=journal.run_id,
-        skipped_lines=len(scan.skipped_lines),
-        reused=reused,
-        reused_tokens=reused_tokens,
-        cost=tally.cost,
-        currency=tally.currency,
-    )
-    log.info(
-        "job finished: %s",
-        status_text(tally),
-        extra={"event": "summary", **progress_fields(tally), "output": str(output)},
-    )
-    return result
+            # The actors' spend is read back from the journal, as a resumed run's is.
+            spend = _spend(run.job, journal)
+            if spend is not None:
+                tally.cost = spend.spent
+        return run.finish()
 
 
 def _rows_to_send(
