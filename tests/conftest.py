@@ -65,6 +65,10 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 def tickets(n: int) -> list[dict[str, object]]:
     """``n`` small tickets with ids T-0000 … (distinct bodies, so distinct requests)."""
     return [
-        {"id": f"T-{i:04d}", "customer": f"Customer {i}", "ticket": f"Ticket number {i} is broken. Please fix it soon. Thanks."}
+        {
+            "id": f"T-{i:04d}",
+            "customer": f"Customer {i}",
+            "ticket": f"Ticket number {i} is broken. Please fix it soon. Thanks.",
+        }
         for i in range(n)
     ]
