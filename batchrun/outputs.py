@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import mmap
 import os
 import shutil
 import time
@@ -226,23 +225,22 @@ class Journal:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0
-        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            pos = 0
-            while pos < size:
-                nl = mm.find(b"\n", pos)
-                if nl < 0:
+        pos = 0
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
                     break  # a torn write at the very end: dropped below
                 try:
-                    rec = orjson.loads(mm[pos:nl])
+                    rec = orjson.loads(line)
                     row = int(rec["row"])
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     break
                 if 0 <= row < self.num_rows:
                     self.offsets[row] = pos
-                    self.lengths[row] = nl - pos
+                    self.lengths[row] = len(line) - 1
                     self.status[row] = STATUS_CODES.get(rec.get("status"), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
-                pos = nl + 1
+                pos += len(line)
         if pos < size:
             os.ftruncate(self.fd, pos)
         ok, failed, invalid = self.counts()
@@ -270,7 +268,7 @@ class Journal:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one finished row now, with a single write call."""
-        line = orjson.dumps(record) + b"\n"
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         row = int(record["row"])
         try:
             written = os.write(self.fd, line)
@@ -337,33 +335,33 @@ class Journal:
         tmp = self.output.with_name(f".{self.output.name}.{self.run_id}.tmp")
         skip = skip_rows if skip_rows is not None else np.zeros(self.num_rows, dtype=bool)
         any_skipped = bool(skip.any())
+        # Records are read row by row with pread, not through a map of the whole
+        # journal: mapped pages count as this process's memory, and a million
+        # rows' journal would double the peak.
+        fd = self.fd_read()
+        offsets, lengths = self.offsets, self.lengths
         try:
-            with (
-                open(self.path, "rb") as fh,
-                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm,
-            ):
-                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-                try:
-                    for start, keep in self._ranges(keep_batches, batch_rows):
-                        stop = start + (
-                            keep.num_rows
-                            if keep is not None
-                            else min(batch_rows, self.num_rows - start)
-                        )
-                        rows = (
-                            (np.nonzero(~skip[start:stop])[0] + start).tolist()
-                            if any_skipped
-                            else range(start, stop)
-                        )
-                        records = [
-                            orjson.loads(mm[self.offsets[r] : self.offsets[r] + self.lengths[r]])
-                            for r in rows
-                        ]
-                        if keep is not None and any_skipped:
-                            keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
-                        writer.write_batch(_result_batch(records, keep, schema, value_columns))
-                finally:
-                    writer.close()
+            writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            try:
+                for start, keep in self._ranges(keep_batches, batch_rows):
+                    stop = start + (
+                        keep.num_rows
+                        if keep is not None
+                        else min(batch_rows, self.num_rows - start)
+                    )
+                    rows = (
+                        (np.nonzero(~skip[start:stop])[0] + start).tolist()
+                        if any_skipped
+                        else range(start, stop)
+                    )
+                    records = [
+                        orjson.loads(os.pread(fd, int(lengths[r]), int(offsets[r]))) for r in rows
+                    ]
+                    if keep is not None and any_skipped:
+                        keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
+                    writer.write_batch(_result_batch(records, keep, schema, value_columns))
+            finally:
+                writer.close()
             _fsync_path(tmp)
             os.replace(tmp, self.output)
             _fsync_path(self.output.parent)

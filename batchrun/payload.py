@@ -3,6 +3,7 @@ response JSON → completion and usage. No I/O here."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import string
 from collections.abc import Mapping
@@ -17,7 +18,8 @@ from batchrun.errors import BadResponse, JobError, RowError
 _TEXT_SCALARS = (str, int, float)
 
 
-def template_columns(template: str) -> list[str]:
+@functools.lru_cache(maxsize=64)
+def template_columns(template: str) -> tuple[str, ...]:
     """The column names a prompt template's ``{column}`` placeholders refer to."""
     try:
         parsed = list(string.Formatter().parse(template))
@@ -37,15 +39,15 @@ def template_columns(template: str) -> list[str]:
             )
         if name not in columns:
             columns.append(name)
-    return columns
+    return tuple(columns)
 
 
-def prompt_columns(job: Job) -> list[str]:
+def prompt_columns(job: Job) -> tuple[str, ...]:
     """The input columns a row's prompt is built from."""
     if job.input_format == "openai-batch":
-        return ["body"]
+        return ("body",)
     if job.messages_column:
-        return [job.messages_column]
+        return (job.messages_column,)
     return template_columns(job.prompt_template or "")
 
 

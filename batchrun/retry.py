@@ -99,20 +99,33 @@ async def send_with_retries(
     try:
         return await send(), 1
     except RequestError as exc:
-        exc.attempts = 1
-        if not exc.retryable or policy.max_attempts <= 1:
-            raise
-        first_error: RequestError | None = exc
+        return await retry_after(exc, send, policy, on_retry, started)
 
+
+async def retry_after(
+    first_error: RequestError,
+    send: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    on_retry: OnRetry | None = None,
+    started: float | None = None,
+) -> tuple[T, int]:
+    """Carry on after a first attempt (begun at monotonic ``started``) failed with
+    ``first_error``: the hot path makes that first attempt itself, so most rows
+    never build the retry machinery. Same result and errors as send_with_retries."""
+    first_error.attempts = 1
+    if not first_error.retryable or policy.max_attempts <= 1:
+        raise first_error
+    elapsed = time.monotonic() - started if started is not None else 0.0
+    pending: RequestError | None = first_error
     attempts = 0
 
     async def attempt() -> T:
         # Tenacity's first attempt replays the failure that already happened, so
         # its wait, stop and callbacks follow the same rules as every later one.
-        nonlocal attempts, first_error
+        nonlocal attempts, pending
         attempts += 1
-        if first_error is not None:
-            error, first_error = first_error, None
+        if pending is not None:
+            error, pending = pending, None
             raise error
         return await send()
 
@@ -126,7 +139,7 @@ async def send_with_retries(
     retrying = AsyncRetrying(
         sleep=policy.sleep,
         stop=stop_after_attempt(policy.max_attempts)
-        | stop_before_delay(max(0.0, policy.deadline_s - (time.monotonic() - started))),
+        | stop_before_delay(max(0.0, policy.deadline_s - elapsed)),
         wait=_RetryAfterOrBackoff(policy),
         retry=retry_if_exception_type(RetryableError),
         before_sleep=before_sleep,

@@ -42,7 +42,7 @@ from batchrun.payload import (
     request_hash,
 )
 from batchrun.progress import Tally
-from batchrun.retry import RetryPolicy, send_with_retries
+from batchrun.retry import RetryPolicy, retry_after
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -53,7 +53,7 @@ AUTH_PROBE_ROWS = 5
 for a smaller job) are all 401/403."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prepared:
     """One row ready to send, or (``error`` set) one that cannot be sent."""
 
@@ -74,8 +74,10 @@ def prepare_rows(
     skip: Any = None,
     response_format: Mapping[str, Any] | None = None,
 ) -> Iterator[Prepared]:
-    """Input rows → request bodies, in input order."""
+    """Input rows → request bodies, in input order. The token estimates are
+    made only for jobs that use them (tpm, a prices file)."""
     any_skipped = skip is not None and bool(skip.any())
+    estimates = bool(job.tpm or job.prices)
     batch_requests = job.input_format == "openai-batch"
     for batch in batches:
         for i, row in enumerate(batch.rows):
@@ -104,14 +106,17 @@ def prepare_rows(
                 yield Prepared(number, row_id, b"", "", error=str(exc))
                 continue
             body = encode_body(build_body(job, messages, row_id, response_format))
-            yield Prepared(
-                number,
-                row_id,
-                body,
-                request_hash(body),
-                est_tokens=estimate_tokens(job, messages),
-                prompt_bound=prompt_token_bound(messages),
-            )
+            if estimates:
+                yield Prepared(
+                    number,
+                    row_id,
+                    body,
+                    request_hash(body),
+                    est_tokens=estimate_tokens(job, messages),
+                    prompt_bound=prompt_token_bound(messages),
+                )
+            else:
+                yield Prepared(number, row_id, body, request_hash(body))
 
 
 def estimate_tokens(job: Job, messages: list[dict[str, Any]], max_tokens: Any = None) -> int:
@@ -207,6 +212,7 @@ class Scheduler:
         self._base_sleep = policy.sleep
         self._stopped = asyncio.Event()
         self.limits = limits
+        self._adaptive = limits.concurrency.auto
         self.structured = structured
         self.spend = spend
         self.currency = currency
@@ -293,26 +299,36 @@ class Scheduler:
                 return
             await self._send(p)
 
+    async def _attempt(self, p: Prepared) -> Completion:
+        """One request for row ``p``, through the key probe and the in-flight limit."""
+        if not self._key_settled:
+            # Until one answer shows the key is accepted, requests go one at a
+            # time: a bad key costs a handful of requests, not a pool's worth.
+            async with self._probe_lock:
+                if not self._key_settled:
+                    return await self._post(p)
+        if self._adaptive:
+            # A place first, then the budgets and the pause: waiting for a place
+            # must not let a request skip a pause that began meanwhile.
+            async with self.limits.concurrency.place():
+                return await self._post(p)
+        return await self._post(p)
+
+    async def _send_row(self, p: Prepared) -> tuple[Completion, int]:
+        """The row's answer and the attempts it took. The first attempt is made
+        here; only a failure brings in the retry machinery."""
+        started = time.monotonic()
+        try:
+            return await self._attempt(p), 1
+        except RequestError as exc:
+            return await retry_after(
+                exc, lambda: self._attempt(p), self.policy, self._on_retry(p), started
+            )
+
     async def _send(self, p: Prepared) -> None:
         started = _now_us()
         t0 = time.perf_counter()
         limits = self.limits
-        adaptive = limits.concurrency.auto
-
-        async def attempt() -> Completion:
-            if not self._key_settled:
-                # Until one answer shows the key is accepted, requests go one at a
-                # time: a bad key costs a handful of requests, not a pool's worth.
-                async with self._probe_lock:
-                    if not self._key_settled:
-                        return await self._post(p)
-            if adaptive:
-                # A place first, then the budgets and the pause: waiting for a place
-                # must not let a request skip a pause that began meanwhile.
-                async with limits.concurrency.place():
-                    return await self._post(p)
-            return await self._post(p)
-
         structured = self.structured
         asks = self.job.max_parse_attempts if structured is not None else 1
         requests = 0
@@ -320,9 +336,7 @@ class Scheduler:
         invalid: tuple[Completion, str] | None = None
         for _ in range(asks):
             try:
-                completion, attempts = await send_with_retries(
-                    attempt, self.policy, self._on_retry(p)
-                )
+                completion, attempts = await self._send_row(p)
             except _Abandon:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -388,7 +402,8 @@ class Scheduler:
                 self._over_budget(spend)
                 raise _Abandon
         self.tally.requests += 1
-        t = time.perf_counter()
+        adaptive = self._adaptive
+        t = time.perf_counter() if adaptive else 0.0
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
@@ -405,7 +420,8 @@ class Scheduler:
                 self.tally.cost = spend.spent
             raise
         self._key_settled = True
-        limits.concurrency.on_success(time.perf_counter() - t)
+        if adaptive:
+            limits.concurrency.on_success(time.perf_counter() - t)
         if spend is not None and reservation is not None:
             spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
             self.tally.cost = spend.spent

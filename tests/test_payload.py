@@ -33,17 +33,17 @@ def make_job(**values: Any) -> Job:
 
 
 def test_template_columns_in_order_each_once() -> None:
-    assert template_columns("{b} and {a}, then {b} again; {c}{a}") == ["b", "a", "c"]
+    assert list(template_columns("{b} and {a}, then {b} again; {c}{a}")) == ["b", "a", "c"]
 
 
 def test_template_columns_ignore_escaped_braces() -> None:
-    assert template_columns('JSON like {{"x": 1}} for {ticket} }}{{') == ["ticket"]
-    assert template_columns("no placeholders at all") == []
-    assert template_columns("") == []
+    assert list(template_columns('JSON like {{"x": 1}} for {ticket} }}{{')) == ["ticket"]
+    assert list(template_columns("no placeholders at all")) == []
+    assert list(template_columns("")) == []
 
 
 def test_template_columns_allow_format_spec_and_conversion() -> None:
-    assert template_columns("{score:.2f} {name!r} {x:>{w}}") == ["score", "name", "x"]
+    assert list(template_columns("{score:.2f} {name!r} {x:>{w}}")) == ["score", "name", "x"]
 
 
 @pytest.mark.parametrize(
@@ -62,8 +62,8 @@ def test_unbalanced_braces_rejected(template: str) -> None:
 
 
 def test_prompt_columns() -> None:
-    assert prompt_columns(make_job(prompt_template="{a} {b} {a}")) == ["a", "b"]
-    assert prompt_columns(make_job(messages_column="msgs")) == ["msgs"]
+    assert list(prompt_columns(make_job(prompt_template="{a} {b} {a}"))) == ["a", "b"]
+    assert list(prompt_columns(make_job(messages_column="msgs"))) == ["msgs"]
 
 
 # ---- build_messages: template ----------------------------------------------------
