@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -38,7 +39,6 @@ from batchrun.payload import prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
-from batchrun.reuse import Match, ReuseIndex
 from batchrun.scheduler import Prepared, Scheduler, check_resume, prepare_rows
 from batchrun.structured import Structured, load_structured
 
@@ -418,6 +418,9 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
     waits (tests)."""
     options = options or RunOptions()
     with OpenRun(job, options) as run:
+        # Everything made so far (modules, the job, the journal's index) lives to
+        # the end: keep the collector from scanning it again on every pass.
+        gc.freeze()
         checked, tally = run.checked, run.tally
         async with (
             _endpoint(run.job, options.mock) as sent_job,
@@ -490,6 +493,8 @@ def _reuse(
 ) -> tuple[int, int]:
     """Journal the rows whose exact request an earlier output answered ok.
     Returns how many rows were reused and the tokens they would have cost."""
+    from batchrun.reuse import Match, ReuseIndex
+
     index = ReuseIndex(list(paths))
     matches = []
     for p in rows:

@@ -15,6 +15,7 @@ fixes column types from the first block.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class Scan:
     has_id_column: bool
     keep_schema: pa.Schema
     skipped_lines: list[int] = field(default_factory=list)
+    id_hashes: Any = None
+    """array('q') of the ids' hashes, one per row, taken during the scan."""
     skip: Any = None
     """numpy bool mask: rows left out of this run (later duplicates with --dedupe,
     rows of other shards with --shard)."""
@@ -183,6 +186,7 @@ class InputTable:
         columns: dict[str, None] = {}
         kinds: dict[str, set[type]] = {c: set() for c in keep_columns}
         num_rows = 0
+        id_hashes = array("q")  # for the duplicate check, without a second read
         first_without_id: int | None = None
         skipped: list[int] = []
         for lineno, obj in self._jsonl_objects(skipped):
@@ -202,10 +206,13 @@ class InputTable:
                 self._check_batch_request(lineno, obj)
             if id_column not in obj and first_without_id is None:
                 first_without_id = lineno
-            if id_column in obj and obj[id_column] is None:
-                raise InputError(
-                    f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
-                )
+            if id_column in obj:
+                value = obj[id_column]
+                if value is None:
+                    raise InputError(
+                        f"Input {self.path}, line {lineno}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
+                    )
+                id_hashes.append(hash(_id_text(value)))
             num_rows += 1
         if id_column in columns and first_without_id is not None:
             raise InputError(
@@ -213,7 +220,9 @@ class InputTable:
                 "Give every row an id, or set `id_column` to another column."
             )
         keep_schema = pa.schema([pa.field(c, _arrow_type_for(kinds[c])) for c in keep_columns])
-        return Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
+        scan = Scan(num_rows, list(columns), id_column in columns, keep_schema, skipped)
+        scan.id_hashes = id_hashes
+        return scan
 
     def _check_batch_request(self, lineno: int, obj: dict[str, Any]) -> None:
         where = f"Input {self.path}, line {lineno}"
@@ -246,6 +255,7 @@ class InputTable:
     def _scan_parquet(self, id_column: str) -> Scan:
         first_names: list[str] | None = None
         num_rows = 0
+        id_hashes = array("q")
         for part in self.parts:
             pf = self._open_parquet(part)
             names = pf.schema_arrow.names
@@ -264,18 +274,19 @@ class InputTable:
                         raise InputError(
                             f"Input {part}, row {num_rows + first}: `{id_column}` is null. Give every row an id, or set `id_column` to another column."
                         )
+                    id_hashes.extend(hash(_id_text(v)) for v in batch.column(0).to_pylist())
                     num_rows += batch.num_rows
             else:
                 num_rows += pf.metadata.num_rows
         assert first_names is not None
-        return Scan(num_rows, first_names, id_column in first_names, pa.schema([]))
+        scan = Scan(num_rows, first_names, id_column in first_names, pa.schema([]))
+        scan.id_hashes = id_hashes
+        return scan
 
     def _check_duplicates(self, scan: Scan, id_column: str, dedupe: bool) -> None:
         import numpy as np
 
-        hashes = np.fromiter(
-            (hash(i) for i in self._iter_ids(id_column)), dtype=np.int64, count=scan.num_rows
-        )
+        hashes = np.frombuffer(scan.id_hashes, dtype=np.int64)
         order = np.argsort(hashes, kind="stable")
         ordered = hashes[order]
         same = ordered[1:] == ordered[:-1]

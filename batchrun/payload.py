@@ -159,7 +159,9 @@ def parse_completion(data: Any) -> Completion:
             total = prompt + completion
     return Completion(
         text=text if isinstance(text, str) else None,
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=choice.get("finish_reason")
+        if isinstance(choice.get("finish_reason"), str)
+        else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,

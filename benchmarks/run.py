@@ -62,7 +62,7 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
-SECTIONS = ("throughput", "sdk", "pacing", "memory", "latency", "help")
+SECTIONS = ("throughput", "sdk", "pacing", "structured", "memory", "latency", "help")
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
 )
@@ -82,6 +82,8 @@ TARGET_LATENCY_SHARE = 0.95
 TARGET_RSS_MB = 300.0
 TARGET_HELP_S = 0.3
 TARGET_PACING_OVERHEAD = 0.05
+TARGET_STRUCTURED_OVERHEAD = 0.10
+TRIAGE_SCHEMA = HERE.parent / "jobs" / "triage_schema.json"
 
 # No proxy may route a loopback request anywhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -601,6 +603,24 @@ def bench_pacing(server: MockServer, workdir: Path, tickets: Path) -> Pairs:
     )
 
 
+def bench_structured(server: MockServer, workdir: Path, tickets: Path) -> Pairs:
+    """Plain text vs the triage schema: every answer parsed, validated and typed."""
+    return alternate(
+        PAIRS,
+        lambda: run_batchrun(server, workdir, tickets, ROWS, 64),
+        lambda: run_batchrun(
+            server,
+            workdir,
+            tickets,
+            ROWS,
+            64,
+            ("--response-schema", str(TRIAGE_SCHEMA)),
+            kind="batchrun+schema",
+        ),
+        "structured c=64",
+    )
+
+
 def bench_memory(server: MockServer, workdir: Path, tickets: Path) -> list[Run]:
     runs = []
     for n in MEMORY_SIZES:
@@ -1020,6 +1040,45 @@ def _render_pacing(
     )
 
 
+def _render_structured(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 6. structured outputs
+    pairs: Pairs = report["structured"]
+    cpu = pairs.cpu_ratios()
+    ratios = pairs.ratios()
+    md += [
+        f"## 6. Structured outputs (`--response-schema jobs/triage_schema.json`) vs plain text (concurrency 64, {ROWS:,} rows)",
+        "",
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        md.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    cpu_over = _median(cpu) - 1
+    verdict = _met(cpu_over < TARGET_STRUCTURED_OVERHEAD)
+    md += [
+        "",
+        "What parsing (fence stripping, orjson), validating (jsonschema) and typing the answers costs the",
+        f"client: CPU per row, schema / plain, median **{_median(cpu):.3f}** ({_range(cpu, '{:.3f}')}) over "
+        f"{len(cpu)} alternating pairs; target overhead < {TARGET_STRUCTURED_OVERHEAD:.0%}: {verdict}. "
+        f"End-to-end rows/s, schema / plain: {_median(ratios):.3f} ({_range(ratios)}); the endpoint works",
+        "harder for a structured answer too, so the wall-time ratio also carries the server's share.",
+        "",
+    ]
+    summary.append(
+        (
+            "structured outputs c=64",
+            f"client CPU/row {cpu_over:+.1%} ({_range([c - 1 for c in cpu], '{:+.1%}')}); rows/s ratio {_median(ratios):.2f}",
+            f"< {TARGET_STRUCTURED_OVERHEAD:.0%}",
+            verdict,
+        )
+    )
+
+
 def render(report: dict[str, Any]) -> tuple[str, str]:
     """(summary table for the terminal, the whole results.md)."""
     m, v = report["machine"], report["versions"]
@@ -1067,6 +1126,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("memory", _render_memory),
         ("help", _render_help),
         ("pacing", _render_pacing),
+        ("structured", _render_structured),
     ):
         if name in report:
             section(report, md, summary)
@@ -1136,7 +1196,12 @@ def main() -> int:
     )
     with workspace() as workdir:
         tickets = make_inputs(workdir)
-        plain = {"throughput": bench_throughput, "sdk": bench_sdk, "pacing": bench_pacing}
+        plain = {
+            "throughput": bench_throughput,
+            "sdk": bench_sdk,
+            "pacing": bench_pacing,
+            "structured": bench_structured,
+        }
         plain["memory"] = bench_memory
         if any(name in ONLY for name in plain):
             with MockServer(workdir) as server:
