@@ -135,6 +135,10 @@ class Structured:
     fields: tuple[pa.Field, ...]
     validator: Any
     converters: tuple[Convert, ...] = ()
+    check: Callable[[Any], Any] | None = None
+    """The schema compiled by fastjsonschema (about 25 times faster than
+    jsonschema): answers it accepts need nothing more; jsonschema judges the
+    others and words the error. None when the schema uses what it cannot compile."""
 
     def body_field(self) -> dict[str, Any]:
         """The request body's ``response_format``."""
@@ -161,7 +165,7 @@ class Structured:
             raise InvalidAnswer(f"not JSON ({exc}): {body[:60]!r}") from None
         if not isinstance(value, dict):
             raise InvalidAnswer(f"JSON {type(value).__name__}, not an object")
-        if self.validator is not None:
+        if self.validator is not None and not self._passes(value):
             error = _first_error(self.validator, value)
             if error is not None:
                 raise InvalidAnswer(error)
@@ -172,6 +176,24 @@ class Structured:
             except InvalidAnswer as exc:
                 raise InvalidAnswer(f"{f.name}: {exc}") from None
         return values
+
+    def _passes(self, value: Any) -> bool:
+        if self.check is None:
+            return False
+        try:
+            self.check(value)
+        except Exception:  # fastjsonschema's JsonSchemaValueException, or a value it chokes on
+            return False
+        return True
+
+
+def _compile(schema: Mapping[str, Any]) -> Callable[[Any], Any] | None:
+    import fastjsonschema
+
+    try:
+        return fastjsonschema.compile(dict(schema))
+    except Exception:  # a draft or keyword it does not support: jsonschema alone then
+        return None
 
 
 def _first_error(validator: Any, value: Any) -> str | None:
@@ -223,7 +245,9 @@ def load_structured(job: Job, taken: set[str]) -> Structured | None:
     converters = tuple(converter(sub) for sub in properties.values())
     name = str(schema.get("title") or path.stem)
     name = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
-    return Structured(job.response_format, schema, name, fields, cls(schema), converters)
+    return Structured(
+        job.response_format, schema, name, fields, cls(schema), converters, _compile(schema)
+    )
 
 
 def _read_schema(path: Path) -> dict[str, Any]:
