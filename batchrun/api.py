@@ -316,7 +316,7 @@ class OpenRun:
             self.tally = tally = Tally(total=scan.rows_kept)
             tally.ok, tally.failed, tally.invalid = journal.counts()
             tally.resumed = tally.done
-            self.spend = _spend(job, journal)
+            self.spend = spend_so_far(job, journal)
             if self.spend is not None:
                 tally.cost, tally.currency = self.spend.spent, spend_currency(job)
             self.to_send = journal.missing_rows(scan.skip) + (
@@ -462,7 +462,7 @@ def spend_currency(job: Job) -> str:
     return load_prices(job.prices).currency if job.prices else ""
 
 
-def _spend(job: Job, journal: Journal) -> CostBudget | None:
+def spend_so_far(job: Job, journal: Journal) -> CostBudget | None:
     """The job's spend so far (earlier runs' answers included) and its budget,
     when the job names a prices file."""
     if job.prices is None:

@@ -66,7 +66,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, OutputError
-from batchrun.outputs import output_files
+from batchrun.outputs import fsync_path, output_files
 
 MAX_LISTED = 5
 """How many duplicate or missing ids an error or summary names."""
@@ -495,9 +495,9 @@ def _write(
             for start in range(0, len(order), WRITE_ROWS):
                 part = _gather(tables, offsets, order[start : start + WRITE_ROWS], schema)
                 writer.write_table(part, row_group_size=WRITE_ROWS)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, output)
-        _fsync(output.parent)
+        fsync_path(output.parent)
     except OSError as exc:
         raise OutputError(
             f"Cannot write {output}: {exc.strerror or exc}. Free space (or fix the folder) and merge again."
@@ -524,14 +524,6 @@ def _gather(
     back = np.empty_like(by_file)
     back[by_file] = np.arange(len(by_file))
     return pa.concat_tables(pieces).combine_chunks().take(pa.array(back))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- small vectorized pieces -------------------------------------------------------------

@@ -364,9 +364,9 @@ class Journal:
                     writer.write_batch(_result_batch(lines, keep, schema, value_columns))
             finally:
                 writer.close()
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.output)
-            _fsync_path(self.output.parent)
+            fsync_path(self.output.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -448,7 +448,8 @@ def journal_value(value: Any) -> Any:
     return value
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a rename is durable once its folder is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -522,7 +522,7 @@ def _histogram(frame: pd.DataFrame, rows: _Rows) -> list[Bin]:
     if values.size == 0:
         return []
     low, high = int(values.min()), int(values.max())
-    width = _nice_ceil(max(1.0, (high - low + 1) / 30))
+    width = nice_ceil(max(1.0, (high - low + 1) / 30))
     width = max(1, int(width))
     start = (low // width) * width
     counts = np.bincount((values - start) // width)
@@ -709,36 +709,36 @@ def _csv_values(values: dict[str, Any]) -> list[Any]:
 
 
 # The two tables every human-readable format shows: (header, figure) pairs.
-_USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
-    ("rows", lambda s, r: _count(s.rows)),
-    ("ok", lambda s, r: _count(s.ok)),
-    ("failed", lambda s, r: _count(s.failed)),
-    ("invalid", lambda s, r: _count(s.invalid)),
-    ("reused", lambda s, r: _count(s.reused)),
-    ("prompt tokens", lambda s, r: _count(s.prompt_tokens)),
-    ("completion tokens", lambda s, r: _count(s.completion_tokens)),
-    ("total tokens", lambda s, r: _count(s.total_tokens)),
-    ("cost", lambda s, r: _money(s.cost, r)),
+USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("rows", lambda s, r: fmt_count(s.rows)),
+    ("ok", lambda s, r: fmt_count(s.ok)),
+    ("failed", lambda s, r: fmt_count(s.failed)),
+    ("invalid", lambda s, r: fmt_count(s.invalid)),
+    ("reused", lambda s, r: fmt_count(s.reused)),
+    ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
+    ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
+    ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
+    ("cost", lambda s, r: fmt_money(s.cost, r)),
 ]
-_ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
-    ("tokens/row mean", lambda s, r: _number(s.tokens_per_row_mean, 1)),
-    ("tokens/row p50", lambda s, r: _number(s.tokens_per_row_p50, 1)),
-    ("tokens/row p95", lambda s, r: _number(s.tokens_per_row_p95, 1)),
-    ("latency p50 ms", lambda s, r: _number(s.latency_ms_p50, 1)),
-    ("latency p95 ms", lambda s, r: _number(s.latency_ms_p95, 1)),
-    ("retries", lambda s, r: _count(s.retries)),
+ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("tokens/row mean", lambda s, r: fmt_number(s.tokens_per_row_mean, 1)),
+    ("tokens/row p50", lambda s, r: fmt_number(s.tokens_per_row_p50, 1)),
+    ("tokens/row p95", lambda s, r: fmt_number(s.tokens_per_row_p95, 1)),
+    ("latency p50 ms", lambda s, r: fmt_number(s.latency_ms_p50, 1)),
+    ("latency p95 ms", lambda s, r: fmt_number(s.latency_ms_p95, 1)),
+    ("retries", lambda s, r: fmt_count(s.retries)),
 ]
 
 
-def _count(value: int) -> str:
+def fmt_count(value: int) -> str:
     return f"{value:,}"
 
 
-def _number(value: float | None, decimals: int) -> str:
+def fmt_number(value: float | None, decimals: int) -> str:
     return "-" if value is None else f"{value:,.{decimals}f}"
 
 
-def _money(value: Decimal | None, report: Report) -> str:
+def fmt_money(value: Decimal | None, report: Report) -> str:
     return "unpriced" if value is None else f"{value:,.4f}"
 
 
@@ -746,7 +746,7 @@ def _cost_header(report: Report) -> str:
     return f"cost {report.currency}" if report.currency else "cost"
 
 
-def _table_rows(
+def table_rows(
     report: Report, columns: list[tuple[str, Callable[[Stats, Report], str]]]
 ) -> tuple[list[str], list[list[str]]]:
     """Header and body of one table: a line per group, then the total."""
@@ -761,7 +761,7 @@ def _table_rows(
     return headers, body
 
 
-def _title(report: Report) -> str:
+def report_title(report: Report) -> str:
     n = len(report.files)
     names = ", ".join(str(f) for f in report.files[:3]) + (", …" if n > 3 else "")
     files = f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
@@ -773,7 +773,7 @@ def _title(report: Report) -> str:
     return f"batchrun report: {files}, {report.total.rows:,} rows, {prices}"
 
 
-def _notes(report: Report) -> list[str]:
+def report_notes(report: Report) -> list[str]:
     """What the reader must know to read the costs right."""
     notes = []
     t = report.total
@@ -787,7 +787,7 @@ def _notes(report: Report) -> list[str]:
             f"{'has' if len(report.unpriced_models) == 1 else 'have'} no price in "
             f"{report.prices.path or 'the prices'}: {t.unpriced_tokens:,} tokens of "
             f"{t.unpriced_rows:,} rows are not costed (the priced rows cost "
-            f"{_money(t.priced_cost, report)} {report.currency}). Add the model to the prices file."
+            f"{fmt_money(t.priced_cost, report)} {report.currency}). Add the model to the prices file."
         )
     if t.reused:
         notes.append(
@@ -811,9 +811,9 @@ def _notes(report: Report) -> list[str]:
 
 def render_table(report: Report) -> str:
     """A readable terminal table: usage and cost, then per-row figures, then notes."""
-    out = [_title(report), ""]
-    for columns in (_USAGE_COLUMNS, _ROW_COLUMNS):
-        headers, body = _table_rows(report, columns)
+    out = [report_title(report), ""]
+    for columns in (USAGE_COLUMNS, ROW_COLUMNS):
+        headers, body = table_rows(report, columns)
         widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
         nkeys = len(report.by) or 1
         for line in [headers, *body]:
@@ -823,16 +823,16 @@ def render_table(report: Report) -> str:
             ]
             out.append("  ".join(cells).rstrip())
         out.append("")
-    out.extend(_notes(report))
+    out.extend(report_notes(report))
     return "\n".join(out).rstrip("\n") + "\n"
 
 
 def render_markdown(report: Report) -> str:
     """Two GitHub-style pipe tables (the total in bold) and the notes as a list."""
-    out = [f"**{_md(_title(report))}**", ""]
+    out = [f"**{_md(report_title(report))}**", ""]
     nkeys = len(report.by) or 1
-    for columns in (_USAGE_COLUMNS, _ROW_COLUMNS):
-        headers, body = _table_rows(report, columns)
+    for columns in (USAGE_COLUMNS, ROW_COLUMNS):
+        headers, body = table_rows(report, columns)
         out.append("| " + " | ".join(_md(h) for h in headers) + " |")
         out.append(
             "|" + "|".join(":---" if i < nkeys else "---:" for i in range(len(headers))) + "|"
@@ -843,7 +843,7 @@ def render_markdown(report: Report) -> str:
                 cells = [f"**{c}**" if c else c for c in cells]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out.extend(f"- {_md(note)}" for note in _notes(report))
+    out.extend(f"- {_md(note)}" for note in report_notes(report))
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -851,7 +851,7 @@ def _md(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _nice_ceil(value: float) -> float:
+def nice_ceil(value: float) -> float:
     """The smallest 1, 2, 2.5 or 5 times 10**k at least ``value`` (for axis steps and bin widths)."""
     if value <= 0:
         return 1.0

@@ -15,18 +15,18 @@ from typing import Any
 
 from batchrun.errors import OutputError
 from batchrun.report import (
-    _ROW_COLUMNS,
-    _USAGE_COLUMNS,
     MAX_CHART_BARS,
+    ROW_COLUMNS,
+    USAGE_COLUMNS,
     Report,
     Stats,
-    _count,
-    _money,
-    _nice_ceil,
-    _notes,
-    _number,
-    _table_rows,
-    _title,
+    fmt_count,
+    fmt_money,
+    fmt_number,
+    nice_ceil,
+    report_notes,
+    report_title,
+    table_rows,
 )
 
 # ---- the page -------------------------------------------------------------------------------
@@ -89,26 +89,26 @@ def render_html(report: Report) -> str:
     """One self-contained page: inline CSS, inline SVG charts, no script, no link
     to anything outside it. Every value from the data is escaped."""
     t = report.total
-    cost_text = _money(t.cost, report)
+    cost_text = fmt_money(t.cost, report)
     cost_detail = (
         report.currency or "no prices given"
         if t.cost is not None or t.priced_cost is None
-        else f"priced part {_money(t.priced_cost, report)} {report.currency}"
+        else f"priced part {fmt_money(t.priced_cost, report)} {report.currency}"
     )
     cards = [
-        ("Rows", _count(t.rows), f"ok {t.ok:,} · failed {t.failed:,} · invalid {t.invalid:,}"),
-        ("Reused", _count(t.reused), f"{t.reused_tokens:,} tokens, not costed"),
+        ("Rows", fmt_count(t.rows), f"ok {t.ok:,} · failed {t.failed:,} · invalid {t.invalid:,}"),
+        ("Reused", fmt_count(t.reused), f"{t.reused_tokens:,} tokens, not costed"),
         (
             "Total tokens",
-            _count(t.total_tokens),
+            fmt_count(t.total_tokens),
             f"prompt {t.prompt_tokens:,} · completion {t.completion_tokens:,}",
         ),
         ("Cost", cost_text, cost_detail),
-        ("Retries", _count(t.retries), "requests beyond the first"),
+        ("Retries", fmt_count(t.retries), "requests beyond the first"),
         (
             "Latency p50",
-            f"{_number(t.latency_ms_p50, 0)} ms",
-            f"p95 {_number(t.latency_ms_p95, 0)} ms",
+            f"{fmt_number(t.latency_ms_p50, 0)} ms",
+            f"p95 {fmt_number(t.latency_ms_p95, 0)} ms",
         ),
     ]
     grouping = ", ".join(report.by) if report.by else "model"
@@ -119,7 +119,7 @@ def render_html(report: Report) -> str:
         "<title>batchrun report</title>",
         f"<style>{_STYLE}</style></head><body><main>",
         "<h1>batchrun report</h1>",
-        f'<p class="sub">{_h(_title(report).removeprefix("batchrun report: "))}</p>',
+        f'<p class="sub">{_h(report_title(report).removeprefix("batchrun report: "))}</p>',
         '<section class="cards">',
         *(
             f'<div class="card"><div class="label">{_h(label)}</div>'
@@ -149,11 +149,11 @@ def render_html(report: Report) -> str:
         ),
         "</section>",
         "<h2>Usage and cost</h2>",
-        _html_table(report, _USAGE_COLUMNS),
+        _html_table(report, USAGE_COLUMNS),
         "<h2>Per row</h2>",
-        _html_table(report, _ROW_COLUMNS),
+        _html_table(report, ROW_COLUMNS),
     ]
-    notes = _notes(report)
+    notes = report_notes(report)
     if notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
     parts.append("</main></body></html>")
@@ -173,7 +173,7 @@ def _figure(fig_id: str, title: str, note: str, body: str, wide: bool = False) -
 
 
 def _html_table(report: Report, columns: list[tuple[str, Callable[[Stats, Report], str]]]) -> str:
-    headers, body = _table_rows(report, columns)
+    headers, body = table_rows(report, columns)
     nkeys = len(report.by) or 1
     head = "".join(
         (f'<th class="key">{_h(h)}</th>' if i < nkeys else f"<th>{_h(h)}</th>")
@@ -224,9 +224,9 @@ def _cost_chart(report: Report) -> str:
         w = max(1.0, plot_w * float(value) / top) if value else 0.0
         shown = label if len(label) <= fits else label[: fits - 1] + "…"
         text = (
-            (f"unpriced (+{_money(value, report)} priced)" if unpriced and value else "unpriced")
+            (f"unpriced (+{fmt_money(value, report)} priced)" if unpriced and value else "unpriced")
             if unpriced
-            else f"{_money(value, report)} {report.currency}"
+            else f"{fmt_money(value, report)} {report.currency}"
         )
         color = "var(--grey)" if unpriced else "var(--blue)"
         out.append(
@@ -291,7 +291,7 @@ def _columns_chart(
     plot_w, plot_h = width - left - right, height - top - bottom
     n = len(labels)
     totals = [sum(values[i] for values in series) for i in range(n)]
-    step = _nice_ceil(max(max(totals), 1) / 5)
+    step = nice_ceil(max(max(totals), 1) / 5)
     y_max = step * math.ceil(max(max(totals), 1) / step)
     out = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{_h(aria)}">']
     ticks = round(y_max / step)

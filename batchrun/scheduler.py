@@ -233,7 +233,7 @@ class Scheduler:
         # rate-limited API is up).
         self._last_success = time.monotonic()
         self._run_failures = 0
-        self._failure_limit = _failure_limit(job.max_failures, tally.total)
+        self._max_failed = failure_limit(job.max_failures, tally.total)
 
     # ---- the run ---------------------------------------------------------
 
@@ -581,8 +581,8 @@ class Scheduler:
             t.failed += 1
             self._run_failures += 1
             if (
-                self._failure_limit is not None
-                and self._run_failures > self._failure_limit
+                self._max_failed is not None
+                and self._run_failures > self._max_failed
                 and self._stop is None
             ):
                 self.stop_now(
@@ -592,17 +592,7 @@ class Scheduler:
                         "command again to resume (add --retry-failed to resend the failed rows)."
                     )
                 )
-            log.debug(
-                "row %s failed: %s",
-                rec["id"],
-                rec["error"],
-                extra={
-                    "event": "row_failed",
-                    "row_id": rec["id"],
-                    "error": rec["error"],
-                    "attempts": rec.get("attempts"),
-                },
-            )
+            log_row_failed(rec)
         t.prompt_tokens += rec.get("prompt_tokens") or 0
         t.completion_tokens += rec.get("completion_tokens") or 0
 
@@ -613,7 +603,22 @@ class Scheduler:
             self._write(h)
 
 
-def _failure_limit(max_failures: float | None, total: int) -> float | None:
+def log_row_failed(rec: Mapping[str, Any]) -> None:
+    """The row_failed event of a failed row's record."""
+    log.debug(
+        "row %s failed: %s",
+        rec["id"],
+        rec["error"],
+        extra={
+            "event": "row_failed",
+            "row_id": rec["id"],
+            "error": rec["error"],
+            "attempts": rec.get("attempts"),
+        },
+    )
+
+
+def failure_limit(max_failures: float | None, total: int) -> float | None:
     """How many failed rows a run may have: a count, or a fraction (< 1) of the rows."""
     if max_failures is None:
         return None

@@ -78,7 +78,7 @@ import orjson
 import pyarrow as pa
 
 from batchrun import errors
-from batchrun.api import OpenRun, RunOptions, RunResult, _spend
+from batchrun.api import OpenRun, RunOptions, RunResult, spend_so_far
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped, TooManyFailures
@@ -86,7 +86,7 @@ from batchrun.limits import Limits
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
 from batchrun.progress import Progress, Tally
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import Prepared, Scheduler, _failure_limit
+from batchrun.scheduler import Prepared, Scheduler, failure_limit, log_row_failed
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
@@ -294,7 +294,7 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                 finally:
                     progress.close()
             # The actors' spend is read back from the journal, as a resumed run's is.
-            spend = _spend(run.job, journal)
+            spend = spend_so_far(run.job, journal)
             if spend is not None:
                 tally.cost = spend.spent
         return run.finish()
@@ -376,7 +376,7 @@ def _send_on_ray(
         batch_rows,
         extra={"event": "ray_plan", "actors": actors, "batch_rows": batch_rows},
     )
-    failure_limit = _failure_limit(job.max_failures, tally.total)
+    max_failed = failure_limit(job.max_failures, tally.total)
     failures = 0
     last_tick = last_sync = time.monotonic()
     try:
@@ -403,7 +403,7 @@ def _send_on_ray(
                 failures += failed
                 if stop is not None:
                     raise stop
-                if failure_limit is not None and failures > failure_limit:
+                if max_failed is not None and failures > max_failed:
                     raise TooManyFailures(
                         f"{failures} rows failed, more than max_failures={job.max_failures:g} allows. "
                         "Every finished row is saved: fix the cause and run the same command again "
@@ -452,17 +452,7 @@ def _journal_batch(
         tally.completion_tokens += rec.get("completion_tokens") or 0
         if rec["status"] == "error":
             failed += 1
-            log.debug(
-                "row %s failed: %s",
-                rec["id"],
-                rec["error"],
-                extra={
-                    "event": "row_failed",
-                    "row_id": rec["id"],
-                    "error": rec["error"],
-                    "attempts": rec.get("attempts"),
-                },
-            )
+            log_row_failed(rec)
     tally.ok, tally.failed, tally.invalid = journal.counts()
     return failed, stop
 
