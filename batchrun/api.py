@@ -235,7 +235,7 @@ class CheckedJob:
         ttft = [TTFT_FIELD] if self.job.stream else []
         return ttft + list(self.structured.fields if self.structured else ())
 
-    def rows(self, for_job: Job | None = None) -> Iterator[Prepared]:
+    def rows(self, for_job: Job | None = None, estimates: bool | None = None) -> Iterator[Prepared]:
         """The rows of this run (skipped ones left out) as requests, in input order."""
         response_format = self.structured.body_field() if self.structured is not None else None
         return prepare_rows(
@@ -243,6 +243,7 @@ class CheckedJob:
             self.table.batches(prompt_columns(self.job), self.id_column),
             self.scan.skip,
             response_format,
+            estimates,
         )
 
 
@@ -762,7 +763,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         )
     first: dict[str, Any] | None = None
     prompt_tokens = to_send = 0
-    for p in checked.rows(job):
+    for p in checked.rows(job, estimates=True):
         if p.error:
             continue
         if first is None:

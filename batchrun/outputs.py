@@ -24,7 +24,6 @@ import glob
 import io
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,7 +130,6 @@ class Journal:
         self.status = np.zeros(num_rows, dtype=np.int8)
         self.hashes = np.zeros(num_rows, dtype=np.int64)
         self.resumed: Resumed | None = None
-        self._last_sync = time.monotonic()
         if not output.parent.is_dir():
             raise OutputError(
                 f"Output folder {output.parent} does not exist. Create it (mkdir -p {output.parent}) or choose another `output`."
@@ -296,7 +294,6 @@ class Journal:
         """fsync the journal (called about once a second while the job runs)."""
         with contextlib.suppress(OSError):
             os.fsync(self.fd)
-        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         self.sync()

@@ -73,11 +73,14 @@ def prepare_rows(
     batches: Iterator[RowBatch],
     skip: Any = None,
     response_format: Mapping[str, Any] | None = None,
+    estimates: bool | None = None,
 ) -> Iterator[Prepared]:
     """Input rows → request bodies, in input order. The token estimates are
-    made only for jobs that use them (tpm, a prices file)."""
+    made only when asked, or (``estimates`` None) for jobs that use them: tpm,
+    a prices file."""
     any_skipped = skip is not None and bool(skip.any())
-    estimates = bool(job.tpm or job.prices)
+    if estimates is None:
+        estimates = bool(job.tpm or job.prices)
     batch_requests = job.input_format == "openai-batch"
     for batch in batches:
         for i, row in enumerate(batch.rows):
