@@ -157,7 +157,7 @@ class ApiClient:
                 ):
                     return await self._read_stream(resp, sent)
                 raw = await resp.read()
-                retry_after = resp.headers.get("Retry-After")
+                retry_after = resp.headers.get("Retry-After") if status >= 300 else None
         except TimeoutError as exc:
             raise RequestTimeout(
                 f"no answer within request_timeout_s={self.job.request_timeout_s:g}s"

@@ -353,7 +353,7 @@ class Journal:
                         if any_skipped
                         else range(start, stop)
                     )
-                    lines = [os.pread(fd, int(lengths[r]), int(offsets[r])) for r in rows]
+                    lines = _read_lines(fd, offsets, lengths, rows)
                     if not lines:
                         continue
                     if keep is not None and any_skipped:
@@ -452,6 +452,26 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_lines(fd: int, offsets: Any, lengths: Any, rows: Sequence[int]) -> list[bytes]:
+    """The journal lines of ``rows``. Rows finish roughly in input order, so a
+    batch's lines usually sit close together: one read of their span then
+    serves them all; lines scattered over the journal (a resume, retried rows)
+    are read one by one, so memory never holds more than a batch's worth."""
+    if not len(rows):
+        return []
+    index = np.asarray(rows, dtype=np.int64)
+    starts = offsets[index]
+    sizes = lengths[index].astype(np.int64)
+    low = int(starts.min())
+    high = int((starts + sizes).max())
+    if high - low > 2 * int(sizes.sum()) + 65536:
+        return [os.pread(fd, int(n), int(o)) for o, n in zip(starts, sizes, strict=True)]
+    span = os.pread(fd, high - low, low)
+    return [
+        span[o - low : o - low + n] for o, n in zip((starts).tolist(), sizes.tolist(), strict=True)
+    ]
 
 
 def _json_type(t: pa.DataType) -> pa.DataType:

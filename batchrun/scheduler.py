@@ -353,7 +353,8 @@ class Scheduler:
                 return
             requests += attempts
             self._last_success = time.monotonic()
-            limits.used_tokens(p.est_tokens, completion.total_tokens)
+            if limits.tpm is not None:
+                limits.used_tokens(p.est_tokens, completion.total_tokens)
             usage.add(completion)
             if structured is None:
                 self._record(self._answer_record(p, completion, usage, requests, started, t0))
