@@ -30,7 +30,7 @@ format:
 	ruff check --fix .
 
 bench:              ## benchmarks/results.md: throughput, latency-bound rate, memory, start-up
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,bench]'
 	$(PYTHON) benchmarks/run.py
 
 clean:
