@@ -1,7 +1,7 @@
 """The public entry points. The CLI is a thin layer over ``run_job``, and so are
 ``run`` and ``arun`` for Python code and notebooks.
 
-``arun(job)`` checks everything that can be checked before a request is sent
+``run_job(job)`` checks everything that can be checked before a request is sent
 (the key variable, the input, the columns, the output folder, an unfinished
 earlier run), then sends every row that has no result yet, journals each result
 as it arrives and writes the output Parquet when every row has one.
@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 
 from batchrun import __version__
 from batchrun.client import ApiClient
 from batchrun.config import Job
-from batchrun.errors import Interrupted, JobError, JobStopped, OutputError
+from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, TTFT_FIELD, Journal
@@ -85,7 +84,7 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a finished job did. ``exit_code``: 0 every row ok, 1 some rows failed."""
+    """What a finished job did. ``exit_code``: 0 every row ok, 1 some rows failed or invalid."""
 
     output: Path
     rows: int
@@ -695,106 +694,3 @@ def _in_notebook() -> bool:
         return False
     ip = shell.get_ipython()
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
-
-
-# ---- planning ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a job would do, found without sending anything."""
-
-    rows: int
-    to_send: int
-    first_request: dict[str, Any]
-    url: str
-    prompt_tokens: int
-    max_completion_tokens: int
-    cost_low: Decimal | None
-    cost_high: Decimal | None
-    currency: str
-    pace_rows_per_s: float | None
-    concurrency: int | str
-
-    def seconds_at(self, latency_s: float) -> float:
-        """How long sending takes when each answer takes ``latency_s`` seconds."""
-        workers = self.concurrency if isinstance(self.concurrency, int) else 16
-        rate = workers / latency_s
-        if self.pace_rows_per_s is not None:
-            rate = min(rate, self.pace_rows_per_s)
-        return self.to_send / rate if rate else 0.0
-
-    def text(self) -> str:
-        from batchrun.progress import duration
-
-        body = orjson.dumps(self.first_request, option=orjson.OPT_INDENT_2).decode()
-        lines = [
-            f"rows          {self.rows:,}  ({self.to_send:,} to send)",
-            f"first request POST {self.url}",
-            "              Authorization: Bearer ***",
-            *("              " + line for line in body.splitlines()),
-            f"prompt tokens ~{self.prompt_tokens:,} (estimated: characters / 4)",
-            f"max completion {self.max_completion_tokens:,} tokens (max_tokens x rows to send)",
-        ]
-        if self.cost_low is not None and self.cost_high is not None:
-            lines.append(
-                f"cost          {self.cost_low:.4f} .. {self.cost_high:.4f} {self.currency} "
-                "(prompt only .. prompt + max_tokens per row)"
-            )
-        else:
-            lines.append("cost          unpriced (pass --prices FILE with this model)")
-        pace = f"; rpm/tpm allow {self.pace_rows_per_s:,.1f} rows/s" if self.pace_rows_per_s else ""
-        lines.append(
-            f"time          ~{duration(self.seconds_at(1.0))} at 1 s per answer, "
-            f"~{duration(self.seconds_at(5.0))} at 5 s (concurrency {self.concurrency}{pace})"
-        )
-        return "\n".join(lines)
-
-
-def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
-    """Check ``job`` as ``run`` would before its first request, and estimate
-    its tokens, cost and time. Sends nothing, writes nothing."""
-    checked = check_job(job, options or RunOptions())
-    job, scan = checked.job, checked.scan
-    folder = job.output.parent if job.output is not None else Path(".")
-    if not folder.is_dir():
-        raise OutputError(
-            f"Output folder {folder} does not exist. Create it (mkdir -p {folder}) or choose another `output`."
-        )
-    first: dict[str, Any] | None = None
-    prompt_tokens = to_send = 0
-    for p in checked.rows(job, estimates=True):
-        if p.error:
-            continue
-        if first is None:
-            first = orjson.loads(p.body)
-        to_send += 1
-        prompt_tokens += p.est_tokens - job.max_tokens
-    cost_low = cost_high = None
-    currency = ""
-    if job.prices is not None:
-        prices = load_prices(job.prices)
-        currency = prices.currency
-        price = prices.price(job.model)
-        if price is not None:
-            cost_low = price.cost(prompt_tokens, 0)
-            cost_high = price.cost(prompt_tokens, to_send * job.max_tokens)
-    pace = None
-    if job.rpm:
-        pace = job.rpm / 60
-    if job.tpm and to_send:
-        per_row = (prompt_tokens + to_send * job.max_tokens) / to_send
-        pace = min(pace or float("inf"), job.tpm / 60 / per_row)
-    return Plan(
-        rows=scan.rows_kept,
-        to_send=to_send,
-        first_request=first or {},
-        url=job.url,
-        prompt_tokens=prompt_tokens,
-        max_completion_tokens=to_send * job.max_tokens,
-        cost_low=cost_low,
-        cost_high=cost_high,
-        currency=currency,
-        pace_rows_per_s=pace,
-        concurrency=job.concurrency,
-    )

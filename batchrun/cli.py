@@ -269,8 +269,9 @@ def _run_async(coro: Any) -> Any:
 def plan(job_file: Path | None, **flags: Any) -> None:
     """Check JOB_FILE and its input without sending anything: rows, the first
     request (key hidden), estimated tokens, cost range and time."""
-    from batchrun.api import RunOptions, plan_job
+    from batchrun.api import RunOptions
     from batchrun.config import load_job
+    from batchrun.plan import plan_job
 
     try:
         job = load_job(job_file, _overrides(flags))
