@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
+from yarl import URL
 
 from batchrun.mock import MockConfig, MockServer, serve
 
@@ -72,3 +81,87 @@ def tickets(n: int) -> list[dict[str, object]]:
         }
         for i in range(n)
     ]
+
+
+# ---- aioresponses with aiohttp 3.14 ----------------------------------------------------
+
+
+class _CompatResponse(aiohttp.ClientResponse):
+    """aiohttp 3.14 made ``stream_writer`` a required argument of ClientResponse,
+    which aioresponses 0.7.9 does not pass (pnuckowski/aioresponses#289). The
+    mocked response is already "sent", so a writer reporting 0 bytes is enough."""
+
+    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
+        if _NEEDS_STREAM_WRITER:
+            kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
+        super().__init__(method, url, **kwargs)
+
+
+_NEEDS_STREAM_WRITER = (
+    "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters
+)
+
+
+@pytest.fixture
+def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    monkeypatch.setattr(aioresponses_core, "ClientResponse", _CompatResponse)
+    with aioresponses() as m:
+        yield m
+
+
+# ---- a server in a background thread (for the CLI, which runs its own loop) ------------
+
+
+class ThreadedServer:
+    """Runs an async-context-manager server in a thread with its own event loop."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+        self.server: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="test-endpoint", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with self.factory() as server:
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> Any:
+        self._thread.start()
+        assert self._ready.wait(10), "the endpoint did not start"
+        if self._error is not None:
+            raise self._error
+        return self.server
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def threaded() -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """start(factory) → the running server; every server is stopped at teardown."""
+    started: list[ThreadedServer] = []
+
+    def start(factory: Callable[[], Any]) -> Any:
+        ts = ThreadedServer(factory)
+        started.append(ts)
+        return ts.start()
+
+    yield start
+    for ts in started:
+        ts.stop()

@@ -6,17 +6,14 @@ All HTTP is mocked with ``aioresponses``: no socket is opened, no server runs.
 from __future__ import annotations
 
 import email.utils
-import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aioresponses import aioresponses
-from aioresponses import core as aioresponses_core
 from yarl import URL
 
 from batchrun import __version__
@@ -64,29 +61,6 @@ def make_job(**overrides: Any) -> Job:
     }
     values.update(overrides)
     return load_job(None, values)
-
-
-class _CompatResponse(aiohttp.ClientResponse):
-    """aiohttp 3.14 made ``stream_writer`` a required argument of ClientResponse,
-    which aioresponses 0.7.9 does not pass (pnuckowski/aioresponses#289). The
-    mocked response is already "sent", so a writer reporting 0 bytes is enough."""
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        if _NEEDS_STREAM_WRITER:
-            kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-_NEEDS_STREAM_WRITER = (
-    "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters
-)
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    monkeypatch.setattr(aioresponses_core, "ClientResponse", _CompatResponse)
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture

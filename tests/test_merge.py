@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -29,20 +28,6 @@ JOB = REPO / "jobs" / "summarize_tickets.toml"
 SAMPLE_ROWS = 200
 # Differ from run to run by nature; every other column must match.
 RUN_COLUMNS = {"latency_ms", "response_id", "started_at", "finished_at"}
-
-
-@pytest.fixture(autouse=True)
-def reset_batchrun_logger() -> Iterator[None]:
-    """``batchrun run`` rewires the `batchrun` logger; put it back after each test."""
-    logger = logging.getLogger("batchrun")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 def cli(*args: str | Path) -> Result:

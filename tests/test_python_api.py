@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +55,6 @@ def expected_completion(i: int) -> str:
 
 def expected(n: int) -> list[str]:
     return [expected_completion(i) for i in range(n)]
-
-
-@pytest.fixture(autouse=True)
-def reset_batchrun_logger() -> Iterator[None]:
-    """The CLI configures the `batchrun` logger for its run; put it back after each test."""
-    logger = logging.getLogger("batchrun")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 def ticket_number(body: dict[str, Any]) -> int:

@@ -11,23 +11,19 @@ time. Client unit tests mock HTTP with ``aioresponses``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
-from aioresponses import core as aioresponses_core
 from conftest import tickets, write_jsonl
 from yarl import URL
 
@@ -410,29 +406,6 @@ async def test_chunk_of_the_wrong_shape_is_retried_not_a_crash(tmp_path: Path) -
 BASE_URL = "https://api.example.test/v1"
 CHAT_URL = f"{BASE_URL}/chat/completions"
 BODY = b'{"model":"test-model","messages":[{"role":"user","content":"hi"}],"stream":true}'
-
-
-class _CompatResponse(aiohttp.ClientResponse):
-    """aiohttp 3.14 made ``stream_writer`` a required argument of ClientResponse,
-    which aioresponses 0.7.9 does not pass (pnuckowski/aioresponses#289); same
-    workaround as tests/test_client.py."""
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        if _NEEDS_STREAM_WRITER:
-            kwargs.setdefault("stream_writer", SimpleNamespace(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-_NEEDS_STREAM_WRITER = (
-    "stream_writer" in inspect.signature(aiohttp.ClientResponse.__init__).parameters
-)
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    monkeypatch.setattr(aioresponses_core, "ClientResponse", _CompatResponse)
-    with aioresponses() as m:
-        yield m
 
 
 @pytest.fixture

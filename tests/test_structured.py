@@ -17,11 +17,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import re
-import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,75 +190,6 @@ async def serve_scripted(answer: Answer) -> AsyncIterator[Scripted]:
         yield state
     finally:
         await runner.cleanup()
-
-
-class ThreadedServer:
-    """Runs an async-context-manager server in a thread with its own event loop."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self.factory = factory
-        self.server: Any = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="test-endpoint", daemon=True)
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        async with self.factory() as server:
-            self.server = server
-            self._ready.set()
-            await self._stop.wait()
-
-    def start(self) -> Any:
-        self._thread.start()
-        assert self._ready.wait(10), "the endpoint did not start"
-        if self._error is not None:
-            raise self._error
-        return self.server
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-
-@pytest.fixture
-def threaded() -> Iterator[Callable[[Callable[[], Any]], Any]]:
-    """start(factory) → the running server; every server is stopped at teardown."""
-    started: list[ThreadedServer] = []
-
-    def start(factory: Callable[[], Any]) -> Any:
-        ts = ThreadedServer(factory)
-        started.append(ts)
-        return ts.start()
-
-    yield start
-    for ts in started:
-        ts.stop()
-
-
-@pytest.fixture(autouse=True)
-def reset_batchrun_logger() -> Iterator[None]:
-    """The CLI configures the `batchrun` logger for its run; put it back after each test."""
-    logger = logging.getLogger("batchrun")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    for handler in logger.handlers:
-        if handler not in saved[0]:
-            handler.close()
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 def invoke(*args: str) -> Result:
