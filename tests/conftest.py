@@ -66,6 +66,17 @@ async def endpoint() -> AsyncIterator[MockServer]:
         yield server
 
 
+class FakeSleep:
+    """Stands in for asyncio.sleep in the retry policy: records each wait, waits not."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await asyncio.sleep(0)
+
+
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     return path

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TEST_KEY
 
 from batchrun.config import DEFAULT_BASE_URL, KEYS, KEYS_BY_NAME, Job, load_job
 from batchrun.errors import JobError
+from tests.conftest import TEST_KEY
 
 MINIMAL = 'input = "data/in.jsonl"\nmodel = "m-1"\nprompt_template = "Summarize: {ticket}"\n'
 

@@ -26,13 +26,13 @@ from typing import IO, Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import tickets, write_jsonl
 
 import batchrun.outputs
 from batchrun.api import RunOptions
 from batchrun.config import Job, load_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
+from tests.conftest import tickets, write_jsonl
 
 try:
     from batchrun.api import run_job

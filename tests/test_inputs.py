@@ -10,10 +10,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_JSONL, SAMPLE_PARQUET, tickets, write_jsonl
 
 from batchrun.errors import InputError
 from batchrun.inputs import InputTable, RowBatch
+from tests.conftest import SAMPLE_JSONL, SAMPLE_PARQUET, tickets, write_jsonl
 
 
 def collect(

@@ -23,7 +23,6 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import tickets, write_jsonl
 
 from batchrun import api as api_module
 from batchrun import limits as limits_module
@@ -33,6 +32,7 @@ from batchrun.config import Job, load_job
 from batchrun.errors import JobError
 from batchrun.limits import BURST_S, AdaptiveLimit, Budget, Limits, Pause
 from batchrun.mock import MockConfig, MockServer, create_app
+from tests.conftest import tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 

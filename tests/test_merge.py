@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-from conftest import REPO, SAMPLE_JSONL, SAMPLE_PARQUET
 
 from batchrun.cli import main
 from batchrun.errors import InputError, OutputError
 from batchrun.merge import merge_outputs
+from tests.conftest import REPO, SAMPLE_JSONL, SAMPLE_PARQUET
 
 JOB = REPO / "jobs" / "summarize_tickets.toml"
 SAMPLE_ROWS = 200

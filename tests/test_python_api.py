@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import REPO, tickets, write_jsonl
 
 import batchrun
 from batchrun import errors
@@ -36,6 +35,7 @@ from batchrun.cli import main
 from batchrun.errors import BatchrunError, InputError, JobError
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import HEAD_FIELDS, RESULT_FIELDS
+from tests.conftest import REPO, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -26,13 +26,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, SAMPLE_JSONL, tickets, write_jsonl
 
 from batchrun.api import RunOptions, RunResult, run_job
 from batchrun.cli import main
 from batchrun.config import Job, load_job
 from batchrun.errors import TooManyFailures
 from batchrun.mock import MockConfig, MockStats, serve
+from tests.conftest import REPO, SAMPLE_JSONL, tickets, write_jsonl
 
 MODEL = "test-org/test-model-7b"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
-from conftest import REPO, TEST_KEY, tickets, write_jsonl
 
 from batchrun import __version__, outputs
 from batchrun.api import RunOptions, RunResult
@@ -35,6 +34,7 @@ from batchrun.cli import main
 from batchrun.config import Job, load_job
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, MockServer, count_tokens, serve
+from tests.conftest import REPO, TEST_KEY, FakeSleep, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -45,17 +45,6 @@ WRONG_KEY = "sk-wrong-9876543210fedcba-nope"
 
 
 # ---- helpers -----------------------------------------------------------------
-
-
-class FakeSleep:
-    """Stands in for asyncio.sleep in the retry policy: records each wait, waits not."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
 
 
 def make_job(base_url: str, input_path: Path, output: Path, **overrides: Any) -> Job:

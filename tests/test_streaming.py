@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from aioresponses import aioresponses
-from conftest import tickets, write_jsonl
 from yarl import URL
 
 from batchrun.api import RunOptions, RunResult
@@ -39,6 +38,7 @@ from batchrun.errors import (
     ServerError,
 )
 from batchrun.mock import MockConfig, MockServer, count_tokens, create_app
+from tests.conftest import FakeSleep, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -48,17 +48,6 @@ USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 # ---- helpers -----------------------------------------------------------------
-
-
-class FakeSleep:
-    """Stands in for asyncio.sleep in the retry policy: records each wait, waits not."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
 
 
 def expected_completion(i: int) -> str:

@@ -13,7 +13,6 @@ CLI tests run their server in a background thread (the CLI runs its own loop).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -31,7 +30,6 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
-from conftest import REPO, tickets, write_jsonl
 
 from batchrun import outputs
 from batchrun.api import RunOptions, RunResult
@@ -42,6 +40,7 @@ from batchrun.errors import JobError, KeyRejected
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import FIXED_COLUMNS
 from batchrun.structured import InvalidAnswer, Structured, arrow_type, load_structured
+from tests.conftest import REPO, FakeSleep, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -55,17 +54,6 @@ DICT = pa.dictionary(pa.int32(), pa.string())
 
 
 # ---- helpers ---------------------------------------------------------------------
-
-
-class FakeSleep:
-    """Stands in for asyncio.sleep in the retry policy: records each wait, waits not."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
 
 
 def make_job(base_url: str, src: Path, out: Path, **overrides: Any) -> Job:
