@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from batchrun.client import ApiClient
 from batchrun.config import Job
@@ -51,6 +51,17 @@ AUTH_STATUSES = frozenset({401, 403})
 AUTH_PROBE_ROWS = 5
 """A job stops with KeyRejected when this many first answers (or every answer,
 for a smaller job) are all 401/403."""
+
+
+class ResultSink(Protocol):
+    """Where the scheduler puts results: the Journal, or (inside a Ray actor) a
+    list that travels back to the driver. ``status[row]`` is the row's status code
+    (``outputs.STATUS_*``) before this result; ``append`` keeps one result."""
+
+    @property
+    def status(self) -> Any: ...
+
+    def append(self, record: Mapping[str, Any]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -196,7 +207,7 @@ class Scheduler:
         self,
         job: Job,
         client: ApiClient,
-        journal: Journal,
+        journal: ResultSink,
         tally: Tally,
         policy: RetryPolicy,
         limits: Limits,

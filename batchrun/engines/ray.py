@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -171,7 +171,7 @@ class RowSender:
         scheduler = Scheduler(
             self.job,
             self.client,
-            cast(Journal, results),  # the scheduler only looks up and appends records
+            results,
             tally,
             self.policy,
             self.limits,
@@ -194,8 +194,9 @@ class RowSender:
 
 
 class _Results:
-    """Stands in for the journal inside an actor: every row it is given is unsent
-    (the driver only sends rows without a result), and results are kept in order."""
+    """The scheduler's result sink inside an actor: every row it is given is
+    unsent (the driver only sends rows without a result), and results are kept
+    in order to go back to the driver."""
 
     def __init__(self) -> None:
         self.status = _Unsent()
