@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -15,10 +16,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
+from click.testing import CliRunner, Result
 from yarl import URL
 
+from batchrun.cli import main
 from batchrun.mock import MockConfig, MockServer, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,3 +180,33 @@ def threaded() -> Iterator[Callable[[Callable[[], Any]], Any]]:
     yield start
     for ts in started:
         ts.stop()
+
+
+# ---- aiohttp apps and the CLI ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def run_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1; yield its base URL (…/v1)."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+def invoke(*args: str) -> Result:
+    """``batchrun run ARGS`` in this process."""
+    return CliRunner().invoke(main, ["run", *args], catch_exceptions=True)
+
+
+def assert_exit(result: Result, code: int) -> None:
+    assert result.exit_code == code, (
+        f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )

@@ -23,6 +23,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from batchrun import api as api_module
 from batchrun import limits as limits_module
@@ -32,7 +33,7 @@ from batchrun.config import Job, load_job
 from batchrun.errors import JobError
 from batchrun.limits import BURST_S, AdaptiveLimit, Budget, Limits, Pause
 from batchrun.mock import MockConfig, MockServer, create_app
-from tests.conftest import tickets, write_jsonl
+from tests.conftest import run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -123,14 +124,8 @@ async def recording_serve(config: MockConfig) -> AsyncIterator[tuple[MockServer,
             arrival.done = time.monotonic()
 
     app.middlewares.append(record)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield MockServer(app, "127.0.0.1", int(runner.addresses[0][1])), rec
-    finally:
-        await runner.cleanup()
+    async with run_app(app) as base_url:
+        yield MockServer(app, "127.0.0.1", URL(base_url).port or 0), rec
 
 
 def make_job(base_url: str, tmp_path: Path, n: int, **overrides: Any) -> Job:

@@ -35,7 +35,7 @@ from batchrun.cli import main
 from batchrun.errors import BatchrunError, InputError, JobError
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import HEAD_FIELDS, RESULT_FIELDS
-from tests.conftest import REPO, tickets, write_jsonl
+from tests.conftest import REPO, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -94,14 +94,8 @@ async def serve_scripted(
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{int(runner.addresses[0][1])}/v1", bodies
-    finally:
-        await runner.cleanup()
+    async with run_app(app) as base_url:
+        yield base_url, bodies
 
 
 # ---- 1. the package surface --------------------------------------------------------
@@ -573,12 +567,7 @@ async def test_headers_and_params_from_keywords_are_sent(monkeypatch: pytest.Mon
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        base_url = f"http://127.0.0.1:{int(runner.addresses[0][1])}/v1"
+    async with run_app(app) as base_url:
         df = await batchrun.arun(
             input=tickets(2),
             base_url=base_url,
@@ -587,8 +576,6 @@ async def test_headers_and_params_from_keywords_are_sent(monkeypatch: pytest.Mon
             params={"top_k": 5, "seed": 1},
             **JOB,
         )
-    finally:
-        await runner.cleanup()
     assert (df["status"] == "ok").all()
     assert len(seen) == 2
     for s in seen:

@@ -25,16 +25,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
 
 from batchrun import __version__, outputs
 from batchrun.api import RunOptions, RunResult
 from batchrun.api import run_job as run_engine
-from batchrun.cli import main
 from batchrun.config import Job, load_job
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, MockServer, count_tokens, serve
-from tests.conftest import REPO, TEST_KEY, FakeSleep, tickets, write_jsonl
+from tests.conftest import (
+    REPO,
+    TEST_KEY,
+    FakeSleep,
+    assert_exit,
+    invoke,
+    run_app,
+    tickets,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -177,28 +184,8 @@ def echo_app(mode: str) -> tuple[web.Application, dict[str, int]]:
 @contextlib.asynccontextmanager
 async def serve_echo(mode: str) -> AsyncIterator[EchoServer]:
     app, seen = echo_app(mode)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = int(runner.addresses[0][1])
-        yield EchoServer(f"http://127.0.0.1:{port}/v1", seen)
-    finally:
-        await runner.cleanup()
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, ["run", *args], catch_exceptions=True)
-
-
-def assert_exit(result: Result, code: int) -> None:
-    assert result.exit_code == code, (
-        f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
-    )
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
+    async with run_app(app) as base_url:
+        yield EchoServer(base_url, seen)
 
 
 # ---- 1. end to end ---------------------------------------------------------------

@@ -38,7 +38,7 @@ from batchrun.errors import (
     ServerError,
 )
 from batchrun.mock import MockConfig, MockServer, count_tokens, create_app
-from tests.conftest import FakeSleep, tickets, write_jsonl
+from tests.conftest import FakeSleep, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -90,19 +90,6 @@ def read_rows(job: Job) -> list[dict[str, Any]]:
 class Received:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-
-
-@asynccontextmanager
-async def run_app(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1; yield its base URL (…/v1)."""
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager

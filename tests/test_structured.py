@@ -29,18 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from click.testing import CliRunner, Result
 
 from batchrun import outputs
 from batchrun.api import RunOptions, RunResult
 from batchrun.api import run_job as run_engine
-from batchrun.cli import main
 from batchrun.config import Job, load_job
 from batchrun.errors import JobError, KeyRejected
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import FIXED_COLUMNS
 from batchrun.structured import InvalidAnswer, Structured, arrow_type, load_structured
-from tests.conftest import REPO, FakeSleep, tickets, write_jsonl
+from tests.conftest import REPO, FakeSleep, assert_exit, invoke, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -169,28 +167,9 @@ async def serve_scripted(answer: Answer) -> AsyncIterator[Scripted]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        state.base_url = f"http://127.0.0.1:{int(runner.addresses[0][1])}/v1"
+    async with run_app(app) as base_url:
+        state.base_url = base_url
         yield state
-    finally:
-        await runner.cleanup()
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(main, ["run", *args], catch_exceptions=True)
-
-
-def assert_exit(result: Result, code: int) -> None:
-    assert result.exit_code == code, (
-        f"exit {result.exit_code}, expected {code}\n{result.output}\n{result.exception!r}"
-    )
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
 
 
 # ---- 1. JSON Schema → Arrow type ---------------------------------------------------
