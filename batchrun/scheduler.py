@@ -133,6 +133,15 @@ def prepare_rows(
                 yield Prepared(number, row_id, body, request_hash(body))
 
 
+def rows_to_send(rows: Iterator[Prepared], status: Any, retry_failed: bool) -> Iterator[Prepared]:
+    """The rows without a result (and, with --retry-failed, those that failed);
+    ``status`` holds each row's status code."""
+    for p in rows:
+        done = status[p.row]
+        if done == STATUS_NONE or (retry_failed and done == STATUS_ERROR):
+            yield p
+
+
 def estimate_tokens(job: Job, messages: list[dict[str, Any]], max_tokens: Any = None) -> int:
     """Tokens a request may use, before the answer says: prompt characters / 4 + max_tokens."""
     chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
@@ -292,13 +301,9 @@ class Scheduler:
             task.cancel()
 
     async def _produce(self, rows: Iterator[Prepared]) -> None:
-        status = self.journal.status
-        for p in rows:
+        for p in rows_to_send(rows, self.journal.status, self.retry_failed):
             if self._stop is not None:
                 return
-            done = status[p.row]
-            if done != STATUS_NONE and not (self.retry_failed and done == STATUS_ERROR):
-                continue
             if p.error is not None:
                 self._record(self._error_record(p, p.error, None, 0, _now_us(), 0.0))
                 continue

@@ -83,10 +83,16 @@ from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped, TooManyFailures
 from batchrun.limits import Limits
-from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
+from batchrun.outputs import STATUS_NONE, Journal
 from batchrun.progress import Progress, Tally
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import Prepared, Scheduler, failure_limit, log_row_failed
+from batchrun.scheduler import (
+    Prepared,
+    Scheduler,
+    failure_limit,
+    log_row_failed,
+    rows_to_send,
+)
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
@@ -276,7 +282,7 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                 _ray_session(ray),
                 _signals(options.handle_signals, run.job),
             ):
-                rows = _rows_to_send(checked.rows(sent_job), journal, options.retry_failed)
+                rows = rows_to_send(checked.rows(sent_job), journal.status, options.retry_failed)
                 progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
                 try:
                     _send_on_ray(
@@ -299,17 +305,6 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
             if spend is not None:
                 tally.cost = spend.spent
         return run.finish()
-
-
-def _rows_to_send(
-    rows: Iterator[Prepared], journal: Journal, retry_failed: bool
-) -> Iterator[Prepared]:
-    """The rows without a result (and, with --retry-failed, those that failed)."""
-    status = journal.status
-    for p in rows:
-        done = status[p.row]
-        if done == STATUS_NONE or (retry_failed and done == STATUS_ERROR):
-            yield p
 
 
 def _request_blocks(rows: Iterator[Prepared], block_rows: int) -> Iterator[pa.Table]:
