@@ -10,6 +10,7 @@ as it arrives and writes the output Parquet when every row has one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -38,7 +39,7 @@ from batchrun.payload import prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import Prepared, Scheduler, check_resume, prepare_rows
+from batchrun.scheduler import Prepared, Scheduler, prepare_rows, resume_checked
 from batchrun.structured import Structured, load_structured
 
 log = logging.getLogger("batchrun")
@@ -299,19 +300,22 @@ class OpenRun:
             keep_columns=job.keep_columns,
         )
         try:
+            # One pass over the input serves both the resume check and --reuse.
+            rows = self.checked.rows()
             if journal.resumed is not None:
-                check_resume(journal, self.checked.rows())
+                rows = resume_checked(journal, rows)
+            self.reused = self.reused_tokens = 0
+            if options.reuse:
+                self.reused, self.reused_tokens = _reuse(journal, options.reuse, rows, job.model)
+            elif journal.resumed is not None:
+                collections.deque(rows, maxlen=0)  # the check alone
+            if journal.resumed is not None:
                 log.info(
                     "resuming run %s: %d rows ok and %d failed already",
                     journal.run_id,
                     journal.resumed.rows_ok,
                     journal.resumed.rows_failed,
                     extra={"event": "resume", "run_id": journal.run_id},
-                )
-            self.reused = self.reused_tokens = 0
-            if options.reuse:
-                self.reused, self.reused_tokens = _reuse(
-                    journal, options.reuse, self.checked.rows(), job.model
                 )
             self.tally = tally = Tally(total=scan.rows_kept)
             tally.ok, tally.failed, tally.invalid = journal.counts()

@@ -155,9 +155,10 @@ def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
     return size + 8 * len(messages) + 8
 
 
-def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
-    """Refuse to resume when a finished row's request differs from what this
-    job would send now (the input or the job changed)."""
+def resume_checked(journal: Journal, rows: Iterator[Prepared]) -> Iterator[Prepared]:
+    """``rows`` as they pass, refusing to resume (ResumeConflict) when a finished
+    row's request differs from what this job would send now (the input or the
+    job changed)."""
     for p in rows:
         if (
             journal.status[p.row] != STATUS_NONE
@@ -169,6 +170,7 @@ def check_resume(journal: Journal, rows: Iterator[Prepared]) -> None:
                 "what this job sends now: the input or the job changed since it started. Run again with --restart "
                 "to discard its results and start over, or put back the old input to keep going."
             )
+        yield p
 
 
 def _now_us() -> int:
