@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from batchrun._version import __version__
 from batchrun.errors import BatchrunError
 
-__version__ = "0.1.0"
 __all__ = ["BatchrunError", "__version__", "arun", "run"]
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batchrun import __version__
+from batchrun._version import __version__
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobError, JobStopped

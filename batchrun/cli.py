@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from batchrun import __version__
+from batchrun._version import __version__
 from batchrun.config import KEYS, Key
 from batchrun.errors import BatchrunError, Interrupted
 
@@ -194,6 +194,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
     batchrun run --input tickets.jsonl --prompt-template 'Summarize: {ticket}' \\
         --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
     """
+    from batchrun.aio import run_coroutine
     from batchrun.api import RunOptions, run_job
     from batchrun.config import load_job
     from batchrun.logs import setup_logging
@@ -219,7 +220,7 @@ def run(job_file: Path | None, **flags: Any) -> None:
 
             result = run_on_ray(job, options)
         else:
-            result = _run_async(run_job(job, options))
+            result = run_coroutine(run_job(job, options))
     except (KeyboardInterrupt, _Terminated) as exc:
         # A signal before sending began (the input scan) or after it ended (the
         # final write): the journal, if any, is whole; the same command resumes.
@@ -240,20 +241,6 @@ def run(job_file: Path | None, **flags: Any) -> None:
     if not flags["quiet"]:
         click.echo(result.summary(), err=True)
     sys.exit(result.exit_code)
-
-
-def _run_async(coro: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed (measurably faster), else asyncio."""
-    import asyncio
-
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
 
 
 @main.command(

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from batchrun import __version__
+from batchrun._version import __version__
 from batchrun.config import Job
 from batchrun.errors import (
     BadResponse,

@@ -50,10 +50,7 @@ summary names (at most ``MAX_LISTED``) become Python objects.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +63,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, OutputError
-from batchrun.outputs import fsync_path, output_files
+from batchrun.files import atomic_write, require_folder
+from batchrun.outputs import output_files
 
 MAX_LISTED = 5
 """How many duplicate or missing ids an error or summary names."""
@@ -485,26 +483,19 @@ def _write(
 ) -> None:
     """Rows ``order`` (positions in ``tables`` end to end) to ``output``: temporary
     name, fsync, os.replace."""
-    if not output.parent.is_dir():
-        raise OutputError(
-            f"Output folder {output.parent} does not exist. Create it (mkdir -p {output.parent}) or choose another -o."
-        )
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
+    require_folder(output, "-o")
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with (
+            atomic_write(output) as tmp,
+            pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+        ):
             for start in range(0, len(order), WRITE_ROWS):
                 part = _gather(tables, offsets, order[start : start + WRITE_ROWS], schema)
                 writer.write_table(part, row_group_size=WRITE_ROWS)
-        fsync_path(tmp)
-        os.replace(tmp, output)
-        fsync_path(output.parent)
     except OSError as exc:
         raise OutputError(
             f"Cannot write {output}: {exc.strerror or exc}. Free space (or fix the folder) and merge again."
         ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _gather(

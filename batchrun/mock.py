@@ -48,17 +48,20 @@ import re
 import signal
 import string
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
+
+from batchrun.aio import run_coroutine
+from batchrun.files import write_atomic
 
 __all__ = [
     "FAULT_KINDS",
@@ -1380,16 +1383,7 @@ async def serve(
 
 def _write_ready_file(path: str, content: str) -> None:
     """Write ``content`` to ``path`` atomically, so a polling reader never sees it half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mock-ready-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(Path(os.path.abspath(path)), content.encode("utf-8"))
 
 
 async def _serve_until_signal(
@@ -1415,16 +1409,6 @@ async def _serve_until_signal(
             loop.remove_signal_handler(sig)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """Return uvloop's loop factory if uvloop is importable, else ``None`` (asyncio default)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def serve_forever(
     config: MockConfig,
     host: str = "127.0.0.1",
@@ -1438,5 +1422,4 @@ def serve_forever(
     is given, writes that base URL (no newline) to it atomically, so a parent process
     can poll for the file and read the URL, including the real port when ``port=0``.
     """
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(_serve_until_signal(config, host, port, ready_file))
+    run_coroutine(_serve_until_signal(config, host, port, ready_file))

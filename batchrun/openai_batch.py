@@ -17,12 +17,13 @@ and ``error: {"code", "message"}``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
+
+from batchrun.files import atomic_write
 
 BATCH_ROWS = 8192
 
@@ -84,11 +85,7 @@ def write_batch_output(parquet: Path, target: Path | None = None) -> Path:
     """Write ``parquet`` (a batchrun output) as OpenAI batch output lines,
     atomically (temporary name, fsync, rename). Returns the path written."""
     target = target or batch_output_path(parquet)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with tmp.open("wb") as fh:
+    with atomic_write(target) as tmp, tmp.open("wb") as fh:
         for batch in pq.ParquetFile(parquet).iter_batches(batch_size=BATCH_ROWS):
             fh.write(b"".join(orjson.dumps(output_line(row)) + b"\n" for row in batch.to_pylist()))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
     return target

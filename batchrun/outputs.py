@@ -37,8 +37,9 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from batchrun import __version__
+from batchrun._version import __version__
 from batchrun.errors import InputError, OutputError, ResumeConflict
+from batchrun.files import atomic_write, require_folder, write_atomic
 
 STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
 STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR, "invalid": STATUS_INVALID}
@@ -130,10 +131,7 @@ class Journal:
         self.status = np.zeros(num_rows, dtype=np.int8)
         self.hashes = np.zeros(num_rows, dtype=np.int64)
         self.resumed: Resumed | None = None
-        if not output.parent.is_dir():
-            raise OutputError(
-                f"Output folder {output.parent} does not exist. Create it (mkdir -p {output.parent}) or choose another `output`."
-            )
+        require_folder(output, "`output`")
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)
         identity = dict(identity)
@@ -164,9 +162,10 @@ class Journal:
     # ---- identity --------------------------------------------------------
 
     def _write_job_json(self, data: Mapping[str, Any]) -> None:
-        tmp = self.folder / "job.json.tmp"
-        tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-        os.replace(tmp, self.folder / "job.json")
+        write_atomic(
+            self.folder / "job.json",
+            orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS),
+        )
 
     def _check_identity(self, identity: dict[str, Any]) -> str:
         try:
@@ -331,7 +330,6 @@ class Journal:
         """Write the output Parquet from the journal, atomically, and remove the journal."""
         self.sync()
         schema = output_schema(keep_schema, metadata, extra_fields)
-        tmp = self.output.with_name(f".{self.output.name}.{self.run_id}.tmp")
         skip = skip_rows if skip_rows is not None else np.zeros(self.num_rows, dtype=bool)
         any_skipped = bool(skip.any())
         # Records are read row by row with pread, not through a map of the whole
@@ -340,8 +338,10 @@ class Journal:
         fd = self.fd_read()
         offsets, lengths = self.offsets, self.lengths
         try:
-            writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-            try:
+            with (
+                atomic_write(self.output) as tmp,
+                pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+            ):
                 for start, keep in self._ranges(keep_batches, batch_rows):
                     stop = start + (
                         keep.num_rows
@@ -359,14 +359,7 @@ class Journal:
                     if keep is not None and any_skipped:
                         keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
                     writer.write_batch(_result_batch(lines, keep, schema, value_columns))
-            finally:
-                writer.close()
-            fsync_path(tmp)
-            os.replace(tmp, self.output)
-            fsync_path(self.output.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise OutputError(
                 f"Cannot write {self.output}: {exc.strerror}. The results are kept in {self.folder}: "
                 "free space (or fix the folder) and run the same command again to write the file."
@@ -443,15 +436,6 @@ def journal_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return int(value.timestamp() * 1_000_000)
     return value
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a rename is durable once its folder is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_lines(fd: int, offsets: Any, lengths: Any, rows: Sequence[int]) -> list[bytes]:

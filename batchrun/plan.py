@@ -16,7 +16,7 @@ import orjson
 
 from batchrun.api import RunOptions, check_job
 from batchrun.config import Job
-from batchrun.errors import OutputError
+from batchrun.files import require_folder
 from batchrun.prices import load_prices
 
 
@@ -76,11 +76,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     its tokens, cost and time. Sends nothing, writes nothing."""
     checked = check_job(job, options or RunOptions())
     job, scan = checked.job, checked.scan
-    folder = job.output.parent if job.output is not None else Path(".")
-    if not folder.is_dir():
-        raise OutputError(
-            f"Output folder {folder} does not exist. Create it (mkdir -p {folder}) or choose another `output`."
-        )
+    require_folder(job.output or Path("output.parquet"), "`output`")
     first: dict[str, Any] | None = None
     prompt_tokens = to_send = 0
     for p in checked.rows(job, estimates=True):

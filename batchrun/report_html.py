@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from batchrun.errors import OutputError
+from batchrun.files import write_atomic
 from batchrun.report import (
     MAX_CHART_BARS,
     ROW_COLUMNS,
@@ -35,12 +35,9 @@ from batchrun.report import (
 def write_html(report: Report, path: str | Path) -> None:
     """Write :func:`render_html` to ``path`` (a temporary name, then renamed onto it)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(render_html(report), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, render_html(report).encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(
             f"Cannot write the HTML report {path}: {exc.strerror}. Choose a path in a folder you can write to."
         ) from None

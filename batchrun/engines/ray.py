@@ -69,7 +69,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import ModuleType
 from typing import Any
@@ -78,6 +78,7 @@ import orjson
 import pyarrow as pa
 
 from batchrun import errors
+from batchrun.aio import loop_factory
 from batchrun.api import OpenRun, RunOptions, RunResult, spend_so_far
 from batchrun.client import ApiClient
 from batchrun.config import Job
@@ -159,7 +160,7 @@ class RowSender:
     ) -> None:
         self.job = job
         self.structured = structured
-        self.runner = asyncio.Runner(loop_factory=_loop_factory())
+        self.runner = asyncio.Runner(loop_factory=loop_factory())
         self.client = ApiClient(
             job, api_key.value if api_key else None, headers.value, secrets.value
         )
@@ -230,16 +231,6 @@ def _result_table(records: list[dict[str, Any]], tally: Tally, stop: JobStopped 
         },
         schema=RESULT_SCHEMA,
     )
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when it is installed (as the CLI uses), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
 
 
 # ---- the driver --------------------------------------------------------------
