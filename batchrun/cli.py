@@ -18,7 +18,7 @@ import click
 
 from batchrun._version import __version__
 from batchrun.config import KEYS, Key
-from batchrun.errors import BatchrunError, Interrupted
+from batchrun.errors import BatchrunError
 
 EXIT_CODES = """\b
 Exit codes:
@@ -96,14 +96,6 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
             f"{text!r} is not K/N with 0 <= K < N, e.g. 0/4", param_hint="--shard"
         )
     return int(k), int(n)
-
-
-class _Terminated(BaseException):
-    """SIGTERM outside the part of a run that handles it gracefully."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -195,11 +187,13 @@ def run(job_file: Path | None, **flags: Any) -> None:
         --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
     """
     from batchrun.aio import run_coroutine
-    from batchrun.api import RunOptions, run_job
     from batchrun.config import load_job
+    from batchrun.engines.local import run_job
+    from batchrun.engines.shell import Terminated, interrupted, raise_terminated
+    from batchrun.lifecycle import RunOptions
     from batchrun.logs import setup_logging
 
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
     try:
         job = load_job(job_file, _overrides(flags))
@@ -221,16 +215,10 @@ def run(job_file: Path | None, **flags: Any) -> None:
             result = run_on_ray(job, options)
         else:
             result = run_coroutine(run_job(job, options))
-    except (KeyboardInterrupt, _Terminated) as exc:
+    except (KeyboardInterrupt, Terminated) as exc:
         # A signal before sending began (the input scan) or after it ended (the
         # final write): the journal, if any, is whole; the same command resumes.
-        terminated = isinstance(exc, _Terminated)
-        fail(
-            Interrupted(
-                f"Stopped by {'SIGTERM' if terminated else 'Ctrl-C'}. Nothing is lost: run the same command again to resume.",
-                exit_code=143 if terminated else 130,
-            )
-        )
+        fail(interrupted(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT, None))
     except BatchrunError as exc:
         import logging
 
@@ -256,8 +244,8 @@ def run(job_file: Path | None, **flags: Any) -> None:
 def plan(job_file: Path | None, **flags: Any) -> None:
     """Check JOB_FILE and its input without sending anything: rows, the first
     request (key hidden), estimated tokens, cost range and time."""
-    from batchrun.api import RunOptions
     from batchrun.config import load_job
+    from batchrun.lifecycle import RunOptions
     from batchrun.plan import plan_job
 
     try:

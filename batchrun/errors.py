@@ -9,6 +9,7 @@ the text of a message. The tree::
     ├── OutputError               output cannot be written (exit 2; work on disk kept)
     ├── ResumeConflict            the unfinished run belongs to another job (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
+    ├── Abandoned                 a row left unsent because the job is stopping (the resume sends it)
     ├── JobStopped                the job stopped early; ``exit_code`` says why
     │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
     │   ├── ApiDown               every request failed for too long (exit 3)
@@ -24,7 +25,8 @@ the text of a message. The tree::
         │   └── BadResponse       a 2xx answer whose body cannot be read
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
 
-``RowError`` and ``RequestError`` never escape the scheduler: a failed row is a row.
+``RowError``, ``Abandoned`` and ``RequestError`` never escape the scheduler: a
+failed row is a row.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class ResumeConflict(BatchrunError):
 
 class RowError(BatchrunError):
     """This row cannot be turned into a request (a prompt column is null or not text)."""
+
+
+class Abandoned(BatchrunError):
+    """The job is stopping (a signal, the budget): this row is left without a
+    result, for the resume to send. Never escapes the scheduler."""
 
 
 class JobStopped(BatchrunError):

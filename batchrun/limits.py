@@ -2,9 +2,10 @@
 pause after 429s, and (``concurrency = "auto"``) how many requests may be in
 flight.
 
-Every attempt, retries included, goes through ``Limits.slot``: it waits for the
-job-wide pause, the rpm and tpm budgets and a place under the in-flight limit,
-then yields. The answer's usage corrects the token estimate afterwards.
+Every attempt, retries included, takes a place under the in-flight limit
+(``AdaptiveLimit.place``, when it adapts) and then waits its turn
+(``Limits.wait_turn``): the job-wide pause and the rpm and tpm budgets. The
+answer's usage corrects the token estimate afterwards.
 
 The budgets are GCRA schedules (a "virtual clock" per budget) rather than
 aiolimiter's leaky bucket: a token budget must be corrected by the usage that
@@ -207,9 +208,9 @@ class Limits:
     """Everything that decides when the next attempt may go."""
 
     concurrency: AdaptiveLimit
+    pause: Pause
     rpm: Budget | None = None
     tpm: Budget | None = None
-    pause: Pause | None = None
     sleep: Sleep = asyncio.sleep
 
     @classmethod
@@ -239,11 +240,11 @@ class Limits:
 
     def pause_active(self) -> bool:
         """Cheap check on the hot path: has any 429 ever paused the job?"""
-        return self.pause is not None and self.pause.until > 0
+        return self.pause.until > 0
 
     async def wait_turn(self, est_tokens: int) -> None:
         """Wait out the job-wide pause and the rpm/tpm budgets for one attempt."""
-        while self.pause is not None:
+        while True:
             until = self.pause.until
             wait = self.pause.remaining()
             if wait <= 0:
@@ -266,6 +267,5 @@ class Limits:
 
     def rate_limited(self, retry_after: float | None, backoff_s: float) -> None:
         """A 429: every request waits (Retry-After when given), and auto concurrency drops."""
-        if self.pause is not None:
-            self.pause.extend(retry_after if retry_after is not None else backoff_s)
+        self.pause.extend(retry_after if retry_after is not None else backoff_s)
         self.concurrency.on_overload()

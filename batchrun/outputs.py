@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import orjson
@@ -69,6 +69,35 @@ RESULT_FIELDS = [
 ]
 TTFT_FIELD = pa.field("ttft_ms", pa.float64())
 FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD])
+
+
+class Record(TypedDict):
+    """One journal line: the result of one row, as the output's columns hold it
+    (timestamps as epoch microseconds). Written by the scheduler (an answer or an
+    error), by ``--reuse`` and when a finished output is taken back."""
+
+    row: int
+    id: str
+    status: str
+    """ok, error or invalid."""
+    model: NotRequired[str | None]
+    response_model: NotRequired[str | None]
+    completion: NotRequired[str | None]
+    finish_reason: NotRequired[str | None]
+    prompt_tokens: NotRequired[int | None]
+    completion_tokens: NotRequired[int | None]
+    total_tokens: NotRequired[int | None]
+    error: NotRequired[str | None]
+    http_status: NotRequired[int | None]
+    attempts: NotRequired[int]
+    latency_ms: NotRequired[float]
+    response_id: NotRequired[str | None]
+    request_hash: NotRequired[str | None]
+    started_at: NotRequired[int]
+    finished_at: NotRequired[int]
+    ttft_ms: NotRequired[float | None]
+    values: NotRequired[dict[str, Any]]
+    """The typed columns of a structured answer."""
 
 
 def output_schema(

@@ -1,19 +1,23 @@
-"""Pure functions between rows and the wire: row + job → request body, and
-response JSON → completion and usage. No I/O here."""
+"""Pure functions between rows and the wire: input rows → prepared requests
+(body, hash, prompt-token estimate, completion cap), and response JSON →
+completion and usage. No I/O here."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchrun.config import Job
 from batchrun.errors import BadResponse, JobError, RowError
+
+if TYPE_CHECKING:
+    from batchrun.inputs import RowBatch
 
 _TEXT_SCALARS = (str, int, float)
 
@@ -119,6 +123,88 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
 def request_hash(body: bytes) -> str:
     """Identifies the exact request: same bytes, same hash (for resume and reuse)."""
     return hashlib.sha256(body).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One row ready to send, or (``error`` set) one that cannot be sent."""
+
+    row: int
+    id: str
+    body: bytes
+    request_hash: str
+    error: str | None = None
+    prompt_tokens: int = 0
+    """Estimated prompt tokens (characters / 4); 0 when the job makes no estimates."""
+    max_tokens: int = 0
+    """The completion cap this request asks for (the job's max_tokens, or the
+    request's own in OpenAI batch input); 0 when the job makes no estimates."""
+    prompt_bound: int = 0
+    """At most this many prompt tokens (for the max_cost worst case)."""
+    model: str | None = None
+    """The model a batch request names (else the job's)."""
+
+    @property
+    def est_tokens(self) -> int:
+        """Tokens this request may use before its answer says: prompt estimate + cap."""
+        return self.prompt_tokens + self.max_tokens
+
+
+def prepare_rows(
+    job: Job,
+    batches: Iterator[RowBatch],
+    skip: Any = None,
+    response_format: Mapping[str, Any] | None = None,
+    estimates: bool | None = None,
+) -> Iterator[Prepared]:
+    """Input rows → request bodies, in input order. The token estimates are
+    made only when asked, or (``estimates`` None) for jobs that use them: tpm,
+    a prices file."""
+    any_skipped = skip is not None and bool(skip.any())
+    if estimates is None:
+        estimates = bool(job.tpm or job.prices)
+    batch_requests = job.input_format == "openai-batch"
+    for batch in batches:
+        for i, row in enumerate(batch.rows):
+            number = batch.start + i
+            if any_skipped and skip[number]:
+                continue
+            row_id = batch.ids[i]
+            model = None
+            max_tokens = job.max_tokens
+            if batch_requests:
+                # An OpenAI batch request line: its body goes as it is.
+                request = row["body"]
+                messages = [m for m in request["messages"] if isinstance(m, dict)]
+                model = request.get("model")
+                if isinstance(request.get("max_tokens"), int):
+                    max_tokens = request["max_tokens"]
+            else:
+                try:
+                    messages = build_messages(job, row)
+                except RowError as exc:
+                    yield Prepared(number, row_id, b"", "", error=str(exc))
+                    continue
+                request = build_body(job, messages, row_id, response_format)
+            body = encode_body(request)
+            prepared = Prepared(number, row_id, body, request_hash(body), model=model)
+            if estimates or batch_requests:
+                prepared.prompt_tokens = estimate_prompt_tokens(messages)
+                prepared.max_tokens = max_tokens
+                prepared.prompt_bound = prompt_token_bound(messages)
+            yield prepared
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Prompt tokens before the answer says: characters / 4."""
+    return sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) // 4
+
+
+def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
+    """At most this many prompt tokens: a token covers at least one byte, plus a
+    few tokens of chat framing per message."""
+    size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+    return size + 8 * len(messages) + 8
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``batchrun plan``: what a job would do, found without sending anything.
 
-The same checks as ``run`` before its first request (``api.check_job``), then
+The same checks as ``run`` before its first request (``run.check_job``), then
 the rows, the first request, the estimated prompt tokens, the cost range from the
 prices file and the time at the job's concurrency, rpm and tpm.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from batchrun.api import RunOptions, check_job
 from batchrun.config import Job
 from batchrun.files import require_folder
+from batchrun.lifecycle import RunOptions, check_job
 from batchrun.prices import load_prices
 
 
@@ -54,7 +54,7 @@ class Plan:
             "              Authorization: Bearer ***",
             *("              " + line for line in body.splitlines()),
             f"prompt tokens ~{self.prompt_tokens:,} (estimated: characters / 4)",
-            f"max completion {self.max_completion_tokens:,} tokens (max_tokens x rows to send)",
+            f"max completion {self.max_completion_tokens:,} tokens (each request's max_tokens, summed)",
         ]
         if self.cost_low is not None and self.cost_high is not None:
             lines.append(
@@ -78,14 +78,15 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     job, scan = checked.job, checked.scan
     require_folder(job.output or Path("output.parquet"), "`output`")
     first: dict[str, Any] | None = None
-    prompt_tokens = to_send = 0
-    for p in checked.rows(job, estimates=True):
+    prompt_tokens = completion_cap = to_send = 0
+    for p in checked.rows(estimates=True):
         if p.error:
             continue
         if first is None:
             first = orjson.loads(p.body)
         to_send += 1
-        prompt_tokens += p.est_tokens - job.max_tokens
+        prompt_tokens += p.prompt_tokens
+        completion_cap += p.max_tokens
     cost_low = cost_high = None
     currency = ""
     if job.prices is not None:
@@ -94,12 +95,12 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         price = prices.price(job.model)
         if price is not None:
             cost_low = price.cost(prompt_tokens, 0)
-            cost_high = price.cost(prompt_tokens, to_send * job.max_tokens)
+            cost_high = price.cost(prompt_tokens, completion_cap)
     pace = None
     if job.rpm:
         pace = job.rpm / 60
     if job.tpm and to_send:
-        per_row = (prompt_tokens + to_send * job.max_tokens) / to_send
+        per_row = (prompt_tokens + completion_cap) / to_send
         pace = min(pace or float("inf"), job.tpm / 60 / per_row)
     return Plan(
         rows=scan.rows_kept,
@@ -107,7 +108,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         first_request=first or {},
         url=job.url,
         prompt_tokens=prompt_tokens,
-        max_completion_tokens=to_send * job.max_tokens,
+        max_completion_tokens=completion_cap,
         cost_low=cost_low,
         cost_high=cost_high,
         currency=currency,

@@ -10,15 +10,16 @@ a crash; only a job-level stop (bad key, signal, …) ends the run early.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from batchrun.client import ApiClient
 from batchrun.config import Job
 from batchrun.errors import (
+    Abandoned,
     ApiDown,
     BatchrunError,
     BudgetReached,
@@ -27,22 +28,12 @@ from batchrun.errors import (
     RateLimited,
     RequestError,
     RequestTimeout,
-    ResumeConflict,
-    RowError,
-    TooManyFailures,
 )
-from batchrun.inputs import RowBatch
 from batchrun.limits import CostBudget, Limits
-from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Journal
-from batchrun.payload import (
-    Completion,
-    build_body,
-    build_messages,
-    encode_body,
-    request_hash,
-)
+from batchrun.outputs import Record
+from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
-from batchrun.retry import RetryPolicy, retry_after
+from batchrun.retry import RetryPolicy, send_with_retries
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -54,123 +45,14 @@ for a smaller job) are all 401/403."""
 
 
 class ResultSink(Protocol):
-    """Where the scheduler puts results: the Journal, or (inside a Ray actor) a
-    list that travels back to the driver. ``status[row]`` is the row's status code
-    (``outputs.STATUS_*``) before this result; ``append`` keeps one result."""
+    """Where the scheduler puts results (``engines.shell.Recorder``): ``status[row]``
+    is the row's status code (``outputs.STATUS_*``) before this result; ``record``
+    keeps one result and returns the stop it calls for, if any."""
 
     @property
     def status(self) -> Any: ...
 
-    def append(self, record: Mapping[str, Any]) -> None: ...
-
-
-@dataclass(slots=True)
-class Prepared:
-    """One row ready to send, or (``error`` set) one that cannot be sent."""
-
-    row: int
-    id: str
-    body: bytes
-    request_hash: str
-    error: str | None = None
-    est_tokens: int = 0
-    prompt_bound: int = 0
-    model: str | None = None
-    """The model a batch request names (else the job's)."""
-
-
-def prepare_rows(
-    job: Job,
-    batches: Iterator[RowBatch],
-    skip: Any = None,
-    response_format: Mapping[str, Any] | None = None,
-    estimates: bool | None = None,
-) -> Iterator[Prepared]:
-    """Input rows → request bodies, in input order. The token estimates are
-    made only when asked, or (``estimates`` None) for jobs that use them: tpm,
-    a prices file."""
-    any_skipped = skip is not None and bool(skip.any())
-    if estimates is None:
-        estimates = bool(job.tpm or job.prices)
-    batch_requests = job.input_format == "openai-batch"
-    for batch in batches:
-        for i, row in enumerate(batch.rows):
-            number = batch.start + i
-            if any_skipped and skip[number]:
-                continue
-            row_id = batch.ids[i]
-            if batch_requests:
-                # An OpenAI batch request line: its body goes as it is.
-                request = row["body"]
-                messages = [m for m in request["messages"] if isinstance(m, dict)]
-                body = encode_body(request)
-                yield Prepared(
-                    number,
-                    row_id,
-                    body,
-                    request_hash(body),
-                    est_tokens=estimate_tokens(job, messages, request.get("max_tokens")),
-                    prompt_bound=prompt_token_bound(messages),
-                    model=request.get("model"),
-                )
-                continue
-            try:
-                messages = build_messages(job, row)
-            except RowError as exc:
-                yield Prepared(number, row_id, b"", "", error=str(exc))
-                continue
-            body = encode_body(build_body(job, messages, row_id, response_format))
-            if estimates:
-                yield Prepared(
-                    number,
-                    row_id,
-                    body,
-                    request_hash(body),
-                    est_tokens=estimate_tokens(job, messages),
-                    prompt_bound=prompt_token_bound(messages),
-                )
-            else:
-                yield Prepared(number, row_id, body, request_hash(body))
-
-
-def rows_to_send(rows: Iterator[Prepared], status: Any, retry_failed: bool) -> Iterator[Prepared]:
-    """The rows without a result (and, with --retry-failed, those that failed);
-    ``status`` holds each row's status code."""
-    for p in rows:
-        done = status[p.row]
-        if done == STATUS_NONE or (retry_failed and done == STATUS_ERROR):
-            yield p
-
-
-def estimate_tokens(job: Job, messages: list[dict[str, Any]], max_tokens: Any = None) -> int:
-    """Tokens a request may use, before the answer says: prompt characters / 4 + max_tokens."""
-    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return chars // 4 + (max_tokens if isinstance(max_tokens, int) else job.max_tokens)
-
-
-def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
-    """At most this many prompt tokens: a token covers at least one byte, plus a
-    few tokens of chat framing per message."""
-    size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
-    return size + 8 * len(messages) + 8
-
-
-def resume_checked(journal: Journal, rows: Iterator[Prepared]) -> Iterator[Prepared]:
-    """``rows`` as they pass, refusing to resume (ResumeConflict) when a finished
-    row's request differs from what this job would send now (the input or the
-    job changed)."""
-    for p in rows:
-        if (
-            journal.status[p.row] != STATUS_NONE
-            and not p.error
-            and not journal.hash_matches(p.row, p.request_hash)
-        ):
-            raise ResumeConflict(
-                f"{journal.folder} holds an unfinished run whose request for row {p.row} (id {p.id!r}) differs from "
-                "what this job sends now: the input or the job changed since it started. Run again with --restart "
-                "to discard its results and start over, or put back the old input to keep going."
-            )
-        yield p
+    def record(self, rec: Record) -> JobStopped | None: ...
 
 
 def _now_us() -> int:
@@ -179,11 +61,6 @@ def _now_us() -> int:
 
 def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
-
-
-class _Abandon(Exception):
-    """Raised inside a row's attempt once the job is stopping (a signal, the
-    budget): the row is left without a result, to be sent by the resume."""
 
 
 class _Usage:
@@ -204,7 +81,7 @@ class _Usage:
         if c.total_tokens is not None:
             self.total = (self.total or 0) + c.total_tokens
 
-    def put(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def put(self, rec: Record) -> Record:
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
@@ -218,11 +95,10 @@ class Scheduler:
         self,
         job: Job,
         client: ApiClient,
-        journal: ResultSink,
+        results: ResultSink,
         tally: Tally,
         policy: RetryPolicy,
         limits: Limits,
-        retry_failed: bool = False,
         structured: Structured | None = None,
         spend: CostBudget | None = None,
         currency: str = "",
@@ -230,11 +106,10 @@ class Scheduler:
     ) -> None:
         self.job = job
         self.client = client
-        self.journal = journal
+        self.results = results
         self.tally = tally
-        # Retry waits end early when the job stops: a row waiting to retry is abandoned, not sent.
-        self.policy = replace(policy, sleep=self._retry_sleep)
-        self._base_sleep = policy.sleep
+        self.policy = policy
+        # Set when the job stops: a row waiting to retry is then abandoned, not sent.
         self._stopped = asyncio.Event()
         self.limits = limits
         self._adaptive = limits.concurrency.auto
@@ -242,7 +117,6 @@ class Scheduler:
         self.spend = spend
         self.currency = currency
         self.grace_s = grace_s
-        self.retry_failed = retry_failed
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -251,19 +125,17 @@ class Scheduler:
         # journaled: a job stopped for a bad key must resume them once the key is fixed.
         self._probe_lock = asyncio.Lock()
         self._probe_auth_failures = 0
-        self._held: list[dict[str, Any]] = []
+        self._held: list[Record] = []
         self._key_settled = False
         # Circuit breaker: the API counts as down once no request has succeeded
         # for api_down_after_s while requests keep failing (429s excepted: a
         # rate-limited API is up).
         self._last_success = time.monotonic()
-        self._run_failures = 0
-        self._max_failed = failure_limit(job.max_failures, tally.total)
 
     # ---- the run ---------------------------------------------------------
 
     async def run(self, rows: Iterator[Prepared], to_send: int) -> None:
-        """Send ``rows`` (those without a result) until done or stopped.
+        """Send every one of ``rows`` until done or stopped.
         ``to_send`` is how many of them need a request, for the key probe."""
         self._probe_size = max(1, min(AUTH_PROBE_ROWS, to_send))
         try:
@@ -303,7 +175,7 @@ class Scheduler:
             task.cancel()
 
     async def _produce(self, rows: Iterator[Prepared]) -> None:
-        for p in rows_to_send(rows, self.journal.status, self.retry_failed):
+        for p in rows:
             if self._stop is not None:
                 return
             if p.error is not None:
@@ -335,17 +207,6 @@ class Scheduler:
                 return await self._post(p)
         return await self._post(p)
 
-    async def _send_row(self, p: Prepared) -> tuple[Completion, int]:
-        """The row's answer and the attempts it took. The first attempt is made
-        here; only a failure brings in the retry machinery."""
-        started = time.monotonic()
-        try:
-            return await self._attempt(p), 1
-        except RequestError as exc:
-            return await retry_after(
-                exc, lambda: self._attempt(p), self.policy, self._on_retry(p), started
-            )
-
     async def _send(self, p: Prepared) -> None:
         started = _now_us()
         t0 = time.perf_counter()
@@ -357,13 +218,16 @@ class Scheduler:
         invalid: tuple[Completion, str] | None = None
         for _ in range(asks):
             try:
-                completion, attempts = await self._send_row(p)
-            except _Abandon:
+                completion, attempts = await send_with_retries(
+                    functools.partial(self._attempt, p),
+                    self.policy,
+                    on_retry=functools.partial(self._on_retry, p),
+                    stopped=self._stopped,
+                )
+            except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
-                if isinstance(exc, RateLimited):
-                    limits.rate_limited(exc.retry_after, self.policy.backoff_initial_s)
-                self._check_api_down(exc)
+                self._attempt_failed(exc, self.policy.backoff_initial_s)
                 rec = self._error_record(
                     p, str(exc), exc.status, requests + exc.attempts, started, _ms_since(t0)
                 )
@@ -396,33 +260,20 @@ class Scheduler:
             )
         )
 
-    async def _retry_sleep(self, seconds: float) -> None:
-        """The wait before a retry, cut short (and the row abandoned) if the job stops."""
-        if self._stop is None:
-            waiting = asyncio.ensure_future(self._base_sleep(seconds))
-            stopping = asyncio.ensure_future(self._stopped.wait())
-            try:
-                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiting.cancel()
-                stopping.cancel()
-        if self._stop is not None:
-            raise _Abandon
-
     async def _post(self, p: Prepared) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""
         limits = self.limits
         if limits.paces or limits.pause_active():
             await limits.wait_turn(p.est_tokens)
             if self._stop is not None:
-                raise _Abandon
+                raise Abandoned("the job is stopping")
         spend = self.spend
         reservation = None
         if spend is not None:
             reservation = spend.reserve(p.prompt_bound)
             if reservation is None:
                 self._over_budget(spend)
-                raise _Abandon
+                raise Abandoned("the job is stopping")
         self.tally.requests += 1
         adaptive = self._adaptive
         t = time.perf_counter() if adaptive else 0.0
@@ -474,9 +325,9 @@ class Scheduler:
         status: str = "ok",
         error: str | None = None,
         values: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Record:
         """The result of a row that got an answer; usage is summed over every request made."""
-        rec: dict[str, Any] = {
+        rec: Record = {
             "row": p.row,
             "id": p.id,
             "status": status,
@@ -508,7 +359,7 @@ class Scheduler:
         attempts: int,
         started: int,
         latency_ms: float,
-    ) -> dict[str, Any]:
+    ) -> Record:
         return {
             "row": p.row,
             "id": p.id,
@@ -523,28 +374,31 @@ class Scheduler:
             "finished_at": _now_us(),
         }
 
-    def _on_retry(self, p: Prepared) -> Callable[[RequestError, int, float], None]:
-        def on_retry(exc: RequestError, attempt: int, wait_s: float) -> None:
-            self.tally.retries += 1
-            if isinstance(exc, RateLimited):
-                self.limits.rate_limited(exc.retry_after, wait_s)
-            self._check_api_down(exc)
-            log.debug(
-                "row %s attempt %d failed: %s; retrying in %.2fs",
-                p.id,
-                attempt,
-                exc,
-                wait_s,
-                extra={
-                    "event": "retry",
-                    "row_id": p.id,
-                    "attempt": attempt,
-                    "cause": str(exc),
-                    "wait_s": round(wait_s, 3),
-                },
-            )
+    def _on_retry(self, p: Prepared, exc: RequestError, attempt: int, wait_s: float) -> None:
+        """Before the wait for row ``p``'s next attempt."""
+        self.tally.retries += 1
+        self._attempt_failed(exc, wait_s)
+        log.debug(
+            "row %s attempt %d failed: %s; retrying in %.2fs",
+            p.id,
+            attempt,
+            exc,
+            wait_s,
+            extra={
+                "event": "retry",
+                "row_id": p.id,
+                "attempt": attempt,
+                "cause": str(exc),
+                "wait_s": round(wait_s, 3),
+            },
+        )
 
-        return on_retry
+    def _attempt_failed(self, exc: RequestError, wait_s: float) -> None:
+        """Every failed attempt: a 429 pauses the whole job (for its Retry-After,
+        else ``wait_s``), and the circuit breaker looks at the API."""
+        if isinstance(exc, RateLimited):
+            self.limits.rate_limited(exc.retry_after, wait_s)
+        self._check_api_down(exc)
 
     def _check_api_down(self, exc: RequestError) -> None:
         if not exc.retryable or isinstance(exc, RateLimited) or self._stop is not None:
@@ -562,7 +416,7 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------
 
-    def _record(self, rec: dict[str, Any]) -> None:
+    def _record(self, rec: Record) -> None:
         """Journal one result (or hold it while the key is unproven) and count it."""
         if (
             not self._key_settled
@@ -588,63 +442,16 @@ class Scheduler:
                 self._write(h)
         self._write(rec)
 
-    def _write(self, rec: dict[str, Any]) -> None:
-        row = rec["row"]
-        before = self.journal.status[row]
-        self.journal.append(rec)
-        t = self.tally
-        if before == STATUS_ERROR:
-            t.failed -= 1  # --retry-failed: the new result replaces the old one
-        if rec["status"] == "ok":
-            t.ok += 1
-        elif rec["status"] == "invalid":
-            t.invalid += 1
-        else:
-            t.failed += 1
-            self._run_failures += 1
-            if (
-                self._max_failed is not None
-                and self._run_failures > self._max_failed
-                and self._stop is None
-            ):
-                self.stop_now(
-                    TooManyFailures(
-                        f"{self._run_failures} rows failed, more than max_failures={self.job.max_failures:g} allows "
-                        f"(the last: {rec['error']}). Every finished row is saved: fix the cause and run the same "
-                        "command again to resume (add --retry-failed to resend the failed rows)."
-                    )
-                )
-            log_row_failed(rec)
-        t.prompt_tokens += rec.get("prompt_tokens") or 0
-        t.completion_tokens += rec.get("completion_tokens") or 0
+    def _write(self, rec: Record) -> None:
+        stop = self.results.record(rec)
+        if stop is not None and self._stop is None:
+            self.stop_now(stop)
 
     def flush_held(self) -> None:
         """At the end of a job too small to settle the key: journal what is held."""
         held, self._held = self._held, []
         for h in held:
             self._write(h)
-
-
-def log_row_failed(rec: Mapping[str, Any]) -> None:
-    """The row_failed event of a failed row's record."""
-    log.debug(
-        "row %s failed: %s",
-        rec["id"],
-        rec["error"],
-        extra={
-            "event": "row_failed",
-            "row_id": rec["id"],
-            "error": rec["error"],
-            "attempts": rec.get("attempts"),
-        },
-    )
-
-
-def failure_limit(max_failures: float | None, total: int) -> float | None:
-    """How many failed rows a run may have: a count, or a fraction (< 1) of the rows."""
-    if max_failures is None:
-        return None
-    return max_failures * total if max_failures < 1 else max_failures
 
 
 def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:

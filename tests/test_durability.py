@@ -28,14 +28,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchrun.outputs
-from batchrun.api import RunOptions
 from batchrun.config import Job, load_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
+from batchrun.lifecycle import RunOptions
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
 from tests.conftest import tickets, write_jsonl
 
 try:
-    from batchrun.api import run_job
+    from batchrun.engines.local import run_job
 except ImportError:  # pragma: no cover - the name before arun became the DataFrame API
     from batchrun.api import arun as run_job
 

@@ -25,12 +25,12 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from batchrun import api as api_module
 from batchrun import limits as limits_module
-from batchrun.api import RunOptions, RunResult
-from batchrun.api import run_job as api_run_job
 from batchrun.config import Job, load_job
+from batchrun.engines import local as api_module
+from batchrun.engines.local import run_job as api_run_job
 from batchrun.errors import JobError
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.limits import BURST_S, AdaptiveLimit, Budget, Limits, Pause
 from batchrun.mock import MockConfig, MockServer, create_app
 from tests.conftest import run_app, tickets, write_jsonl
@@ -582,7 +582,7 @@ def test_build_fixed_concurrency_and_budgets() -> None:
     assert (limits.concurrency.limit, limits.concurrency.maximum) == (12, 12)
     assert not limits.concurrency.auto
     assert limits.rpm is None and limits.tpm is None and not limits.paces
-    assert limits.pause is not None and not limits.pause_active()
+    assert not limits.pause_active()
     paced = build(12, 256, rpm=600, tpm=60_000)
     assert paced.paces
     assert paced.rpm is not None and paced.rpm.rate == pytest.approx(10)

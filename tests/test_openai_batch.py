@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from batchrun.api import RunOptions, run_job
 from batchrun.cli import main
 from batchrun.config import load_job
+from batchrun.engines.local import run_job
 from batchrun.errors import InputError, JobError
+from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig, serve
 from tests.conftest import REPO, write_jsonl
 
@@ -124,7 +125,7 @@ def test_bad_request_lines_name_the_line(
     job = load_job(
         None, {"input": str(src), "output": str(tmp_path / "o.parquet"), "api_key_env": ""}
     )
-    from batchrun.api import check_job
+    from batchrun.lifecycle import check_job
 
     with pytest.raises(InputError) as err:
         check_job(job, RunOptions())
@@ -146,3 +147,30 @@ def test_duplicate_custom_ids_are_an_error(tmp_path: Path) -> None:
         main, ["run", "--input", str(src), "--output", str(out), "--mock", "-q"]
     )
     assert result.exit_code == 2 and "duplicate ids" in result.output and "'a'" in result.output
+
+
+def test_plan_counts_the_prompt_and_the_cap_of_each_batch_request(tmp_path: Path) -> None:
+    """Batch bodies carry their own max_tokens: plan's prompt tokens are the
+    prompts' own (never negative) and the completion cap sums each request's."""
+    from batchrun.plan import plan_job
+
+    text = "x" * 400  # 100 estimated prompt tokens
+    path = write_jsonl(
+        tmp_path / "requests.jsonl",
+        [
+            request("a", text, max_tokens=16),
+            request("b", text, max_tokens=16),
+            request("c", text),  # no max_tokens of its own: the job's
+        ],
+    )
+    job = load_job(
+        None,
+        {"input": path, "output": tmp_path / "out.parquet", "model": "m-1", "max_tokens": 300},
+    )
+    plan = plan_job(job, RunOptions(mock=True))
+    assert plan.to_send == 3
+    assert plan.prompt_tokens == 300
+    assert plan.max_completion_tokens == 16 + 16 + 300
+    text_out = plan.text()
+    assert "prompt tokens ~300 " in text_out
+    assert "max completion 332 tokens" in text_out

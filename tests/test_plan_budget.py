@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from batchrun.api import RunOptions, run_job
 from batchrun.cli import main
 from batchrun.config import load_job
+from batchrun.engines.local import run_job
 from batchrun.errors import BudgetReached, JobError
+from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig, serve
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, status_text

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from batchrun.api import RunOptions, RunResult, run_job
 from batchrun.cli import main
 from batchrun.config import Job, load_job
+from batchrun.engines.local import run_job
 from batchrun.errors import TooManyFailures
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, MockStats, serve
 from tests.conftest import REPO, SAMPLE_JSONL, tickets, write_jsonl
 

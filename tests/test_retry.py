@@ -107,7 +107,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 async def test_first_attempt_success_makes_one_attempt_and_never_sleeps(sleep: FakeSleep) -> None:
     send = Script([OK])
     on_retry = Recorder()
-    result, attempts = await send_with_retries(send, policy(sleep), on_retry)
+    result, attempts = await send_with_retries(send, policy(sleep), on_retry=on_retry)
     assert (result, attempts) == (OK, 1)
     assert send.calls == 1
     assert sleep.waits == []
@@ -126,7 +126,7 @@ async def test_mixed_errors_count_attempts(sleep: FakeSleep) -> None:
     timeout, unavailable = RequestTimeout("no answer"), server_error(503)
     send = Script([timeout, unavailable, OK])
     on_retry = Recorder()
-    result, attempts = await send_with_retries(send, policy(sleep), on_retry)
+    result, attempts = await send_with_retries(send, policy(sleep), on_retry=on_retry)
     assert (result, attempts) == (OK, 3)
     assert send.calls == 3
     assert [(e, n) for e, n, _ in on_retry.calls] == [(timeout, 1), (unavailable, 2)]
@@ -169,7 +169,7 @@ async def test_retry_after_zero_means_no_wait(sleep: FakeSleep) -> None:
 async def test_retry_after_is_capped(sleep: FakeSleep) -> None:
     send = Script([RateLimited("HTTP 429", 429, 3600.0), OK])
     on_retry = Recorder()
-    await send_with_retries(send, policy(sleep, retry_after_max_s=20.0), on_retry)
+    await send_with_retries(send, policy(sleep, retry_after_max_s=20.0), on_retry=on_retry)
     assert sleep.waits == [20.0]
     assert on_retry.calls[0][2] == 20.0
 
@@ -213,7 +213,7 @@ async def test_fatal_error_is_never_retried(sleep: FakeSleep, error: FatalReques
     send = Script([error, OK])
     on_retry = Recorder()
     with pytest.raises(FatalRequestError) as info:
-        await send_with_retries(send, policy(sleep), on_retry)
+        await send_with_retries(send, policy(sleep), on_retry=on_retry)
     assert info.value is error
     assert info.value.attempts == 1
     assert send.calls == 1
@@ -242,7 +242,7 @@ async def test_gives_up_after_max_attempts_with_last_error(sleep: FakeSleep) -> 
     send = Script([*errors, OK])
     on_retry = Recorder()
     with pytest.raises(ServerError) as info:
-        await send_with_retries(send, policy(sleep, max_attempts=4), on_retry)
+        await send_with_retries(send, policy(sleep, max_attempts=4), on_retry=on_retry)
     assert info.value is errors[-1]
     assert info.value.attempts == 4
     assert send.calls == 4
@@ -255,7 +255,7 @@ async def test_max_attempts_one_never_retries(sleep: FakeSleep) -> None:
     send = Script([error, OK])
     on_retry = Recorder()
     with pytest.raises(ServerError) as info:
-        await send_with_retries(send, policy(sleep, max_attempts=1), on_retry)
+        await send_with_retries(send, policy(sleep, max_attempts=1), on_retry=on_retry)
     assert info.value is error
     assert info.value.attempts == 1
     assert send.calls == 1
@@ -281,7 +281,9 @@ async def test_deadline_stops_before_a_wait_would_pass_it(clock: FakeClock) -> N
     send = Script([*errors, OK])
     on_retry = Recorder()
     with pytest.raises(RateLimited) as info:
-        await send_with_retries(send, policy(sleep, max_attempts=10, deadline_s=10.0), on_retry)
+        await send_with_retries(
+            send, policy(sleep, max_attempts=10, deadline_s=10.0), on_retry=on_retry
+        )
     # t=0 fail, wait 4 -> t=4 fail, wait 4 -> t=8 fail; 8 + 4 >= 10: stop.
     assert sleep.waits == [4.0, 4.0]
     assert info.value is errors[2]
@@ -311,7 +313,7 @@ async def test_wait_longer_than_deadline_is_not_taken(clock: FakeClock) -> None:
     send = Script([RateLimited("HTTP 429", 429, 60.0), OK])
     on_retry = Recorder()
     with pytest.raises(RateLimited) as info:
-        await send_with_retries(send, policy(sleep, deadline_s=30.0), on_retry)
+        await send_with_retries(send, policy(sleep, deadline_s=30.0), on_retry=on_retry)
     assert info.value.attempts == 1
     assert send.calls == 1
     assert sleep.waits == []
@@ -351,7 +353,7 @@ async def test_on_retry_called_once_per_retry_with_error_attempt_and_wait(sleep:
     errors = [RateLimited("HTTP 429", 429, 2.0), server_error(503, 5.0), RequestTimeout("t")]
     send = Script([*errors, OK])
     on_retry = Recorder()
-    assert await send_with_retries(send, policy(sleep), on_retry) == (OK, 4)
+    assert await send_with_retries(send, policy(sleep), on_retry=on_retry) == (OK, 4)
     assert [(e, n) for e, n, _ in on_retry.calls] == [
         (errors[0], 1),
         (errors[1], 2),
@@ -365,14 +367,14 @@ async def test_on_retry_not_called_when_giving_up(sleep: FakeSleep) -> None:
     send = Script([server_error()] * 3)
     on_retry = Recorder()
     with pytest.raises(ServerError):
-        await send_with_retries(send, policy(sleep, max_attempts=3), on_retry)
+        await send_with_retries(send, policy(sleep, max_attempts=3), on_retry=on_retry)
     # Two retries, not three: no callback for the final failure.
     assert [n for _, n, _ in on_retry.calls] == [1, 2]
 
 
 async def test_on_retry_is_optional(sleep: FakeSleep) -> None:
     send = Script([server_error(), OK])
-    assert await send_with_retries(send, policy(sleep), None) == (OK, 2)
+    assert await send_with_retries(send, policy(sleep), on_retry=None) == (OK, 2)
 
 
 # --- RetryPolicy.for_job -----------------------------------------------------------------

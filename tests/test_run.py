@@ -27,10 +27,10 @@ import pytest
 from aiohttp import web
 
 from batchrun import __version__, outputs
-from batchrun.api import RunOptions, RunResult
-from batchrun.api import run_job as run_engine
 from batchrun.config import Job, load_job
+from batchrun.engines.local import run_job as run_engine
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, MockServer, count_tokens, serve
 from tests.conftest import (
     REPO,

@@ -26,10 +26,9 @@ from aiohttp import web
 from aioresponses import aioresponses
 from yarl import URL
 
-from batchrun.api import RunOptions, RunResult
-from batchrun.api import run_job as api_run_job
 from batchrun.client import ApiClient
 from batchrun.config import Job, load_job
+from batchrun.engines.local import run_job as api_run_job
 from batchrun.errors import (
     BadResponse,
     ConnectionDropped,
@@ -37,6 +36,7 @@ from batchrun.errors import (
     RequestTimeout,
     ServerError,
 )
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, MockServer, count_tokens, create_app
 from tests.conftest import FakeSleep, run_app, tickets, write_jsonl
 

@@ -31,10 +31,10 @@ import pytest
 from aiohttp import web
 
 from batchrun import outputs
-from batchrun.api import RunOptions, RunResult
-from batchrun.api import run_job as run_engine
 from batchrun.config import Job, load_job
+from batchrun.engines.local import run_job as run_engine
 from batchrun.errors import JobError, KeyRejected
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import FIXED_COLUMNS
 from batchrun.structured import InvalidAnswer, Structured, arrow_type, load_structured

@@ -60,15 +60,11 @@ Ray session folder if memory runs short) while the job runs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import math
 import os
 import pickle
-import signal
-import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import ModuleType
@@ -79,35 +75,35 @@ import pyarrow as pa
 
 from batchrun import errors
 from batchrun.aio import loop_factory
-from batchrun.api import OpenRun, RunOptions, RunResult, spend_so_far
 from batchrun.client import ApiClient
 from batchrun.config import Job
-from batchrun.errors import Interrupted, JobError, JobStopped, TooManyFailures
+from batchrun.engines.shell import (
+    GRACE_S,
+    Heartbeat,
+    Recorder,
+    embedded_endpoint_thread,
+    interrupt_on_signals,
+)
+from batchrun.errors import Interrupted, JobError, JobStopped
+from batchrun.lifecycle import OpenRun, RunOptions, RunResult
 from batchrun.limits import Limits
-from batchrun.outputs import STATUS_NONE, Journal
+from batchrun.outputs import STATUS_NONE
+from batchrun.payload import Prepared
 from batchrun.progress import Progress, Tally
 from batchrun.retry import RetryPolicy
-from batchrun.scheduler import (
-    Prepared,
-    Scheduler,
-    failure_limit,
-    log_row_failed,
-    rows_to_send,
-)
+from batchrun.scheduler import Scheduler
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
 
 INSTALL_HINT = "pip install 'batchrun[ray]'"
-GRACE_S = 10.0
-"""Seconds an actor's requests in flight get to finish when its batch stops."""
 MIN_BATCH_ROWS = 16
 BATCH_PER_SLOT = 8
 """An actor's batch holds this many rows per request it may have in flight, so the
 tail of a batch (fewer rows left than places) is a small part of it."""
 
 REQUEST_SCHEMA = pa.schema([pa.field("row", pa.int64()), pa.field("prepared", pa.binary())])
-"""One row to send: its number and its ``scheduler.Prepared``, pickled (so the
+"""One row to send: its number and its ``payload.Prepared``, pickled (so the
 engine follows that dataclass whatever fields it gains)."""
 
 RESULT_SCHEMA = pa.schema(
@@ -178,7 +174,7 @@ class RowSender:
         scheduler = Scheduler(
             self.job,
             self.client,
-            results,
+            Recorder(results, tally, max_failures=None),
             tally,
             self.policy,
             self.limits,
@@ -211,6 +207,9 @@ class _Results:
 
     def append(self, record: Mapping[str, Any]) -> None:
         self.records.append(dict(record))
+
+    def sync(self) -> None:
+        """Nothing to sync: the records travel back to the driver's journal."""
 
 
 class _Unsent:
@@ -268,12 +267,17 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
     with OpenRun(job, options, engine="ray") as run:
         checked, journal, tally = run.checked, run.journal, run.tally
         if run.to_send:
+            signals = (
+                interrupt_on_signals(run.job.output)
+                if options.handle_signals
+                else contextlib.nullcontext()
+            )
             with (
-                _embedded_endpoint(run.job, options.mock) as sent_job,
+                embedded_endpoint_thread(run.job, options.mock) as sent_job,
                 _ray_session(ray),
-                _signals(options.handle_signals, run.job),
+                signals,
             ):
-                rows = rows_to_send(checked.rows(sent_job), journal.status, options.retry_failed)
+                rows = run.rows_to_send()
                 progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
                 try:
                     _send_on_ray(
@@ -281,9 +285,8 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                         sent_job,
                         rows,
                         run.to_send,
-                        journal,
-                        tally,
-                        progress,
+                        Recorder(journal, tally, sent_job.max_failures),
+                        Heartbeat(progress, journal),
                         api_key=Secret(checked.api_key) if checked.api_key else None,
                         headers=Secret(checked.headers),
                         secrets=Secret(checked.secrets),
@@ -292,7 +295,7 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                 finally:
                     progress.close()
             # The actors' spend is read back from the journal, as a resumed run's is.
-            spend = spend_so_far(run.job, journal)
+            spend = run.spend_so_far()
             if spend is not None:
                 tally.cost = spend.spent
         return run.finish()
@@ -343,9 +346,8 @@ def _send_on_ray(
     job: Job,
     rows: Iterator[Prepared],
     to_send: int,
-    journal: Journal,
-    tally: Tally,
-    progress: Progress,
+    recorder: Recorder,
+    heartbeat: Heartbeat,
     *,
     api_key: Secret | None,
     headers: Secret,
@@ -363,9 +365,6 @@ def _send_on_ray(
         batch_rows,
         extra={"event": "ray_plan", "actors": actors, "batch_rows": batch_rows},
     )
-    max_failed = failure_limit(job.max_failures, tally.total)
-    failures = 0
-    last_tick = last_sync = time.monotonic()
     try:
         with _quiet_ray_data(ray):
             # One block per batch: Ray Data hands whole blocks to the actors, so the
@@ -386,27 +385,14 @@ def _send_on_ray(
                 **_actor_pool(ray, actors),
             )
             for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-                failed, stop = _journal_batch(batch, journal, tally)
-                failures += failed
+                stop = _journal_batch(batch, recorder)
                 if stop is not None:
                     raise stop
-                if max_failed is not None and failures > max_failed:
-                    raise TooManyFailures(
-                        f"{failures} rows failed, more than max_failures={job.max_failures:g} allows. "
-                        "Every finished row is saved: fix the cause and run the same command again "
-                        "to resume (add --retry-failed to resend the failed rows)."
-                    )
-                now = time.monotonic()
-                if now - last_tick >= progress.interval_s:
-                    progress.tick()
-                    last_tick = now
-                if now - last_sync >= 1.0:
-                    journal.sync()
-                    last_sync = now
+                heartbeat.beat()
     except ray.exceptions.RayError as exc:
         raise JobStopped(
             f"The Ray job failed: {_first_line(exc)}. Every result that came back is saved in "
-            f"{journal.folder}: run the same command again to resume."
+            f"{job.output}.partial: run the same command again to resume."
         ) from None
 
 
@@ -419,13 +405,11 @@ def _actor_pool(ray: ModuleType, actors: int) -> dict[str, Any]:
     return {"concurrency": actors}
 
 
-def _journal_batch(
-    batch: pa.Table, journal: Journal, tally: Tally
-) -> tuple[int, JobStopped | None]:
-    """Journal the results of one batch and count them. Returns how many rows
-    failed and the stop the batch ended with, if any."""
-    failed = 0
+def _journal_batch(batch: pa.Table, recorder: Recorder) -> JobStopped | None:
+    """Journal and count the results of one batch. Returns the stop the batch
+    ended with (an actor's, or too many failures), if any."""
     stop: JobStopped | None = None
+    tally = recorder.tally
     for item in batch.to_pylist():
         if item["row"] < 0:
             tally.requests += item["requests"]
@@ -433,15 +417,9 @@ def _journal_batch(
             if item["stop_kind"] is not None and stop is None:
                 stop = _stop_error(item["stop_kind"], item["stop"])
             continue
-        rec = orjson.loads(item["record"])
-        journal.append(rec)
-        tally.prompt_tokens += rec.get("prompt_tokens") or 0
-        tally.completion_tokens += rec.get("completion_tokens") or 0
-        if rec["status"] == "error":
-            failed += 1
-            log_row_failed(rec)
-    tally.ok, tally.failed, tally.invalid = journal.counts()
-    return failed, stop
+        too_many = recorder.record(orjson.loads(item["record"]))
+        stop = stop or too_many
+    return stop
 
 
 @contextlib.contextmanager
@@ -496,74 +474,3 @@ def _ray_session(ray: ModuleType) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-@contextlib.contextmanager
-def _embedded_endpoint(job: Job, mock: bool) -> Iterator[Job]:
-    """The job as sent: with ``mock``, against the embedded endpoint served from a
-    thread of this process on 127.0.0.1 (the driver blocks on Ray meanwhile)."""
-    if not mock:
-        yield job
-        return
-    from batchrun.mock import MockConfig, serve
-
-    ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, str]] = (
-        concurrent.futures.Future()
-    )
-
-    async def serve_until_stopped() -> None:
-        stop = asyncio.Event()
-        async with serve(MockConfig()) as server:
-            ready.set_result((asyncio.get_running_loop(), stop, server.base_url))
-            await stop.wait()
-
-    def main() -> None:
-        try:
-            asyncio.run(serve_until_stopped())
-        except BaseException as exc:
-            if not ready.done():
-                ready.set_exception(exc)
-
-    thread = threading.Thread(target=main, name="batchrun-mock", daemon=True)
-    thread.start()
-    loop, stop, base_url = ready.result(timeout=30)
-    try:
-        yield replace(job, base_url=base_url, api_key_env="", allow_insecure_http=False)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised in the driver's main thread like KeyboardInterrupt."""
-
-
-@contextlib.contextmanager
-def _signals(enabled: bool, job: Job) -> Iterator[None]:
-    """Ctrl-C / SIGTERM: stop at once; the journaled rows are kept for a resume.
-    The batches in flight are lost (Ray's actors are stopped with the driver)."""
-    if not enabled:
-        yield
-        return
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise _interrupted(job, signal.SIGINT) from None
-    except _Terminated:
-        raise _interrupted(job, signal.SIGTERM) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupted(job: Job, signum: int) -> Interrupted:
-    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    return Interrupted(
-        f"Stopped by {name}. Every result that came back is saved in {job.output}.partial; "
-        "run the same command again to resume.",
-        exit_code=128 + signum,
-    )

@@ -1,0 +1,74 @@
+"""The local engine: asyncio workers in this process send the rows
+(``batchrun run``, ``batchrun.run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from typing import Any
+
+from batchrun.client import ApiClient
+from batchrun.config import Job
+from batchrun.engines.shell import (
+    GRACE_S,
+    Heartbeat,
+    Recorder,
+    embedded_endpoint,
+    stop_on_signals,
+)
+from batchrun.lifecycle import OpenRun, RunOptions, RunResult
+from batchrun.limits import Limits
+from batchrun.progress import Progress
+from batchrun.retry import RetryPolicy
+from batchrun.scheduler import Scheduler
+
+
+async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = None) -> RunResult:
+    """Run a checked ``job`` to the end (or to a stop, raised as JobStopped) and
+    return what it did. ``sleep`` replaces asyncio.sleep for retry and limit
+    waits (tests)."""
+    options = options or RunOptions()
+    with OpenRun(job, options) as run:
+        # Everything made so far (modules, the job, the journal's index) lives to
+        # the end: keep the collector from scanning it again on every pass.
+        gc.freeze()
+        checked, tally = run.checked, run.tally
+        async with (
+            embedded_endpoint(run.job, options.mock) as sent_job,
+            ApiClient(sent_job, checked.api_key, checked.headers, checked.secrets) as client,
+        ):
+            limits = Limits.build(
+                sent_job.concurrency,
+                sent_job.max_concurrency,
+                sent_job.rpm,
+                sent_job.tpm,
+                sleep=sleep or asyncio.sleep,
+            )
+            scheduler = Scheduler(
+                sent_job,
+                client,
+                Recorder(run.journal, tally, sent_job.max_failures),
+                tally,
+                RetryPolicy.for_job(sent_job, sleep),
+                limits,
+                structured=checked.structured,
+                spend=run.spend,
+                currency=tally.currency,
+                grace_s=GRACE_S,
+            )
+            progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
+            signals = (
+                stop_on_signals(scheduler.stop, scheduler.stop_now, run.job.output)
+                if options.handle_signals
+                else contextlib.nullcontext()
+            )
+            with signals:
+                heartbeat = asyncio.create_task(Heartbeat(progress, run.journal).run())
+                try:
+                    await scheduler.run(run.rows_to_send(), run.to_send)
+                finally:
+                    heartbeat.cancel()
+                    progress.close()
+            scheduler.flush_held()
+        return run.finish()

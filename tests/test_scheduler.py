@@ -1,0 +1,198 @@
+"""Unit tests of the Scheduler on its own: a scripted client (no HTTP), a fake
+sleep, and the engines' Recorder over an in-memory journal. What the whole run
+does over HTTP is tested in test_run.py; these pin the scheduler's own rules."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchrun.config import Job, load_job
+from batchrun.engines.shell import Recorder
+from batchrun.errors import (
+    FatalRequestError,
+    Interrupted,
+    KeyRejected,
+    RateLimited,
+    RequestError,
+    ServerError,
+    TooManyFailures,
+)
+from batchrun.limits import Limits
+from batchrun.outputs import STATUS_CODES, Record
+from batchrun.payload import Completion, Prepared
+from batchrun.progress import Tally
+from batchrun.retry import RetryPolicy
+from batchrun.scheduler import Scheduler
+from tests.conftest import FakeSleep
+
+ANSWER = Completion("fine", "stop", 10, 2, 12, "resp-1", "m-1")
+
+
+class MemoryJournal:
+    """The journal's surface the Recorder uses, in memory."""
+
+    def __init__(self, rows: int) -> None:
+        self.status = np.zeros(rows, dtype=np.int8)
+        self.records: list[Record] = []
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.records.append(record)  # type: ignore[arg-type]
+        self.status[record["row"]] = STATUS_CODES[record["status"]]
+
+    def sync(self) -> None:
+        pass
+
+
+class ScriptedClient:
+    """``complete`` answers from a script per row id: each entry is a Completion
+    or an error to raise; the last entry repeats."""
+
+    def __init__(self, script: Callable[[str, int], Completion | RequestError]) -> None:
+        self.script = script
+        self.calls: dict[str, int] = {}
+
+    async def complete(self, body: bytes) -> Completion:
+        row_id = body.decode()
+        n = self.calls[row_id] = self.calls.get(row_id, 0) + 1
+        await asyncio.sleep(0)
+        outcome = self.script(row_id, n)
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return outcome
+
+
+def rows(n: int) -> list[Prepared]:
+    return [Prepared(i, f"r{i}", f"r{i}".encode(), f"hash{i}") for i in range(n)]
+
+
+def make_job(**keys: Any) -> Job:
+    values: dict[str, Any] = {
+        "input": "in.jsonl",
+        "model": "m-1",
+        "prompt_template": "{ticket}",
+        "concurrency": 4,
+        "api_key_env": "",
+    }
+    return load_job(None, values | keys)
+
+
+def scheduler(
+    client: ScriptedClient, n: int, sleep: FakeSleep, **keys: Any
+) -> tuple[Scheduler, MemoryJournal, Tally]:
+    job = make_job(**keys)
+    journal = MemoryJournal(n)
+    tally = Tally(total=n)
+    sched = Scheduler(
+        job,
+        client,  # type: ignore[arg-type]
+        Recorder(journal, tally, job.max_failures),
+        tally,
+        RetryPolicy.for_job(job, sleep),
+        Limits.build(job.concurrency, job.max_concurrency, job.rpm, job.tpm, sleep=sleep),
+        grace_s=0.05,
+    )
+    return sched, journal, tally
+
+
+async def test_every_row_gets_exactly_one_record() -> None:
+    client = ScriptedClient(lambda row_id, n: ANSWER)
+    sched, journal, tally = scheduler(client, 50, FakeSleep())
+    await sched.run(iter(rows(50)), 50)
+    assert sorted(r["row"] for r in journal.records) == list(range(50))
+    assert set(client.calls.values()) == {1}
+    assert (tally.ok, tally.failed, tally.requests, tally.retries) == (50, 0, 50, 0)
+    assert tally.prompt_tokens == 500 and tally.completion_tokens == 100
+    assert all(r["attempts"] == 1 and r["completion"] == "fine" for r in journal.records)
+
+
+async def test_a_row_that_cannot_be_sent_is_recorded_without_a_request() -> None:
+    client = ScriptedClient(lambda row_id, n: ANSWER)
+    sched, journal, tally = scheduler(client, 2, FakeSleep())
+    bad = Prepared(1, "r1", b"", "", error="Prompt column `ticket` is null or missing in this row.")
+    await sched.run(iter([rows(1)[0], bad]), 1)
+    (failed,) = [r for r in journal.records if r["row"] == 1]
+    assert failed["status"] == "error" and failed["attempts"] == 0
+    assert "r1" not in client.calls
+    assert (tally.ok, tally.failed, tally.requests) == (1, 1, 1)
+
+
+async def test_a_retryable_failure_is_retried_and_its_attempts_counted() -> None:
+    sleep = FakeSleep()
+    client = ScriptedClient(lambda row_id, n: ServerError("HTTP 503", 503) if n < 3 else ANSWER)
+    sched, journal, tally = scheduler(client, 3, sleep)
+    await sched.run(iter(rows(3)), 3)
+    assert all(r["status"] == "ok" and r["attempts"] == 3 for r in journal.records)
+    assert (tally.requests, tally.retries) == (9, 6)
+    assert len(sleep.waits) == 6
+
+
+async def test_a_fatal_failure_is_not_retried() -> None:
+    client = ScriptedClient(lambda row_id, n: FatalRequestError("HTTP 400: bad field", 400))
+    sched, journal, tally = scheduler(client, 5, FakeSleep())
+    await sched.run(iter(rows(5)), 5)
+    assert set(client.calls.values()) == {1}
+    assert all(
+        r["status"] == "error" and r["http_status"] == 400 and r["attempts"] == 1
+        for r in journal.records
+    )
+    assert tally.failed == 5
+
+
+async def test_a_stop_abandons_the_rows_waiting_to_retry() -> None:
+    """Rows whose next attempt is still ahead get no record: the resume sends them."""
+    stopped = asyncio.Event()
+
+    class SlowSleep(FakeSleep):
+        async def __call__(self, seconds: float) -> None:
+            self.waits.append(seconds)
+            await stopped.wait()
+
+    client = ScriptedClient(lambda row_id, n: ServerError("HTTP 503", 503))
+    sched, journal, _ = scheduler(client, 4, SlowSleep())
+    stop = Interrupted("Stopped by Ctrl-C.", exit_code=130)
+
+    async def stop_soon() -> None:
+        while sum(client.calls.values()) < 4:
+            await asyncio.sleep(0)
+        sched.stop(stop, 0.05)
+
+    with pytest.raises(Interrupted):
+        await asyncio.gather(sched.run(iter(rows(4)), 4), stop_soon())
+    assert journal.records == []
+    assert set(client.calls.values()) == {1}
+
+
+async def test_a_refused_key_stops_the_job_and_records_nothing() -> None:
+    client = ScriptedClient(lambda row_id, n: FatalRequestError("HTTP 401: bad key", 401))
+    sched, journal, _ = scheduler(client, 20, FakeSleep())
+    with pytest.raises(KeyRejected):
+        await sched.run(iter(rows(20)), 20)
+    assert journal.records == []
+    assert sum(client.calls.values()) == 5
+
+
+async def test_too_many_failures_stop_the_job() -> None:
+    client = ScriptedClient(lambda row_id, n: FatalRequestError("HTTP 422: no", 422))
+    sched, journal, tally = scheduler(client, 100, FakeSleep(), max_failures=3)
+    with pytest.raises(TooManyFailures):
+        await sched.run(iter(rows(100)), 100)
+    assert 4 <= tally.failed < 100
+    assert len(journal.records) == tally.failed
+
+
+async def test_a_429_pauses_every_row_not_only_its_own() -> None:
+    client = ScriptedClient(
+        lambda row_id, n: (
+            RateLimited("HTTP 429", retry_after=2.0) if row_id == "r0" and n == 1 else ANSWER
+        )
+    )
+    sched, journal, _ = scheduler(client, 1, FakeSleep())
+    await sched.run(iter(rows(1)), 1)
+    assert sched.limits.pause_active()
+    assert sched.limits.pause.until > 0
+    assert journal.records[0]["attempts"] == 2
