@@ -1,7 +1,8 @@
 """The cost report as one self-contained HTML page: tables and SVG charts (cost
 per group, completion-token histogram, rows per day), inline CSS, no script and
 no link, so it opens anywhere with no network. The figures come from
-``batchrun.report``; this module only draws them."""
+:mod:`batchrun.report.compute`, the formatters and tables from
+:mod:`batchrun.report.render`; this module only draws them."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ from typing import Any
 
 from batchrun.errors import OutputError
 from batchrun.files import write_atomic
-from batchrun.report import (
-    MAX_CHART_BARS,
+from batchrun.report.compute import Report, Stats, nice_ceil
+from batchrun.report.render import (
     ROW_COLUMNS,
     USAGE_COLUMNS,
-    Report,
-    Stats,
     fmt_count,
     fmt_money,
     fmt_number,
-    nice_ceil,
     report_notes,
     report_title,
     table_rows,
 )
+
+MAX_CHART_BARS = 40
+"""The cost chart shows the groups that cost most, at most this many."""
 
 # ---- the page -------------------------------------------------------------------------------
 
