@@ -147,7 +147,7 @@ USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
     ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
     ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
     ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
-    ("cost", lambda s, r: fmt_money(s.cost, r)),
+    ("cost", lambda s, r: fmt_money(s.cost)),
 ]
 ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
     ("tokens/row mean", lambda s, r: fmt_number(s.tokens_per_row_mean, 1)),
@@ -167,7 +167,7 @@ def fmt_number(value: float | None, decimals: int) -> str:
     return "-" if value is None else f"{value:,.{decimals}f}"
 
 
-def fmt_money(value: Decimal | None, report: Report) -> str:
+def fmt_money(value: Decimal | None) -> str:
     return "unpriced" if value is None else f"{value:,.4f}"
 
 
@@ -216,7 +216,7 @@ def report_notes(report: Report) -> list[str]:
             f"{'has' if len(report.unpriced_models) == 1 else 'have'} no price in "
             f"{report.prices.path or 'the prices'}: {t.unpriced_tokens:,} tokens of "
             f"{t.unpriced_rows:,} rows are not costed (the priced rows cost "
-            f"{fmt_money(t.priced_cost, report)} {report.currency}). Add the model to the prices file."
+            f"{fmt_money(t.priced_cost)} {report.currency}). Add the model to the prices file."
         )
     if t.reused:
         notes.append(
