@@ -390,7 +390,6 @@ def merge(
         fail(exc)
     if not quiet:
         click.echo(result.summary(), err=True)
-    sys.exit(result.exit_code)
 
 
 @main.command("mock-server")
