@@ -297,8 +297,7 @@ def report(
     Reused rows (attempts 0) are shown but not costed; a group with a model the
     prices file lacks is unpriced, never 0. Exit 2 on bad input.
     """
-    from batchrun.report import build_report, render
-    from batchrun.report_html import write_html
+    from batchrun.report import build_report, render, write_html
 
     try:
         columns = [c for b in by for c in _comma_list(b)]
@@ -379,7 +378,6 @@ def merge(
         fail(exc)
     if not quiet:
         click.echo(result.summary(), err=True)
-    sys.exit(result.exit_code)
 
 
 @main.command("mock-server")

@@ -100,11 +100,6 @@ class MergeResult:
     """``file: keys`` for each file whose job settings differ from the first file's."""
     seconds: float = 0.0
 
-    @property
-    def exit_code(self) -> int:
-        """0: the merged file was written (missing rows only get here when allowed)."""
-        return 0
-
     def summary(self) -> str:
         names = ", ".join(str(f) for f in self.files[:MAX_LISTED])
         more = f", … {len(self.files) - MAX_LISTED} more" if len(self.files) > MAX_LISTED else ""

@@ -1,7 +1,8 @@
 """The cost report as one self-contained HTML page: tables and SVG charts (cost
 per group, completion-token histogram, rows per day), inline CSS, no script and
 no link, so it opens anywhere with no network. The figures come from
-``batchrun.report``; this module only draws them."""
+:mod:`batchrun.report.compute`, the formatters and tables from
+:mod:`batchrun.report.render`; this module only draws them."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ from typing import Any
 
 from batchrun.errors import OutputError
 from batchrun.files import write_atomic
-from batchrun.report import (
-    MAX_CHART_BARS,
+from batchrun.report.compute import Report, Stats, nice_ceil
+from batchrun.report.render import (
     ROW_COLUMNS,
     USAGE_COLUMNS,
-    Report,
-    Stats,
     fmt_count,
     fmt_money,
     fmt_number,
-    nice_ceil,
     report_notes,
     report_title,
     table_rows,
 )
+
+MAX_CHART_BARS = 40
+"""The cost chart shows the groups that cost most, at most this many."""
 
 # ---- the page -------------------------------------------------------------------------------
 
@@ -86,11 +87,11 @@ def render_html(report: Report) -> str:
     """One self-contained page: inline CSS, inline SVG charts, no script, no link
     to anything outside it. Every value from the data is escaped."""
     t = report.total
-    cost_text = fmt_money(t.cost, report)
+    cost_text = fmt_money(t.cost)
     cost_detail = (
         report.currency or "no prices given"
         if t.cost is not None or t.priced_cost is None
-        else f"priced part {fmt_money(t.priced_cost, report)} {report.currency}"
+        else f"priced part {fmt_money(t.priced_cost)} {report.currency}"
     )
     cards = [
         ("Rows", fmt_count(t.rows), f"ok {t.ok:,} · failed {t.failed:,} · invalid {t.invalid:,}"),
@@ -221,9 +222,9 @@ def _cost_chart(report: Report) -> str:
         w = max(1.0, plot_w * float(value) / top) if value else 0.0
         shown = label if len(label) <= fits else label[: fits - 1] + "…"
         text = (
-            (f"unpriced (+{fmt_money(value, report)} priced)" if unpriced and value else "unpriced")
+            (f"unpriced (+{fmt_money(value)} priced)" if unpriced and value else "unpriced")
             if unpriced
-            else f"{fmt_money(value, report)} {report.currency}"
+            else f"{fmt_money(value)} {report.currency}"
         )
         color = "var(--grey)" if unpriced else "var(--blue)"
         out.append(

@@ -1,0 +1,29 @@
+"""Usage and cost of finished jobs (``batchrun report``), read back from their
+output files. What lives where:
+
+- :mod:`~batchrun.report.compute`: reading the outputs and computing the figures
+  (:class:`Report`, :class:`Stats`, :func:`build_report`); what each figure
+  counts is told there.
+- :mod:`~batchrun.report.render`: the text formats (:func:`render`: table, csv,
+  json, markdown) and the number and money formatters.
+- :mod:`~batchrun.report.html`: the self-contained HTML page (:func:`render_html`,
+  :func:`write_html`).
+
+Importing this package imports pandas and pyarrow: the CLI imports it only when
+the ``report`` command runs.
+"""
+
+from batchrun.report.compute import STAT_NAMES, Report, Stats, build_report
+from batchrun.report.html import render_html, write_html
+from batchrun.report.render import FORMATS, render
+
+__all__ = [
+    "FORMATS",
+    "STAT_NAMES",
+    "Report",
+    "Stats",
+    "build_report",
+    "render",
+    "render_html",
+    "write_html",
+]

@@ -1,0 +1,280 @@
+"""The report as text: a terminal table (``table``), ``csv`` (one line per group,
+then the total; ``scope`` says which), ``json`` (one object ``{"total": {...},
+"groups": [...]}``, costs as exact decimal numbers) and ``markdown``; and the
+number and money formatters the HTML page uses too. The figures come from
+:mod:`batchrun.report.compute`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Literal
+
+from batchrun.errors import JobError
+from batchrun.report.compute import STAT_NAMES, Report, Stats, _plain, _text
+
+Format = Literal["table", "csv", "json", "markdown"]
+FORMATS: tuple[Format, ...] = ("table", "csv", "json", "markdown")
+
+
+def _decimal_text(value: Decimal) -> str:
+    """Exact, without exponent or trailing zeros: Decimal('2.640E-2') → '0.0264'."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
+    """The figures as a dict in schema order, with ``currency`` after the costs."""
+    out: dict[str, Any] = {}
+    for name in STAT_NAMES:
+        out[name] = getattr(stats, name)
+        if name == "unpriced_rows":
+            out["currency"] = currency
+    return out
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """``{"total": {...}, "groups": [{by columns..., figures...}, ...]}``; costs stay Decimal."""
+    return {
+        "total": stats_dict(report.total, report.currency),
+        "groups": [
+            {
+                **dict(zip(report.by, group.key, strict=True)),
+                **stats_dict(group.stats, report.currency),
+            }
+            for group in report.groups
+        ],
+    }
+
+
+# ---- formats ----------------------------------------------------------------------------
+
+
+def render(report: Report, fmt: str = "table") -> str:
+    """The report as text in ``fmt`` (table, csv, json or markdown), ending in a newline."""
+    renderers: dict[str, Callable[[Report], str]] = {
+        "table": render_table,
+        "csv": render_csv,
+        "json": render_json,
+        "markdown": render_markdown,
+    }
+    if fmt not in renderers:
+        raise JobError(f"Unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    return renderers[fmt](report)
+
+
+def render_json(report: Report) -> str:
+    """One JSON object; costs are exact decimal numbers (not floats), the other
+    float figures rounded to 3 decimals, nulls for figures with no data."""
+    data = report_dict(report)
+    data["total"] = _rounded(data["total"])
+    data["groups"] = [_rounded(group) for group in data["groups"]]
+    return _json(data, 0) + "\n"
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """The float figures (not the key values) rounded to 3 decimals."""
+    return {
+        k: round(v, 3) if k in STAT_NAMES and isinstance(v, float) else v for k, v in values.items()
+    }
+
+
+def _json(value: Any, indent: int) -> str:
+    pad = "  " * (indent + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        inner = [f"{json.dumps(str(k))}: {_json(v, indent + 1)}" for k, v in value.items()]
+        if indent >= 2:  # a group's figures on one line each group
+            return "{" + ", ".join(inner) + "}"
+        return "{\n" + ",\n".join(pad + line for line in inner) + "\n" + "  " * indent + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        items = [pad + _json(v, indent + 1) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * indent + "]"
+    if isinstance(value, Decimal):
+        return _decimal_text(value)
+    if isinstance(value, float):
+        return json.dumps(value) if math.isfinite(value) else "null"
+    value = _plain(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_csv(report: Report) -> str:
+    """A header, one line per group, then the total line (``scope`` = group / total).
+    Costs are exact decimals; a null is an empty field."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["scope", *report.by, *stats_dict(report.total, None)])
+    for group in report.groups:
+        writer.writerow(
+            ["group", *group.key, *_csv_values(stats_dict(group.stats, report.currency))]
+        )
+    writer.writerow(
+        [
+            "total",
+            *([None] * len(report.by)),
+            *_csv_values(stats_dict(report.total, report.currency)),
+        ]
+    )
+    return buffer.getvalue()
+
+
+def _csv_values(values: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for value in values.values():
+        if isinstance(value, Decimal):
+            out.append(_decimal_text(value))
+        elif isinstance(value, float):
+            out.append(round(value, 3))
+        else:
+            out.append(value)
+    return out
+
+
+# The two tables every human-readable format shows: (header, figure) pairs.
+USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("rows", lambda s, r: fmt_count(s.rows)),
+    ("ok", lambda s, r: fmt_count(s.ok)),
+    ("failed", lambda s, r: fmt_count(s.failed)),
+    ("invalid", lambda s, r: fmt_count(s.invalid)),
+    ("reused", lambda s, r: fmt_count(s.reused)),
+    ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
+    ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
+    ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
+    ("cost", lambda s, r: fmt_money(s.cost)),
+]
+ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
+    ("tokens/row mean", lambda s, r: fmt_number(s.tokens_per_row_mean, 1)),
+    ("tokens/row p50", lambda s, r: fmt_number(s.tokens_per_row_p50, 1)),
+    ("tokens/row p95", lambda s, r: fmt_number(s.tokens_per_row_p95, 1)),
+    ("latency p50 ms", lambda s, r: fmt_number(s.latency_ms_p50, 1)),
+    ("latency p95 ms", lambda s, r: fmt_number(s.latency_ms_p95, 1)),
+    ("retries", lambda s, r: fmt_count(s.retries)),
+]
+
+
+def fmt_count(value: int) -> str:
+    return f"{value:,}"
+
+
+def fmt_number(value: float | None, decimals: int) -> str:
+    return "-" if value is None else f"{value:,.{decimals}f}"
+
+
+def fmt_money(value: Decimal | None) -> str:
+    return "unpriced" if value is None else f"{value:,.4f}"
+
+
+def _cost_header(report: Report) -> str:
+    return f"cost {report.currency}" if report.currency else "cost"
+
+
+def table_rows(
+    report: Report, columns: list[tuple[str, Callable[[Stats, Report], str]]]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body of one table: a line per group, then the total."""
+    key_headers = list(report.by) or [""]
+    headers = [*key_headers, *(_cost_header(report) if h == "cost" else h for h, _ in columns)]
+    body = [
+        [*(_text(v) for v in g.key), *(f(g.stats, report) for _, f in columns)]
+        for g in report.groups
+    ]
+    total_key = ["total", *([""] * (len(key_headers) - 1))]
+    body.append([*total_key, *(f(report.total, report) for _, f in columns)])
+    return headers, body
+
+
+def report_title(report: Report) -> str:
+    n = len(report.files)
+    names = ", ".join(str(f) for f in report.files[:3]) + (", …" if n > 3 else "")
+    files = f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+    prices = (
+        f"prices {report.prices.path or 'given'} ({report.currency})"
+        if report.prices is not None
+        else "no prices"
+    )
+    return f"batchrun report: {files}, {report.total.rows:,} rows, {prices}"
+
+
+def report_notes(report: Report) -> list[str]:
+    """What the reader must know to read the costs right."""
+    notes = []
+    t = report.total
+    if report.prices is None:
+        notes.append(
+            "No prices: costs are unpriced. Pass --prices FILE (see jobs/prices.toml for the format)."
+        )
+    elif report.unpriced_models:
+        notes.append(
+            f"Unpriced: {', '.join(report.unpriced_models)} "
+            f"{'has' if len(report.unpriced_models) == 1 else 'have'} no price in "
+            f"{report.prices.path or 'the prices'}: {t.unpriced_tokens:,} tokens of "
+            f"{t.unpriced_rows:,} rows are not costed (the priced rows cost "
+            f"{fmt_money(t.priced_cost)} {report.currency}). Add the model to the prices file."
+        )
+    if t.reused:
+        notes.append(
+            f"Reused: {t.reused:,} rows ({t.reused_tokens:,} tokens) were copied from earlier "
+            "outputs, not sent: they are not in the tokens or the cost."
+        )
+    if report.never_sent:
+        notes.append(
+            f"Never sent: {report.never_sent:,} failed rows could not be made into a request (attempts 0)."
+        )
+    if t.no_usage:
+        notes.append(
+            f"No usage: {t.no_usage:,} answered rows reported no token usage; the cost misses them."
+        )
+    if t.invalid:
+        notes.append(
+            f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+        )
+    return notes
+
+
+def render_table(report: Report) -> str:
+    """A readable terminal table: usage and cost, then per-row figures, then notes."""
+    out = [report_title(report), ""]
+    for columns in (USAGE_COLUMNS, ROW_COLUMNS):
+        headers, body = table_rows(report, columns)
+        widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
+        nkeys = len(report.by) or 1
+        for line in [headers, *body]:
+            cells = [
+                cell.ljust(w) if i < nkeys else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ]
+            out.append("  ".join(cells).rstrip())
+        out.append("")
+    out.extend(report_notes(report))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def render_markdown(report: Report) -> str:
+    """Two GitHub-style pipe tables (the total in bold) and the notes as a list."""
+    out = [f"**{_md(report_title(report))}**", ""]
+    nkeys = len(report.by) or 1
+    for columns in (USAGE_COLUMNS, ROW_COLUMNS):
+        headers, body = table_rows(report, columns)
+        out.append("| " + " | ".join(_md(h) for h in headers) + " |")
+        out.append(
+            "|" + "|".join(":---" if i < nkeys else "---:" for i in range(len(headers))) + "|"
+        )
+        for n, line in enumerate(body):
+            cells = [_md(c) for c in line]
+            if n == len(body) - 1:
+                cells = [f"**{c}**" if c else c for c in cells]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out.extend(f"- {_md(note)}" for note in report_notes(report))
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
