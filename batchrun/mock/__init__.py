@@ -16,8 +16,8 @@ controls, not part of the API being imitated):
 
 Where each part lives:
 
-* :mod:`.config` — :class:`MockConfig` and its validation, the fault and invalid kinds,
-  :class:`MockStats`;
+* :mod:`.config` — :class:`MockConfig` and its validation (each field carries its
+  ``batchrun mock-server`` flag), the fault and invalid kinds, :class:`MockStats`;
 * :mod:`.answers` — token counts, the text answer, the structured answers (spoiled or
   fenced);
 * :mod:`.instance` — the JSON-Schema instance generator behind the structured answers;
@@ -27,7 +27,11 @@ Where each part lives:
 Run standalone with ``python -m batchrun.mock --port 8000`` (see :func:`serve_forever`).
 """
 
-from batchrun.mock.answers import count_tokens
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from batchrun.mock.config import (
     FAULT_KINDS,
     FAULT_KINDS_DEFAULT,
@@ -35,7 +39,10 @@ from batchrun.mock.config import (
     MockConfig,
     MockStats,
 )
-from batchrun.mock.server import MockServer, create_app, serve, serve_forever
+
+if TYPE_CHECKING:
+    from batchrun.mock.answers import count_tokens
+    from batchrun.mock.server import MockServer, create_app, serve, serve_forever
 
 __all__ = [
     "FAULT_KINDS",
@@ -49,3 +56,23 @@ __all__ = [
     "serve",
     "serve_forever",
 ]
+
+# Imported on first use: the CLI reads MockConfig to build mock-server's flags, and
+# `batchrun --help` must not import aiohttp.
+_LAZY: dict[str, str] = {
+    "count_tokens": "batchrun.mock.answers",
+    "MockServer": "batchrun.mock.server",
+    "create_app": "batchrun.mock.server",
+    "serve": "batchrun.mock.server",
+    "serve_forever": "batchrun.mock.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module of a name of :data:`_LAZY` on first use, and keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

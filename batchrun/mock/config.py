@@ -1,9 +1,14 @@
 """What the embedded endpoint is told and what it counts: :class:`MockConfig` (with its
 validation), the fault and invalid kinds it can inject, and :class:`MockStats`.
+
+Each field of MockConfig carries the ``batchrun mock-server`` flag that sets it
+(:class:`Flag`), from which the CLI generates its options. No aiohttp here, so the CLI
+reads this module without importing the server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +33,57 @@ FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "str
 
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How ``batchrun mock-server`` sets one :class:`MockConfig` field: the field's
+    ``metadata["flag"]``, read by ``cli.mock_options``.
+
+    Attributes:
+        help: The flag's help text.
+        name: The flag, if not the field's name with dashes (``--fault-rate``).
+        scale: The flag's unit per the field's: the flag takes the field's value times
+            ``scale`` (``--latency-ms`` sets ``latency_s``: 1000).
+        parse: Turns the flag's text into the field's value (a comma list); a
+            ``ValueError`` is a bad value of the flag. The field keeps its default when
+            the flag is not given or empty.
+        env: The flag names the environment variable that holds the value; the field
+            keeps its default when the flag is not given or empty.
+    """
+
+    help: str
+    name: str = ""
+    scale: float = 1.0
+    parse: Callable[[str], Any] | None = None
+    env: bool = False
+
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    """``--faults A,B``: the kinds; ``ValueError`` naming the unknown ones."""
+    faults = tuple(f.strip() for f in text.split(","))
+    unknown = [f for f in faults if f not in FAULT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+    return faults
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``A, B,`` → ``("A", "B")``: a comma list, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _flag(
+    default: Any,
+    help: str,
+    *,
+    name: str = "",
+    scale: float = 1.0,
+    parse: Callable[[str], Any] | None = None,
+    env: bool = False,
+) -> Any:
+    """A :class:`MockConfig` field with ``default`` that the :class:`Flag` so described sets."""
+    return field(default=default, metadata={"flag": Flag(help, name, scale, parse, env)})
 
 
 @dataclass(frozen=True)
@@ -71,19 +127,32 @@ class MockConfig:
             draw, from ``sha256(f"{seed}:fence:{n}:" + body)``.
     """
 
-    api_key: str | None = None
-    latency_s: float = 0.0
-    fault_rate: float = 0.0
-    faults: tuple[str, ...] = FAULT_KINDS_DEFAULT
-    retry_after_s: float = 1.0
-    hang_s: float = 30.0
-    seed: int = 0
-    context_tokens: int = 32768
-    fail_first: int = 0
-    fail_first_kind: str = "500"
-    invalid_rate: float = 0.0
-    invalid_kinds: tuple[str, ...] = INVALID_KINDS
-    fence_rate: float = 0.0
+    api_key: str | None = _flag(
+        None,
+        "Require the key held by this environment variable.",
+        name="--api-key-env",
+        env=True,
+    )
+    latency_s: float = _flag(0.0, "Delay before every answer.", name="--latency-ms", scale=1000)
+    fault_rate: float = _flag(0.0, "Share of requests (0..1) that get a fault.")
+    faults: tuple[str, ...] = _flag(
+        FAULT_KINDS_DEFAULT,
+        "Fault kinds to draw from (default: all but stream-cut).",
+        parse=_fault_kinds,
+    )
+    retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
+    hang_s: float = _flag(30.0, "How long a hang fault holds the answer.")
+    seed: int = _flag(0, "Seed of the fault draws.")
+    context_tokens: int = _flag(32768, "Prompts longer than this get 400 context_length_exceeded.")
+    fail_first: int = _flag(0, "The first N requests get --fail-first-kind (for tests).")
+    fail_first_kind: str = _flag("500", "Fault kind of the first N requests.")
+    invalid_rate: float = _flag(0.0, "Share of structured answers (0..1) made invalid.")
+    invalid_kinds: tuple[str, ...] = _flag(
+        INVALID_KINDS,
+        f"Invalid kinds to draw from: {', '.join(INVALID_KINDS)}.",
+        parse=_names,
+    )
+    fence_rate: float = _flag(0.0, "Share of valid structured answers wrapped in a ```json fence.")
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
