@@ -33,6 +33,10 @@ Exit codes:
   130/143  stopped by Ctrl-C / SIGTERM; rerun to resume"""
 
 
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+"""Of the batchrun group, and of ``python -m batchrun.mock``, which runs mock-server alone."""
+
+
 def _parse_table(values: tuple[str, ...], flag: str) -> dict[str, Any] | None:
     """KEY=VALUE pairs → a table; each value is read as JSON, else kept as a string."""
     import orjson
@@ -119,7 +123,7 @@ def fail(exc: BatchrunError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="batchrun")
 def main() -> None:
     """Send a table of prompts to an OpenAI-compatible chat API and get a Parquet

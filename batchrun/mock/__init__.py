@@ -24,7 +24,8 @@ Where each part lives:
 * :mod:`.server` — request validation, the aiohttp handlers, :func:`serve` and
   :func:`serve_forever` (with the ready file).
 
-Run standalone with ``python -m batchrun.mock --port 8000`` (see :func:`serve_forever`).
+Run standalone with ``python -m batchrun.mock --port 8000``, the same as ``batchrun
+mock-server --port 8000`` (see :func:`serve_forever`).
 """
 
 from __future__ import annotations
