@@ -1,13 +1,15 @@
 """The command line: parse, build the job, call the API, map errors to exit codes.
 
 Every job key is a flag named after it (``--max-tokens`` for ``max_tokens``),
-generated from ``config.KEYS``; a flag given overrides the job file. Heavy
+generated from ``config.KEYS``; a flag given overrides the job file. The flags
+of ``mock-server`` are generated the same way from ``MockConfig``'s fields. Heavy
 modules (pyarrow, pandas, aiohttp) are imported inside the commands, so
 ``batchrun --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
@@ -19,6 +21,8 @@ import click
 from batchrun._version import __version__
 from batchrun.config import KEYS, Key
 from batchrun.errors import BatchrunError
+from batchrun.mock.config import Flag as MockFlag
+from batchrun.mock.config import MockConfig
 
 EXIT_CODES = """\b
 Exit codes:
@@ -27,6 +31,10 @@ Exit codes:
   2  bad job, flags or input (nothing sent)
   3  stopped early (key refused, API down, too many failures); rerun to resume
   130/143  stopped by Ctrl-C / SIGTERM; rerun to resume"""
+
+
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+"""Of the batchrun group, and of ``python -m batchrun.mock``, which runs mock-server alone."""
 
 
 def _parse_table(values: tuple[str, ...], flag: str) -> dict[str, Any] | None:
@@ -107,7 +115,7 @@ def fail(exc: BatchrunError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="batchrun")
 def main() -> None:
     """Send a table of prompts to an OpenAI-compatible chat API and get a Parquet
@@ -380,112 +388,68 @@ def merge(
         click.echo(result.summary(), err=True)
 
 
+def _mock_flag(spec: dataclasses.Field[Any]) -> tuple[str, MockFlag]:
+    flag: MockFlag = spec.metadata["flag"]
+    return flag.name or "--" + spec.name.replace("_", "-"), flag
+
+
+def _mock_option(spec: dataclasses.Field[Any]) -> Callable[[Any], Any]:
+    name, flag = _mock_flag(spec)
+    if flag.parse is not None or flag.env:
+        return click.option(
+            name, spec.name, default=None, metavar="A,B" if flag.parse else None, help=flag.help
+        )
+    default: Any = spec.default  # every MockConfig field has one
+    if flag.scale != 1:
+        default *= flag.scale
+    return click.option(name, spec.name, default=default, show_default=True, help=flag.help)
+
+
+def mock_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One flag per MockConfig field, from the field's ``metadata["flag"]``."""
+    for spec in reversed(dataclasses.fields(MockConfig)):
+        func = _mock_option(spec)(func)
+    return func
+
+
+def _mock_config(opts: dict[str, Any]) -> MockConfig:
+    """The MockConfig that the flags of ``mock_options`` ask for."""
+    import os
+
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(MockConfig):
+        name, flag = _mock_flag(spec)
+        value = opts[spec.name]
+        if flag.env:
+            if not value:
+                continue
+            variable = value
+            value = os.environ.get(variable)
+            if not value:
+                raise click.UsageError(f"{name} {variable}: that variable is not set.")
+        elif flag.parse is not None:
+            if not value:
+                continue
+            try:
+                value = flag.parse(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=name) from None
+        elif flag.scale != 1:
+            value /= flag.scale
+        values[spec.name] = value
+    try:
+        return MockConfig(**values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @main.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")
-@click.option("--latency-ms", default=0.0, show_default=True, help="Delay before every answer.")
-@click.option(
-    "--fault-rate",
-    default=0.0,
-    show_default=True,
-    help="Share of requests (0..1) that get a fault.",
-)
-@click.option(
-    "--faults",
-    default=None,
-    metavar="A,B",
-    help="Fault kinds to draw from (default: all but stream-cut).",
-)
-@click.option(
-    "--retry-after-s", default=1.0, show_default=True, help="Retry-After sent with 429 faults."
-)
-@click.option(
-    "--hang-s", default=30.0, show_default=True, help="How long a hang fault holds the answer."
-)
-@click.option("--seed", default=0, show_default=True, help="Seed of the fault draws.")
-@click.option(
-    "--context-tokens",
-    default=32768,
-    show_default=True,
-    help="Prompts longer than this get 400 context_length_exceeded.",
-)
-@click.option(
-    "--fail-first",
-    default=0,
-    show_default=True,
-    help="The first N requests get --fail-first-kind (for tests).",
-)
-@click.option(
-    "--fail-first-kind",
-    default="500",
-    show_default=True,
-    help="Fault kind of the first N requests.",
-)
-@click.option(
-    "--invalid-rate",
-    default=0.0,
-    show_default=True,
-    help="Share of structured answers (0..1) made invalid.",
-)
-@click.option(
-    "--invalid-kinds",
-    default=None,
-    metavar="A,B",
-    help="Invalid kinds to draw from: not-json, wrong-type, missing-required, cut-off.",
-)
-@click.option(
-    "--fence-rate",
-    default=0.0,
-    show_default=True,
-    help="Share of valid structured answers wrapped in a ```json fence.",
-)
-@click.option(
-    "--api-key-env", default=None, help="Require the key held by this environment variable."
-)
+@mock_options
 @click.option("--ready-file", default=None, help="Write the base URL to this file once listening.")
-def mock_server(**opts: Any) -> None:
+def mock_server(host: str, port: int, ready_file: str | None, **opts: Any) -> None:
     """Serve the embedded OpenAI-compatible endpoint (for demos, tests, benchmarks)."""
-    import os
+    from batchrun.mock import serve_forever
 
-    from batchrun.mock import FAULT_KINDS, FAULT_KINDS_DEFAULT, MockConfig, serve_forever
-
-    faults = (
-        tuple(f.strip() for f in opts["faults"].split(","))
-        if opts["faults"]
-        else FAULT_KINDS_DEFAULT
-    )
-    unknown = [f for f in faults if f not in FAULT_KINDS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}", param_hint="--faults"
-        )
-    api_key = None
-    if opts["api_key_env"]:
-        api_key = os.environ.get(opts["api_key_env"])
-        if not api_key:
-            raise click.UsageError(
-                f"--api-key-env {opts['api_key_env']}: that variable is not set."
-            )
-    try:
-        config = MockConfig(
-            api_key=api_key,
-            latency_s=opts["latency_ms"] / 1000,
-            fault_rate=opts["fault_rate"],
-            faults=faults,
-            retry_after_s=opts["retry_after_s"],
-            hang_s=opts["hang_s"],
-            seed=opts["seed"],
-            context_tokens=opts["context_tokens"],
-            fail_first=opts["fail_first"],
-            fail_first_kind=opts["fail_first_kind"],
-            invalid_rate=opts["invalid_rate"],
-            fence_rate=opts["fence_rate"],
-            **(
-                {"invalid_kinds": _comma_list(opts["invalid_kinds"])}
-                if opts["invalid_kinds"]
-                else {}
-            ),
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    serve_forever(config, host=opts["host"], port=opts["port"], ready_file=opts["ready_file"])
+    serve_forever(_mock_config(opts), host=host, port=port, ready_file=ready_file)

@@ -519,7 +519,12 @@ async def test_stats_endpoint_and_reset() -> None:
     }
 
 
-def test_serve_forever_in_subprocess(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["batchrun", "mock-server"], ["batchrun.mock"]],
+    ids=["batchrun mock-server", "python -m batchrun.mock"],
+)
+def test_serve_forever_in_subprocess(tmp_path: Path, command: list[str]) -> None:
     ready = tmp_path / "ready"
     env = {
         **os.environ,
@@ -529,8 +534,7 @@ def test_serve_forever_in_subprocess(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "batchrun",
-            "mock-server",
+            *command,
             "--port",
             "0",
             "--ready-file",

@@ -1,0 +1,217 @@
+"""What the embedded endpoint is told and what it counts: :class:`MockConfig` (with its
+validation), the fault and invalid kinds it can inject, and :class:`MockStats`.
+
+Each field of MockConfig carries the ``batchrun mock-server`` flag that sets it
+(:class:`Flag`), from which the CLI generates its options. No aiohttp here, so the CLI
+reads this module without importing the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+FAULT_KINDS: tuple[str, ...] = (
+    "429",
+    "429-no-retry-after",
+    "500",
+    "502",
+    "503",
+    "504",
+    "hang",
+    "drop",
+    "malformed",
+    "truncated",
+    "no-usage",
+    "stream-cut",
+)
+"""Every fault the mock can inject (see :class:`MockConfig`)."""
+
+FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "stream-cut")
+"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for streams)."""
+
+INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
+"""Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How ``batchrun mock-server`` sets one :class:`MockConfig` field: the field's
+    ``metadata["flag"]``, read by ``cli.mock_options``.
+
+    Attributes:
+        help: The flag's help text.
+        name: The flag, if not the field's name with dashes (``--fault-rate``).
+        scale: The flag's unit per the field's: the flag takes the field's value times
+            ``scale`` (``--latency-ms`` sets ``latency_s``: 1000).
+        parse: Turns the flag's text into the field's value (a comma list); a
+            ``ValueError`` is a bad value of the flag. The field keeps its default when
+            the flag is not given or empty.
+        env: The flag names the environment variable that holds the value; the field
+            keeps its default when the flag is not given or empty.
+    """
+
+    help: str
+    name: str = ""
+    scale: float = 1.0
+    parse: Callable[[str], Any] | None = None
+    env: bool = False
+
+
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    """``--faults A,B``: the kinds; ``ValueError`` naming the unknown ones."""
+    faults = tuple(f.strip() for f in text.split(","))
+    unknown = [f for f in faults if f not in FAULT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+    return faults
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``A, B,`` → ``("A", "B")``: a comma list, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _flag(
+    default: Any,
+    help: str,
+    *,
+    name: str = "",
+    scale: float = 1.0,
+    parse: Callable[[str], Any] | None = None,
+    env: bool = False,
+) -> Any:
+    """A :class:`MockConfig` field with ``default`` that the :class:`Flag` so described sets."""
+    return field(default=default, metadata={"flag": Flag(help, name, scale, parse, env)})
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """Behaviour of the mock endpoint. All durations are in seconds.
+
+    Attributes:
+        api_key: If set, requests must carry ``Authorization: Bearer <api_key>``, else
+            401 ``invalid_api_key``. If ``None``, any or no ``Authorization`` is accepted.
+        latency_s: Sleep added before every answer of the completion endpoints
+            (before the first chunk of a stream). 0 = none.
+        fault_rate: Probability in [0, 1] that a valid request gets a fault.
+        faults: Kinds (from :data:`FAULT_KINDS`) a fault is drawn from, uniformly.
+        retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
+        hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
+            to exceed the client's timeout).
+        seed: Seed of the deterministic fault draws.
+        context_tokens: Prompts with more tokens than this get 400
+            ``context_length_exceeded``.
+        fail_first: The first N requests the server receives (in arrival order,
+            counting every request to the completion endpoints, since start or the
+            last ``/_reset``) get fault ``fail_first_kind`` instead of a random draw,
+            provided they pass authentication and validation. For tests.
+        fail_first_kind: Fault kind used by ``fail_first``.
+        invalid_rate: Probability in [0, 1] that a structured answer (a request with a
+            ``response_format`` of type ``"json_schema"`` or ``"json_object"`` that got
+            no fault) is spoiled. Drawn like the faults, from
+            ``sha256(f"{seed}:invalid:{n}:" + body)`` with ``n`` the per-body counter, so
+            a re-sent identical request gets a fresh draw.
+        invalid_kinds: Kinds (from :data:`INVALID_KINDS`) a spoiling is drawn from,
+            uniformly: ``"not-json"`` answers a plain sentence; ``"wrong-type"`` gives one
+            property a value of the wrong type (the first integer property becomes
+            ``"high"``, else the first number a numeric string, boolean ``"yes"``/``"no"``,
+            string ``[the string]``, array a comma-joined string, object its JSON text);
+            ``"missing-required"`` removes one required property; ``"cut-off"`` cuts the
+            JSON text in half with finish reason ``"length"``. A kind that cannot apply to
+            the schema (nothing required, no single-typed property) falls back to
+            ``"not-json"``.
+        fence_rate: Probability in [0, 1] that a structured answer that was not spoiled
+            is wrapped in a Markdown code fence, ``"\\n```json\\n{...}\\n```\\n"``. Own
+            draw, from ``sha256(f"{seed}:fence:{n}:" + body)``.
+    """
+
+    api_key: str | None = _flag(
+        None,
+        "Require the key held by this environment variable.",
+        name="--api-key-env",
+        env=True,
+    )
+    latency_s: float = _flag(0.0, "Delay before every answer.", name="--latency-ms", scale=1000)
+    fault_rate: float = _flag(0.0, "Share of requests (0..1) that get a fault.")
+    faults: tuple[str, ...] = _flag(
+        FAULT_KINDS_DEFAULT,
+        "Fault kinds to draw from (default: all but stream-cut).",
+        parse=_fault_kinds,
+    )
+    retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
+    hang_s: float = _flag(30.0, "How long a hang fault holds the answer.")
+    seed: int = _flag(0, "Seed of the fault draws.")
+    context_tokens: int = _flag(32768, "Prompts longer than this get 400 context_length_exceeded.")
+    fail_first: int = _flag(0, "The first N requests get --fail-first-kind (for tests).")
+    fail_first_kind: str = _flag("500", "Fault kind of the first N requests.")
+    invalid_rate: float = _flag(0.0, "Share of structured answers (0..1) made invalid.")
+    invalid_kinds: tuple[str, ...] = _flag(
+        INVALID_KINDS,
+        f"Invalid kinds to draw from: {', '.join(INVALID_KINDS)}.",
+        parse=_names,
+    )
+    fence_rate: float = _flag(0.0, "Share of valid structured answers wrapped in a ```json fence.")
+
+    def __post_init__(self) -> None:
+        """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
+        # Accept any sequence for convenience but store a tuple so the config stays
+        # hashable and immutable.
+        object.__setattr__(self, "faults", tuple(self.faults))
+        unknown = [k for k in (*self.faults, self.fail_first_kind) if k not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kind(s) {unknown}; expected any of {FAULT_KINDS}")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
+        if self.fault_rate > 0.0 and not self.faults:
+            raise ValueError("fault_rate > 0 needs at least one fault kind in faults")
+        for name in ("latency_s", "retry_after_s", "hang_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
+        if self.fail_first < 0:
+            raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+        object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
+        unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
+        if unknown:
+            raise ValueError(f"unknown invalid kind(s) {unknown}; expected any of {INVALID_KINDS}")
+        for name in ("invalid_rate", "fence_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        if self.invalid_rate > 0.0 and not self.invalid_kinds:
+            raise ValueError("invalid_rate > 0 needs at least one kind in invalid_kinds")
+
+
+@dataclass
+class MockStats:
+    """What the server has received since start (or the last ``POST /_reset``).
+
+    Attributes:
+        requests: Requests received on the completion endpoints (any outcome).
+        by_outcome: Count per outcome, one per request: ``"ok"``, a fault kind,
+            ``"401"``, ``"400"``, ``"invalid:<kind>"`` (a spoiled structured answer, see
+            :attr:`MockConfig.invalid_kinds`) or ``"fenced"`` (a structured answer
+            wrapped in a code fence).
+        bodies: SHA-256 hex digest of the raw request body -> times that exact body
+            was received. Also the per-body counter of the fault and structured-answer draws.
+    """
+
+    requests: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+    bodies: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Zero everything in place (so references held by tests stay valid)."""
+        self.requests = 0
+        self.by_outcome.clear()
+        self.bodies.clear()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready snapshot (copies, so later requests do not mutate it)."""
+        return {
+            "requests": self.requests,
+            "by_outcome": dict(self.by_outcome),
+            "bodies": dict(self.bodies),
+        }
