@@ -231,7 +231,7 @@ class ApiClient:
                 "usage": usage,
             }
         )
-        return replace(answer, ttft_ms=ttft_ms)
+        return replace(answer, ttft_ms=ttft_ms, http_status=resp.status)
 
     def _read_answer(self, raw: bytes, status: int) -> Completion:
         try:
@@ -241,10 +241,11 @@ class ApiClient:
                 f"HTTP {status} body is not JSON ({len(raw)} bytes): {exc}", status
             ) from exc
         try:
-            return parse_completion(data)
+            answer = parse_completion(data)
         except BadResponse as exc:
             exc.status = status
             raise
+        return answer if status == 200 else replace(answer, http_status=status)
 
     def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> RequestError:
         # Redact before cutting: a key split by the cut would no longer match.

@@ -219,10 +219,40 @@ class Completion:
     response_id: str | None
     response_model: str | None
     ttft_ms: float | None = None
+    http_status: int = 200
+    usage_problem: str | None = None
+    """Why usage the server sent was dropped as impossible (negative, not an
+    integer, absurdly large); the token columns are then null."""
 
 
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+MAX_USAGE_TOKENS = 100_000_000
+"""More tokens than this in one answer's usage is taken as a server bug, not a bill."""
+
+
+def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
+    """prompt, completion and total tokens from a ``usage`` object, and the
+    problem when a count that is present cannot be true (then all three are
+    None: a count that cannot be trusted must not reach the budget or the
+    report)."""
+    if not isinstance(usage, dict):
+        return None, None, None, None
+    counts: list[int | None] = []
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(name)
+        if value is None:
+            counts.append(None)
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 0 <= value <= MAX_USAGE_TOKENS
+        ):
+            counts.append(value)
+        else:
+            return None, None, None, f"usage.{name} = {str(value)[:40]} is not a possible count"
+    prompt, completion, total = counts
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    return prompt, completion, total, None
 
 
 def parse_completion(data: Any) -> Completion:
@@ -235,14 +265,7 @@ def parse_completion(data: Any) -> Completion:
     choice = choices[0]
     message = choice.get("message") or {}
     text = message.get("content") if isinstance(message, dict) else None
-    usage = data.get("usage")
-    prompt = completion = total = None
-    if isinstance(usage, dict):
-        prompt = _int_or_none(usage.get("prompt_tokens"))
-        completion = _int_or_none(usage.get("completion_tokens"))
-        total = _int_or_none(usage.get("total_tokens"))
-        if total is None and prompt is not None and completion is not None:
-            total = prompt + completion
+    prompt, completion, total, problem = _usage(data.get("usage"))
     return Completion(
         text=text if isinstance(text, str) else None,
         finish_reason=choice.get("finish_reason")
@@ -253,4 +276,5 @@ def parse_completion(data: Any) -> Completion:
         total_tokens=total,
         response_id=data.get("id") if isinstance(data.get("id"), str) else None,
         response_model=data.get("model") if isinstance(data.get("model"), str) else None,
+        usage_problem=problem,
     )

@@ -41,6 +41,10 @@ from tenacity.wait import wait_base
 from batchrun.config import Job
 from batchrun.errors import Abandoned, RequestError, RetryableError
 
+RETRY_AFTER_MAX_S = 300.0
+"""The longest wait batchrun takes when a server asks for one (Retry-After);
+a longer ask stops the job as if the API were down (exit 3, resumable)."""
+
 T = TypeVar("T")
 OnRetry = Callable[[RequestError, int, float], None]
 """Called before each wait with the error, the attempt that failed (1-based) and the wait in seconds."""
@@ -54,7 +58,7 @@ class RetryPolicy:
     deadline_s: float = 600.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
-    retry_after_max_s: float = 300.0
+    retry_after_max_s: float = RETRY_AFTER_MAX_S
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     @classmethod

@@ -33,7 +33,7 @@ from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
-from batchrun.retry import RetryPolicy, send_with_retries
+from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -131,6 +131,8 @@ class Scheduler:
         # for api_down_after_s while requests keep failing (429s excepted: a
         # rate-limited API is up).
         self._last_success = time.monotonic()
+        # The longest wait a server may ask for (Retry-After) before the job stops.
+        self._longest_wait_s = min(job.retry_deadline_s, policy.retry_after_max_s)
 
     # ---- the run ---------------------------------------------------------
 
@@ -227,7 +229,10 @@ class Scheduler:
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
-                self._attempt_failed(exc, self.policy.backoff_initial_s)
+                try:
+                    self._attempt_failed(exc, self.policy.backoff_initial_s)
+                except Abandoned:
+                    return
                 rec = self._error_record(
                     p, str(exc), exc.status, requests + exc.attempts, started, _ms_since(t0)
                 )
@@ -238,6 +243,13 @@ class Scheduler:
             if limits.tpm is not None:
                 limits.used_tokens(p.est_tokens, completion.total_tokens)
             usage.add(completion)
+            if completion.usage_problem is not None:
+                log.warning(
+                    "row %s: %s; its usage is recorded as not reported",
+                    p.id,
+                    completion.usage_problem,
+                    extra={"event": "usage_dropped", "row_id": p.id},
+                )
             if structured is None:
                 self._record(self._answer_record(p, completion, usage, requests, started, t0))
                 return
@@ -336,7 +348,7 @@ class Scheduler:
             "completion": completion.text,
             "finish_reason": completion.finish_reason,
             "error": error,
-            "http_status": 200,
+            "http_status": completion.http_status,
             "attempts": requests,
             "latency_ms": _ms_since(t0),
             "response_id": completion.response_id,
@@ -395,7 +407,23 @@ class Scheduler:
 
     def _attempt_failed(self, exc: RequestError, wait_s: float) -> None:
         """Every failed attempt: a 429 pauses the whole job (for its Retry-After,
-        else ``wait_s``), and the circuit breaker looks at the API."""
+        else ``wait_s``), and the circuit breaker looks at the API. A server
+        that asks to wait longer than batchrun ever waits stops the job (the
+        row is abandoned, for the resume)."""
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None and retry_after > self._longest_wait_s:
+            if self._stop is None:
+                self.stop(
+                    ApiDown(
+                        f"The API asked to wait {retry_after:.3g}s before the next request "
+                        f"(Retry-After with HTTP {exc.status}), longer than batchrun waits "
+                        f"({self._longest_wait_s:g}s: the smaller of retry_deadline_s and "
+                        f"{RETRY_AFTER_MAX_S:g}s). Every finished row is saved: run the same "
+                        "command again later to resume."
+                    ),
+                    self.grace_s,
+                )
+            raise Abandoned("the API asked for a longer wait than batchrun takes")
         if isinstance(exc, RateLimited):
             self.limits.rate_limited(exc.retry_after, wait_s)
         self._check_api_down(exc)

@@ -1,7 +1,9 @@
-"""Other ways to run a job than the local one in ``batchrun.api.run_job``.
+"""How a job's rows get sent. Both engines open the run with
+``lifecycle.OpenRun`` (checks, journal, resume, reuse), send only the rows it
+says, and end with ``OpenRun.finish``; what they do around the sending
+(signals, the stop message, progress and fsync, journaling each result, the
+embedded endpoint for ``--mock``) is written once in ``engines.shell``.
 
-``batchrun.engines.ray.run_on_ray``: the rows are sent by actors of a Ray
-cluster (``batchrun run --engine ray``, extra ``batchrun[ray]``). Each engine
-checks the job, keeps the journal and writes the output exactly as ``run_job``
-does; only the sending moves.
+- ``engines.local.run_job``: asyncio workers in this process (the default).
+- ``engines.ray.run_on_ray``: Ray actors (``--engine ray``, ``batchrun[ray]``).
 """
