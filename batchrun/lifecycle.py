@@ -30,7 +30,14 @@ from batchrun.config import Job
 from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
 from batchrun.inputs import InputTable, Scan
 from batchrun.limits import CostBudget
-from batchrun.outputs import FIXED_COLUMNS, STATUS_ERROR, STATUS_NONE, TTFT_FIELD, Journal
+from batchrun.outputs import (
+    EMBEDDED_ENDPOINT,
+    FIXED_COLUMNS,
+    STATUS_ERROR,
+    STATUS_NONE,
+    TTFT_FIELD,
+    Journal,
+)
 from batchrun.payload import Prepared, prepare_rows, prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, progress_fields, status_text
@@ -265,7 +272,13 @@ class OpenRun:
         self.checked = check_job(job, options)
         self.job = job = self.checked.job
         scan = self.checked.scan
-        self.identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {"rows": scan.num_rows}
+        self.answered_by = EMBEDDED_ENDPOINT if options.mock else job.base_url.rstrip("/")
+        # Where the answers come from is part of the job: a real run never takes
+        # the embedded endpoint's answers (or another server's) as its own.
+        self.identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {
+            "rows": scan.num_rows,
+            "answered_by": self.answered_by,
+        }
         if options.shard is not None:
             self.identity["shard"] = "{}/{}".format(*options.shard)
         assert job.output is not None  # check_job makes sure
@@ -284,7 +297,7 @@ class OpenRun:
             self.reused = self.reused_tokens = 0
             if options.reuse:
                 self.reused, self.reused_tokens = reuse_answers(
-                    journal, options.reuse, rows, job.model
+                    journal, options.reuse, rows, job.model, embedded=options.mock
                 )
             elif journal.resumed is not None:
                 collections.deque(rows, maxlen=0)  # the check alone
@@ -388,6 +401,7 @@ class OpenRun:
             "run_id": journal.run_id,
             "job": job.settings(),
             "identity": self.identity,
+            "answered_by": self.answered_by,
             "rows": tally.total,
         }
         output = journal.finish(
@@ -432,13 +446,18 @@ class OpenRun:
 
 
 def reuse_answers(
-    journal: Journal, paths: tuple[Path, ...], rows: Iterator[Prepared], model: str
+    journal: Journal,
+    paths: tuple[Path, ...],
+    rows: Iterator[Prepared],
+    model: str,
+    embedded: bool,
 ) -> tuple[int, int]:
-    """Journal the rows whose exact request an earlier output answered ok.
+    """Journal the rows whose exact request an earlier output answered ok (the
+    embedded endpoint's answers only when this run is ``embedded`` too).
     Returns how many rows were reused and the tokens they would have cost."""
     from batchrun.reuse import Match, ReuseIndex
 
-    index = ReuseIndex(list(paths))
+    index = ReuseIndex(list(paths), embedded=embedded)
     matches = []
     for p in rows:
         if journal.status[p.row] != STATUS_NONE or p.error:

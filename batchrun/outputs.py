@@ -42,6 +42,9 @@ from batchrun.errors import InputError, OutputError, ResumeConflict
 from batchrun.files import atomic_write, require_folder, write_atomic
 
 STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
+EMBEDDED_ENDPOINT = "the embedded endpoint (--mock)"
+"""What ``answered_by`` in an output's metadata says for a ``--mock`` run
+(else it holds the base URL that answered)."""
 STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR, "invalid": STATUS_INVALID}
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")

@@ -12,18 +12,28 @@ The index holds two numpy arrays (64-bit hash prefixes and positions), about
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.outputs import RESULT_FIELDS, hash_key, journal_value, output_files
+from batchrun.outputs import (
+    EMBEDDED_ENDPOINT,
+    RESULT_FIELDS,
+    hash_key,
+    journal_value,
+    output_files,
+)
+
+log = logging.getLogger("batchrun")
 
 _ROW_BITS = 40
 """Positions pack (file index << 40 | row index): a trillion rows per file."""
@@ -39,10 +49,23 @@ class Match:
 
 
 class ReuseIndex:
-    """The ok rows of earlier outputs, by request hash."""
+    """The ok rows of earlier outputs, by request hash. Outputs the embedded
+    endpoint answered are left out unless ``embedded`` (a ``--mock`` run):
+    a real run never takes the mock's text for a real answer."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], embedded: bool = False) -> None:
         self.files = output_files(paths)
+        if not embedded:
+            mocked = [f for f in self.files if _answered_by(f) == EMBEDDED_ENDPOINT]
+            if mocked:
+                log.warning(
+                    "--reuse leaves out %d output(s) answered by %s: %s",
+                    len(mocked),
+                    EMBEDDED_ENDPOINT,
+                    ", ".join(str(f) for f in mocked),
+                    extra={"event": "reuse_skipped"},
+                )
+                self.files = [f for f in self.files if f not in mocked]
         keys: list[np.ndarray[Any, Any]] = []
         positions: list[np.ndarray[Any, Any]] = []
         for index, path in enumerate(self.files):
@@ -105,3 +128,13 @@ class ReuseIndex:
                         rec.update(row=m.row, id=m.id, model=model, attempts=0)
                         yield rec
                 start = end
+
+
+def _answered_by(path: Path) -> str | None:
+    """Who answered an earlier output, from its metadata (None when it does not say)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        answered_by = orjson.loads(meta[b"batchrun"]).get("answered_by")
+    except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError, AttributeError):
+        return None
+    return answered_by if isinstance(answered_by, str) else None

@@ -198,6 +198,12 @@ async def run_app(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def port_of(base_url: str) -> int:
+    """The port of a base URL on 127.0.0.1: a rerun against another server on the
+    same address counts as the same endpoint (a different base URL would not)."""
+    return int(URL(base_url).port or 0)
+
+
 def invoke(*args: str) -> Result:
     """``batchrun run ARGS`` in this process."""
     return CliRunner().invoke(main, ["run", *args], catch_exceptions=True)

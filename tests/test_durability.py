@@ -29,15 +29,11 @@ import pytest
 
 import batchrun.outputs
 from batchrun.config import Job, load_job
+from batchrun.engines.local import run_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
 from batchrun.lifecycle import RunOptions
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
-from tests.conftest import tickets, write_jsonl
-
-try:
-    from batchrun.engines.local import run_job
-except ImportError:  # pragma: no cover - the name before arun became the DataFrame API
-    from batchrun.api import arun as run_job
+from tests.conftest import port_of, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -532,8 +528,11 @@ def test_second_sigint_stops_at_once(tmp_path: Path, procs: Procs) -> None:
     journal_records(out, ids)
     assert batchrun.outputs.partial_dir(out).is_dir() and not out.exists()
 
-    # The rerun (sent to a fast server: base_url is not part of a run's identity).
-    fast = start_mock(procs)
+    # The rerun, sent to a fast server on the same address (the base URL is part
+    # of a run's identity: another one would be refused).
+    slow.proc.popen.kill()
+    slow.proc.popen.wait(timeout=10)
+    fast = start_mock(procs, "--port", str(port_of(slow.base_url)))
     again = procs.run(run_cmd(inp, out, fast.base_url, "--concurrency", "16", "-q"), timeout=30)
     assert again.rc == 0, again.text
     assert_complete(out, ids)
@@ -660,7 +659,7 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
     assert len(records) < len(rows)
     assert all(r["status"] == "error" and r["http_status"] == 503 for r in records)
 
-    async with serve(MockConfig()) as healthy:
+    async with serve(MockConfig(), port=port_of(down.base_url)) as healthy:
         job = make_job(inp, out, healthy.base_url, concurrency=8, api_down_after_s=1.0)
         result = await run_job(job, RunOptions(progress=False, retry_failed=True))
         assert healthy.stats.requests == len(rows)

@@ -196,3 +196,51 @@ async def test_a_2xx_status_other_than_200_is_recorded_as_it_came(tmp_path: Path
     assert result.ok == 3
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["http_status"] for r in rows] == [299, 299, 299]
+
+
+# ---- provenance: the embedded endpoint's answers are never taken for real ones ------
+
+
+async def test_a_run_against_another_endpoint_refuses_the_mock_output(tmp_path: Path) -> None:
+    """make demo, then the real command: refuse (exit 2) rather than keep mock text."""
+    from batchrun.errors import ResumeConflict
+
+    app, seen = app_of(
+        lambda body, n: web.json_response(
+            answer(body, {"prompt_tokens": 5, "completion_tokens": 1})
+        )
+    )
+    async with run_app(app) as base_url:
+        job = job_for(base_url, tmp_path, 6)
+        demo = await run(job, mock=True)
+        assert demo.ok == 6
+        meta = orjson.loads(pq.read_schema(tmp_path / "out.parquet").metadata[b"batchrun"])
+        assert meta["answered_by"] == "the embedded endpoint (--mock)"
+        with pytest.raises(ResumeConflict) as refused:
+            await run(job)
+        assert refused.value.exit_code == 2
+        assert "answered_by" in str(refused.value) and "--restart" in str(refused.value)
+        assert sum(seen.values()) == 0
+        real = await run(job, restart=True)
+    assert real.ok == 6 and sum(seen.values()) == 6
+    meta = orjson.loads(pq.read_schema(tmp_path / "out.parquet").metadata[b"batchrun"])
+    assert meta["answered_by"] == base_url
+
+
+async def test_reuse_leaves_out_mock_answers_unless_the_run_is_mocked(tmp_path: Path) -> None:
+    app, seen = app_of(
+        lambda body, n: web.json_response(
+            answer(body, {"prompt_tokens": 5, "completion_tokens": 1})
+        )
+    )
+    async with run_app(app) as base_url:
+        earlier = job_for(base_url, tmp_path, 6, output=str(tmp_path / "demo.parquet"))
+        await run(earlier, mock=True)
+        real = await run(job_for(base_url, tmp_path, 6), reuse=(tmp_path / "demo.parquet",))
+        assert real.reused == 0 and sum(seen.values()) == 6
+        mocked = await run(
+            job_for(base_url, tmp_path, 6, output=str(tmp_path / "again.parquet")),
+            mock=True,
+            reuse=(tmp_path / "demo.parquet",),
+        )
+    assert mocked.reused == 6

@@ -38,6 +38,7 @@ from tests.conftest import (
     FakeSleep,
     assert_exit,
     invoke,
+    port_of,
     run_app,
     tickets,
     write_jsonl,
@@ -688,7 +689,7 @@ async def test_retry_failed_resends_only_failed_and_missing_rows(
     ok_rows = {r["row"] for r in done if r["status"] == "ok"}
     assert len(failed_rows) == 5 and ok_rows
 
-    async with serve(MockConfig(api_key=TEST_KEY)) as healthy:
+    async with serve(MockConfig(api_key=TEST_KEY), port=port_of(server.base_url)) as healthy:
         job = make_job(healthy.base_url, src, out, concurrency=2, max_attempts=1)
         result = await run_job(job, retry_failed=True)
         sent = {h[:32] for h in healthy.stats.bodies}
@@ -710,7 +711,7 @@ async def test_resume_without_retry_failed_keeps_failed_rows(tmp_path: Path, api
         done = await interrupted_run(
             make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12
         )
-    async with serve(MockConfig(api_key=TEST_KEY)) as healthy:
+    async with serve(MockConfig(api_key=TEST_KEY), port=port_of(server.base_url)) as healthy:
         result = await run_job(make_job(healthy.base_url, src, out, concurrency=2, max_attempts=1))
         assert completion_requests(healthy) == n - len({r["row"] for r in done})
     assert result.exit_code == 1 and result.failed == 5
@@ -727,7 +728,7 @@ async def test_finished_failed_run_then_retry_failed(tmp_path: Path, api_key: st
         assert completion_requests(sick) == n
     assert first.exit_code == 1 and first.failed == n
     assert all(r["status"] == "error" for r in read_rows(out))
-    async with serve(MockConfig(api_key=TEST_KEY)) as healthy:
+    async with serve(MockConfig(api_key=TEST_KEY), port=port_of(sick.base_url)) as healthy:
         result = await run_job(
             make_job(healthy.base_url, src, out, max_attempts=1), retry_failed=True
         )
