@@ -33,7 +33,7 @@ from batchrun.engines.local import run_job
 from batchrun.errors import TooManyFailures
 from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, MockStats, serve
-from tests.conftest import REPO, SAMPLE_JSONL, tickets, write_jsonl
+from tests.conftest import REPO, SAMPLE_JSONL, port_of, tickets, write_jsonl
 
 MODEL = "test-org/test-model-7b"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -55,15 +55,16 @@ def local_ray() -> Iterator[Any]:
 
 
 @contextmanager
-def endpoint(config: MockConfig) -> Iterator[tuple[str, MockStats]]:
-    """The embedded endpoint on 127.0.0.1, served from a thread: its base URL and stats."""
+def endpoint(config: MockConfig, port: int = 0) -> Iterator[tuple[str, MockStats]]:
+    """The embedded endpoint on 127.0.0.1 (``port``, 0: any), served from a thread:
+    its base URL and stats."""
     ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, Any]] = (
         concurrent.futures.Future()
     )
 
     async def serve_until_stopped() -> None:
         stop = asyncio.Event()
-        async with serve(config) as server:
+        async with serve(config, port=port) as server:
             ready.set_result((asyncio.get_running_loop(), stop, server))
             await stop.wait()
 
@@ -116,9 +117,12 @@ def assert_same_output(local: Path, on_ray: Path) -> None:
     meta_a = orjson.loads(a.schema.metadata[b"batchrun"])
     meta_b = orjson.loads(b.schema.metadata[b"batchrun"])
     assert meta_a.keys() == meta_b.keys()
-    assert meta_a["identity"] == meta_b["identity"]
+    # Each run has its own output and endpoint.
+    per_run = ("output", "base_url", "answered_by")
+    assert {k: v for k, v in meta_a["identity"].items() if k not in per_run} == {
+        k: v for k, v in meta_b["identity"].items() if k not in per_run
+    }
     assert meta_a["rows"] == meta_b["rows"]
-    per_run = ("output", "base_url")  # each run has its own output and endpoint
     assert {k: v for k, v in meta_a["job"].items() if k not in per_run} == {
         k: v for k, v in meta_b["job"].items() if k not in per_run
     }
@@ -180,7 +184,7 @@ def test_ray_resumes_a_local_run_and_retries_its_failed_rows(
     statuses = [orjson.loads(line)["status"] for line in journal]
     assert statuses.count("error") == 4 and "ok" in statuses
 
-    with endpoint(MockConfig()) as (url, stats):
+    with endpoint(MockConfig(), port=port_of(url)) as (url, stats):
         job = make_job(url, input_path, output, **keys)
         resumed = run_on_ray(job, RunOptions(progress=False, retry_failed=True))
     with endpoint(MockConfig()) as (url, _):
