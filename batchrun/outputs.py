@@ -65,6 +65,7 @@ RESULT_FIELDS = [
     pa.field("http_status", pa.int32()),
     pa.field("attempts", pa.int32()),
     pa.field("latency_ms", pa.float64()),
+    pa.field("queued_ms", pa.float64()),
     pa.field("response_id", pa.string()),
     pa.field("request_hash", pa.string()),
     pa.field("started_at", TIMESTAMP),
@@ -94,6 +95,9 @@ class Record(TypedDict):
     http_status: NotRequired[int | None]
     attempts: NotRequired[int]
     latency_ms: NotRequired[float]
+    """Milliseconds the row's requests spent at the API, summed over attempts."""
+    queued_ms: NotRequired[float]
+    """Milliseconds the row waited for the job's own limits and budget."""
     response_id: NotRequired[str | None]
     request_hash: NotRequired[str | None]
     started_at: NotRequired[int]

@@ -59,19 +59,19 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _ms_since(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000
+class _RowTotals:
+    """What one row's requests add up to: tokens summed over every request it
+    made (re-asks were paid too), the seconds its requests spent at the API,
+    and the seconds it waited for the job's own limits and budget."""
 
-
-class _Usage:
-    """Tokens summed over every request a row made (re-asks were paid too)."""
-
-    __slots__ = ("completion", "prompt", "total")
+    __slots__ = ("api_s", "completion", "prompt", "queued_s", "total")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.total: int | None = None
+        self.api_s = 0.0
+        self.queued_s = 0.0
 
     def add(self, c: Completion) -> None:
         if c.prompt_tokens is not None:
@@ -181,7 +181,7 @@ class Scheduler:
             if self._stop is not None:
                 return
             if p.error is not None:
-                self._record(self._error_record(p, p.error, None, 0, _now_us(), 0.0))
+                self._record(self._error_record(p, p.error, None, 0, _now_us()))
                 continue
             await self.queue.put(p)
         for _ in range(self.job.workers):
@@ -194,34 +194,37 @@ class Scheduler:
                 return
             await self._send(p)
 
-    async def _attempt(self, p: Prepared) -> Completion:
+    async def _attempt(self, p: Prepared, row: _RowTotals) -> Completion:
         """One request for row ``p``, through the key probe and the in-flight limit."""
         if not self._key_settled:
             # Until one answer shows the key is accepted, requests go one at a
             # time: a bad key costs a handful of requests, not a pool's worth.
+            queued = time.perf_counter()
             async with self._probe_lock:
+                row.queued_s += time.perf_counter() - queued
                 if not self._key_settled:
-                    return await self._post(p)
+                    return await self._post(p, row)
         if self._adaptive:
             # A place first, then the budgets and the pause: waiting for a place
             # must not let a request skip a pause that began meanwhile.
+            queued = time.perf_counter()
             async with self.limits.concurrency.place():
-                return await self._post(p)
-        return await self._post(p)
+                row.queued_s += time.perf_counter() - queued
+                return await self._post(p, row)
+        return await self._post(p, row)
 
     async def _send(self, p: Prepared) -> None:
         started = _now_us()
-        t0 = time.perf_counter()
         limits = self.limits
         structured = self.structured
         asks = self.job.max_parse_attempts if structured is not None else 1
         requests = 0
-        usage = _Usage()
+        usage = _RowTotals()
         invalid: tuple[Completion, str] | None = None
         for _ in range(asks):
             try:
                 completion, attempts = await send_with_retries(
-                    functools.partial(self._attempt, p),
+                    functools.partial(self._attempt, p, usage),
                     self.policy,
                     on_retry=functools.partial(self._on_retry, p),
                     stopped=self._stopped,
@@ -233,10 +236,8 @@ class Scheduler:
                     self._attempt_failed(exc, self.policy.backoff_initial_s)
                 except Abandoned:
                     return
-                rec = self._error_record(
-                    p, str(exc), exc.status, requests + exc.attempts, started, _ms_since(t0)
-                )
-                self._record(usage.put(rec) if requests else rec)
+                rec = self._error_record(p, str(exc), exc.status, requests + exc.attempts, started)
+                self._record(self._timed(usage.put(rec) if requests else rec, usage))
                 return
             requests += attempts
             self._last_success = time.monotonic()
@@ -251,7 +252,7 @@ class Scheduler:
                     extra={"event": "usage_dropped", "row_id": p.id},
                 )
             if structured is None:
-                self._record(self._answer_record(p, completion, usage, requests, started, t0))
+                self._record(self._answer_record(p, completion, usage, requests, started))
                 return
             try:
                 values = structured.parse(
@@ -261,22 +262,24 @@ class Scheduler:
                 invalid = (completion, str(exc))
                 continue
             self._record(
-                self._answer_record(p, completion, usage, requests, started, t0, values=values)
+                self._answer_record(p, completion, usage, requests, started, values=values)
             )
             return
         assert invalid is not None
         completion, reason = invalid
         self._record(
             self._answer_record(
-                p, completion, usage, requests, started, t0, status="invalid", error=reason
+                p, completion, usage, requests, started, status="invalid", error=reason
             )
         )
 
-    async def _post(self, p: Prepared) -> Completion:
+    async def _post(self, p: Prepared, row: _RowTotals) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""
         limits = self.limits
         if limits.paces or limits.pause_active():
+            queued = time.perf_counter()
             await limits.wait_turn(p.est_tokens)
+            row.queued_s += time.perf_counter() - queued
             if self._stop is not None:
                 raise Abandoned("the job is stopping")
         spend = self.spend
@@ -288,10 +291,11 @@ class Scheduler:
                 raise Abandoned("the job is stopping")
         self.tally.requests += 1
         adaptive = self._adaptive
-        t = time.perf_counter() if adaptive else 0.0
+        t = time.perf_counter()
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
+            row.api_s += time.perf_counter() - t
             if exc.status not in AUTH_STATUSES:
                 self._key_settled = True
             if isinstance(exc, RequestTimeout):
@@ -304,9 +308,11 @@ class Scheduler:
                     spend.release(reservation)
                 self.tally.cost = spend.spent
             raise
+        api_s = time.perf_counter() - t
+        row.api_s += api_s
         self._key_settled = True
         if adaptive:
-            limits.concurrency.on_success(time.perf_counter() - t)
+            limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
             spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
             self.tally.cost = spend.spent
@@ -329,10 +335,9 @@ class Scheduler:
         self,
         p: Prepared,
         completion: Completion,
-        usage: _Usage,
+        usage: _RowTotals,
         requests: int,
         started: int,
-        t0: float,
         *,
         status: str = "ok",
         error: str | None = None,
@@ -350,13 +355,12 @@ class Scheduler:
             "error": error,
             "http_status": completion.http_status,
             "attempts": requests,
-            "latency_ms": _ms_since(t0),
             "response_id": completion.response_id,
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
         }
-        usage.put(rec)
+        self._timed(usage.put(rec), usage)
         if self.job.stream:
             rec["ttft_ms"] = completion.ttft_ms
         if values is not None:
@@ -370,7 +374,6 @@ class Scheduler:
         status: int | None,
         attempts: int,
         started: int,
-        latency_ms: float,
     ) -> Record:
         return {
             "row": p.row,
@@ -380,11 +383,19 @@ class Scheduler:
             "error": error,
             "http_status": status,
             "attempts": attempts,
-            "latency_ms": latency_ms,
+            "latency_ms": 0.0,
+            "queued_ms": 0.0,
             "request_hash": p.request_hash or None,
             "started_at": started,
             "finished_at": _now_us(),
         }
+
+    @staticmethod
+    def _timed(rec: Record, row: _RowTotals) -> Record:
+        """``rec`` with the row's API time and its wait for the job's own limits."""
+        rec["latency_ms"] = row.api_s * 1000
+        rec["queued_ms"] = row.queued_s * 1000
+        return rec
 
     def _on_retry(self, p: Prepared, exc: RequestError, attempt: int, wait_s: float) -> None:
         """Before the wait for row ``p``'s next attempt."""

@@ -244,3 +244,24 @@ async def test_reuse_leaves_out_mock_answers_unless_the_run_is_mocked(tmp_path: 
             reuse=(tmp_path / "demo.parquet",),
         )
     assert mocked.reused == 6
+
+
+# ---- latency is the API's time; the client's own throttle is queued_ms ---------------
+
+
+async def test_latency_is_the_apis_time_and_the_throttle_is_queued(tmp_path: Path) -> None:
+    app, _ = app_of(
+        lambda body, n: web.json_response(
+            answer(body, {"prompt_tokens": 5, "completion_tokens": 1})
+        )
+    )
+    async with run_app(app) as base_url:
+        # 40 rows at 1,200 requests a minute (20/s, a burst of one second's worth):
+        # the last rows wait about a second for the budget, the server answers at once.
+        job = job_for(base_url, tmp_path, 40, rpm=1200, concurrency=40)
+        result = await run_job(job, RunOptions(progress=False))
+    assert result.ok == 40
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert max(r["queued_ms"] for r in rows) >= 500
+    assert max(r["latency_ms"] for r in rows) < 250
+    assert all(r["latency_ms"] > 0 for r in rows)

@@ -27,7 +27,7 @@ from tests.conftest import REPO, SAMPLE_JSONL, SAMPLE_PARQUET
 JOB = REPO / "jobs" / "summarize_tickets.toml"
 SAMPLE_ROWS = 200
 # Differ from run to run by nature; every other column must match.
-RUN_COLUMNS = {"latency_ms", "response_id", "started_at", "finished_at"}
+RUN_COLUMNS = {"latency_ms", "queued_ms", "response_id", "started_at", "finished_at"}
 
 
 def cli(*args: str | Path) -> Result:

@@ -38,7 +38,7 @@ from tests.conftest import REPO, SAMPLE_JSONL, port_of, tickets, write_jsonl
 MODEL = "test-org/test-model-7b"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
-VARYING = ["started_at", "finished_at", "latency_ms", "response_id"]
+VARYING = ["started_at", "finished_at", "latency_ms", "queued_ms", "response_id"]
 """Columns that differ between any two runs."""
 
 

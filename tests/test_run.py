@@ -353,7 +353,7 @@ async def test_parquet_input_matches_jsonl_input(
     )
     assert r1.exit_code == r2.exit_code == 0
 
-    times = ["latency_ms", "started_at", "finished_at"]
+    times = ["latency_ms", "queued_ms", "started_at", "finished_at"]
     a = pq.read_table(tmp_path / "a.parquet")
     b = pq.read_table(tmp_path / "b.parquet")
     assert a.schema.equals(b.schema, check_metadata=False)
