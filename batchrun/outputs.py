@@ -13,7 +13,9 @@ output path: a half-written file is never taken for a finished one. Then the
 ``.partial`` folder is removed.
 
 Resume: reopening the journal indexes each row's last record (offsets in numpy
-arrays: about 21 bytes a row, never the records themselves).
+arrays: about 21 bytes a row, never the records themselves). A damaged line is
+skipped and counted, never the end of the reading; only a torn last line is cut
+off.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import errno
 import glob
 import io
+import logging
 import os
 import shutil
 import uuid
@@ -40,6 +43,8 @@ import pyarrow.parquet as pq
 from batchrun._version import __version__
 from batchrun.errors import InputError, OutputError, ResumeConflict
 from batchrun.files import atomic_write, require_folder, write_atomic
+
+log = logging.getLogger("batchrun")
 
 STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
 STATUS_CODES = {"ok": STATUS_OK, "error": STATUS_ERROR, "invalid": STATUS_INVALID}
@@ -220,28 +225,46 @@ class Journal:
     # ---- reading back ----------------------------------------------------
 
     def _load(self) -> int:
-        """Index every complete record; cut off a torn last line. Returns the end offset."""
+        """Index every readable record. Returns the end offset.
+
+        A damaged line (garbage, or the NUL bytes a power cut leaves where a block
+        never reached the disk) is skipped, counted and logged; every record after
+        it is kept, and a whole record right after a run of NULs too. Only a torn
+        last line (no newline: a write cut short) is cut off.
+        """
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0
-        pos = 0
+        pos = unreadable = 0
         with open(self.path, "rb") as fh:
             for line in fh:
                 if not line.endswith(b"\n"):
-                    break  # a torn write at the very end: dropped below
-                try:
-                    rec = orjson.loads(line)
-                    row = int(rec["row"])
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    break
+                    break  # a torn write at the very end: cut off below
+                start, pos = pos, pos + len(line)
+                found = _parse_record(line)
+                if found is None and b"\0" in line:
+                    tail = line[line.rindex(b"\0") + 1 :]
+                    found, start = _parse_record(tail), pos - len(tail)
+                if found is None:
+                    unreadable += 1
+                    continue
+                row, rec = found
                 if 0 <= row < self.num_rows:
-                    self.offsets[row] = pos
-                    self.lengths[row] = len(line) - 1
-                    self.status[row] = STATUS_CODES.get(rec.get("status"), STATUS_ERROR)
+                    self.offsets[row] = start
+                    self.lengths[row] = pos - start - 1
+                    self.status[row] = STATUS_CODES.get(str(rec.get("status")), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
-                pos += len(line)
         if pos < size:
             os.ftruncate(self.fd, pos)
+        if unreadable:
+            log.warning(
+                "%s: skipped %d unreadable line%s (damaged on disk); every readable record is "
+                "kept, and the rows whose records were lost are sent again",
+                self.path,
+                unreadable,
+                "" if unreadable == 1 else "s",
+                extra={"event": "journal_damaged", "journal": str(self.path), "lines": unreadable},
+            )
         ok, failed, invalid = self.counts()
         self.resumed = Resumed(self.run_id, ok, failed, invalid)
         return pos
@@ -379,6 +402,15 @@ class Journal:
         for keep in keep_batches:
             yield start, keep
             start += keep.num_rows
+
+
+def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:
+    """(row, record) of a journal line, None when the line is not a record."""
+    try:
+        rec = orjson.loads(line)
+        return int(rec["row"]), rec
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def output_files(specs: Iterable[Path | str], leave_out: Path | None = None) -> list[Path]:

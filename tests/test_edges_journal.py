@@ -1,0 +1,228 @@
+"""Promises that hold at the edges: never pay twice.
+
+Each test talks to a real aiohttp endpoint on 127.0.0.1 that counts requests per
+row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answer
+is on disk is sent again:
+
+- a damaged line in the middle of the journal (garbage, NUL bytes);
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+
+import batchrun.outputs
+from batchrun.api import RunOptions, run_job
+from batchrun.config import Job, load_job
+from tests.conftest import run_app, tickets, write_jsonl
+
+pytestmark = pytest.mark.timeout(120)
+
+TEMPLATE = "Row {id}: {ticket}"
+_ROW_ID = re.compile(r"Row (\S+):")
+
+
+# ---------------------------------------------------------------- the counting endpoint
+
+
+class CountingEndpoint:
+    """A chat-completions endpoint that counts the requests it gets per row id."""
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self.counts: Counter[str] = Counter()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._answer)
+        return app
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        match = _ROW_ID.match(body["messages"][-1]["content"])
+        assert match, body
+        row_id = match.group(1)
+        self.counts[row_id] += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return web.json_response(
+            {
+                "id": f"cmpl-{row_id}",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"answer to {row_id}"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+        )
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counts.values())
+
+    def sent_again(self, answered: set[str] | list[str]) -> list[str]:
+        """The ``answered`` rows (answer on disk) that were requested more than once."""
+        return sorted(i for i in answered if self.counts[i] > 1)
+
+
+# ---------------------------------------------------------------- job helpers
+
+
+def make_job(inp: Path, out: Path, base_url: str, **keys: Any) -> Job:
+    values: dict[str, Any] = {
+        "input": str(inp),
+        "output": str(out),
+        "model": "m",
+        "base_url": base_url,
+        "api_key_env": "",
+        "prompt_template": TEMPLATE,
+        "concurrency": 8,
+    }
+    values.update(keys)
+    return load_job(None, values)
+
+
+def journal_path(out: Path) -> Path:
+    return batchrun.outputs.partial_dir(out) / "journal.jsonl"
+
+
+def journal_lines(out: Path) -> int:
+    try:
+        return journal_path(out).read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def journaled_ids(out: Path) -> set[str]:
+    """The row ids with a readable record in the journal (a record after a run of
+    NUL bytes counts: the zeros are damage before it, the record is whole)."""
+    ids = set()
+    with contextlib.suppress(FileNotFoundError):
+        for line in journal_path(out).read_bytes().split(b"\n"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                ids.add(orjson.loads(line.rpartition(b"\0")[2])["id"])
+    return ids
+
+
+def assert_finished(out: Path, ids: list[str]) -> None:
+    """One ok row per input id, in order; no journal, lock or temporary file left."""
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == ids
+    assert all(r["status"] == "ok" for r in rows)
+    assert_no_leftovers(out.parent)
+
+
+def assert_no_leftovers(folder: Path) -> None:
+    left = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name.endswith((".tmp", ".partial", ".lock")) or ".tmp" in p.name
+    )
+    assert left == [], f"left behind: {left}"
+
+
+async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
+    """Start ``job`` in this loop and cancel it once the journal holds ``lines`` lines."""
+    task = asyncio.create_task(run_job(job, RunOptions(progress=False)))
+    deadline = time.monotonic() + 20
+    while journal_lines(out) < lines:
+        assert not task.done(), task
+        assert time.monotonic() < deadline, "the journal did not grow"
+        await asyncio.sleep(0.002)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+# ---------------------------------------------------------------- 3. damaged journal lines
+
+
+def _garbage(lines: list[bytes]) -> tuple[list[bytes], int]:
+    return [*lines[:5], b"}{ this is not a record\n", *lines[5:]], 0
+
+
+def _nul_line(lines: list[bytes]) -> tuple[list[bytes], int]:
+    # A power cut left zeros where one record was: that record is lost, the rest kept.
+    return [*lines[:5], b"\0" * (len(lines[5]) - 1) + b"\n", *lines[6:]], 1
+
+
+def _nul_block(lines: list[bytes]) -> tuple[list[bytes], int]:
+    # Zeros before a record, without a newline: the record after them is whole.
+    return [*lines[:5], b"\0" * 4096 + lines[5], *lines[6:]], 0
+
+
+@pytest.mark.parametrize("damage", [_garbage, _nul_line, _nul_block], ids=lambda f: f.__name__)
+async def test_a_damaged_line_mid_journal_loses_only_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Any
+) -> None:
+    counting = CountingEndpoint(latency_s=0.002)
+    rows = tickets(60)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url, concurrency=2)
+        await run_in_loop_until(job, out, 30)
+        lines = journal_path(out).read_bytes().splitlines(keepends=True)
+        damaged, lost = damage(lines)
+        journal_path(out).write_bytes(b"".join(damaged))
+        readable = journaled_ids(out)
+        assert len(readable) == len(lines) - lost
+        before = counting.requests
+        with caplog.at_level(logging.WARNING, logger="batchrun"):
+            result = await run_job(job, RunOptions(progress=False))
+        sent = counting.requests - before
+    print(
+        f"\n{damage.__name__}: {sent} requests on resume, {len(rows) - len(readable)} rows unsaved"
+    )
+    assert result.exit_code == 0
+    assert counting.sent_again(readable) == [], "a row with a readable record was sent again"
+    assert sent == len(rows) - len(readable)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if damage is _nul_block:
+        assert not any("unreadable" in w for w in warnings), warnings
+    else:
+        assert any("1 unreadable line" in w and str(journal_path(out)) in w for w in warnings), (
+            warnings
+        )
+    assert_finished(out, ids)
+
+
+async def test_damage_mid_journal_and_a_torn_tail(tmp_path: Path) -> None:
+    """A garbage line is skipped and kept; only a torn last line is cut off, and the
+    records appended next start on a clean line."""
+    counting = CountingEndpoint(latency_s=0.002)
+    rows = tickets(40)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url, concurrency=2)
+        await run_in_loop_until(job, out, 20)
+        lines = journal_path(out).read_bytes().splitlines(keepends=True)
+        torn = lines[-1][: len(lines[-1]) // 2]
+        journal_path(out).write_bytes(b"".join([*lines[:3], b"garbage\n", *lines[3:-1], torn]))
+        readable = journaled_ids(out)
+        assert len(readable) == len(lines) - 1
+        before = counting.requests
+        await run_job(job, RunOptions(progress=False))
+    assert counting.sent_again(readable) == []
+    assert counting.requests - before == len(rows) - len(readable)  # the torn row among them
+    assert_finished(out, ids)
