@@ -7,7 +7,7 @@ the text of a message. The tree::
     ├── JobError                  bad job file, flag or keyword (exit 2, nothing sent)
     ├── InputError                unreadable or unusable input (exit 2, nothing sent)
     ├── OutputError               output cannot be written (exit 2; work on disk kept)
-    ├── ResumeConflict            the unfinished run belongs to another job (exit 2)
+    ├── ResumeConflict            the unfinished run belongs to another job, or its job.json is unreadable (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
     ├── JobStopped                the job stopped early; ``exit_code`` says why
     │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
@@ -49,7 +49,8 @@ class OutputError(BatchrunError):
 
 
 class ResumeConflict(BatchrunError):
-    """An unfinished run of a different job holds the output path."""
+    """The unfinished run at the output path cannot be resumed by this job: it is
+    another job's, or its ``job.json`` is unreadable."""
 
 
 class RowError(BatchrunError):

@@ -173,17 +173,29 @@ class Journal:
         )
 
     def _check_identity(self, identity: dict[str, Any]) -> str:
+        job_json = self.folder / "job.json"
         try:
-            old = orjson.loads((self.folder / "job.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            old = {}
+            old = orjson.loads(job_json.read_bytes())
+            reason = "" if isinstance(old, dict) else "not a JSON object"
+        except OSError as exc:
+            reason = str(exc.strerror)
+        except orjson.JSONDecodeError as exc:
+            reason = f"not JSON: {exc}"
+        if reason:
+            # Without it there is no telling whether the journal is this job's.
+            raise ResumeConflict(
+                f"{job_json} is unreadable ({reason}), so batchrun cannot tell whether the "
+                f"unfinished run in {self.folder} belongs to this job. Restore job.json (from a "
+                "backup) to resume that run, or run again with --restart to discard its results "
+                "and start over."
+            )
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
             what = ", ".join(f"`{k}`" for k in changed)
             raise ResumeConflict(
                 f"{self.folder} holds an unfinished run of a different job: {what} changed since it started. "
                 f"Run again with --restart to discard its results and start over, or put back the old "
-                f"settings to keep going (the old ones are in {self.folder / 'job.json'})."
+                f"settings to keep going (the old ones are in {job_json})."
             )
         return str(old.get("run_id") or uuid.uuid4().hex[:12])
 

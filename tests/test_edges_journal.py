@@ -5,6 +5,7 @@ row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answ
 is on disk is sent again:
 
 - a damaged line in the middle of the journal (garbage, NUL bytes);
+- an unreadable ``job.json``;
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiohttp import web
 import batchrun.outputs
 from batchrun.api import RunOptions, run_job
 from batchrun.config import Job, load_job
+from batchrun.errors import ResumeConflict
 from tests.conftest import run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,3 +228,27 @@ async def test_damage_mid_journal_and_a_torn_tail(tmp_path: Path) -> None:
     assert counting.sent_again(readable) == []
     assert counting.requests - before == len(rows) - len(readable)  # the torn row among them
     assert_finished(out, ids)
+
+
+# ---------------------------------------------------------------- an unreadable job.json
+
+
+async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
+    tmp_path: Path,
+) -> None:
+    counting = CountingEndpoint(latency_s=0.002)
+    rows = tickets(40)
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url, concurrency=2)
+        await run_in_loop_until(job, out, 10)
+        job_json = batchrun.outputs.partial_dir(out) / "job.json"
+        job_json.write_bytes(b'{"model": "m", "temper')
+        with pytest.raises(ResumeConflict) as info:
+            await run_job(job, RunOptions(progress=False))
+    message = str(info.value)
+    assert info.value.exit_code == 2
+    assert str(job_json) in message and "unreadable" in message
+    assert "--restart" in message and "restore" in message.lower()
+    assert "changed" not in message
