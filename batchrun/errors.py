@@ -7,6 +7,7 @@ the text of a message. The tree::
     ├── JobError                  bad job file, flag or keyword (exit 2, nothing sent)
     ├── InputError                unreadable or unusable input (exit 2, nothing sent)
     ├── OutputError               output cannot be written (exit 2; work on disk kept)
+    │   └── DiskFull              no space left (ENOSPC, EDQUOT) while journaling or writing (exit 6, resumable)
     ├── ResumeConflict            the unfinished run belongs to another job, or its job.json is unreadable (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
     ├── JobStopped                the job stopped early; ``exit_code`` says why
@@ -29,6 +30,8 @@ the text of a message. The tree::
 
 from __future__ import annotations
 
+import errno
+
 
 class BatchrunError(Exception):
     """Root of every batchrun error. ``exit_code`` is what the CLI exits with."""
@@ -46,6 +49,26 @@ class InputError(BatchrunError):
 
 class OutputError(BatchrunError):
     """The output cannot be written; what is already on disk is kept for resume."""
+
+
+class DiskFull(OutputError):
+    """The disk is full (or the quota used up) while journaling or writing the
+    output. Every result written before stays on disk: free space and run the
+    same command again to resume. Its own exit code, because requests were sent
+    and paid for (2 means nothing was)."""
+
+    exit_code = 6
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_failed(exc: OSError, message: str) -> OutputError:
+    """Our error for an OSError while writing: DiskFull for a full disk or quota
+    (by errno), OutputError for the rest. ``message`` says what is kept and what to do."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFull(message)
+    return OutputError(message)
 
 
 class ResumeConflict(BatchrunError):

@@ -41,7 +41,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from batchrun._version import __version__
-from batchrun.errors import InputError, OutputError, ResumeConflict
+from batchrun.errors import InputError, OutputError, ResumeConflict, write_failed
 from batchrun.files import atomic_write, require_folder, write_atomic
 
 log = logging.getLogger("batchrun")
@@ -156,8 +156,10 @@ class Journal:
                 f"Cannot write in {output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
             ) from None
         except OSError as exc:
-            raise OutputError(
-                f"Cannot write the journal in {self.folder}: {exc.strerror}. Free space or fix the folder, then run again."
+            raise write_failed(
+                exc,
+                f"Cannot write the journal in {self.folder}: {exc.strerror}. Every result written "
+                "before is kept: free space (or fix the folder), then run the same command again.",
             ) from None
         self.end = self._load()
         if finished_run is not None and self.end == 0:
@@ -319,9 +321,10 @@ class Journal:
         self.end += written
 
     def _write_error(self, exc: OSError) -> OutputError:
-        return OutputError(
+        return write_failed(
+            exc,
             f"Cannot write to {self.path}: {exc.strerror}. Every result written before this is kept: "
-            "free space (or fix the folder) and run the same command again to resume."
+            "free space (or fix the folder) and run the same command again to resume.",
         )
 
     def sync(self) -> None:
@@ -395,9 +398,10 @@ class Journal:
                         keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
                     writer.write_batch(_result_batch(lines, keep, schema, value_columns))
         except OSError as exc:
-            raise OutputError(
+            raise write_failed(
+                exc,
                 f"Cannot write {self.output}: {exc.strerror}. The results are kept in {self.folder}: "
-                "free space (or fix the folder) and run the same command again to write the file."
+                "free space (or fix the folder) and run the same command again to write the file.",
             ) from None
         self.close()
         shutil.rmtree(self.folder, ignore_errors=True)

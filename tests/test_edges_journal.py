@@ -5,6 +5,8 @@ row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answ
 is on disk is sent again:
 
 - a damaged line in the middle of the journal (garbage, NUL bytes);
+- a full disk while journaling, while writing the Parquet file and while writing
+  the OpenAI batch lines (exit 6, no temporary file left);
 - an unreadable ``job.json``;
 """
 
@@ -12,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pyarrow.parquet as pq
@@ -27,8 +32,8 @@ from aiohttp import web
 import batchrun.outputs
 from batchrun.api import RunOptions, run_job
 from batchrun.config import Job, load_job
-from batchrun.errors import ResumeConflict
-from tests.conftest import run_app, tickets, write_jsonl
+from batchrun.errors import DiskFull, ResumeConflict
+from tests.conftest import REPO, assert_exit, invoke, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,7 +89,35 @@ class CountingEndpoint:
         return sorted(i for i in answered if self.counts[i] > 1)
 
 
+@pytest.fixture
+def endpoint(threaded: Any) -> Iterator[tuple[CountingEndpoint, str]]:
+    """A counting endpoint served from a thread (the CLI runs its own loop)."""
+    counting = CountingEndpoint()
+    yield counting, threaded(lambda: run_app(counting.app()))
+
+
 # ---------------------------------------------------------------- job helpers
+
+
+def run_args(inp: Path, out: Path, base_url: str, *extra: str) -> list[str]:
+    """``batchrun run`` arguments: a job of flags alone, no key."""
+    return [
+        "run",
+        "--input",
+        str(inp),
+        "--prompt-template",
+        TEMPLATE,
+        "--model",
+        "m",
+        "--output",
+        str(out),
+        "--base-url",
+        base_url,
+        "--api-key-env",
+        "",
+        "-q",
+        *extra,
+    ]
 
 
 def make_job(inp: Path, out: Path, base_url: str, **keys: Any) -> Job:
@@ -230,6 +263,153 @@ async def test_damage_mid_journal_and_a_torn_tail(tmp_path: Path) -> None:
     assert_finished(out, ids)
 
 
+# ---------------------------------------------------------------- 12. a full disk
+
+
+class _FullDiskOs:
+    """``os`` as batchrun.outputs sees it, whose ``write`` fails with ENOSPC after ``keep`` writes."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.writes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: bytes) -> int:
+        if self.writes >= self.keep:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.writes += 1
+        return os.write(fd, data)
+
+
+def _enospc(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+async def test_disk_full_while_journaling_exits_6_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = CountingEndpoint(latency_s=0.002)
+    rows = tickets(120)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url)
+        monkeypatch.setattr(batchrun.outputs, "os", _FullDiskOs(keep=40))
+        with pytest.raises(DiskFull) as info:
+            await run_job(job, RunOptions(progress=False))
+        monkeypatch.undo()
+        assert info.value.exit_code == 6
+        message = str(info.value)
+        assert str(journal_path(out)) in message and "free space" in message.lower()
+        assert "run the same command again" in message
+        answered = journaled_ids(out)
+        assert len(answered) == 40
+        result = await run_job(job, RunOptions(progress=False))
+    assert result.exit_code == 0
+    assert counting.sent_again(answered) == []
+    assert_finished(out, ids)
+
+
+async def test_disk_full_during_the_final_write_keeps_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = CountingEndpoint()
+    rows = tickets(50)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url)
+        monkeypatch.setattr(pq.ParquetWriter, "write_batch", _enospc)
+        with pytest.raises(DiskFull) as info:
+            await run_job(job, RunOptions(progress=False))
+        monkeypatch.undo()
+        assert info.value.exit_code == 6
+        assert str(out) in str(info.value) and "run the same command again" in str(info.value)
+        assert not out.exists()
+        assert journaled_ids(out) == set(ids), "the journal must be whole"
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        await run_job(job, RunOptions(progress=False))
+    assert counting.requests == len(rows)
+    assert_finished(out, ids)
+
+
+class _FullFile:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, real: IO[bytes], room: int) -> None:
+        self.real = real
+        self.room = room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.real.write(data)
+
+    def __enter__(self) -> _FullFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()
+
+
+def test_disk_full_on_the_openai_batch_lines_exits_6_via_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint: tuple[CountingEndpoint, str]
+) -> None:
+    counting, base_url = endpoint
+    rows = tickets(30)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url, "--output-format", "openai-batch")[1:]
+    path_open = Path.open
+
+    def open_full(self: Path, *a: Any, **k: Any) -> Any:
+        handle = path_open(self, *a, **k)
+        return _FullFile(handle, room=100) if self.name.startswith(".out.jsonl.") else handle
+
+    monkeypatch.setattr(Path, "open", open_full)
+    result = invoke(*args)
+    monkeypatch.undo()
+    assert_exit(result, 6)
+    assert "out.jsonl" in result.stderr and "Traceback" not in result.output
+    assert "run the same command again" in result.stderr
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], list(tmp_path.iterdir())
+    assert counting.requests == len(rows)
+
+    again = invoke(*args)
+    assert_exit(again, 0)
+    assert counting.requests == len(rows), "the rerun sent rows again"
+    assert len((tmp_path / "out.jsonl").read_bytes().splitlines()) == len(rows)
+    assert_finished(out, ids)
+
+
+def test_disk_full_mid_run_exits_6_via_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, endpoint: tuple[CountingEndpoint, str]
+) -> None:
+    counting, base_url = endpoint
+    rows = tickets(60)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url)[1:]
+    monkeypatch.setattr(batchrun.outputs, "os", _FullDiskOs(keep=20))
+    result = invoke(*args)
+    monkeypatch.undo()
+    assert_exit(result, 6)
+    assert "No space left on device" in result.stderr and str(journal_path(out)) in result.stderr
+    answered = journaled_ids(out)
+    assert len(answered) == 20
+    again = invoke(*args)
+    assert_exit(again, 0)
+    assert counting.sent_again(answered) == []
+    assert_finished(out, ids)
+
+
 # ---------------------------------------------------------------- an unreadable job.json
 
 
@@ -252,3 +432,27 @@ async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
     assert str(job_json) in message and "unreadable" in message
     assert "--restart" in message and "restore" in message.lower()
     assert "changed" not in message
+
+
+# ---------------------------------------------------------------- the documented codes
+
+
+def test_every_exit_code_is_in_the_readme_and_the_help() -> None:
+    from click.testing import CliRunner
+
+    from batchrun import errors
+    from batchrun.cli import main
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    help_text = CliRunner().invoke(main, ["run", "--help"]).output
+    codes = {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.BatchrunError)
+    }
+    assert {2, 3, 4, 6} <= codes
+    for code in codes:
+        assert f"| {code} |" in table, f"README's exit-code table lacks {code}"
+        assert re.search(rf"^\s+{code}\s", help_text, flags=re.M), f"run --help lacks {code}"
+    assert "| 6 |" in table and "resum" in table.split("| 6 |", 1)[1].split("\n", 1)[0]
