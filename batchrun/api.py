@@ -354,8 +354,7 @@ class OpenRun:
         self.close()
 
     def close(self) -> None:
-        if self.journal.folder.exists():
-            self.journal.close()
+        self.journal.close()  # also after finish: it releases the output's lock
 
     def finish(self) -> RunResult:
         """Write the output (every row has a result by now, else JobStopped) and

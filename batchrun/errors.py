@@ -15,6 +15,7 @@ the text of a message. The tree::
     │   ├── ApiDown               every request failed for too long (exit 3)
     │   ├── TooManyFailures       --max-failures reached (exit 3)
     │   ├── BudgetReached         max_cost would be passed (exit 4)
+    │   ├── OutputBusy            another run holds the output's lock (exit 3)
     │   └── Interrupted           Ctrl-C (130) or SIGTERM (143)
     └── RequestError              one request failed; becomes a row's ``error``
         ├── RetryableError        worth another attempt
@@ -102,6 +103,11 @@ class BudgetReached(JobStopped):
     """Starting another request could push the spend over max_cost."""
 
     exit_code = 4
+
+
+class OutputBusy(JobStopped):
+    """Another run (the PID in the lock file) is writing the same output: two runs
+    at once would send the same rows twice. Nothing was sent."""
 
 
 class Interrupted(JobStopped):

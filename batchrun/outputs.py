@@ -16,6 +16,10 @@ Resume: reopening the journal indexes each row's last record (offsets in numpy
 arrays: about 21 bytes a row, never the records themselves). A damaged line is
 skipped and counted, never the end of the reading; only a torn last line is cut
 off.
+
+One run at a time: the journal holds an exclusive ``flock`` on ``OUTPUT.lock``
+(with the PID of its run) from opening to ``close``; a second run on the same
+output stops at once (OutputBusy, exit 3).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +46,13 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from batchrun._version import __version__
-from batchrun.errors import InputError, OutputError, ResumeConflict, write_failed
+from batchrun.errors import (
+    InputError,
+    OutputBusy,
+    OutputError,
+    ResumeConflict,
+    write_failed,
+)
 from batchrun.files import atomic_write, require_folder, write_atomic
 
 log = logging.getLogger("batchrun")
@@ -108,8 +119,87 @@ class Resumed:
     rows_invalid: int
 
 
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+"""What flock answers on a file system that has no locks."""
+
+
+def lock_path(output: Path) -> Path:
+    """The file a run locks for as long as it works on ``output`` (its PID inside)."""
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    """An exclusive lock on one output for a whole run: ``fcntl.flock`` on
+    ``OUTPUT.lock``, which holds the PID (and host) of the run. The kernel drops
+    the lock when the process ends, however it ends, so a lock file left by a
+    killed run blocks nobody. Two runs on one output at once would each send the
+    rows the other has not journaled yet, and mix their journal lines."""
+
+    def __init__(self, output: Path) -> None:
+        """Take the lock, or raise OutputBusy naming the run that holds it."""
+        import fcntl  # here, so that importing this module works where fcntl does not exist
+
+        self.output = output
+        self.path = lock_path(output)
+        self.fd = -1
+        while self.fd < 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The run before us removes the file before it lets go: a lock on
+                # a file no longer at this path would exclude nobody, so try again.
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.fd, fd = fd, -1
+            except BlockingIOError:
+                raise self._busy(fd) from None
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                # A file system without locks (some network and FUSE mounts): run unlocked.
+                log.warning(
+                    "cannot lock %s (%s): nothing stops a second run on this output at the same time",
+                    self.path,
+                    exc.strerror,
+                    extra={"event": "no_lock"},
+                )
+                self.fd, fd = fd, -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        with contextlib.suppress(OSError):  # the PID only serves the message above
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def _busy(self, fd: int) -> OutputBusy:
+        try:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+        except OSError:
+            holder = []
+        pid = holder[0] if holder else ""
+        host = holder[1] if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+        who = (f"PID {pid}" if pid else "a run still starting") + (f" on {host}" if host else "")
+        stop = f" (kill {pid})" if pid and not host else ""
+        return OutputBusy(
+            f"{self.output} is in use: another batchrun run ({who}) is working on it and holds "
+            f"{self.path}. Two runs of one output would pay twice for the same rows, so this one "
+            f"sent nothing. Wait for that run to end, or stop it{stop}, then run the same command again."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock (in that order: see __init__)."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
 class Journal:
-    """The append-only record of finished rows for one output path."""
+    """The append-only record of finished rows for one output path, and the lock
+    on that output for as long as it is open."""
 
     def __init__(
         self,
@@ -119,7 +209,8 @@ class Journal:
         restart: bool = False,
         keep_columns: Sequence[str] = (),
     ) -> None:
-        """Open (or create) the journal for ``output``.
+        """Lock ``output`` (OutputBusy when another run holds it), then open (or
+        create) its journal.
 
         ``identity`` holds what must not change for a resume (model, prompts,
         parameters, input); a journal written under another identity raises
@@ -136,10 +227,22 @@ class Journal:
         self.status = np.zeros(num_rows, dtype=np.int8)
         self.hashes = np.zeros(num_rows, dtype=np.int64)
         self.resumed: Resumed | None = None
+        self.fd = self._rfd = -1
+        self.end = 0
         require_folder(output, "`output`")
+        try:
+            self._lock = OutputLock(output)
+        except OSError as exc:
+            raise self._open_error(exc) from None
+        try:
+            self._open(dict(identity), restart, keep_columns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, identity: dict[str, Any], restart: bool, keep_columns: Sequence[str]) -> None:
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)
-        identity = dict(identity)
         finished_run = None if restart else self._finished_run(identity)
         try:
             if self.folder.exists() and (self.folder / "job.json").exists():
@@ -151,20 +254,23 @@ class Journal:
                     {**identity, "run_id": self.run_id, "batchrun_version": __version__}
                 )
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        except PermissionError as exc:
-            raise OutputError(
-                f"Cannot write in {output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
-            ) from None
         except OSError as exc:
-            raise write_failed(
-                exc,
-                f"Cannot write the journal in {self.folder}: {exc.strerror}. Every result written "
-                "before is kept: free space (or fix the folder), then run the same command again.",
-            ) from None
+            raise self._open_error(exc) from None
         self.end = self._load()
         if finished_run is not None and self.end == 0:
             self._take_back(keep_columns)
             self.end = self._load()
+
+    def _open_error(self, exc: OSError) -> OutputError:
+        if isinstance(exc, PermissionError):
+            return OutputError(
+                f"Cannot write in {self.output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
+            )
+        return write_failed(
+            exc,
+            f"Cannot write the journal in {self.folder}: {exc.strerror}. Every result written "
+            "before is kept: free space (or fix the folder), then run the same command again.",
+        )
 
     # ---- identity --------------------------------------------------------
 
@@ -293,7 +399,7 @@ class Journal:
         return rec
 
     def fd_read(self) -> int:
-        if not hasattr(self, "_rfd"):
+        if self._rfd < 0:
             self._rfd = os.open(self.path, os.O_RDONLY)
         return self._rfd
 
@@ -333,11 +439,18 @@ class Journal:
             os.fsync(self.fd)
 
     def close(self) -> None:
-        self.sync()
-        os.close(self.fd)
-        if hasattr(self, "_rfd"):
+        """Close the journal and release the output's lock; calling it again does nothing."""
+        self._close_files()
+        self._lock.release()
+
+    def _close_files(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
+        if self._rfd >= 0:
             os.close(self._rfd)
-            del self._rfd
+            self._rfd = -1
 
     def counts(self) -> tuple[int, int, int]:
         """Rows whose last result is ok, an error, and an invalid answer."""
@@ -365,7 +478,8 @@ class Journal:
         extra_fields: Sequence[pa.Field] = (),
         value_columns: frozenset[str] = frozenset(),
     ) -> Path:
-        """Write the output Parquet from the journal, atomically, and remove the journal."""
+        """Write the output Parquet from the journal, atomically, and remove the journal.
+        The lock stays held until ``close``."""
         self.sync()
         schema = output_schema(keep_schema, metadata, extra_fields)
         skip = skip_rows if skip_rows is not None else np.zeros(self.num_rows, dtype=bool)
@@ -403,7 +517,7 @@ class Journal:
                 f"Cannot write {self.output}: {exc.strerror}. The results are kept in {self.folder}: "
                 "free space (or fix the folder) and run the same command again to write the file.",
             ) from None
-        self.close()
+        self._close_files()
         shutil.rmtree(self.folder, ignore_errors=True)
         return self.output
 

@@ -4,10 +4,14 @@ Each test talks to a real aiohttp endpoint on 127.0.0.1 that counts requests per
 row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answer
 is on disk is sent again:
 
+- two runs on one output at once (the lock);
 - a damaged line in the middle of the journal (garbage, NUL bytes);
 - a full disk while journaling, while writing the Parquet file and while writing
   the OpenAI batch lines (exit 6, no temporary file left);
-- an unreadable ``job.json``;
+- an unreadable ``job.json``.
+
+Subprocesses run ``python -m batchrun``, always with a timeout and killed in a
+finally.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ import errno
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,6 +45,7 @@ from tests.conftest import REPO, assert_exit, invoke, run_app, tickets, write_js
 
 pytestmark = pytest.mark.timeout(120)
 
+PY = sys.executable
 TEMPLATE = "Row {id}: {ticket}"
 _ROW_ID = re.compile(r"Row (\S+):")
 
@@ -94,6 +103,144 @@ def endpoint(threaded: Any) -> Iterator[tuple[CountingEndpoint, str]]:
     """A counting endpoint served from a thread (the CLI runs its own loop)."""
     counting = CountingEndpoint()
     yield counting, threaded(lambda: run_app(counting.app()))
+
+
+@pytest.fixture
+def slow_endpoint(threaded: Any) -> Iterator[tuple[CountingEndpoint, str]]:
+    counting = CountingEndpoint(latency_s=0.05)
+    yield counting, threaded(lambda: run_app(counting.app()))
+
+
+# ---------------------------------------------------------------- subprocesses
+
+# The CLI behind a hook chosen by EDGE_HOOK; EDGE_MARKER gets a line per step it
+# reaches, so a test can act at that step instead of guessing a delay.
+HOOKED_CLI = r"""
+import os, signal, sys, time
+
+hook = os.environ.get("EDGE_HOOK", "")
+marker = os.environ["EDGE_MARKER"]
+
+
+def mark(text):
+    with open(marker, "a") as fh:
+        fh.write(text + "\n")
+
+
+if hook == "slow-take-back":
+    # Reading the finished output back in small, slow batches: a kill lands mid-copy.
+    import pyarrow.parquet as pq
+
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def slow(self, *args, **kwargs):
+        kwargs["batch_size"] = 200
+        for n, batch in enumerate(iter_batches(self, *args, **kwargs)):
+            mark(f"batch {n}")
+            yield batch
+            time.sleep(0.05)
+
+    pq.ParquetFile.iter_batches = slow
+
+from batchrun.cli import main
+
+main(args=sys.argv[1:], prog_name="batchrun")
+"""
+
+
+@dataclass
+class Done:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+class Procs:
+    """Starts ``batchrun`` subprocesses (output to files) and kills what is left."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[tuple[subprocess.Popen[bytes], Path, list[IO[bytes]]]] = []
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        return env
+
+    def start(self, args: list[str]) -> subprocess.Popen[bytes]:
+        n = len(self.started)
+        out = (self.folder / f"proc-{n}.out").open("wb")
+        err = (self.folder / f"proc-{n}.err").open("wb")
+        popen = subprocess.Popen(
+            [PY, "-m", "batchrun", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=self.env(),
+            cwd=self.folder,
+        )
+        self.started.append((popen, self.folder / f"proc-{n}", [out, err]))
+        return popen
+
+    def wait(self, popen: subprocess.Popen[bytes], timeout: float = 60.0) -> Done:
+        try:
+            rc = popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=10)
+            pytest.fail(f"{popen.args} did not finish within {timeout}s: {self.output(popen)}")
+        out, err = self.output(popen)
+        return Done(rc, out, err)
+
+    def run(self, args: list[str], timeout: float = 60.0) -> Done:
+        return self.wait(self.start(args), timeout)
+
+    def output(self, popen: subprocess.Popen[bytes]) -> tuple[str, str]:
+        for p, stem, files in self.started:
+            if p is popen:
+                for f in files:
+                    f.flush()
+                return (
+                    stem.with_suffix(".out").read_text(errors="replace"),
+                    stem.with_suffix(".err").read_text(errors="replace"),
+                )
+        raise KeyError(popen)
+
+    def close(self) -> None:
+        for popen, _, files in self.started:
+            if popen.poll() is None:
+                popen.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(timeout=10)
+            for f in files:
+                f.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    folder = tmp_path / "procs"
+    folder.mkdir()
+    p = Procs(folder)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def wait_until(predicate: Any, timeout: float, what: str, popen: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if popen is not None and popen.poll() is not None:
+            pytest.fail(f"the run ended (rc {popen.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------- job helpers
@@ -184,6 +331,112 @@ async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ---------------------------------------------------------------- 2. the lock
+
+
+def test_a_second_run_on_the_same_output_exits_3_at_once(
+    tmp_path: Path, procs: Procs, slow_endpoint: tuple[CountingEndpoint, str]
+) -> None:
+    counting, base_url = slow_endpoint
+    rows = tickets(300)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url, "--concurrency", "4")
+    first = procs.start(args)
+    wait_until(lambda: journal_lines(out) >= 10, 30, "the first run sending", first)
+
+    t0 = time.monotonic()
+    second = procs.run(args, timeout=30)
+    second_s = time.monotonic() - t0
+    print(
+        f"\nsecond run: exit {second.rc} after {second_s:.2f}s, {counting.requests} requests "
+        f"for {len(rows)} rows so far: {second.err.strip()[-300:]}"
+    )
+    assert first.poll() is None, "the first run must still be sending"
+    assert second.rc == 3, second.text
+    assert "Traceback" not in second.text
+    assert f"PID {first.pid}" in second.err
+    assert str(out) in second.err
+
+    # plan writes nothing, so it takes no lock: it works while the run goes on.
+    planned = procs.run(["plan", *[a for a in args[1:] if a != "-q"]])
+    assert planned.rc == 0, planned.text
+
+    done = procs.wait(first, timeout=60)
+    assert done.rc == 0, done.text
+    assert counting.requests == len(rows), f"{counting.requests} requests for {len(rows)} rows"
+    assert_finished(out, ids)
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(
+    tmp_path: Path, procs: Procs, slow_endpoint: tuple[CountingEndpoint, str]
+) -> None:
+    counting, base_url = slow_endpoint
+    rows = tickets(200)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url, "--concurrency", "8")
+    first = procs.start(args)
+    wait_until(lambda: journal_lines(out) >= 10, 30, "the first run sending", first)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=10)
+    answered = journaled_ids(out)
+    assert answered
+
+    again = procs.run(args)
+    assert again.rc == 0, again.text
+    assert counting.sent_again(answered) == []
+    assert_finished(out, ids)
+
+
+async def test_the_lock_holds_in_one_process_too(tmp_path: Path) -> None:
+    """Two Python API runs on one output (two notebooks cells, two threads) do not mix."""
+    counting = CountingEndpoint(latency_s=0.02)
+    rows = tickets(100)
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url, concurrency=4)
+        first = asyncio.create_task(run_job(job, RunOptions(progress=False)))
+        while journal_lines(out) < 5:
+            await asyncio.sleep(0.005)
+        from batchrun.errors import OutputBusy
+
+        with pytest.raises(OutputBusy) as info:
+            await run_job(job, RunOptions(progress=False))
+        assert info.value.exit_code == 3
+        assert f"PID {os.getpid()}" in str(info.value)
+        result = await first
+        assert result.exit_code == 0
+        # Released at the end: the next run takes it back and sends nothing.
+        await run_job(job, RunOptions(progress=False))
+    assert counting.requests == len(rows)
+    assert_finished(out, [str(r["id"]) for r in rows])
+
+
+async def test_a_file_system_without_locks_runs_unlocked_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    counting = CountingEndpoint()
+    rows = tickets(20)
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    async with run_app(counting.app()) as base_url:
+        with caplog.at_level(logging.WARNING, logger="batchrun"):
+            result = await run_job(make_job(inp, out, base_url), RunOptions(progress=False))
+    assert result.exit_code == 0 and counting.requests == len(rows)
+    assert any("cannot lock" in r.getMessage() for r in caplog.records)
+    assert_finished(out, [str(r["id"]) for r in rows])
 
 
 # ---------------------------------------------------------------- 3. damaged journal lines
