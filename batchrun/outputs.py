@@ -10,12 +10,14 @@ When every row has a result, ``finish`` streams the input once more for the
 ``keep_columns``, joins each row with its last journal record, writes Parquet in
 input order to a temporary name, fsyncs it and ``os.replace``s it onto the
 output path: a half-written file is never taken for a finished one. Then the
-``.partial`` folder is removed.
+``.partial`` folder is renamed away and removed.
 
 Resume: reopening the journal indexes each row's last record (offsets in numpy
 arrays: about 21 bytes a row, never the records themselves). A damaged line is
 skipped and counted, never the end of the reading; only a torn last line is cut
-off.
+off. A finished output is copied back into a journal (``_take_back``) in a
+temporary folder renamed into place once complete, so it stays the record of
+the job until its copy is whole.
 
 One run at a time: the journal holds an exclusive ``flock`` on ``OUTPUT.lock``
 (with the PID of its run) from opening to ``close``; a second run on the same
@@ -30,6 +32,7 @@ import glob
 import io
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -53,7 +56,7 @@ from batchrun.errors import (
     ResumeConflict,
     write_failed,
 )
-from batchrun.files import atomic_write, require_folder, write_atomic
+from batchrun.files import atomic_write, fsync_path, require_folder, write_atomic
 
 log = logging.getLogger("batchrun")
 
@@ -241,25 +244,27 @@ class Journal:
             raise
 
     def _open(self, identity: dict[str, Any], restart: bool, keep_columns: Sequence[str]) -> None:
-        if restart and self.folder.exists():
-            shutil.rmtree(self.folder)
-        finished_run = None if restart else self._finished_run(identity)
+        finished_run = None
         try:
-            if self.folder.exists() and (self.folder / "job.json").exists():
+            _remove_leftovers(self.output)
+            if restart and self.folder.exists():
+                shutil.rmtree(self.folder)
+            finished_run = None if restart else self._finished_run(identity)
+            if finished_run is not None:
+                self.run_id = finished_run
+                self._take_back(identity, keep_columns)
+            elif self.folder.exists() and (self.folder / "job.json").exists():
                 self.run_id = self._check_identity(identity)
             else:
                 self.folder.mkdir(exist_ok=True)
-                self.run_id = finished_run or uuid.uuid4().hex[:12]
-                self._write_job_json(
-                    {**identity, "run_id": self.run_id, "batchrun_version": __version__}
-                )
+                self.run_id = uuid.uuid4().hex[:12]
+                self._write_job_json(self.folder, identity)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise self._open_error(exc) from None
         self.end = self._load()
-        if finished_run is not None and self.end == 0:
-            self._take_back(keep_columns)
-            self.end = self._load()
+        if finished_run is None and not restart:
+            self._complete_take_back(keep_columns)
 
     def _open_error(self, exc: OSError) -> OutputError:
         if isinstance(exc, PermissionError):
@@ -274,9 +279,10 @@ class Journal:
 
     # ---- identity --------------------------------------------------------
 
-    def _write_job_json(self, data: Mapping[str, Any]) -> None:
+    def _write_job_json(self, folder: Path, identity: Mapping[str, Any]) -> None:
+        data = {**identity, "run_id": self.run_id, "batchrun_version": __version__}
         write_atomic(
-            self.folder / "job.json",
+            folder / "job.json",
             orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS),
         )
 
@@ -307,16 +313,21 @@ class Journal:
             )
         return str(old.get("run_id") or uuid.uuid4().hex[:12])
 
+    def _written(self) -> dict[str, Any]:
+        """The ``batchrun`` metadata of the finished output ({} when unreadable)."""
+        try:
+            meta = pq.read_schema(self.output).metadata or {}
+            written = orjson.loads(meta[b"batchrun"])
+        except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError):
+            return {}
+        return written if isinstance(written, dict) else {}
+
     def _finished_run(self, identity: dict[str, Any]) -> str | None:
         """The run id of a finished output of this same job, None when there is
         no finished output. ResumeConflict when it was written by another job."""
         if not self.output.exists() or self.folder.exists():
             return None
-        try:
-            meta = pq.read_schema(self.output).metadata or {}
-            written = orjson.loads(meta[b"batchrun"])
-        except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError):
-            written = {}
+        written = self._written()
         old = written.get("identity") or {}
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
@@ -327,20 +338,93 @@ class Journal:
             )
         return str(written.get("run_id") or uuid.uuid4().hex[:12])
 
-    def _take_back(self, keep_columns: Sequence[str]) -> None:
-        """Journal every row of the finished output, so it resumes like a journal."""
+    # ---- taking a finished output back -------------------------------------
+
+    def _take_back(self, identity: dict[str, Any], keep_columns: Sequence[str]) -> None:
+        """Journal every row of the finished output, so it resumes like a journal.
+
+        The copy is written in a temporary folder and renamed onto ``.partial`` only
+        once it is complete and on disk: until then the finished output stays the
+        one record of the job, so a run stopped mid-copy (kill -9, SIGTERM, a full
+        disk) leaves a finished job, never a partial journal whose missing rows the
+        next run would send again.
+        """
+        tmp = _temporary(self.folder)
+        tmp.mkdir()
+        try:
+            self._write_job_json(tmp, identity)
+            fd = os.open(tmp / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                self._copy_output(fd, keep_columns)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_path(tmp)
+            os.rename(tmp, self.folder)
+            fsync_path(self.folder.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(
+                exc,
+                f"Cannot take {self.output} back into a journal to resume it: {exc.strerror or exc}. "
+                f"{self.output} is unchanged: free space (or fix the folder) and run the same command again.",
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _complete_take_back(self, keep_columns: Sequence[str]) -> None:
+        """Copy in the rows this journal lacks from the finished output it was
+        taken back from (same run id): what a take-back stopped midway left before
+        the copy was made atomic, or a finish stopped while removing the journal.
+        A journal of another run (after --restart) never takes the old output's rows."""
+        if not self.output.exists() or self._written().get("run_id") != self.run_id:
+            return
+        try:
+            in_output = pq.read_metadata(self.output).num_rows
+        except (pa.ArrowInvalid, OSError):
+            return
+        if int((self.status != STATUS_NONE).sum()) >= in_output:
+            return  # the journal has every row of the output (and perhaps newer results)
+        try:
+            copied = self._copy_output(self.fd, keep_columns, self.status == STATUS_NONE)
+        except OSError as exc:
+            os.ftruncate(self.fd, self.end)
+            raise write_failed(
+                exc,
+                f"Cannot write to {self.path}: {exc.strerror or exc}. Every result written before "
+                "this is kept: free space (or fix the folder) and run the same command again to resume.",
+            ) from None
+        log.warning(
+            "%s held only part of %s, which it was taken back from: copied the other %d rows in",
+            self.path,
+            self.output,
+            copied,
+            extra={"event": "take_back_completed", "rows_copied": copied},
+        )
+        self.end = self._load()
+
+    def _copy_output(
+        self, fd: int, keep_columns: Sequence[str], wanted: np.ndarray | None = None
+    ) -> int:
+        """Write the finished output's rows (those ``wanted`` marks, else all) to
+        ``fd`` as journal records, a batch per write. Returns how many."""
         skip = {"id", "row", *keep_columns}
-        fixed = FIXED_COLUMNS
+        copied = 0
         for batch in pq.ParquetFile(self.output).iter_batches(batch_size=8192):
+            lines = []
             for row in batch.to_pylist():
-                rec = {
-                    k: journal_value(v) for k, v in row.items() if k in fixed or k in ("row", "id")
-                }
-                values = {k: v for k, v in row.items() if k not in fixed and k not in skip}
+                n = row["row"]
+                if not 0 <= n < self.num_rows or (wanted is not None and not wanted[n]):
+                    continue
+                rec = {k: journal_value(v) for k, v in row.items() if k in FIXED_COLUMNS}
+                values = {k: v for k, v in row.items() if k not in FIXED_COLUMNS and k not in skip}
                 if values:
                     rec["values"] = values
-                if 0 <= rec["row"] < self.num_rows:
-                    self.append(rec)
+                lines.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+            _write_all(fd, b"".join(lines))
+            copied += len(lines)
+        return copied
 
     # ---- reading back ----------------------------------------------------
 
@@ -518,7 +602,14 @@ class Journal:
                 "free space (or fix the folder) and run the same command again to write the file.",
             ) from None
         self._close_files()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # The journal goes in one rename, then its files: a run stopped meanwhile
+        # never leaves a journal with part of its records beside the finished file.
+        trash = _temporary(self.folder)
+        try:
+            os.rename(self.folder, trash)
+        except OSError:
+            trash = self.folder
+        shutil.rmtree(trash, ignore_errors=True)
         return self.output
 
     def _ranges(
@@ -541,6 +632,36 @@ def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:
         return int(rec["row"]), rec
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path`` for a file or folder on its way in or out."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Remove what a run killed mid-write left beside ``output``: a temporary output
+    file (``files.atomic_write``), a take-back copy or a journal being removed
+    (``_temporary``). Called under the lock: no other run is writing them."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}(?:\.partial)?\.[0-9a-f]+\.tmp")
+    with os.scandir(output.parent) as entries:
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def output_files(specs: Iterable[Path | str], leave_out: Path | None = None) -> list[Path]:

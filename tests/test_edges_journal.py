@@ -4,14 +4,17 @@ Each test talks to a real aiohttp endpoint on 127.0.0.1 that counts requests per
 row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answer
 is on disk is sent again:
 
+- a rerun of a finished job killed (kill -9, SIGTERM) while it takes the finished
+  output back into a journal;
 - two runs on one output at once (the lock);
 - a damaged line in the middle of the journal (garbage, NUL bytes);
 - a full disk while journaling, while writing the Parquet file and while writing
   the OpenAI batch lines (exit 6, no temporary file left);
 - an unreadable ``job.json``.
 
-Subprocesses run ``python -m batchrun``, always with a timeout and killed in a
-finally.
+Subprocesses run ``python -m batchrun`` (or the same CLI behind a small hook that
+slows a step down: deterministic, no sleeps to guess), always with a timeout and
+killed in a finally.
 """
 
 from __future__ import annotations
@@ -166,23 +169,37 @@ class Procs:
         self.folder = folder
         self.started: list[tuple[subprocess.Popen[bytes], Path, list[IO[bytes]]]] = []
 
-    def env(self) -> dict[str, str]:
+    def env(self, hook: str = "") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
+        env["EDGE_HOOK"] = hook
+        env["EDGE_MARKER"] = str(self.marker)
         return env
 
-    def start(self, args: list[str]) -> subprocess.Popen[bytes]:
+    @property
+    def marker(self) -> Path:
+        return self.folder / "marker"
+
+    def marks(self) -> list[str]:
+        try:
+            return self.marker.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def start(self, args: list[str], hook: str = "") -> subprocess.Popen[bytes]:
         n = len(self.started)
+        self.marker.unlink(missing_ok=True)
         out = (self.folder / f"proc-{n}.out").open("wb")
         err = (self.folder / f"proc-{n}.err").open("wb")
+        head = [PY, "-c", HOOKED_CLI] if hook else [PY, "-m", "batchrun"]
         popen = subprocess.Popen(
-            [PY, "-m", "batchrun", *args],
+            [*head, *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=self.env(),
+            env=self.env(hook),
             cwd=self.folder,
         )
         self.started.append((popen, self.folder / f"proc-{n}", [out, err]))
@@ -198,8 +215,8 @@ class Procs:
         out, err = self.output(popen)
         return Done(rc, out, err)
 
-    def run(self, args: list[str], timeout: float = 60.0) -> Done:
-        return self.wait(self.start(args), timeout)
+    def run(self, args: list[str], hook: str = "", timeout: float = 60.0) -> Done:
+        return self.wait(self.start(args, hook), timeout)
 
     def output(self, popen: subprocess.Popen[bytes]) -> tuple[str, str]:
         for p, stem, files in self.started:
@@ -331,6 +348,74 @@ async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# ---------------------------------------------------------------- 1. the take-back
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_rerun_killed_during_the_take_back_sends_nothing(
+    tmp_path: Path, procs: Procs, endpoint: tuple[CountingEndpoint, str], signum: int
+) -> None:
+    """A rerun of a finished job copies the finished output back into a journal;
+    killed midway, the next run must still see a finished job and send nothing."""
+    counting, base_url = endpoint
+    rows = tickets(3000)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url, "--concurrency", "32")
+    first = procs.run(args)
+    assert first.rc == 0, first.text
+    assert counting.requests == len(rows)
+
+    rerun = procs.start(args, hook="slow-take-back")
+    # 15 batches of 200 rows, 50 ms each: stop it a third of the way through.
+    wait_until(lambda: len(procs.marks()) >= 5, 30, "the take-back under way", rerun)
+    os.kill(rerun.pid, signum)
+    stopped = procs.wait(rerun, timeout=20)
+    assert stopped.rc == (-signal.SIGKILL if signum == signal.SIGKILL else 143), stopped.text
+    assert "Traceback" not in stopped.text
+    assert out.exists(), "the finished output must stay until its copy is complete"
+
+    again = procs.run(args)
+    resent = counting.requests - len(rows)
+    print(f"\ntake-back stopped by signal {signum}: rerun sent {resent} of {len(rows)} rows")
+    assert again.rc == 0, again.text
+    assert resent == 0, f"{resent} answered rows sent again"
+    assert_finished(out, ids)
+
+
+async def test_an_interrupted_take_back_left_by_an_older_version_is_completed(
+    tmp_path: Path,
+) -> None:
+    """A journal that holds only part of the finished output it was taken back from
+    (what an interrupted take-back left before it was made atomic, or a finish
+    stopped while removing its journal) is completed from that output."""
+    counting = CountingEndpoint()
+    rows = tickets(300)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(inp, out, base_url)
+        await run_job(job, RunOptions(progress=False))
+        run_id = orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["run_id"]
+        for kept in (120, 0):
+            # The state an interrupted take-back left: the first `kept` rows journaled.
+            partial = batchrun.outputs.partial_dir(out)
+            partial.mkdir()
+            settings = orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["identity"]
+            (partial / "job.json").write_bytes(orjson.dumps({**settings, "run_id": run_id}))
+            lines = []
+            for row in pq.read_table(out).to_pylist()[:kept]:
+                rec = {k: batchrun.outputs.journal_value(v) for k, v in row.items()}
+                lines.append(orjson.dumps(rec) + b"\n")
+            journal_path(out).write_bytes(b"".join(lines))
+            result = await run_job(job, RunOptions(progress=False))
+            assert result.exit_code == 0
+            assert counting.requests == len(rows), f"{counting.requests - len(rows)} sent again"
+            assert_finished(out, ids)
 
 
 # ---------------------------------------------------------------- 2. the lock
