@@ -559,13 +559,17 @@ def _signals(scheduler: Scheduler, enabled: bool, job: Job) -> Any:
         else:
             scheduler.stop_now(error)
 
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         yield
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum, handler in previous.items():
             loop.remove_signal_handler(signum)
+            # Hand back the caller's handler (the CLI's, for the final write), not the default.
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 # ---- the Python API ----------------------------------------------------------

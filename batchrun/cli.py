@@ -196,14 +196,15 @@ def run(job_file: Path | None, **flags: Any) -> None:
     batchrun run --input tickets.jsonl --prompt-template 'Summarize: {ticket}' \\
         --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
     """
-    from batchrun.aio import run_coroutine
-    from batchrun.api import RunOptions, run_job
-    from batchrun.config import load_job
-    from batchrun.logs import setup_logging
-
     signal.signal(signal.SIGTERM, _raise_terminated)
-    setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
     try:
+        # Imports and logging set-up inside the try: a signal this early ends as any other.
+        from batchrun.aio import run_coroutine
+        from batchrun.api import RunOptions, run_job
+        from batchrun.config import load_job
+        from batchrun.logs import setup_logging
+
+        setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
         job = load_job(job_file, _overrides(flags))
         options = RunOptions(
             restart=flags["restart"],

@@ -10,11 +10,12 @@ is on disk is sent again:
 - a damaged line in the middle of the journal (garbage, NUL bytes);
 - a full disk while journaling, while writing the Parquet file and while writing
   the OpenAI batch lines (exit 6, no temporary file left);
-- an unreadable ``job.json``.
+- an unreadable ``job.json``;
+- Ctrl-C / SIGTERM before sending starts and during the final write.
 
 Subprocesses run ``python -m batchrun`` (or the same CLI behind a small hook that
-slows a step down: deterministic, no sleeps to guess), always with a timeout and
-killed in a finally.
+slows a step down or signals itself at a chosen point: deterministic, no sleeps
+to guess), always with a timeout and killed in a finally.
 """
 
 from __future__ import annotations
@@ -144,6 +145,32 @@ if hook == "slow-take-back":
             time.sleep(0.05)
 
     pq.ParquetFile.iter_batches = slow
+elif hook in ("sigterm-final-write", "sigint-final-write"):
+    import pyarrow.parquet as pq
+
+    signum = signal.SIGTERM if hook.startswith("sigterm") else signal.SIGINT
+    write_batch = pq.ParquetWriter.write_batch
+
+    def signalled(self, *args, **kwargs):
+        mark("final write")
+        os.kill(os.getpid(), signum)
+        time.sleep(0.3)
+        return write_batch(self, *args, **kwargs)
+
+    pq.ParquetWriter.write_batch = signalled
+elif hook in ("sigterm-at-start", "sigint-at-start"):
+    import batchrun.logs
+
+    signum = signal.SIGTERM if hook.startswith("sigterm") else signal.SIGINT
+    setup_logging = batchrun.logs.setup_logging
+
+    def signalled(*args, **kwargs):
+        mark("start")
+        os.kill(os.getpid(), signum)
+        time.sleep(0.3)
+        return setup_logging(*args, **kwargs)
+
+    batchrun.logs.setup_logging = signalled
 
 from batchrun.cli import main
 
@@ -770,6 +797,55 @@ async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
     assert str(job_json) in message and "unreadable" in message
     assert "--restart" in message and "restore" in message.lower()
     assert "changed" not in message
+
+
+# ---------------------------------------------------------------- signals outside sending
+
+
+@pytest.mark.parametrize(
+    ("hook", "code", "name"),
+    [
+        ("sigterm-final-write", 143, "SIGTERM"),
+        ("sigint-final-write", 130, "Ctrl-C"),
+        ("sigterm-at-start", 143, "SIGTERM"),
+        ("sigint-at-start", 130, "Ctrl-C"),
+    ],
+)
+def test_a_signal_before_or_after_sending_ends_with_our_message(
+    tmp_path: Path,
+    procs: Procs,
+    endpoint: tuple[CountingEndpoint, str],
+    hook: str,
+    code: int,
+    name: str,
+) -> None:
+    counting, base_url = endpoint
+    rows = tickets(100)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    args = run_args(inp, out, base_url)
+    stopped = procs.run(args, hook=hook)
+    print(f"\n{hook}: exit {stopped.rc}, stderr {stopped.err.strip()!r}")
+    assert procs.marks(), "the hook never ran"
+    assert stopped.rc == code, stopped.text
+    assert "Traceback" not in stopped.text and "Aborted!" not in stopped.text
+    assert f"batchrun: Stopped by {name}" in stopped.err
+    assert "run the same command again" in stopped.err
+    assert len(stopped.err.strip().splitlines()) == 1, stopped.err
+    sent = counting.requests
+    if hook.endswith("final-write"):
+        assert sent == len(rows)
+        assert out.exists() or journaled_ids(out) == set(ids), "the journal must be whole"
+    else:
+        assert sent == 0
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+    again = procs.run(args)
+    assert again.rc == 0, again.text
+    assert counting.sent_again(ids) == []
+    assert counting.requests == len(rows)
+    assert_finished(out, ids)
 
 
 # ---------------------------------------------------------------- the documented codes
