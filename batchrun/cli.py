@@ -20,7 +20,7 @@ import click
 
 from batchrun._version import __version__
 from batchrun.config import KEYS, Key
-from batchrun.errors import BatchrunError
+from batchrun.errors import BatchrunError, Interrupted, Terminated, raise_terminated
 from batchrun.mock.config import Flag as MockFlag
 from batchrun.mock.config import MockConfig
 
@@ -29,7 +29,9 @@ Exit codes:
   0  every row ok
   1  finished, but some rows failed
   2  bad job, flags or input (nothing sent)
-  3  stopped early (key refused, API down, too many failures); rerun to resume
+  3  stopped early (key refused, API down, too many failures, output in use by another run); rerun to resume
+  4  stopped before passing max_cost; raise it and rerun to resume
+  6  disk full (or quota) while journaling or writing the output; free space and rerun to resume
   130/143  stopped by Ctrl-C / SIGTERM; rerun to resume"""
 
 
@@ -194,16 +196,16 @@ def run(job_file: Path | None, **flags: Any) -> None:
     batchrun run --input tickets.jsonl --prompt-template 'Summarize: {ticket}' \\
         --model meta-llama/Llama-3.3-70B-Instruct --output out.parquet
     """
-    from batchrun.aio import run_coroutine
-    from batchrun.config import load_job
-    from batchrun.engines.local import run_job
-    from batchrun.engines.shell import Terminated, interrupted, raise_terminated
-    from batchrun.lifecycle import RunOptions
-    from batchrun.logs import setup_logging
-
     signal.signal(signal.SIGTERM, raise_terminated)
-    setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
     try:
+        # Imports and logging set-up inside the try: a signal this early ends as any other.
+        from batchrun.aio import run_coroutine
+        from batchrun.config import load_job
+        from batchrun.engines.local import run_job
+        from batchrun.lifecycle import RunOptions
+        from batchrun.logs import setup_logging
+
+        setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
         job = load_job(job_file, _overrides(flags))
         options = RunOptions(
             restart=flags["restart"],
@@ -226,7 +228,8 @@ def run(job_file: Path | None, **flags: Any) -> None:
     except (KeyboardInterrupt, Terminated) as exc:
         # A signal before sending began (the input scan) or after it ended (the
         # final write): the journal, if any, is whole; the same command resumes.
-        fail(interrupted(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT, None))
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        fail(Interrupted.by_signal(signum, None))
     except BatchrunError as exc:
         import logging
 

@@ -7,7 +7,8 @@ the text of a message. The tree::
     ├── JobError                  bad job file, flag or keyword (exit 2, nothing sent)
     ├── InputError                unreadable or unusable input (exit 2, nothing sent)
     ├── OutputError               output cannot be written (exit 2; work on disk kept)
-    ├── ResumeConflict            the unfinished run belongs to another job (exit 2)
+    │   └── DiskFull              no space left (ENOSPC, EDQUOT) while journaling or writing (exit 6, resumable)
+    ├── ResumeConflict            the unfinished run belongs to another job, or its job.json is unreadable (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
     ├── Abandoned                 a row left unsent because the job is stopping (the resume sends it)
     ├── JobStopped                the job stopped early; ``exit_code`` says why
@@ -15,6 +16,7 @@ the text of a message. The tree::
     │   ├── ApiDown               every request failed for too long (exit 3)
     │   ├── TooManyFailures       --max-failures reached (exit 3)
     │   ├── BudgetReached         max_cost would be passed (exit 4)
+    │   ├── OutputBusy            another run holds the output's lock (exit 3)
     │   └── Interrupted           Ctrl-C (130) or SIGTERM (143)
     └── RequestError              one request failed; becomes a row's ``error``
         ├── RetryableError        worth another attempt
@@ -30,6 +32,10 @@ failed row is a row.
 """
 
 from __future__ import annotations
+
+import errno
+import signal
+from pathlib import Path
 
 
 class BatchrunError(Exception):
@@ -50,8 +56,29 @@ class OutputError(BatchrunError):
     """The output cannot be written; what is already on disk is kept for resume."""
 
 
+class DiskFull(OutputError):
+    """The disk is full (or the quota used up) while journaling or writing the
+    output. Every result written before stays on disk: free space and run the
+    same command again to resume. Its own exit code, because requests were sent
+    and paid for (2 means nothing was)."""
+
+    exit_code = 6
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def write_failed(exc: OSError, message: str) -> OutputError:
+    """Our error for an OSError while writing: DiskFull for a full disk or quota
+    (by errno), OutputError for the rest. ``message`` says what is kept and what to do."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFull(message)
+    return OutputError(message)
+
+
 class ResumeConflict(BatchrunError):
-    """An unfinished run of a different job holds the output path."""
+    """The unfinished run at the output path cannot be resumed by this job: it is
+    another job's, or its ``job.json`` is unreadable."""
 
 
 class RowError(BatchrunError):
@@ -87,12 +114,41 @@ class BudgetReached(JobStopped):
     exit_code = 4
 
 
+class OutputBusy(JobStopped):
+    """Another run (the PID in the lock file) is writing the same output: two runs
+    at once would send the same rows twice. Nothing was sent."""
+
+
 class Interrupted(JobStopped):
     """Stopped by a signal; ``exit_code`` is 128 + the signal number."""
 
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+    @classmethod
+    def by_signal(cls, signum: int, output: Path | None) -> Interrupted:
+        """The stop a signal ends a job with. ``output`` None: the signal came
+        before sending began or after it ended, when the journal (if any) is whole."""
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if output is None:
+            saved = "Nothing is lost: run the same command again to resume."
+        else:
+            saved = (
+                f"Every finished row is saved in {output}.partial; "
+                "run the same command again to resume."
+            )
+        return cls(f"Stopped by {name}. {saved}", exit_code=128 + signum)
+
+
+class Terminated(BaseException):
+    """Not an error: SIGTERM raised in the main thread, as KeyboardInterrupt is
+    for Ctrl-C (installed by ``raise_terminated``)."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise Terminated where the main thread is."""
+    raise Terminated
 
 
 class RequestError(BatchrunError):

@@ -348,8 +348,7 @@ class OpenRun:
         self.close()
 
     def close(self) -> None:
-        if self.journal.folder.exists():
-            self.journal.close()
+        self.journal.close()  # also after finish: it releases the output's lock
 
     def spend_so_far(self) -> CostBudget | None:
         """The job's spend so far (earlier runs' answers included) and its budget,

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 
+from batchrun.errors import write_failed
 from batchrun.files import atomic_write
 
 BATCH_ROWS = 8192
@@ -85,7 +86,16 @@ def write_batch_output(parquet: Path, target: Path | None = None) -> Path:
     """Write ``parquet`` (a batchrun output) as OpenAI batch output lines,
     atomically (temporary name, fsync, rename). Returns the path written."""
     target = target or batch_output_path(parquet)
-    with atomic_write(target) as tmp, tmp.open("wb") as fh:
-        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=BATCH_ROWS):
-            fh.write(b"".join(orjson.dumps(output_line(row)) + b"\n" for row in batch.to_pylist()))
+    try:
+        with atomic_write(target) as tmp, tmp.open("wb") as fh:
+            for batch in pq.ParquetFile(parquet).iter_batches(batch_size=BATCH_ROWS):
+                fh.write(
+                    b"".join(orjson.dumps(output_line(row)) + b"\n" for row in batch.to_pylist())
+                )
+    except OSError as exc:
+        raise write_failed(
+            exc,
+            f"Cannot write {target}: {exc.strerror}. {parquet} is complete: free space (or fix "
+            f"the folder) and run the same command again to write {target.name} (no row is sent again).",
+        ) from None
     return target

@@ -10,10 +10,18 @@ When every row has a result, ``finish`` streams the input once more for the
 ``keep_columns``, joins each row with its last journal record, writes Parquet in
 input order to a temporary name, fsyncs it and ``os.replace``s it onto the
 output path: a half-written file is never taken for a finished one. Then the
-``.partial`` folder is removed.
+``.partial`` folder is renamed away and removed.
 
 Resume: reopening the journal indexes each row's last record (offsets in numpy
-arrays: about 21 bytes a row, never the records themselves).
+arrays: about 21 bytes a row, never the records themselves). A damaged line is
+skipped and counted, never the end of the reading; only a torn last line is cut
+off. A finished output is copied back into a journal (``_take_back``) in a
+temporary folder renamed into place once complete, so it stays the record of
+the job until its copy is whole.
+
+One run at a time: the journal holds an exclusive ``flock`` on ``OUTPUT.lock``
+(with the PID of its run) from opening to ``close``; a second run on the same
+output stops at once (OutputBusy, exit 3).
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import contextlib
 import errno
 import glob
 import io
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,8 +49,16 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from batchrun._version import __version__
-from batchrun.errors import InputError, OutputError, ResumeConflict
-from batchrun.files import atomic_write, require_folder, write_atomic
+from batchrun.errors import (
+    InputError,
+    OutputBusy,
+    OutputError,
+    ResumeConflict,
+    write_failed,
+)
+from batchrun.files import atomic_write, fsync_path, require_folder, write_atomic
+
+log = logging.getLogger("batchrun")
 
 STATUS_NONE, STATUS_OK, STATUS_ERROR, STATUS_INVALID = 0, 1, 2, 3
 EMBEDDED_ENDPOINT = "the embedded endpoint (--mock)"
@@ -139,8 +158,87 @@ class Resumed:
     rows_invalid: int
 
 
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+"""What flock answers on a file system that has no locks."""
+
+
+def lock_path(output: Path) -> Path:
+    """The file a run locks for as long as it works on ``output`` (its PID inside)."""
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    """An exclusive lock on one output for a whole run: ``fcntl.flock`` on
+    ``OUTPUT.lock``, which holds the PID (and host) of the run. The kernel drops
+    the lock when the process ends, however it ends, so a lock file left by a
+    killed run blocks nobody. Two runs on one output at once would each send the
+    rows the other has not journaled yet, and mix their journal lines."""
+
+    def __init__(self, output: Path) -> None:
+        """Take the lock, or raise OutputBusy naming the run that holds it."""
+        import fcntl  # here, so that importing this module works where fcntl does not exist
+
+        self.output = output
+        self.path = lock_path(output)
+        self.fd = -1
+        while self.fd < 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The run before us removes the file before it lets go: a lock on
+                # a file no longer at this path would exclude nobody, so try again.
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    self.fd, fd = fd, -1
+            except BlockingIOError:
+                raise self._busy(fd) from None
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise
+                # A file system without locks (some network and FUSE mounts): run unlocked.
+                log.warning(
+                    "cannot lock %s (%s): nothing stops a second run on this output at the same time",
+                    self.path,
+                    exc.strerror,
+                    extra={"event": "no_lock"},
+                )
+                self.fd, fd = fd, -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        with contextlib.suppress(OSError):  # the PID only serves the message above
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+    def _busy(self, fd: int) -> OutputBusy:
+        try:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+        except OSError:
+            holder = []
+        pid = holder[0] if holder else ""
+        host = holder[1] if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+        who = (f"PID {pid}" if pid else "a run still starting") + (f" on {host}" if host else "")
+        stop = f" (kill {pid})" if pid and not host else ""
+        return OutputBusy(
+            f"{self.output} is in use: another batchrun run ({who}) is working on it and holds "
+            f"{self.path}. Two runs of one output would pay twice for the same rows, so this one "
+            f"sent nothing. Wait for that run to end, or stop it{stop}, then run the same command again."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock (in that order: see __init__)."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
 class Journal:
-    """The append-only record of finished rows for one output path."""
+    """The append-only record of finished rows for one output path, and the lock
+    on that output for as long as it is open."""
 
     def __init__(
         self,
@@ -150,7 +248,8 @@ class Journal:
         restart: bool = False,
         keep_columns: Sequence[str] = (),
     ) -> None:
-        """Open (or create) the journal for ``output``.
+        """Lock ``output`` (OutputBusy when another run holds it), then open (or
+        create) its journal.
 
         ``identity`` holds what must not change for a resume (model, prompts,
         parameters, input); a journal written under another identity raises
@@ -167,67 +266,104 @@ class Journal:
         self.status = np.zeros(num_rows, dtype=np.int8)
         self.hashes = np.zeros(num_rows, dtype=np.int64)
         self.resumed: Resumed | None = None
+        self.fd = self._rfd = -1
+        self.end = 0
         require_folder(output, "`output`")
-        if restart and self.folder.exists():
-            shutil.rmtree(self.folder)
-        identity = dict(identity)
-        finished_run = None if restart else self._finished_run(identity)
         try:
-            if self.folder.exists() and (self.folder / "job.json").exists():
+            self._lock = OutputLock(output)
+        except OSError as exc:
+            raise self._open_error(exc) from None
+        try:
+            self._open(dict(identity), restart, keep_columns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, identity: dict[str, Any], restart: bool, keep_columns: Sequence[str]) -> None:
+        finished_run = None
+        try:
+            _remove_leftovers(self.output)
+            if restart and self.folder.exists():
+                shutil.rmtree(self.folder)
+            finished_run = None if restart else self._finished_run(identity)
+            if finished_run is not None:
+                self.run_id = finished_run
+                self._take_back(identity, keep_columns)
+            elif self.folder.exists() and (self.folder / "job.json").exists():
                 self.run_id = self._check_identity(identity)
             else:
                 self.folder.mkdir(exist_ok=True)
-                self.run_id = finished_run or uuid.uuid4().hex[:12]
-                self._write_job_json(
-                    {**identity, "run_id": self.run_id, "batchrun_version": __version__}
-                )
+                self.run_id = uuid.uuid4().hex[:12]
+                self._write_job_json(self.folder, identity)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        except PermissionError as exc:
-            raise OutputError(
-                f"Cannot write in {output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
-            ) from None
         except OSError as exc:
-            raise OutputError(
-                f"Cannot write the journal in {self.folder}: {exc.strerror}. Free space or fix the folder, then run again."
-            ) from None
+            raise self._open_error(exc) from None
         self.end = self._load()
-        if finished_run is not None and self.end == 0:
-            self._take_back(keep_columns)
-            self.end = self._load()
+        if finished_run is None and not restart:
+            self._complete_take_back(keep_columns)
+
+    def _open_error(self, exc: OSError) -> OutputError:
+        if isinstance(exc, PermissionError):
+            return OutputError(
+                f"Cannot write in {self.output.parent}: {exc.strerror}. Choose an `output` in a folder you can write to."
+            )
+        return write_failed(
+            exc,
+            f"Cannot write the journal in {self.folder}: {exc.strerror}. Every result written "
+            "before is kept: free space (or fix the folder), then run the same command again.",
+        )
 
     # ---- identity --------------------------------------------------------
 
-    def _write_job_json(self, data: Mapping[str, Any]) -> None:
+    def _write_job_json(self, folder: Path, identity: Mapping[str, Any]) -> None:
+        data = {**identity, "run_id": self.run_id, "batchrun_version": __version__}
         write_atomic(
-            self.folder / "job.json",
+            folder / "job.json",
             orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS),
         )
 
     def _check_identity(self, identity: dict[str, Any]) -> str:
+        job_json = self.folder / "job.json"
         try:
-            old = orjson.loads((self.folder / "job.json").read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            old = {}
+            old = orjson.loads(job_json.read_bytes())
+            reason = "" if isinstance(old, dict) else "not a JSON object"
+        except OSError as exc:
+            reason = str(exc.strerror)
+        except orjson.JSONDecodeError as exc:
+            reason = f"not JSON: {exc}"
+        if reason:
+            # Without it there is no telling whether the journal is this job's.
+            raise ResumeConflict(
+                f"{job_json} is unreadable ({reason}), so batchrun cannot tell whether the "
+                f"unfinished run in {self.folder} belongs to this job. Restore job.json (from a "
+                "backup) to resume that run, or run again with --restart to discard its results "
+                "and start over."
+            )
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
             what = ", ".join(f"`{k}`" for k in changed)
             raise ResumeConflict(
                 f"{self.folder} holds an unfinished run of a different job: {what} changed since it started. "
                 f"Run again with --restart to discard its results and start over, or put back the old "
-                f"settings to keep going (the old ones are in {self.folder / 'job.json'})."
+                f"settings to keep going (the old ones are in {job_json})."
             )
         return str(old.get("run_id") or uuid.uuid4().hex[:12])
+
+    def _written(self) -> dict[str, Any]:
+        """The ``batchrun`` metadata of the finished output ({} when unreadable)."""
+        try:
+            meta = pq.read_schema(self.output).metadata or {}
+            written = orjson.loads(meta[b"batchrun"])
+        except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError):
+            return {}
+        return written if isinstance(written, dict) else {}
 
     def _finished_run(self, identity: dict[str, Any]) -> str | None:
         """The run id of a finished output of this same job, None when there is
         no finished output. ResumeConflict when it was written by another job."""
         if not self.output.exists() or self.folder.exists():
             return None
-        try:
-            meta = pq.read_schema(self.output).metadata or {}
-            written = orjson.loads(meta[b"batchrun"])
-        except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError):
-            written = {}
+        written = self._written()
         old = written.get("identity") or {}
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
@@ -238,46 +374,137 @@ class Journal:
             )
         return str(written.get("run_id") or uuid.uuid4().hex[:12])
 
-    def _take_back(self, keep_columns: Sequence[str]) -> None:
-        """Journal every row of the finished output, so it resumes like a journal."""
+    # ---- taking a finished output back -------------------------------------
+
+    def _take_back(self, identity: dict[str, Any], keep_columns: Sequence[str]) -> None:
+        """Journal every row of the finished output, so it resumes like a journal.
+
+        The copy is written in a temporary folder and renamed onto ``.partial`` only
+        once it is complete and on disk: until then the finished output stays the
+        one record of the job, so a run stopped mid-copy (kill -9, SIGTERM, a full
+        disk) leaves a finished job, never a partial journal whose missing rows the
+        next run would send again.
+        """
+        tmp = _temporary(self.folder)
+        tmp.mkdir()
+        try:
+            self._write_job_json(tmp, identity)
+            fd = os.open(tmp / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                self._copy_output(fd, keep_columns)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_path(tmp)
+            os.rename(tmp, self.folder)
+            fsync_path(self.folder.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failed(
+                exc,
+                f"Cannot take {self.output} back into a journal to resume it: {exc.strerror or exc}. "
+                f"{self.output} is unchanged: free space (or fix the folder) and run the same command again.",
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _complete_take_back(self, keep_columns: Sequence[str]) -> None:
+        """Copy in the rows this journal lacks from the finished output it was
+        taken back from (same run id): what a take-back stopped midway left before
+        the copy was made atomic, or a finish stopped while removing the journal.
+        A journal of another run (after --restart) never takes the old output's rows."""
+        if not self.output.exists() or self._written().get("run_id") != self.run_id:
+            return
+        try:
+            in_output = pq.read_metadata(self.output).num_rows
+        except (pa.ArrowInvalid, OSError):
+            return
+        if int((self.status != STATUS_NONE).sum()) >= in_output:
+            return  # the journal has every row of the output (and perhaps newer results)
+        try:
+            copied = self._copy_output(self.fd, keep_columns, self.status == STATUS_NONE)
+        except OSError as exc:
+            os.ftruncate(self.fd, self.end)
+            raise write_failed(
+                exc,
+                f"Cannot write to {self.path}: {exc.strerror or exc}. Every result written before "
+                "this is kept: free space (or fix the folder) and run the same command again to resume.",
+            ) from None
+        log.warning(
+            "%s held only part of %s, which it was taken back from: copied the other %d rows in",
+            self.path,
+            self.output,
+            copied,
+            extra={"event": "take_back_completed", "rows_copied": copied},
+        )
+        self.end = self._load()
+
+    def _copy_output(
+        self, fd: int, keep_columns: Sequence[str], wanted: np.ndarray | None = None
+    ) -> int:
+        """Write the finished output's rows (those ``wanted`` marks, else all) to
+        ``fd`` as journal records, a batch per write. Returns how many."""
         skip = {"id", "row", *keep_columns}
-        fixed = FIXED_COLUMNS
+        copied = 0
         for batch in pq.ParquetFile(self.output).iter_batches(batch_size=8192):
+            lines = []
             for row in batch.to_pylist():
-                rec = {
-                    k: journal_value(v) for k, v in row.items() if k in fixed or k in ("row", "id")
-                }
-                values = {k: v for k, v in row.items() if k not in fixed and k not in skip}
+                n = row["row"]
+                if not 0 <= n < self.num_rows or (wanted is not None and not wanted[n]):
+                    continue
+                rec = {k: journal_value(v) for k, v in row.items() if k in FIXED_COLUMNS}
+                values = {k: v for k, v in row.items() if k not in FIXED_COLUMNS and k not in skip}
                 if values:
                     rec["values"] = values
-                if 0 <= rec["row"] < self.num_rows:
-                    self.append(rec)
+                lines.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
+            _write_all(fd, b"".join(lines))
+            copied += len(lines)
+        return copied
 
     # ---- reading back ----------------------------------------------------
 
     def _load(self) -> int:
-        """Index every complete record; cut off a torn last line. Returns the end offset."""
+        """Index every readable record. Returns the end offset.
+
+        A damaged line (garbage, or the NUL bytes a power cut leaves where a block
+        never reached the disk) is skipped, counted and logged; every record after
+        it is kept, and a whole record right after a run of NULs too. Only a torn
+        last line (no newline: a write cut short) is cut off.
+        """
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0
-        pos = 0
+        pos = unreadable = 0
         with open(self.path, "rb") as fh:
             for line in fh:
                 if not line.endswith(b"\n"):
-                    break  # a torn write at the very end: dropped below
-                try:
-                    rec = orjson.loads(line)
-                    row = int(rec["row"])
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    break
+                    break  # a torn write at the very end: cut off below
+                start, pos = pos, pos + len(line)
+                found = _parse_record(line)
+                if found is None and b"\0" in line:
+                    tail = line[line.rindex(b"\0") + 1 :]
+                    found, start = _parse_record(tail), pos - len(tail)
+                if found is None:
+                    unreadable += 1
+                    continue
+                row, rec = found
                 if 0 <= row < self.num_rows:
-                    self.offsets[row] = pos
-                    self.lengths[row] = len(line) - 1
-                    self.status[row] = STATUS_CODES.get(rec.get("status"), STATUS_ERROR)
+                    self.offsets[row] = start
+                    self.lengths[row] = pos - start - 1
+                    self.status[row] = STATUS_CODES.get(str(rec.get("status")), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
-                pos += len(line)
         if pos < size:
             os.ftruncate(self.fd, pos)
+        if unreadable:
+            log.warning(
+                "%s: skipped %d unreadable line%s (damaged on disk); every readable record is "
+                "kept, and the rows whose records were lost are sent again",
+                self.path,
+                unreadable,
+                "" if unreadable == 1 else "s",
+                extra={"event": "journal_damaged", "journal": str(self.path), "lines": unreadable},
+            )
         ok, failed, invalid = self.counts()
         self.resumed = Resumed(self.run_id, ok, failed, invalid)
         return pos
@@ -292,7 +519,7 @@ class Journal:
         return rec
 
     def fd_read(self) -> int:
-        if not hasattr(self, "_rfd"):
+        if self._rfd < 0:
             self._rfd = os.open(self.path, os.O_RDONLY)
         return self._rfd
 
@@ -320,9 +547,10 @@ class Journal:
         self.end += written
 
     def _write_error(self, exc: OSError) -> OutputError:
-        return OutputError(
+        return write_failed(
+            exc,
             f"Cannot write to {self.path}: {exc.strerror}. Every result written before this is kept: "
-            "free space (or fix the folder) and run the same command again to resume."
+            "free space (or fix the folder) and run the same command again to resume.",
         )
 
     def sync(self) -> None:
@@ -331,11 +559,18 @@ class Journal:
             os.fsync(self.fd)
 
     def close(self) -> None:
-        self.sync()
-        os.close(self.fd)
-        if hasattr(self, "_rfd"):
+        """Close the journal and release the output's lock; calling it again does nothing."""
+        self._close_files()
+        self._lock.release()
+
+    def _close_files(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
+        if self._rfd >= 0:
             os.close(self._rfd)
-            del self._rfd
+            self._rfd = -1
 
     def counts(self) -> tuple[int, int, int]:
         """Rows whose last result is ok, an error, and an invalid answer."""
@@ -363,7 +598,8 @@ class Journal:
         extra_fields: Sequence[pa.Field] = (),
         value_columns: frozenset[str] = frozenset(),
     ) -> Path:
-        """Write the output Parquet from the journal, atomically, and remove the journal."""
+        """Write the output Parquet from the journal, atomically, and remove the journal.
+        The lock stays held until ``close``."""
         self.sync()
         schema = output_schema(keep_schema, metadata, extra_fields)
         skip = skip_rows if skip_rows is not None else np.zeros(self.num_rows, dtype=bool)
@@ -396,12 +632,20 @@ class Journal:
                         keep = keep.take(pa.array([r - start for r in rows], pa.int64()))
                     writer.write_batch(_result_batch(lines, keep, schema, value_columns))
         except OSError as exc:
-            raise OutputError(
+            raise write_failed(
+                exc,
                 f"Cannot write {self.output}: {exc.strerror}. The results are kept in {self.folder}: "
-                "free space (or fix the folder) and run the same command again to write the file."
+                "free space (or fix the folder) and run the same command again to write the file.",
             ) from None
-        self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._close_files()
+        # The journal goes in one rename, then its files: a run stopped meanwhile
+        # never leaves a journal with part of its records beside the finished file.
+        trash = _temporary(self.folder)
+        try:
+            os.rename(self.folder, trash)
+        except OSError:
+            trash = self.folder
+        shutil.rmtree(trash, ignore_errors=True)
         return self.output
 
     def _ranges(
@@ -415,6 +659,45 @@ class Journal:
         for keep in keep_batches:
             yield start, keep
             start += keep.num_rows
+
+
+def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:
+    """(row, record) of a journal line, None when the line is not a record."""
+    try:
+        rec = orjson.loads(line)
+        return int(rec["row"]), rec
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path`` for a file or folder on its way in or out."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Remove what a run killed mid-write left beside ``output``: a temporary output
+    file (``files.atomic_write``), a take-back copy or a journal being removed
+    (``_temporary``). Called under the lock: no other run is writing them."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}(?:\.partial)?\.[0-9a-f]+\.tmp")
+    with os.scandir(output.parent) as entries:
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def output_files(specs: Iterable[Path | str], leave_out: Path | None = None) -> list[Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batchrun.config import Job
-from batchrun.errors import Interrupted, JobStopped, TooManyFailures
+from batchrun.errors import Interrupted, JobStopped, Terminated, TooManyFailures, raise_terminated
 from batchrun.outputs import STATUS_ERROR, Record
 from batchrun.progress import Progress, Tally
 
@@ -32,26 +32,8 @@ GRACE_S = 10.0
 
 
 def interrupted(signum: int, output: Path | None) -> Interrupted:
-    """The stop a signal ends a job with. ``output`` None: the signal came
-    before sending began or after it ended, when the journal (if any) is whole."""
-    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-    if output is None:
-        saved = "Nothing is lost: run the same command again to resume."
-    else:
-        saved = (
-            f"Every finished row is saved in {output}.partial; "
-            "run the same command again to resume."
-        )
-    return Interrupted(f"Stopped by {name}. {saved}", exit_code=128 + signum)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt is for Ctrl-C."""
-
-
-def raise_terminated(signum: int, frame: object) -> None:
-    """A SIGTERM handler: raise Terminated where the main thread is."""
-    raise Terminated
+    """The stop a signal ends a job with (``Interrupted.by_signal``)."""
+    return Interrupted.by_signal(signum, output)
 
 
 @contextlib.contextmanager
@@ -79,13 +61,17 @@ def stop_on_signals(
         else:
             stop_now(error)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         yield
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum, handler in previous.items():
             loop.remove_signal_handler(signum)
+            # Hand back the caller's handler (the CLI's, for the final write), not the default.
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
