@@ -9,6 +9,8 @@ the text of a message. The tree::
     ├── OutputError               output cannot be written (exit 2; work on disk kept)
     ├── ResumeConflict            the unfinished run belongs to another job (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
+    ├── InvalidAnswer             an answer that is not JSON, does not fit the schema or was
+    │                             cut off; asked again, then the row is ``invalid``
     ├── JobStopped                the job stopped early; ``exit_code`` says why
     │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
     │   ├── ApiDown               every request failed for too long (exit 3)
@@ -24,7 +26,8 @@ the text of a message. The tree::
         │   └── BadResponse       a 2xx answer whose body cannot be read
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
 
-``RowError`` and ``RequestError`` never escape the scheduler: a failed row is a row.
+``RowError``, ``InvalidAnswer`` and ``RequestError`` never escape the scheduler: a
+failed row is a row.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class ResumeConflict(BatchrunError):
 
 class RowError(BatchrunError):
     """This row cannot be turned into a request (a prompt column is null or not text)."""
+
+
+class InvalidAnswer(BatchrunError):
+    """A completion that is not JSON, does not fit the response schema, or was cut off."""
 
 
 class JobStopped(BatchrunError):

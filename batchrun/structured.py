@@ -32,7 +32,7 @@ import orjson
 import pyarrow as pa
 
 from batchrun.config import Job
-from batchrun.errors import JobError
+from batchrun.errors import InvalidAnswer, JobError
 
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
 _SCALARS: dict[str, pa.DataType] = {
@@ -41,10 +41,6 @@ _SCALARS: dict[str, pa.DataType] = {
     "number": pa.float64(),
     "boolean": pa.bool_(),
 }
-
-
-class InvalidAnswer(ValueError):
-    """A completion that is not JSON, does not fit the schema, or was cut off."""
 
 
 def _non_null(schema: Mapping[str, Any]) -> Mapping[str, Any]:
