@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -58,6 +59,57 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+REDACTED = "[redacted]"
+# JSON's short escapes (and Python's, in a repr), by the character they stand for.
+_SHORT_ESCAPES = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "'": "'",
+    "\b": "b",
+    "\f": "f",
+    "\n": "n",
+    "\r": "r",
+    "\t": "t",
+}
+
+
+def _hex(value: int, digits: int) -> str:
+    """``value`` as a regex matching its hex digits in either case."""
+    return "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{value:0{digits}x}")
+
+
+def _char_pattern(char: str) -> str:
+    """A regex matching ``char`` as it is, or as a JSON or Python escape would
+    write it: ``\\u002d``, ``\\x2d``, a surrogate pair, the UTF-8 bytes as
+    ``\\xe2\\x82\\xac``, ``\\n``, ``\\/`` … The backslash may be doubled (text
+    escaped twice, as JSON inside a JSON string)."""
+    code = ord(char)
+    forms = [re.escape(char)]
+    if code > 0xFFFF:
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        forms.append(rf"\\+u{_hex(high, 4)}\\+u{_hex(low, 4)}")
+    else:
+        forms.append(rf"\\+u{_hex(code, 4)}")
+    if code <= 0xFF:
+        forms.append(rf"\\+x{_hex(code, 2)}")
+    if code > 0x7F:
+        forms.append("".join(rf"\\+x{_hex(b, 2)}" for b in char.encode()))
+    if char in _SHORT_ESCAPES:
+        forms.append(rf"\\+{re.escape(_SHORT_ESCAPES[char])}")
+    return "(?:" + "|".join(forms) + ")"
+
+
+def secrets_pattern(secrets: Sequence[str]) -> re.Pattern[str] | None:
+    """One regex matching any of ``secrets`` written as it is or with any of its
+    characters escaped (see ``_char_pattern``); None when there is none.
+    Longest first, so a secret containing another is redacted whole."""
+    ordered = sorted({s for s in secrets if s}, key=len, reverse=True)
+    if not ordered:
+        return None
+    return re.compile("|".join("".join(map(_char_pattern, s)) for s in ordered))
+
+
 def _error_text(raw: bytes) -> str:
     """The API's own words from an error body: LLMTune's {"error", "message"},
     OpenAI's {"error": {"message", "type", "code"}}, or the raw text."""
@@ -92,8 +144,8 @@ class ApiClient:
         self.job = job
         self._api_key = api_key
         self._extra_headers = dict(headers or {})
-        # Longest first, so a secret containing another is redacted whole.
-        self._secrets = sorted({s for s in (api_key, *secrets) if s}, key=len, reverse=True)
+        self._secrets = tuple({s for s in (api_key, *secrets) if s})
+        self._secrets_re = secrets_pattern(self._secrets)
         self._url = URL(job.url)
         self._session: aiohttp.ClientSession | None = None
 
@@ -134,10 +186,31 @@ class ApiClient:
             self._session = None
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "[redacted]")
-        return text
+        """``text`` (anything a server sent) with every secret the job holds
+        replaced, whether written as it is or escaped. Most texts hold neither a
+        secret nor a backslash, and cost two substring searches."""
+        pattern = self._secrets_re
+        if pattern is None or (
+            "\\" not in text and not any(secret in text for secret in self._secrets)
+        ):
+            return text
+        return pattern.sub(REDACTED, text)
+
+    def _redact_answer(self, answer: Completion) -> Completion:
+        """The answer with every text the server wrote in it redacted."""
+        if self._secrets_re is None:
+            return answer
+        texts = (answer.text, answer.finish_reason, answer.response_id, answer.response_model)
+        clean = tuple(None if t is None else self._redact(t) for t in texts)
+        if clean == texts:
+            return answer
+        return replace(
+            answer,
+            text=clean[0],
+            finish_reason=clean[1],
+            response_id=clean[2],
+            response_model=clean[3],
+        )
 
     async def complete(self, body: bytes) -> Completion:
         """POST one request body and return the completion it got.
@@ -155,7 +228,7 @@ class ApiClient:
                     and 200 <= status < 300
                     and resp.content_type != "application/json"
                 ):
-                    return await self._read_stream(resp, sent)
+                    return self._redact_answer(await self._read_stream(resp, sent))
                 raw = await resp.read()
                 retry_after = resp.headers.get("Retry-After") if status >= 300 else None
         except TimeoutError as exc:
@@ -167,7 +240,7 @@ class ApiClient:
                 self._redact(f"connection failed: {type(exc).__name__}: {exc}".rstrip(": "))
             ) from exc
         if 200 <= status < 300:
-            return self._read_answer(raw, status)
+            return self._redact_answer(self._read_answer(raw, status))
         raise self._status_error(status, raw, retry_after)
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, sent: float) -> Completion:
@@ -189,7 +262,9 @@ class ApiClient:
             try:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
-                raise BadResponse(f"stream chunk is not JSON: {data[:80]!r}", resp.status) from exc
+                # Redact the whole chunk before cutting: a cut secret would not match.
+                shown = self._redact(data.decode("utf-8", "replace"))[:80]
+                raise BadResponse(f"stream chunk is not JSON: {shown!r}", resp.status) from exc
             if not isinstance(chunk, dict):
                 raise BadResponse("stream chunk is not a JSON object", resp.status)
             if chunk.get("error"):

@@ -1,0 +1,150 @@
+"""The HTTP client at the edges, each against real aiohttp servers on 127.0.0.1:
+servers that echo the secrets back (escaped or not), redirects to another
+origin, answers too large to hold, and keys or headers or URLs aiohttp cannot
+send. Nothing here touches the internet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+
+from tests.conftest import TEST_KEY, assert_exit, invoke, run_app, tickets, write_jsonl
+
+pytestmark = pytest.mark.timeout(60)
+
+Threaded = Callable[[Callable[[], Any]], Any]
+HEADER_SECRET = 'tt-"q7Zx"/w9Kp-secret'
+# Parts of the secrets with no character an encoder would escape: if any form
+# of a secret got through, one of these is in the text.
+TELLTALES = ("0123456789abcdef", "q7Zx", "w9Kp")
+
+
+def base_args(tmp_path: Path, base_url: str, name: str, *extra: str) -> list[str]:
+    src = tmp_path / "in.jsonl"
+    if not src.exists():
+        write_jsonl(src, tickets(2))
+    return [
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / f"{name}.parquet"),
+        "--model",
+        "m",
+        "--prompt-template",
+        "Summarize: {ticket}",
+        "--base-url",
+        base_url,
+        "--concurrency",
+        "2",
+        "--request-timeout-s",
+        "10",
+        *extra,
+    ]
+
+
+def output_text(path: Path) -> str:
+    """Every value and the metadata of an output file, as text."""
+    table = pq.read_table(path)
+    return repr(table.to_pylist()) + repr(table.schema.metadata)
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for telltale in TELLTALES:
+            assert telltale not in text, f"{telltale!r} leaked into:\n{text}"
+
+
+# ---- 7. every text from a server is redacted -------------------------------------------
+
+
+def echoes(request: web.Request) -> str:
+    """What a careless server might send back: the request's secret headers as
+    they are, JSON-escaped by several encoders, and escaped twice."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+    auth, token = headers["Authorization"], headers["X-Tenant-Token"]
+    return " | ".join(
+        [
+            f"Authorization: {auth}",
+            f"X-Tenant-Token: {token}",
+            json.dumps(headers),  # json: \" escaped
+            json.dumps(headers, ensure_ascii=True).replace("-", "\\u002d"),  # Go-like
+            json.dumps(token).replace("/", "\\/"),  # PHP-like
+            json.dumps(json.dumps(headers)),  # JSON inside a JSON string
+            repr(token.encode()),  # a Python repr
+        ]
+    )
+
+
+def echo_app() -> tuple[web.Application, list[dict[str, str]]]:
+    """Streamed requests get a 200 SSE stream whose chunk is not JSON, the others
+    a 500 whose body is not JSON; both echo the request's secrets."""
+    received: list[dict[str, str]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        received.append(dict(request.headers))
+        echo = echoes(request)
+        if body.get("stream"):
+            # The escaped key first, so a cut to the first characters would still show it.
+            escaped = request.headers["Authorization"].replace("-", "\\u002d")
+            chunk = f'data: {{"auth": "{escaped}", "echo": "{echo}'
+            return web.Response(
+                body=(chunk + "\n\ndata: [DONE]\n\n").encode(), content_type="text/event-stream"
+            )
+        return web.Response(
+            status=500, text=f"upstream failed for {echo}", headers={"Retry-After": "0"}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app, received
+
+
+@pytest.mark.parametrize(("stream", "log_format"), [(True, "json"), (False, "text")])
+def test_server_echoes_of_the_key_and_header_secrets_are_redacted_everywhere(
+    tmp_path: Path,
+    threaded: Threaded,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: bool,
+    log_format: str,
+) -> None:
+    monkeypatch.setenv("TENANT_TOKEN", HEADER_SECRET)
+    app, received = echo_app()
+    base_url = threaded(lambda: run_app(app))
+    log = tmp_path / "run.log"
+    args = base_args(
+        tmp_path,
+        base_url,
+        "out",
+        "--header",
+        "X-Tenant-Token=${TENANT_TOKEN}",
+        "--max-attempts",
+        "2",
+        "--log-file",
+        str(log),
+        "--log-format",
+        log_format,
+        "-v",
+        *(["--stream"] if stream else []),
+    )
+    result = invoke(*args)
+    assert_exit(result, 1)
+    # The server did get both secrets: what it echoed held them.
+    assert received[0]["Authorization"] == f"Bearer {TEST_KEY}"
+    assert received[0]["X-Tenant-Token"] == HEADER_SECRET
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["error", "error"]
+    for row in rows:
+        expected = "stream chunk is not JSON" if stream else "HTTP 500: upstream failed for"
+        assert expected in row["error"] and "[redacted]" in row["error"], row["error"]
+    assert_no_secret(output_text(tmp_path / "out.parquet"), log.read_text(), result.stderr)
+    assert "[redacted]" in log.read_text() and "[redacted]" in result.stderr
