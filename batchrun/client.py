@@ -36,6 +36,16 @@ from batchrun.payload import Completion, parse_completion
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_ERROR_TEXT = 300
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+FOLLOWED_REDIRECTS = frozenset({307, 308})
+"""Redirects that keep the method and body; followed within the job's origin only."""
+MAX_REDIRECTS = 5
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port): two URLs may share a key and headers only when these match.
+    ``localhost`` and 127.0.0.1 are different origins."""
+    return url.scheme.lower(), (url.host or "").lower(), url.port
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -147,6 +157,8 @@ class ApiClient:
         self._secrets = tuple({s for s in (api_key, *secrets) if s})
         self._secrets_re = secrets_pattern(self._secrets)
         self._url = URL(job.url)
+        self._origin_key = _origin(self._url)
+        self._origin = str(self._url.origin())
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ApiClient:
@@ -216,21 +228,40 @@ class ApiClient:
         """POST one request body and return the completion it got.
 
         Raises a RetryableError (429, 408, 409, 5xx, timeout, dropped connection,
-        unreadable 2xx body) or a FatalRequestError (any other 4xx).
+        unreadable 2xx body) or a FatalRequestError (any other 4xx, a redirect
+        it does not follow: see ``_redirect_target``).
         """
         assert self._session is not None, "use ApiClient in `async with`"
         sent = time.perf_counter()
+        url, timeout = self._url, self._session.timeout
         try:
-            async with self._session.post(self._url, data=body) as resp:
-                status = resp.status
-                if (
-                    self.job.stream
-                    and 200 <= status < 300
-                    and resp.content_type != "application/json"
-                ):
-                    return self._redact_answer(await self._read_stream(resp, sent))
-                raw = await resp.read()
-                retry_after = resp.headers.get("Retry-After") if status >= 300 else None
+            # aiohttp would follow a redirect anywhere, dropping the key but not
+            # the job's other headers: batchrun follows only its own origin's.
+            for _ in range(MAX_REDIRECTS + 1):
+                async with self._session.post(
+                    url, data=body, allow_redirects=False, timeout=timeout
+                ) as resp:
+                    status = resp.status
+                    if status in REDIRECT_STATUS:
+                        url = self._redirect_target(resp)
+                        left = self.job.request_timeout_s - (time.perf_counter() - sent)
+                        timeout = aiohttp.ClientTimeout(total=max(left, 0.001))
+                        continue
+                    if (
+                        self.job.stream
+                        and 200 <= status < 300
+                        and resp.content_type != "application/json"
+                    ):
+                        return self._redact_answer(await self._read_stream(resp, sent))
+                    raw = await resp.read()
+                    retry_after = resp.headers.get("Retry-After") if status >= 300 else None
+                    break
+            else:
+                raise FatalRequestError(
+                    f"HTTP {status}: more than {MAX_REDIRECTS} redirects within {self._origin}; "
+                    "set base_url to where the API answers.",
+                    status,
+                )
         except TimeoutError as exc:
             raise RequestTimeout(
                 f"no answer within request_timeout_s={self.job.request_timeout_s:g}s"
@@ -242,6 +273,38 @@ class ApiClient:
         if 200 <= status < 300:
             return self._redact_answer(self._read_answer(raw, status))
         raise self._status_error(status, raw, retry_after)
+
+    def _redirect_target(self, resp: aiohttp.ClientResponse) -> URL:
+        """Where a redirect points, when batchrun follows it: a 307 or 308 within
+        the job's origin (scheme, host and port), which repeat the POST as it
+        was. Any other redirect raises FatalRequestError naming the target: the
+        key and the job's headers never go to a server the job did not name,
+        and a 301, 302 or 303 would turn the POST into a GET."""
+        status = resp.status
+        location = resp.headers.get("Location")
+        if not location:
+            raise FatalRequestError(f"HTTP {status}: a redirect without a Location header", status)
+        try:
+            target = resp.url.join(URL(location))
+            origin = _origin(target)
+        except ValueError:
+            origin = None
+        shown = self._redact(location if origin is None else str(target))[:MAX_ERROR_TEXT]
+        if origin != self._origin_key:
+            raise FatalRequestError(
+                f"HTTP {status}: redirected to {shown}, which is not {self._origin} (the origin of "
+                "base_url). batchrun does not follow redirects to another origin, so that neither "
+                "the key nor a header goes there; if the API has moved, set base_url to it.",
+                status,
+            )
+        if status not in FOLLOWED_REDIRECTS:
+            raise FatalRequestError(
+                f"HTTP {status}: redirected to {shown}; only a 307 or 308 redirect keeps the "
+                "request a POST, so batchrun does not follow it. Set base_url to where the API "
+                "answers.",
+                status,
+            )
+        return target
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, sent: float) -> Completion:
         """Assemble a completion from SSE chunks until ``data: [DONE]``.

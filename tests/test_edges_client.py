@@ -148,3 +148,135 @@ def test_server_echoes_of_the_key_and_header_secrets_are_redacted_everywhere(
         assert expected in row["error"] and "[redacted]" in row["error"], row["error"]
     assert_no_secret(output_text(tmp_path / "out.parquet"), log.read_text(), result.stderr)
     assert "[redacted]" in log.read_text() and "[redacted]" in result.stderr
+
+
+# ---- 8. redirects ----------------------------------------------------------------------
+
+
+def recording_app(
+    redirect: Callable[[web.Request], tuple[int, str] | None] | None = None,
+) -> tuple[web.Application, list[dict[str, str]]]:
+    """A chat endpoint that keeps every request's headers (path included as
+    ``:path``) and answers ok, or with ``redirect(request)`` = (status, Location)."""
+    received: list[dict[str, str]] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        received.append({**request.headers, ":path": request.path})
+        target = redirect(request) if redirect else None
+        if target is not None:
+            return web.Response(status=target[0], headers={"Location": target[1]})
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "model": "m",
+                "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v2/chat/completions", chat)
+    return app, received
+
+
+@pytest.mark.parametrize(
+    ("status", "where"),
+    [(307, "other-port"), (308, "other-port"), (307, "localhost-other-port"), (308, "localhost")],
+)
+def test_redirect_to_another_origin_is_a_row_error_and_sends_nothing_there(
+    tmp_path: Path,
+    threaded: Threaded,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    where: str,
+) -> None:
+    monkeypatch.setenv("TENANT_TOKEN", HEADER_SECRET)
+    other_app, other_received = recording_app()
+    other_url = threaded(lambda: run_app(other_app))
+    other_port = other_url.split(":")[2].split("/")[0]
+    targets: dict[str, str] = {}
+
+    def redirect(request: web.Request) -> tuple[int, str]:
+        return status, targets[where]
+
+    app, received = recording_app(redirect)
+    base_url = threaded(lambda: run_app(app))
+    port = base_url.split(":")[2].split("/")[0]
+    targets.update(
+        {
+            "other-port": f"{other_url}/chat/completions",
+            "localhost-other-port": f"http://localhost:{other_port}/v1/chat/completions",
+            "localhost": f"http://localhost:{port}/v1/chat/completions",
+        }
+    )
+    args = base_args(tmp_path, base_url, "out", "--header", "X-Tenant-Token=${TENANT_TOKEN}", "-q")
+    result = invoke(*args)
+    assert_exit(result, 1)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    for row in rows:
+        assert row["status"] == "error"
+        assert row["http_status"] == status
+        assert row["attempts"] == 1  # not retried
+        assert row["error"].startswith(
+            f"HTTP {status}: redirected to {targets[where]}, which is not http://127.0.0.1:{port} "
+            "(the origin of base_url). batchrun does not follow redirects to another origin"
+        ), row["error"]
+    assert other_received == []
+    assert len(received) == 2  # one request per row, none of them followed
+    assert all(r[":path"] == "/v1/chat/completions" for r in received)
+
+
+def test_redirect_within_the_origin_is_followed_with_the_key_and_headers(
+    tmp_path: Path, threaded: Threaded, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TENANT_TOKEN", HEADER_SECRET)
+
+    def redirect(request: web.Request) -> tuple[int, str] | None:
+        return (307, "/v2/chat/completions") if request.path.startswith("/v1/") else None
+
+    app, received = recording_app(redirect)
+    base_url = threaded(lambda: run_app(app))
+    args = base_args(tmp_path, base_url, "out", "--header", "X-Tenant-Token=${TENANT_TOKEN}", "-q")
+    assert_exit(invoke(*args), 0)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["attempts"] for r in rows] == [1, 1]
+    followed = [r for r in received if r[":path"] == "/v2/chat/completions"]
+    assert len(followed) == 2
+    assert {r["Authorization"] for r in followed} == {f"Bearer {TEST_KEY}"}
+    assert {r["X-Tenant-Token"] for r in followed} == {HEADER_SECRET}
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_redirect_that_would_turn_the_post_into_a_get_is_not_followed(
+    tmp_path: Path, threaded: Threaded, status: int
+) -> None:
+    def redirect(request: web.Request) -> tuple[int, str] | None:
+        return (status, "/v2/chat/completions") if request.path.startswith("/v1/") else None
+
+    app, received = recording_app(redirect)
+    base_url = threaded(lambda: run_app(app))
+    result = invoke(*base_args(tmp_path, base_url, "out", "--api-key-env", "", "-q"))
+    assert_exit(result, 1)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["error"] for r in rows} == {
+        f"HTTP {status}: redirected to {base_url.removesuffix('/v1')}/v2/chat/completions; only a "
+        "307 or 308 redirect keeps the request a POST, so batchrun does not follow it. Set "
+        "base_url to where the API answers."
+    }
+    assert len(received) == 2
+
+
+def test_a_redirect_loop_within_the_origin_ends(tmp_path: Path, threaded: Threaded) -> None:
+    app, received = recording_app(lambda request: (307, "/v1/chat/completions"))
+    base_url = threaded(lambda: run_app(app))
+    result = invoke(*base_args(tmp_path, base_url, "out", "--api-key-env", "", "-q"))
+    assert_exit(result, 1)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["error"].split(";")[0] for r in rows} == {
+        f"HTTP 307: more than 5 redirects within {base_url.removesuffix('/v1')}"
+    }
+    assert len(received) == 2 * 6
