@@ -8,11 +8,12 @@ echo of it in an API's error text is redacted before the text leaves.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,7 @@ from yarl import URL
 from batchrun._version import __version__
 from batchrun.config import Job
 from batchrun.errors import (
+    AnswerTooLarge,
     BadResponse,
     ConnectionDropped,
     FatalRequestError,
@@ -40,6 +42,7 @@ REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 FOLLOWED_REDIRECTS = frozenset({307, 308})
 """Redirects that keep the method and body; followed within the job's origin only."""
 MAX_REDIRECTS = 5
+READ_CHUNK = 1 << 16
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:
@@ -253,7 +256,7 @@ class ApiClient:
                         and resp.content_type != "application/json"
                     ):
                         return self._redact_answer(await self._read_stream(resp, sent))
-                    raw = await resp.read()
+                    raw = await self._read_body(resp)
                     retry_after = resp.headers.get("Retry-After") if status >= 300 else None
                     break
             else:
@@ -316,49 +319,52 @@ class ApiClient:
         parts: list[str] = []
         finish_reason = response_id = response_model = None
         usage: Any = None
-        async for line in resp.content:
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, event: lines
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                # Redact the whole chunk before cutting: a cut secret would not match.
-                shown = self._redact(data.decode("utf-8", "replace"))[:80]
-                raise BadResponse(f"stream chunk is not JSON: {shown!r}", resp.status) from exc
-            if not isinstance(chunk, dict):
-                raise BadResponse("stream chunk is not a JSON object", resp.status)
-            if chunk.get("error"):
-                # Servers (vLLM among them) report a failure mid-generation as an error event.
-                error = chunk["error"]
-                detail = error.get("message") if isinstance(error, dict) else error
-                raise ServerError(self._redact(f"error event in the stream: {detail}"), resp.status)
-            response_id = response_id or chunk.get("id")
-            response_model = response_model or chunk.get("model")
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            choices = chunk.get("choices") or []
-            if not isinstance(choices, list):
-                raise BadResponse("stream chunk's `choices` is not a list", resp.status)
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    raise BadResponse("stream chunk's choice is not an object", resp.status)
-                delta = choice.get("delta") or {}
-                if not isinstance(delta, dict):
-                    raise BadResponse("stream chunk's delta is not an object", resp.status)
-                piece = delta.get("content")
-                if piece is not None and not isinstance(piece, str):
-                    raise BadResponse("stream chunk's content is not text", resp.status)
-                if piece:
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - sent) * 1000
-                    parts.append(piece)
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-        else:
-            raise ConnectionDropped("the stream ended before data: [DONE]", resp.status)
+        async with contextlib.aclosing(self._lines(resp)) as lines:
+            async for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, event: lines
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError as exc:
+                    # Redact the whole chunk before cutting: a cut secret would not match.
+                    shown = self._redact(data.decode("utf-8", "replace"))[:80]
+                    raise BadResponse(f"stream chunk is not JSON: {shown!r}", resp.status) from exc
+                if not isinstance(chunk, dict):
+                    raise BadResponse("stream chunk is not a JSON object", resp.status)
+                if chunk.get("error"):
+                    # Servers (vLLM among them) report a failure mid-generation as an error event.
+                    error = chunk["error"]
+                    detail = error.get("message") if isinstance(error, dict) else error
+                    raise ServerError(
+                        self._redact(f"error event in the stream: {detail}"), resp.status
+                    )
+                response_id = response_id or chunk.get("id")
+                response_model = response_model or chunk.get("model")
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if not isinstance(choices, list):
+                    raise BadResponse("stream chunk's `choices` is not a list", resp.status)
+                for choice in choices:
+                    if not isinstance(choice, dict):
+                        raise BadResponse("stream chunk's choice is not an object", resp.status)
+                    delta = choice.get("delta") or {}
+                    if not isinstance(delta, dict):
+                        raise BadResponse("stream chunk's delta is not an object", resp.status)
+                    piece = delta.get("content")
+                    if piece is not None and not isinstance(piece, str):
+                        raise BadResponse("stream chunk's content is not text", resp.status)
+                    if piece:
+                        if ttft_ms is None:
+                            ttft_ms = (time.perf_counter() - sent) * 1000
+                        parts.append(piece)
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+            else:
+                raise ConnectionDropped("the stream ended before data: [DONE]", resp.status)
         answer = parse_completion(
             {
                 "id": response_id,
@@ -370,6 +376,65 @@ class ApiClient:
             }
         )
         return replace(answer, ttft_ms=ttft_ms)
+
+    async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        """The body's lines (without their newline) as they arrive. Raises
+        AnswerTooLarge once more than max_response_bytes came, so neither a long
+        stream nor one endless line is held whole."""
+        limit = self.job.max_response_bytes
+        size = 0
+        pending: list[bytes] = []  # the start of a line still arriving
+        async for data in resp.content.iter_any():
+            size += len(data)
+            if size > limit:
+                raise self._too_large(resp.status)
+            start = 0
+            while (end := data.find(b"\n", start)) >= 0:
+                line = data[start:end]
+                if pending:
+                    pending.append(line)
+                    line = b"".join(pending)
+                    pending.clear()
+                yield line
+                start = end + 1
+            if start < len(data):
+                pending.append(data[start:])
+        if pending:
+            yield b"".join(pending)
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, decompressed, of at most max_response_bytes. A larger
+        2xx answer raises AnswerTooLarge; of a larger error body the start is
+        enough (only its first words make the message)."""
+        limit = self.job.max_response_bytes
+        status = resp.status
+        length = resp.content_length
+        if length is not None and "Content-Encoding" not in resp.headers:
+            # Content-Length is the size read: no need to count.
+            if length <= limit:
+                return await resp.read()
+            if 200 <= status < 300:
+                raise self._too_large(status)
+        parts: list[bytes] = []
+        size = 0
+        async for data in resp.content.iter_chunked(READ_CHUNK):
+            size += len(data)
+            if size > limit:
+                if 200 <= status < 300:
+                    raise self._too_large(status)
+                parts.append(data[: len(data) - (size - limit)])
+                break
+            parts.append(data)
+        return b"".join(parts)
+
+    def _too_large(self, status: int) -> AnswerTooLarge:
+        limit = self.job.max_response_bytes
+        return AnswerTooLarge(
+            f"HTTP {status}: the answer is larger than max_response_bytes={limit} "
+            f"({limit / 2**20:.3g} MiB, decompressed); batchrun stopped reading it. Raise "
+            "max_response_bytes if answers this large are expected.",
+            status,
+        )
 
     def _read_answer(self, raw: bytes, status: int) -> Completion:
         try:

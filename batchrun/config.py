@@ -173,6 +173,13 @@ KEYS: tuple[Key, ...] = (
         minimum=0.001,
     ),
     Key(
+        "max_response_bytes",
+        "int",
+        32 * 1024 * 1024,
+        "The most bytes read of one answer, decompressed (streamed answers too); a larger answer makes the row `error`, not retried.",
+        minimum=1024,
+    ),
+    Key(
         "retry_deadline_s",
         "float",
         600.0,
@@ -276,6 +283,7 @@ class Job:
     stream: bool
     max_attempts: int
     request_timeout_s: float
+    max_response_bytes: int
     retry_deadline_s: float
     response_format: str
     response_schema: Path | None

@@ -24,7 +24,9 @@ the text of a message. The tree::
         │   ├── RequestTimeout    no answer within request_timeout_s
         │   ├── ConnectionDropped the connection failed or closed mid-answer
         │   └── BadResponse       a 2xx answer whose body cannot be read
-        └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
+        └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
+            │                     a redirect to another origin
+            └── AnswerTooLarge    an answer larger than max_response_bytes
 
 ``RowError``, ``InvalidAnswer`` and ``RequestError`` never escape the scheduler: a
 failed row is a row.
@@ -146,3 +148,7 @@ class BadResponse(RetryableError):
 
 class FatalRequestError(RequestError):
     """An answer that another attempt will not change (400, 401, 403, 404, 422, …)."""
+
+
+class AnswerTooLarge(FatalRequestError):
+    """An answer larger than max_response_bytes (decompressed); reading stopped there."""

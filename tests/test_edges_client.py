@@ -7,6 +7,8 @@ send. Nothing here touches the internet.
 from __future__ import annotations
 
 import json
+import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
+from batchrun.client import ApiClient
+from batchrun.config import load_job
+from batchrun.errors import AnswerTooLarge, JobError
 from tests.conftest import TEST_KEY, assert_exit, invoke, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(60)
@@ -280,3 +285,165 @@ def test_a_redirect_loop_within_the_origin_ends(tmp_path: Path, threaded: Thread
         f"HTTP 307: more than 5 redirects within {base_url.removesuffix('/v1')}"
     }
     assert len(received) == 2 * 6
+
+
+# ---- 10. max_response_bytes ------------------------------------------------------------
+
+LIMIT = 64 * 1024
+ANSWER = {
+    "id": "cmpl-1",
+    "model": "m",
+    "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+def gzip_bomb(megabytes: int) -> bytes:
+    """``megabytes`` MiB of zeros, gzipped (about 1 KiB per MiB)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    return b"".join([*(packer.compress(zeros) for _ in range(megabytes)), packer.flush()])
+
+
+def big_answer(size: int) -> bytes:
+    return orjson.dumps({**ANSWER, "choices": [{"message": {"content": "x" * size}}]})
+
+
+def sized_app(kind: str) -> tuple[web.Application, list[int]]:
+    """A chat endpoint whose answer is too large in the way ``kind`` says."""
+    calls: list[int] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        calls.append(1)
+        if kind == "body":
+            return web.Response(body=big_answer(4 * LIMIT), content_type="application/json")
+        if kind == "chunked":  # no Content-Length: counted as it comes
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            for _ in range(64):
+                await resp.write(b" " * 8192)
+            await resp.write(orjson.dumps(ANSWER))
+            return resp
+        if kind == "gzip":
+            return web.Response(
+                body=gzip_bomb(100),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        if kind == "error-body":  # an error body is cut, not refused: the status decides
+            return web.Response(status=400, text="bad request: " + "y" * (4 * LIMIT))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if kind == "stream":  # endless chunks
+            event = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "z" * 500}}]})
+            for _ in range(1000):
+                await resp.write(event + b"\n\n")
+        else:  # "stream-line": one endless line
+            await resp.write(b"data: ")
+            for _ in range(2000):
+                await resp.write(b"z" * 1000)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app, calls
+
+
+@pytest.mark.parametrize("kind", ["body", "chunked", "gzip", "stream", "stream-line"])
+def test_an_answer_over_max_response_bytes_is_a_row_error(
+    tmp_path: Path, threaded: Threaded, kind: str
+) -> None:
+    app, calls = sized_app(kind)
+    base_url = threaded(lambda: run_app(app))
+    args = base_args(
+        tmp_path,
+        base_url,
+        "out",
+        "--api-key-env",
+        "",
+        "--max-response-bytes",
+        str(LIMIT),
+        "-q",
+        *(["--stream"] if kind.startswith("stream") else []),
+    )
+    assert_exit(invoke(*args), 1)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    for row in rows:
+        assert row["status"] == "error"
+        assert row["attempts"] == 1  # not retried
+        assert row["error"] == (
+            "HTTP 200: the answer is larger than max_response_bytes=65536 (0.0625 MiB, "
+            "decompressed); batchrun stopped reading it. Raise max_response_bytes if answers "
+            "this large are expected."
+        )
+    assert len(calls) == 2
+
+
+def test_an_error_body_over_max_response_bytes_is_cut_not_refused(
+    tmp_path: Path, threaded: Threaded
+) -> None:
+    app, _ = sized_app("error-body")
+    base_url = threaded(lambda: run_app(app))
+    args = base_args(
+        tmp_path, base_url, "out", "--api-key-env", "", "--max-response-bytes", str(LIMIT), "-q"
+    )
+    assert_exit(invoke(*args), 1)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert {r["error"][:30] for r in rows} == {"HTTP 400: bad request: yyyyyyy"}
+
+
+def test_answers_within_max_response_bytes_are_read(tmp_path: Path, threaded: Threaded) -> None:
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=zlib.compress(big_answer(LIMIT - 1024), wbits=31),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    base_url = threaded(lambda: run_app(app))
+    args = base_args(
+        tmp_path, base_url, "out", "--api-key-env", "", "--max-response-bytes", str(LIMIT), "-q"
+    )
+    assert_exit(invoke(*args), 0)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [len(r["completion"]) for r in rows] == [LIMIT - 1024] * 2
+
+
+@pytest.mark.parametrize("kind", ["gzip", "stream-line"])
+async def test_reading_stops_at_the_bound_so_memory_stays_small(kind: str) -> None:
+    """A 100 MiB gzip bomb (100 KiB on the wire) or an endless line costs about
+    max_response_bytes of memory, not the whole answer."""
+    app, _ = sized_app(kind)
+    async with run_app(app) as base_url:
+        job = load_job(
+            None,
+            {
+                "input": "in.jsonl",
+                "model": "m",
+                "prompt_template": "{t}",
+                "base_url": base_url,
+                "stream": kind.startswith("stream"),
+                "max_response_bytes": 1 << 20,
+            },
+        )
+        async with ApiClient(job, None) as client:
+            tracemalloc.start()
+            try:
+                with pytest.raises(AnswerTooLarge):
+                    await client.complete(b"{}")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_max_response_bytes_is_a_job_key_with_a_generous_default() -> None:
+    job = load_job(None, {"input": "in.jsonl", "model": "m", "prompt_template": "{t}"})
+    assert job.max_response_bytes == 32 * 2**20
+    with pytest.raises(JobError, match=r"`max_response_bytes` \(flag\) is 10; it must be at least"):
+        load_job(
+            None,
+            {"input": "in.jsonl", "model": "m", "prompt_template": "{t}", "max_response_bytes": 10},
+        )
