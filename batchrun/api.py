@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from batchrun._version import __version__
 from batchrun.client import ApiClient
-from batchrun.config import Job
+from batchrun.config import Job, check_header_value, clean_api_key, clean_secret
 from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
 from batchrun.limits import CostBudget, Limits
@@ -156,7 +156,7 @@ def api_key_for(job: Job) -> str | None:
             f"Export it (export {job.api_key_env}=...), set `api_key_env` to the variable that holds "
             'your key, or set api_key_env = "" for a server that needs none.'
         )
-    return key
+    return clean_api_key(job.api_key_env, key)
 
 
 def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
@@ -172,12 +172,14 @@ def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
             raise JobError(
                 f"Header `{header}` uses ${{{name}}}, but the environment variable {name} is not set. Export it, or change `headers`."
             )
+        value = clean_secret(value, f"The value of ${name} (header `{header}`)")
         if value:
             secrets.append(value)
         return value
 
     for header, template in job.headers.items():
-        headers[header] = _ENV_REF.sub(value_of, str(template))
+        value = _ENV_REF.sub(value_of, str(template))
+        headers[header] = check_header_value(header, value, "`headers` (${VAR} filled in)")
     return headers, secrets
 
 
