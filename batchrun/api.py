@@ -35,7 +35,7 @@ from batchrun.errors import Interrupted, JobError, JobStopped
 from batchrun.inputs import InputTable, Scan
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import FIXED_COLUMNS, STATUS_NONE, TTFT_FIELD, Journal
-from batchrun.payload import prompt_columns
+from batchrun.payload import check_template_specs, prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Progress, Tally, progress_fields, status_text
 from batchrun.retry import RetryPolicy
@@ -270,6 +270,7 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
     )
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
+    check_template_specs(job, next(table.batches(prompt_columns(job), None, 256)).rows)
     id_column = job.id_column if scan.has_id_column else None
     if options.shard is not None:
         table.keep_shard(scan, id_column, *options.shard)

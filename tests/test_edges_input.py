@@ -178,3 +178,82 @@ def test_int64_and_float_parts_are_not_joined(tmp_path: Path) -> None:
     result = plan(*args)
     assert_exit(result, 2)
     assert "has int64" in result.stderr and "has double" in result.stderr
+
+
+# ---- templates whose conversion or format spec cannot format text ------------------------
+
+
+def write_texts(path: Path, n: int = 2) -> Path:
+    rows = [{"id": f"r{i}", "text": f"row {i}", "n": [7, 2.5][i % 2]} for i in range(n)]
+    path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "Say {text!x}",
+            "`prompt_template` has {text!x}, an unknown conversion: the only ones are !s, !r and "
+            "!a. Write {text} to put the value in as it is.",
+        ),
+        (
+            "Say {text:d}",
+            "`prompt_template` has {text:d}, a format spec that fits none of the values of `text` "
+            "in the input's first 2 rows (they hold text: Unknown format code 'd' for object of "
+            "type 'str'), so every row would fail. Drop :d, or use a spec made for text",
+        ),
+        (
+            "Say {n:s}",
+            "`prompt_template` has {n:s}, a format spec that fits none of the values of `n` in "
+            "the input's first 2 rows (they hold numbers and whole numbers: Unknown format code "
+            "'s' for object of type 'int'), so every row would fail.",
+        ),
+        (
+            "Say {text!s:.2f}",
+            "`prompt_template` has {text!s:.2f}: !s makes the value text, and :.2f cannot format "
+            "text (Unknown format code 'f' for object of type 'str').",
+        ),
+    ],
+)
+def test_templates_that_cannot_format_text_stop_plan_and_run(
+    tmp_path: Path, threaded: Threaded, template: str, message: str
+) -> None:
+    src = write_texts(tmp_path / "in.jsonl")
+    app, received = echo_app()
+    base_url = threaded(lambda: run_app(app))
+    args = args_for(src, tmp_path / "out.parquet", base_url, "--prompt-template", template)
+    for result in (plan(*args), invoke(*args, "-q")):
+        assert_exit(result, 2)
+        assert message in one_paragraph(result)
+    assert received == []
+
+
+def test_conversions_and_text_format_specs_still_work(tmp_path: Path, threaded: Threaded) -> None:
+    src = write_texts(tmp_path / "in.jsonl")
+    app, _ = echo_app()
+    base_url = threaded(lambda: run_app(app))
+    out = tmp_path / "out.parquet"
+    template = "{text!r:>9}|{text:.3}|{text!a}|{n:.2f}"
+    args = args_for(src, out, base_url, "--prompt-template", template)
+    assert_exit(invoke(*args, "-q"), 0)
+    assert pq.read_table(out).column("completion").to_pylist() == [
+        "  'row 0'|row|'row 0'|7.00",
+        "  'row 1'|row|'row 1'|2.50",
+    ]
+
+
+def test_a_numeric_spec_over_a_column_of_numbers_with_one_odd_value_passes(
+    tmp_path: Path, threaded: Threaded
+) -> None:
+    """Only a spec that fits none of the first rows stops the job; one odd value
+    is that row's error, as before."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"score": 0.25}\n{"score": "high"}\n')
+    app, received = echo_app()
+    base_url = threaded(lambda: run_app(app))
+    out = tmp_path / "out.parquet"
+    assert_exit(invoke(*args_for(src, out, base_url, "--prompt-template", "{score:.1f}"), "-q"), 1)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert len(received) == 1
