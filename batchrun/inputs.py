@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +70,24 @@ class Scan:
     def rows_kept(self) -> int:
         """Rows this run must give a result (the output's row count)."""
         return self.num_rows - int(self.skip.sum())
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+"""19 digits in a row: perhaps an integer orjson would turn into a float."""
+_U64_MAX = 2**64 - 1
+
+
+def _exact_int(digits: str) -> int | str:
+    """A JSON integer as orjson reads it when it can (from -2**63 to 2**64 - 1),
+    else its exact decimal text: ids beyond 64 bits stay distinct, not floats."""
+    value = int(digits)
+    return value if _INT64_MIN <= value <= _U64_MAX else digits
+
+
+def _exact_loads(line: bytes) -> Any:
+    """The line parsed like orjson.loads, but with integers beyond 64 bits kept
+    exact as text. Only lines holding 19 digits in a row come here."""
+    return json.loads(line, parse_int=_exact_int)
 
 
 def _id_text(value: Any) -> str:
@@ -151,6 +171,8 @@ class InputTable:
                     continue
                 try:
                     obj = orjson.loads(line)
+                    if _LONG_DIGITS.search(line):
+                        obj = _exact_loads(line)
                 except orjson.JSONDecodeError as exc:
                     if self.skip_bad_lines:
                         if skipped is not None:

@@ -257,3 +257,38 @@ def test_a_numeric_spec_over_a_column_of_numbers_with_one_odd_value_passes(
     rows = pq.read_table(out).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error"]
     assert len(received) == 1
+
+
+# ---- ids beyond 64 bits ----------------------------------------------------------------
+
+BIG_A, BIG_B = 123456789012345678901, 123456789012345678902  # the same as floats
+BELOW_INT64 = -(2**63) - 1
+
+
+def test_ids_beyond_64_bits_stay_exact_and_distinct(tmp_path: Path, threaded: Threaded) -> None:
+    assert float(BIG_A) == float(BIG_B)
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        f'{{"id": {BIG_A}, "text": "a", "ref": {BIG_B}}}\n'
+        f'{{"id": {BIG_B}, "text": "b", "ref": 1}}\n'
+        f'{{"id": {BELOW_INT64}, "text": "c", "ref": {2**64 - 1}}}\n'
+        f'{{"id": 9, "text": "d {BIG_A}", "ref": null}}\n'
+    )
+    app, received = echo_app()
+    base_url = threaded(lambda: run_app(app))
+    out = tmp_path / "out.parquet"
+    args = args_for(
+        src, out, base_url, "--prompt-template", "{id}: {text}", "--keep-columns", "ref"
+    )
+    assert_exit(plan(*args), 0)
+    assert_exit(invoke(*args, "-q"), 0)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == [str(BIG_A), str(BIG_B), str(BELOW_INT64), "9"]
+    assert [r["completion"] for r in rows] == [
+        f"{BIG_A}: a",
+        f"{BIG_B}: b",
+        f"{BELOW_INT64}: c",
+        f"9: d {BIG_A}",
+    ]
+    assert [r["ref"] for r in rows] == [str(BIG_B), "1", str(2**64 - 1), None]
+    assert len(received) == 4
