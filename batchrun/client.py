@@ -2,8 +2,18 @@
 
 Everything aiohttp or asyncio can raise is translated here into the
 ``batchrun.errors.RequestError`` tree (with ``from exc``), so the rest of the code
-never sees an aiohttp exception. The API key is only ever held here, and any
-echo of it in an API's error text is redacted before the text leaves.
+never sees an aiohttp exception. The API key is only ever held here.
+
+Three promises hold whatever the server does:
+
+- Every text it sends back (error bodies, stream chunks, the answer's own
+  fields) leaves with the key and the job's header secrets redacted, written
+  as they are or escaped (``_redact``).
+- The key and headers go to ``base_url``'s origin only: a redirect is followed
+  when it is a 307 or 308 within that origin, and is a row error otherwise
+  (``_redirect_target``).
+- No more than ``max_response_bytes`` of an answer is read or held, counted
+  after decompression, streamed answers included (``_read_body``, ``_lines``).
 """
 
 from __future__ import annotations
