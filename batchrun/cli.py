@@ -354,6 +354,11 @@ def report(
 @click.option(
     "--allow-missing", is_flag=True, help="Write the merged file even when input rows have no row."
 )
+@click.option(
+    "--allow-mixed",
+    is_flag=True,
+    help="Merge outputs of different jobs (model, prompts, parameters), noting each.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No summary.")
 def merge(
     outputs: tuple[str, ...],
@@ -362,6 +367,7 @@ def merge(
     id_column: str | None,
     prefer_ok: bool,
     allow_missing: bool,
+    allow_mixed: bool,
     quiet: bool,
 ) -> None:
     """Merge the OUTPUT files (files, folders of *.parquet, globs) of a sharded job,
@@ -384,6 +390,7 @@ def merge(
             id_column,
             prefer_ok=prefer_ok,
             allow_missing=allow_missing,
+            allow_mixed=allow_mixed,
         )
     except BatchrunError as exc:
         fail(exc)

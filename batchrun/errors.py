@@ -11,6 +11,8 @@ the text of a message. The tree::
     ├── ResumeConflict            the unfinished run belongs to another job, or its job.json is unreadable (exit 2)
     ├── RowError                  one row cannot become a request; becomes its ``error``
     ├── Abandoned                 a row left unsent because the job is stopping (the resume sends it)
+    ├── InvalidAnswer             an answer that is not JSON, does not fit the schema or was
+    │                             cut off; asked again, then the row is ``invalid``
     ├── JobStopped                the job stopped early; ``exit_code`` says why
     │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
     │   ├── ApiDown               every request failed for too long (exit 3)
@@ -25,10 +27,12 @@ the text of a message. The tree::
         │   ├── RequestTimeout    no answer within request_timeout_s
         │   ├── ConnectionDropped the connection failed or closed mid-answer
         │   └── BadResponse       a 2xx answer whose body cannot be read
-        └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
+        └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
+            │                     a redirect to another origin
+            └── AnswerTooLarge    an answer larger than max_response_bytes
 
-``RowError``, ``Abandoned`` and ``RequestError`` never escape the scheduler: a
-failed row is a row.
+``RowError``, ``Abandoned``, ``InvalidAnswer`` and ``RequestError`` never escape
+the scheduler: a failed row is a row.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class RowError(BatchrunError):
 class Abandoned(BatchrunError):
     """The job is stopping (a signal, the budget): this row is left without a
     result, for the resume to send. Never escapes the scheduler."""
+
+
+class InvalidAnswer(BatchrunError):
+    """A completion that is not JSON, does not fit the response schema, or was cut off."""
 
 
 class JobStopped(BatchrunError):
@@ -202,3 +210,7 @@ class BadResponse(RetryableError):
 
 class FatalRequestError(RequestError):
     """An answer that another attempt will not change (400, 401, 403, 404, 422, …)."""
+
+
+class AnswerTooLarge(FatalRequestError):
+    """An answer larger than max_response_bytes (decompressed); reading stopped there."""

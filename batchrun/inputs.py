@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +72,24 @@ class Scan:
         return self.num_rows - int(self.skip.sum())
 
 
+_LONG_DIGITS = re.compile(rb"\d{19}")
+"""19 digits in a row: perhaps an integer orjson would turn into a float."""
+_U64_MAX = 2**64 - 1
+
+
+def _exact_int(digits: str) -> int | str:
+    """A JSON integer as orjson reads it when it can (from -2**63 to 2**64 - 1),
+    else its exact decimal text: ids beyond 64 bits stay distinct, not floats."""
+    value = int(digits)
+    return value if _INT64_MIN <= value <= _U64_MAX else digits
+
+
+def _exact_loads(line: bytes) -> Any:
+    """The line parsed like orjson.loads, but with integers beyond 64 bits kept
+    exact as text. Only lines holding 19 digits in a row come here."""
+    return json.loads(line, parse_int=_exact_int)
+
+
 def _id_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
@@ -116,7 +136,7 @@ class InputTable:
         if self.format == "jsonl":
             scan = self._scan_jsonl(id_column, keep_columns)
         else:
-            scan = self._scan_parquet(id_column)
+            scan = self._scan_parquet(id_column, keep_columns)
         if scan.num_rows == 0:
             raise InputError(
                 f"Input {self.path} has no rows. Give it at least one {'JSON object line' if self.format == 'jsonl' else 'row'}."
@@ -133,9 +153,6 @@ class InputTable:
             raise InputError(
                 f"`keep_columns` names {', '.join(missing)}, which input {self.path} lacks. Columns present: {', '.join(scan.columns)}."
             )
-        if self.format == "parquet":
-            schema = pq.read_schema(self.parts[0])
-            scan.keep_schema = pa.schema([schema.field(c) for c in keep_columns])
         return scan
 
     def _jsonl_objects(
@@ -154,6 +171,8 @@ class InputTable:
                     continue
                 try:
                     obj = orjson.loads(line)
+                    if _LONG_DIGITS.search(line):
+                        obj = _exact_loads(line)
                 except orjson.JSONDecodeError as exc:
                     if self.skip_bad_lines:
                         if skipped is not None:
@@ -254,10 +273,13 @@ class InputTable:
                 "(a file whose name does not end in .parquet is read as JSONL)."
             ) from None
 
-    def _scan_parquet(self, id_column: str) -> Scan:
+    def _scan_parquet(self, id_column: str, keep_columns: Sequence[str]) -> Scan:
         first_names: list[str] | None = None
         num_rows = 0
         id_hashes = array("q")
+        keep: dict[
+            str, tuple[pa.Field, Path]
+        ] = {}  # the column's field so far, and the part that set it
         for part in self.parts:
             pf = self._open_parquet(part)
             names = pf.schema_arrow.names
@@ -268,6 +290,9 @@ class InputTable:
                     f"Input part {part} has columns {', '.join(names)}, but {self.parts[0]} has {', '.join(first_names)}. "
                     "All parts of a Parquet folder must have the same columns."
                 )
+            for name in keep_columns:
+                if name in names:
+                    keep[name] = self._joined_field(name, pf.schema_arrow.field(name), part, keep)
             if id_column in names:
                 for batch in pf.iter_batches(columns=[id_column], batch_size=65536):
                     nulls = batch.column(0).null_count
@@ -281,9 +306,31 @@ class InputTable:
             else:
                 num_rows += pf.metadata.num_rows
         assert first_names is not None
-        scan = Scan(num_rows, first_names, id_column in first_names, pa.schema([]))
+        keep_schema = pa.schema([keep[c][0] for c in keep_columns if c in keep])
+        scan = Scan(num_rows, first_names, id_column in first_names, keep_schema)
         scan.id_hashes = id_hashes
         return scan
+
+    @staticmethod
+    def _joined_field(
+        name: str, field: pa.Field, part: Path, seen: dict[str, tuple[pa.Field, Path]]
+    ) -> tuple[pa.Field, Path]:
+        """The keep column's field over the parts so far and this one: the same
+        type, or one that holds both without changing a value (int32 and int64
+        as int64, a dictionary as its values, string and large_string as
+        large_string). InputError naming both parts when there is none: the
+        output has one type per column."""
+        if name not in seen:
+            return field, part
+        before, where = seen[name]
+        joined = _lossless_join(before.type, field.type)
+        if joined is None:
+            raise InputError(
+                f"Input parts disagree on the type of keep column `{name}`: {where} has {before.type}, "
+                f"{part} has {field.type}. The output has one type per column: write the column with "
+                "the same type in every part (e.g. cast it to string), or leave it out of keep_columns."
+            )
+        return before.with_type(joined).with_nullable(before.nullable or field.nullable), where
 
     def _check_duplicates(self, scan: Scan, id_column: str, dedupe: bool) -> None:
         import numpy as np
@@ -386,7 +433,16 @@ class InputTable:
             for part in self.parts:
                 pf = self._open_parquet(part)
                 for batch in pf.iter_batches(columns=names, batch_size=batch_rows):
-                    yield batch.select(names)
+                    batch = batch.select(names)
+                    if batch.schema != keep_schema:  # a part whose types the scan widened
+                        batch = pa.RecordBatch.from_arrays(
+                            [
+                                c.cast(f.type)
+                                for c, f in zip(batch.columns, keep_schema, strict=True)
+                            ],
+                            schema=keep_schema,
+                        )
+                    yield batch
             return
         rows: list[dict[str, Any]] = []
         for _, obj in self._jsonl_objects():
@@ -403,6 +459,48 @@ def shard_of(row_id: str, shards: int) -> int:
     run and machine (not Python's salted hash)."""
     digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % shards
+
+
+def _lossless(src: pa.DataType, dst: pa.DataType) -> bool:
+    """Whether every value of type ``src`` casts to ``dst`` unchanged."""
+    if src == dst or pa.types.is_null(src):
+        return True
+    if pa.types.is_dictionary(src):
+        return _lossless(src.value_type, dst)
+    if pa.types.is_integer(src) and pa.types.is_integer(dst):
+        if pa.types.is_signed_integer(dst):
+            grow = (
+                0 if pa.types.is_signed_integer(src) else 1
+            )  # an unsigned value needs a sign bit more
+            return bool(src.bit_width + grow <= dst.bit_width)
+        return pa.types.is_unsigned_integer(src) and src.bit_width <= dst.bit_width
+    if pa.types.is_floating(dst) and (pa.types.is_integer(src) or pa.types.is_floating(src)):
+        exact = {16: 11, 32: 24, 64: 53}[dst.bit_width]  # bits of a whole number the float holds
+        if pa.types.is_floating(src):
+            return bool(src.bit_width <= dst.bit_width)
+        return bool(src.bit_width - pa.types.is_signed_integer(src) <= exact)
+    return (pa.types.is_string(src) and pa.types.is_large_string(dst)) or (
+        pa.types.is_binary(src) and pa.types.is_large_binary(dst)
+    )
+
+
+def _lossless_join(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """A type both ``a`` and ``b`` cast to without changing a value, or None."""
+    if _lossless(a, b):
+        return b
+    if _lossless(b, a):
+        return a
+    try:
+        joined = (
+            pa.unify_schemas(
+                [pa.schema([("c", a)]), pa.schema([("c", b)])], promote_options="permissive"
+            )
+            .field("c")
+            .type
+        )
+    except (pa.ArrowTypeError, pa.ArrowInvalid, TypeError):
+        return None
+    return joined if _lossless(a, joined) and _lossless(b, joined) else None
 
 
 def _arrow_type_for(kinds: set[type]) -> pa.DataType:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchrun._version import __version__
-from batchrun.config import Job
+from batchrun.config import Job, check_header_value, clean_api_key, clean_secret
 from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
 from batchrun.inputs import InputTable, Scan
 from batchrun.limits import CostBudget
@@ -38,7 +38,7 @@ from batchrun.outputs import (
     TTFT_FIELD,
     Journal,
 )
-from batchrun.payload import Prepared, prepare_rows, prompt_columns
+from batchrun.payload import Prepared, check_template_specs, prepare_rows, prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, progress_fields, status_text
 from batchrun.structured import Structured, load_structured
@@ -154,7 +154,7 @@ def api_key_for(job: Job) -> str | None:
             f"Export it (export {job.api_key_env}=...), set `api_key_env` to the variable that holds "
             'your key, or set api_key_env = "" for a server that needs none.'
         )
-    return key
+    return clean_api_key(job.api_key_env, key)
 
 
 def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
@@ -170,12 +170,14 @@ def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
             raise JobError(
                 f"Header `{header}` uses ${{{name}}}, but the environment variable {name} is not set. Export it, or change `headers`."
             )
+        value = clean_secret(value, f"The value of ${name} (header `{header}`)")
         if value:
             secrets.append(value)
         return value
 
     for header, template in job.headers.items():
-        headers[header] = _ENV_REF.sub(value_of, str(template))
+        value = _ENV_REF.sub(value_of, str(template))
+        headers[header] = check_header_value(header, value, "`headers` (${VAR} filled in)")
     return headers, secrets
 
 
@@ -252,6 +254,7 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
     )
     scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
     check_columns(job, table, scan)
+    check_template_specs(job, next(table.batches(prompt_columns(job), None, 256)).rows)
     id_column = job.id_column if scan.has_id_column else None
     if options.shard is not None:
         table.keep_shard(scan, id_column, *options.shard)

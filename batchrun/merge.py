@@ -16,6 +16,10 @@ What is checked, and what a failed check does (InputError, exit 2, nothing writt
   finished last (``finished_at``; a null counts as oldest); on a tie, the one from
   the file named later. So merging a run with its rerun of the failed rows keeps
   every success, and the newest answer when both succeeded.
+- Every file comes from the same job: the same model, prompts, parameters and
+  input row count (the shard aside). Files that differ are an error naming the
+  keys that differ, unless ``allow_mixed`` (``--allow-mixed``), which merges them
+  and notes each in the summary.
 - Two ids never claim the same ``row`` (they would when the outputs come from
   different inputs, or the input changed between runs).
 - No row is missing. With ``input``: every id of the input has a row, and every
@@ -145,13 +149,14 @@ def merge_outputs(
     *,
     prefer_ok: bool = False,
     allow_missing: bool = False,
+    allow_mixed: bool = False,
 ) -> MergeResult:
     """Merge batchrun outputs ``paths`` (files, folders, globs) into ``output``.
 
     ``input`` (JSONL, Parquet file or folder): check that every id of the input has
     a row. ``id_column``: the input's id column (default: the job's ``id_column``
-    from the outputs' metadata, else ``id``). ``prefer_ok`` and ``allow_missing``:
-    see the module docstring. Raises InputError (exit 2, nothing written) when the
+    from the outputs' metadata, else ``id``). ``prefer_ok``, ``allow_missing`` and
+    ``allow_mixed``: see the module docstring. Raises InputError (exit 2, nothing written) when the
     files cannot be merged, OutputError when the output cannot be written.
     """
     started = time.monotonic()
@@ -163,6 +168,16 @@ def merge_outputs(
         )
     read = [_read(path) for path in files]
     metas = [meta for _, meta in read]
+    other_jobs = _other_jobs(files, metas)
+    if other_jobs and not allow_mixed:
+        listed = "; ".join(other_jobs[:MAX_LISTED])
+        more = f" and {len(other_jobs) - MAX_LISTED} more" if len(other_jobs) > MAX_LISTED else ""
+        raise InputError(
+            f"The outputs come from different jobs: {listed}{more} "
+            f"{'differs' if len(other_jobs) == 1 else 'differ'} from {files[0]} in the keys named. One "
+            "merged file would mix answers to different requests. Merge each job's outputs on "
+            "their own, or pass --allow-mixed to merge them anyway."
+        )
     schema = _common_schema(files, [m["schema"] for m in metas])
     tables = [t.select(schema.names) for t, _ in read]
     del read
@@ -213,7 +228,7 @@ def merge_outputs(
         missing=missing,
         missing_examples=examples,
         checked_by=checked_by,
-        other_jobs=_other_jobs(files, metas),
+        other_jobs=other_jobs,
         seconds=time.monotonic() - started,
     )
 

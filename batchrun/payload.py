@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ def template_columns(template: str) -> tuple[str, ...]:
             "write a literal brace as {{ or }}."
         ) from None
     columns: list[str] = []
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name or name.isdigit() or "." in name or "[" in name:
@@ -41,9 +41,64 @@ def template_columns(template: str) -> tuple[str, ...]:
                 f"`prompt_template` has a placeholder {{{name}}} that is not a column name. "
                 "Use {column} with a column of the input; write a literal brace as {{ or }}."
             )
+        if conversion not in (None, "r", "s", "a"):
+            raise JobError(
+                f"`prompt_template` has {{{name}!{conversion}}}, an unknown conversion: the only "
+                f"ones are !s, !r and !a. Write {{{name}}} to put the value in as it is."
+            )
+        if spec and conversion and "{" not in spec:
+            # A conversion makes every value text: the spec must format text.
+            problem = _spec_problem(spec, "sample text")
+            if problem:
+                raise JobError(
+                    f"`prompt_template` has {{{name}!{conversion}:{spec}}}: !{conversion} makes the "
+                    f"value text, and :{spec} cannot format text ({problem}). {_SPEC_FIX.format(spec)}"
+                )
         if name not in columns:
             columns.append(name)
     return tuple(columns)
+
+
+_SPEC_FIX = "Drop :{}, or use a spec made for text, such as :.200 (at most 200 characters) or :>20."
+
+
+def _spec_problem(spec: str, value: Any) -> str | None:
+    """Why ``format(value, spec)`` fails, or None when it works."""
+    try:
+        format(value, spec)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def check_template_specs(job: Job, rows: Sequence[Mapping[str, Any]]) -> None:
+    """JobError for a ``{column:spec}`` of ``prompt_template`` that fails on every
+    value of ``rows`` (the input's first rows) in its column: ``{text:d}`` over a
+    column of text would make every row an error. A spec that fits the values
+    (``{price:.2f}`` over numbers) passes, and an odd value later is that row's
+    error, as before."""
+    if not job.prompt_template or job.messages_column:
+        return
+    template_columns(job.prompt_template)  # its own checks first
+    for _, name, spec, conversion in string.Formatter().parse(job.prompt_template):
+        if not name or not spec or conversion or "{" in spec:
+            continue
+        values = [
+            row[name]
+            for row in rows
+            if isinstance(row.get(name), _TEXT_SCALARS) and not isinstance(row.get(name), bool)
+        ]
+        problems = [_spec_problem(spec, v) for v in values]
+        if values and all(problems):
+            kinds = " and ".join(sorted({_KIND_NAMES.get(type(v), "text") for v in values}))
+            raise JobError(
+                f"`prompt_template` has {{{name}:{spec}}}, a format spec that fits none of the "
+                f"values of `{name}` in the input's first {len(rows):,} rows (they hold {kinds}: "
+                f"{problems[0]}), so every row would fail. {_SPEC_FIX.format(spec)}"
+            )
+
+
+_KIND_NAMES = {str: "text", int: "whole numbers", float: "numbers"}
 
 
 def prompt_columns(job: Job) -> tuple[str, ...]:

@@ -23,16 +23,17 @@ is nullable (an ``invalid`` row has nulls there).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import pyarrow as pa
 
 from batchrun.config import Job
-from batchrun.errors import JobError
+from batchrun.errors import InvalidAnswer, JobError
 
 _FENCE = re.compile(r"^```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
 _SCALARS: dict[str, pa.DataType] = {
@@ -41,10 +42,6 @@ _SCALARS: dict[str, pa.DataType] = {
     "number": pa.float64(),
     "boolean": pa.bool_(),
 }
-
-
-class InvalidAnswer(ValueError):
-    """A completion that is not JSON, does not fit the schema, or was cut off."""
 
 
 def _non_null(schema: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -206,11 +203,249 @@ def _first_error(validator: Any, value: Any) -> str | None:
     return f"{path}: {error.message}" if path else error.message
 
 
+MAX_SCHEMA_BYTES = 1 << 20
+"""The largest response schema file taken (1 MiB). The schema goes out with every
+request and is checked against every answer; a far larger one is a mistake."""
+
+MAX_SCHEMA_NODES = 50_000
+"""The most JSON values (objects, arrays, scalars) a response schema may hold."""
+
+MAX_SCHEMA_PROPERTIES = 5_000
+"""The most properties, counted over every object of the schema."""
+
+# Keywords whose value is one subschema, a list of them, or a map of name → subschema.
+_SCHEMA_ONE = frozenset(
+    {
+        "additionalItems",
+        "additionalProperties",
+        "contains",
+        "else",
+        "if",
+        "items",
+        "not",
+        "propertyNames",
+        "then",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
+_SCHEMA_LIST = frozenset({"allOf", "anyOf", "items", "oneOf", "prefixItems"})
+_SCHEMA_MAP = frozenset(
+    {"$defs", "definitions", "dependencies", "dependentSchemas", "patternProperties", "properties"}
+)
+# Keywords that apply their subschemas to the same value: a loop through these
+# (and references) alone never reaches a smaller part of the answer, so a
+# validator following it recurses forever.
+_IN_PLACE = frozenset(
+    {"allOf", "anyOf", "dependencies", "dependentSchemas", "else", "if", "not", "oneOf", "then"}
+)
+_REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
+Pointer = tuple[str, ...]
+
+
+def _pointer_text(pointer: Pointer) -> str:
+    return "#" + "".join("/" + t.replace("~", "~0").replace("/", "~1") for t in pointer)
+
+
+def _subschemas(node: Mapping[str, Any]) -> Iterator[tuple[Pointer, Any, bool]]:
+    """(pointer tokens below ``node``, subschema, applies in place) for each subschema."""
+    for key, value in node.items():
+        in_place = key in _IN_PLACE
+        if key in _SCHEMA_MAP and isinstance(value, Mapping):
+            for name, sub in value.items():
+                yield (key, str(name)), sub, in_place
+        elif key in _SCHEMA_LIST and isinstance(value, list):
+            for i, sub in enumerate(value):
+                yield (key, str(i)), sub, in_place
+        elif key in _SCHEMA_ONE and isinstance(value, Mapping):
+            yield (key,), value, in_place
+
+
+def _count_nodes(schema: Any, path: Path) -> None:
+    """JobError when the schema holds more than MAX_SCHEMA_NODES JSON values."""
+    count = 0
+    stack = [schema]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_SCHEMA_NODES:
+            raise JobError(
+                f"Schema file {path} holds more than {MAX_SCHEMA_NODES:,} JSON values; batchrun takes "
+                "schemas up to that size, since the schema goes out with every request and is checked "
+                "against every answer. Trim the schema (or split the job into several with smaller ones)."
+            )
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+class _SchemaGraph:
+    """The subschemas of one schema file, its references resolved within the file.
+
+    Only references inside the file (``#/$defs/name``, ``#anchor``) are taken:
+    one to a URL, a ``file:`` path or another file would make every check of an
+    answer depend on what lies elsewhere (or fetch it), so it is refused. A loop
+    of references that never descends into the answer is refused too; one that
+    does (a tree of nodes, through ``properties`` or ``items``) is fine.
+    """
+
+    def __init__(self, schema: dict[str, Any], path: Path) -> None:
+        self.root = schema
+        self.path = path
+        root_id = schema.get("$id")
+        self.root_id = root_id.split("#", 1)[0] if isinstance(root_id, str) else None
+        self.nodes: dict[Pointer, Mapping[str, Any]] = {}
+        self.in_place: dict[Pointer, list[Pointer]] = {}
+        self.anchors: dict[str, Pointer] = {}
+        self.refs: list[tuple[Pointer, str, str]] = []
+        self.nested_ids: list[Pointer] = []
+        self.properties = 0
+
+    def check(self) -> None:
+        """JobError naming the reference (and where it is) that cannot be resolved
+        within the file, the loop of references, or too many properties."""
+        self._walk(())
+        done = 0
+        while done < len(self.refs):
+            where, keyword, ref = self.refs[done]
+            done += 1
+            target = self._resolve(where, keyword, ref)
+            self.in_place.setdefault(where, []).append(target)
+            if target not in self.nodes:
+                self._walk(target)
+        if self.refs and self.nested_ids:
+            raise JobError(
+                f"Schema {self.path} sets `$id` inside the schema at {_pointer_text(self.nested_ids[0])}, "
+                "which changes what its references point at. batchrun resolves references within the "
+                "one file only: remove the inner `$id` (keep `$defs` and refer to them as #/$defs/NAME)."
+            )
+        self._check_loops()
+
+    def _walk(self, start: Pointer) -> None:
+        stack: list[tuple[Pointer, Any]] = [(start, self._at(start))]
+        while stack:
+            where, node = stack.pop()
+            if where in self.nodes or not isinstance(node, Mapping):
+                continue
+            self.nodes[where] = node
+            properties = node.get("properties")
+            if isinstance(properties, Mapping):
+                self.properties += len(properties)
+                if self.properties > MAX_SCHEMA_PROPERTIES:
+                    raise JobError(
+                        f"Schema {self.path} has more than {MAX_SCHEMA_PROPERTIES:,} properties (counted over "
+                        "every object in it); batchrun takes schemas up to that size, since the schema goes "
+                        "out with every request and is checked against every answer. Trim the schema."
+                    )
+            for name in ("$anchor", "$dynamicAnchor"):
+                if isinstance(node.get(name), str):
+                    self.anchors.setdefault(node[name], where)
+            node_id = node.get("$id")
+            if where and isinstance(node_id, str):
+                if node_id.startswith("#"):
+                    self.anchors.setdefault(node_id[1:], where)  # draft 6/7 style anchor
+                else:
+                    self.nested_ids.append(where)
+            for keyword in _REF_KEYWORDS:
+                if keyword in node:
+                    ref = node[keyword]
+                    if not isinstance(ref, str):
+                        raise JobError(
+                            f"Schema {self.path}: `{keyword}` at {_pointer_text(where)} is {ref!r}, not a "
+                            'reference. Write it as a string, e.g. "#/$defs/NAME".'
+                        )
+                    self.refs.append((where, keyword, ref))
+            for tokens, sub, in_place in _subschemas(node):
+                below = where + tokens
+                if in_place:
+                    self.in_place.setdefault(where, []).append(below)
+                stack.append((below, sub))
+
+    def _at(self, pointer: Pointer) -> Any:
+        node: Any = self.root
+        for token in pointer:
+            if isinstance(node, Mapping) and token in node:
+                node = node[token]
+            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                node = node[int(token)]
+            else:
+                raise KeyError(token)
+        return node
+
+    def _resolve(self, where: Pointer, keyword: str, ref: str) -> Pointer:
+        at = f"`{keyword}` {ref!r} at {_pointer_text(where)}"
+        if self.root_id and ref.split("#", 1)[0] == self.root_id:
+            ref = ref[len(self.root_id) :] or "#"  # the file's own $id: a local reference
+        if not ref.startswith("#"):
+            raise JobError(
+                f"Schema {self.path}: {at} refers outside the schema file. batchrun does not fetch "
+                "remote, file: or other-file references: copy the definition into this file's `$defs` "
+                "and refer to it as #/$defs/NAME."
+            )
+        fragment = unquote(ref[1:])
+        if not fragment:
+            return ()
+        if not fragment.startswith("/"):
+            if fragment in self.anchors:
+                return self.anchors[fragment]
+            raise JobError(
+                f"Schema {self.path}: {at} names the anchor {fragment!r}, which no `$anchor` in the file "
+                "defines. Fix the reference (e.g. #/$defs/NAME)."
+            )
+        pointer = tuple(t.replace("~1", "/").replace("~0", "~") for t in fragment[1:].split("/"))
+        try:
+            target = self._at(pointer)
+        except KeyError:
+            raise JobError(
+                f"Schema {self.path}: {at} points at nothing in the file. Fix the reference "
+                "(a JSON pointer such as #/$defs/NAME) or add the definition it names."
+            ) from None
+        if not isinstance(target, Mapping | bool):
+            raise JobError(
+                f"Schema {self.path}: {at} points at a {type(target).__name__}, not a schema. "
+                "Fix the reference."
+            )
+        return pointer
+
+    def _check_loops(self) -> None:
+        """JobError naming a loop of references and in-place keywords (allOf, anyOf,
+        …): validating an answer would follow it forever."""
+        state: dict[Pointer, int] = {}  # 1: on the current path, 2: done
+        for start in self.in_place:
+            if state.get(start):
+                continue
+            path: list[Pointer] = [start]
+            todo: list[Iterator[Pointer]] = [iter(self.in_place.get(start, ()))]
+            state[start] = 1
+            while todo:
+                nxt = next(todo[-1], None)
+                if nxt is None:
+                    state[path.pop()] = 2
+                    todo.pop()
+                elif state.get(nxt) == 1:
+                    loop = path[path.index(nxt) :]
+                    first = loop.index(min(loop, key=_pointer_text))  # the same text every time
+                    loop = [*loop[first:], *loop[:first], loop[first]]
+                    raise JobError(
+                        f"Schema {self.path} has a loop of references that never descends into the "
+                        f"answer: {' → '.join(_pointer_text(p) for p in loop)}. Validating an answer would "
+                        "follow it forever. A schema may refer back to itself only below `properties` or "
+                        "`items` (a tree of nodes); fix the reference."
+                    )
+                elif not state.get(nxt):
+                    state[nxt] = 1
+                    path.append(nxt)
+                    todo.append(iter(self.in_place.get(nxt, ())))
+
+
 def load_structured(job: Job, taken: set[str]) -> Structured | None:
     """The job's structured-output settings, checked; None for plain text jobs.
 
     ``taken`` holds the output's other column names: a schema property may not
-    reuse one. Raises JobError naming the schema file and the fix.
+    reuse one. The schema's size is bounded and its references must resolve
+    within the file (no remote or file: reference is fetched). Raises JobError
+    naming the schema file and the fix.
     """
     if job.response_format == "text":
         return None
@@ -219,6 +454,8 @@ def load_structured(job: Job, taken: set[str]) -> Structured | None:
     path = job.response_schema
     assert path is not None  # load_job requires it for json_schema
     schema = _read_schema(path)
+    _count_nodes(schema, path)
+    _SchemaGraph(schema, path).check()
     from jsonschema import validators
     from jsonschema.exceptions import SchemaError
 
@@ -252,13 +489,20 @@ def load_structured(job: Job, taken: set[str]) -> Structured | None:
 
 def _read_schema(path: Path) -> dict[str, Any]:
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_SCHEMA_BYTES + 1)
     except FileNotFoundError:
         raise JobError(
             f"Schema file {path} does not exist. Check `response_schema` (relative to the job file's folder)."
         ) from None
     except OSError as exc:
         raise JobError(f"Schema file {path} cannot be read: {exc.strerror}.") from None
+    if len(raw) > MAX_SCHEMA_BYTES:
+        raise JobError(
+            f"Schema file {path} is larger than {MAX_SCHEMA_BYTES // 1024:,} KiB; batchrun takes schemas "
+            "up to that size, since the schema goes out with every request and is checked against every "
+            "answer. Trim the schema."
+        )
     try:
         schema = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
