@@ -27,7 +27,7 @@ from aioresponses import aioresponses
 from yarl import URL
 
 from batchrun.client import ApiClient
-from batchrun.config import Job, load_job
+from batchrun.config import Job
 from batchrun.engines.local import run_job as api_run_job
 from batchrun.errors import (
     BadResponse,
@@ -405,15 +405,13 @@ BODY = b'{"model":"test-model","messages":[{"role":"user","content":"hi"}],"stre
 
 @pytest.fixture
 async def client() -> AsyncIterator[ApiClient]:
-    job = load_job(
-        None,
-        {
-            "input": "in.jsonl",
-            "model": MODEL,
-            "prompt_template": TEMPLATE,
-            "base_url": BASE_URL,
-            "stream": True,
-        },
+    job = make_job(
+        BASE_URL,
+        model=MODEL,
+        prompt_template=TEMPLATE,
+        api_key_env=None,
+        request_timeout_s=None,
+        stream=True,
     )
     async with ApiClient(job, None) as c:
         yield c
@@ -585,11 +583,14 @@ async def test_client_stream_read_timeout_is_request_timeout() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", stall)
     async with run_app(app) as base_url:
-        job = load_job(
-            None,
-            {"input": "in.jsonl", "model": MODEL, "prompt_template": TEMPLATE,
-             "base_url": base_url, "stream": True, "request_timeout_s": 0.2},
-        )  # fmt: skip
+        job = make_job(
+            base_url,
+            model=MODEL,
+            prompt_template=TEMPLATE,
+            api_key_env=None,
+            stream=True,
+            request_timeout_s=0.2,
+        )
         t0 = time.monotonic()
         async with ApiClient(job, None) as c:
             with pytest.raises(RequestTimeout):
