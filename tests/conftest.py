@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from yarl import URL
 
 from batchrun.cli import main
+from batchrun.config import Job, load_job
 from batchrun.mock import MockConfig, MockServer, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +97,27 @@ def tickets(n: int) -> list[dict[str, object]]:
         }
         for i in range(n)
     ]
+
+
+def make_job(
+    base_url: str | None = None,
+    input: str | Path = "in.jsonl",
+    output: str | Path | None = None,
+    **keys: Any,
+) -> Job:
+    """A checked Job from overrides alone: shared defaults (a model, a prompt over the
+    ``ticket`` column, no API key variable, a 5 s request timeout) with ``keys`` laid
+    over them. A key given as None is not given, as in load_job: the Job default applies."""
+    values: dict[str, Any] = {
+        "input": str(input),
+        "output": None if output is None else str(output),
+        "model": "test-model",
+        "base_url": base_url,
+        "api_key_env": "",
+        "prompt_template": "Summarize: {ticket}",
+        "request_timeout_s": 5.0,
+    }
+    return load_job(None, values | keys)
 
 
 # ---- aioresponses with aiohttp 3.14 ----------------------------------------------------

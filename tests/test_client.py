@@ -18,7 +18,6 @@ from yarl import URL
 
 from batchrun import __version__
 from batchrun.client import MAX_ERROR_TEXT, ApiClient, parse_retry_after
-from batchrun.config import Job, load_job
 from batchrun.errors import (
     BadResponse,
     ConnectionDropped,
@@ -29,6 +28,7 @@ from batchrun.errors import (
     ServerError,
 )
 from batchrun.payload import Completion
+from tests.conftest import make_job
 
 BASE_URL = "https://api.example.test/v1"
 TEST_KEY = "sk-test-0123456789abcdef-secret"
@@ -52,20 +52,13 @@ ANSWER: dict[str, Any] = {
 }
 
 
-def make_job(**overrides: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": "in.jsonl",
-        "model": MODEL,
-        "prompt_template": "Summarize: {ticket}",
-        "base_url": BASE_URL,
-    }
-    values.update(overrides)
-    return load_job(None, values)
+# What this file's jobs lay over make_job's defaults (None: the Job's default stays).
+JOB_KEYS: dict[str, Any] = {"model": MODEL, "api_key_env": None, "request_timeout_s": None}
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[ApiClient]:
-    async with ApiClient(make_job(), TEST_KEY) as c:
+    async with ApiClient(make_job(BASE_URL, **JOB_KEYS), TEST_KEY) as c:
         yield c
 
 
@@ -92,7 +85,7 @@ async def test_200_becomes_completion(mocked: aioresponses, client: ApiClient) -
 
 async def test_chat_endpoint_posts_to_chat_completions(mocked: aioresponses) -> None:
     mocked.post(CHAT_URL, status=200, payload=ANSWER)
-    async with ApiClient(make_job(endpoint="chat"), TEST_KEY) as c:
+    async with ApiClient(make_job(BASE_URL, **JOB_KEYS, endpoint="chat"), TEST_KEY) as c:
         await c.complete(BODY)
     assert len(sent_requests(mocked, CHAT_URL)) == 1
     assert list(mocked.requests) == [("POST", URL(CHAT_URL))]
@@ -100,7 +93,7 @@ async def test_chat_endpoint_posts_to_chat_completions(mocked: aioresponses) -> 
 
 async def test_inference_endpoint_posts_to_model_path(mocked: aioresponses) -> None:
     mocked.post(INFERENCE_URL, status=200, payload=ANSWER)
-    async with ApiClient(make_job(endpoint="inference"), TEST_KEY) as c:
+    async with ApiClient(make_job(BASE_URL, **JOB_KEYS, endpoint="inference"), TEST_KEY) as c:
         result = await c.complete(BODY)
     assert result.text == "Hello there."
     assert list(mocked.requests) == [("POST", URL(INFERENCE_URL))]
@@ -108,7 +101,7 @@ async def test_inference_endpoint_posts_to_model_path(mocked: aioresponses) -> N
 
 async def test_trailing_slash_on_base_url_is_not_doubled(mocked: aioresponses) -> None:
     mocked.post(CHAT_URL, status=200, payload=ANSWER)
-    async with ApiClient(make_job(base_url=BASE_URL + "/"), TEST_KEY) as c:
+    async with ApiClient(make_job(BASE_URL + "/", **JOB_KEYS), TEST_KEY) as c:
         await c.complete(BODY)
     assert list(mocked.requests) == [("POST", URL(CHAT_URL))]
 
@@ -129,7 +122,7 @@ async def test_headers_carry_bearer_key_and_json_content_type(
 @pytest.mark.parametrize("key", [None, ""])
 async def test_no_authorization_header_without_key(mocked: aioresponses, key: str | None) -> None:
     mocked.post(CHAT_URL, status=200, payload=ANSWER)
-    async with ApiClient(make_job(), key) as c:
+    async with ApiClient(make_job(BASE_URL, **JOB_KEYS), key) as c:
         await c.complete(BODY)
     (call,) = sent_requests(mocked)
     headers = call.kwargs["headers"]
@@ -156,13 +149,13 @@ async def test_session_is_reused_across_requests(mocked: aioresponses, client: A
 
 
 async def test_complete_outside_context_manager_is_refused() -> None:
-    c = ApiClient(make_job(), TEST_KEY)
+    c = ApiClient(make_job(BASE_URL, **JOB_KEYS), TEST_KEY)
     with pytest.raises(AssertionError, match="async with"):
         await c.complete(BODY)
 
 
 async def test_session_closed_on_exit(mocked: aioresponses) -> None:
-    c = ApiClient(make_job(), TEST_KEY)
+    c = ApiClient(make_job(BASE_URL, **JOB_KEYS), TEST_KEY)
     async with c:
         session = c._session
         assert session is not None and not session.closed

@@ -28,12 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchrun.outputs
-from batchrun.config import Job, load_job
 from batchrun.engines.local import run_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
 from batchrun.lifecycle import RunOptions
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
-from tests.conftest import port_of, tickets, write_jsonl
+from tests.conftest import make_job, port_of, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,6 +41,10 @@ TEMPLATE = "Summarize: {ticket}"
 SECRET = "sk-durability-SECRET-7f3a9c2e51d04b8b"
 # No proxy: every request of these tests goes to 127.0.0.1 directly.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# What this file's jobs lay over make_job's defaults (None: the Job's default stays);
+# each call gives its concurrency.
+JOB_KEYS: dict[str, Any] = {"model": "m", "prompt_template": TEMPLATE, "request_timeout_s": None}
 
 
 # ---------------------------------------------------------------- helpers
@@ -210,20 +213,6 @@ def run_cmd(inp: Path, out: Path, base_url: str, *extra: str) -> list[str]:
     ]
 
 
-def make_job(inp: Path, out: Path, base_url: str, **keys: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": str(inp),
-        "output": str(out),
-        "model": "m",
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": TEMPLATE,
-        "concurrency": 16,
-    }
-    values.update(keys)
-    return load_job(None, values)
-
-
 def ids_of(rows: list[dict[str, object]]) -> list[str]:
     return [str(r["id"]) for r in rows]
 
@@ -354,7 +343,7 @@ async def test_resume_drops_a_torn_journal_tail(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(latency_s=0.02)) as server:
-        job = make_job(inp, out, server.base_url, concurrency=2)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=2)
         task = asyncio.create_task(run_job(job, RunOptions(progress=False)))
         deadline = time.monotonic() + 10
         while journal_lines(out) < 6:
@@ -558,7 +547,12 @@ async def test_fault_mix_every_row_ok_and_attempts_match_server(tmp_path: Path) 
         # busy machine a shorter timeout can fire before the server has even counted
         # the request, which would break the exact attempts == requests check.
         job = make_job(
-            inp, out, server.base_url, concurrency=64, max_attempts=10, request_timeout_s=0.5
+            server.base_url,
+            inp,
+            out,
+            **(JOB_KEYS | {"request_timeout_s": 0.5}),
+            concurrency=64,
+            max_attempts=10,
         )
         t0 = time.monotonic()
         result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
@@ -607,7 +601,7 @@ async def test_too_few_attempts_record_the_last_cause(tmp_path: Path, procs: Pro
     out = tmp_path / "out.parquet"
     # One worker: the first 6 requests (rows 0, 1, 2, twice each) get 503.
     async with serve(MockConfig(fail_first=6, fail_first_kind="503")) as server:
-        job = make_job(inp, out, server.base_url, concurrency=1, max_attempts=2)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=1, max_attempts=2)
         result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         assert server.stats.requests == 6 + 7
     out_rows = assert_complete(out, ids, status=None)
@@ -642,7 +636,13 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(fail_first=10**9, fail_first_kind="503")) as down:
         job = make_job(
-            inp, out, down.base_url, concurrency=8, max_attempts=10, api_down_after_s=1.0
+            down.base_url,
+            inp,
+            out,
+            **JOB_KEYS,
+            concurrency=8,
+            max_attempts=10,
+            api_down_after_s=1.0,
         )
         t0 = time.monotonic()
         with pytest.raises(ApiDown) as info:
@@ -660,7 +660,7 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
     assert all(r["status"] == "error" and r["http_status"] == 503 for r in records)
 
     async with serve(MockConfig(), port=port_of(down.base_url)) as healthy:
-        job = make_job(inp, out, healthy.base_url, concurrency=8, api_down_after_s=1.0)
+        job = make_job(healthy.base_url, inp, out, **JOB_KEYS, concurrency=8, api_down_after_s=1.0)
         result = await run_job(job, RunOptions(progress=False, retry_failed=True))
         assert healthy.stats.requests == len(rows)
     assert result.exit_code == 0 and result.ok == len(rows)
@@ -681,7 +681,7 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     async with serve(MockConfig(context_tokens=50)) as server:
         out = tmp_path / "count.parquet"
-        job = make_job(inp, out, server.base_url, concurrency=2, max_failures=3)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=2, max_failures=3)
         with pytest.raises(TooManyFailures) as info:
             await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
         assert info.value.exit_code == 3
@@ -696,7 +696,7 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
         assert server.stats.by_outcome.get("400") in (4, 5)
 
         out = tmp_path / "fraction.parquet"
-        job = make_job(inp, out, server.base_url, concurrency=2, max_failures=0.9)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=2, max_failures=0.9)
         result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
     assert result.exit_code == 1 and result.failed == 10 and result.ok == 10
     out_rows = assert_complete(out, ids, status=None)
@@ -743,7 +743,7 @@ async def test_disk_full_keeps_whole_lines_and_resumes(
     out = tmp_path / "out.parquet"
     fake = _DiskFullOs(k, short)
     async with serve(MockConfig(latency_s=0.005)) as server:
-        job = make_job(inp, out, server.base_url, concurrency=8)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=8)
         monkeypatch.setattr(batchrun.outputs, "os", fake)
         with pytest.raises(OutputError) as info:
             await run_job(job, RunOptions(progress=False))
@@ -785,7 +785,10 @@ async def test_reuse_sends_only_changed_and_new_rows(tmp_path: Path, procs: Proc
     earlier.mkdir()
     out1 = earlier / "night1.parquet"
     async with serve(MockConfig()) as server:
-        await run_job(make_job(inp1, out1, server.base_url), RunOptions(progress=False))
+        await run_job(
+            make_job(server.base_url, inp1, out1, **JOB_KEYS, concurrency=16),
+            RunOptions(progress=False),
+        )
         assert server.stats.requests == n
         first = {r["id"]: r for r in read_output(out1)}
         changed = {"T-0003", "T-0007", f"T-{n:04d}"}
@@ -793,7 +796,8 @@ async def test_reuse_sends_only_changed_and_new_rows(tmp_path: Path, procs: Proc
             out2 = tmp_path / f"night2-{source.name}.parquet"
             before = server.stats.requests
             result = await run_job(
-                make_job(inp2, out2, server.base_url), RunOptions(progress=False, reuse=(source,))
+                make_job(server.base_url, inp2, out2, **JOB_KEYS, concurrency=16),
+                RunOptions(progress=False, reuse=(source,)),
             )
             assert server.stats.requests - before == 3, f"--reuse {source}"
             rows2 = assert_complete(out2, ids2)
@@ -1010,7 +1014,7 @@ async def test_resume_conflict_needs_restart(tmp_path: Path, procs: Procs) -> No
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(latency_s=0.05)) as server:
-        job = make_job(inp, out, server.base_url, concurrency=4)
+        job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=4)
         task = asyncio.create_task(run_job(job, RunOptions(progress=False)))
         deadline = time.monotonic() + 10
         while journal_lines(out) < 5:
@@ -1113,16 +1117,22 @@ def test_plain_http_to_another_host_is_refused(tmp_path: Path, procs: Procs) -> 
     insecure = "http://192.0.2.1:9/v1"  # TEST-NET-1: checked, never contacted
     # Guard first, in this process: were the refusal gone, the CLI below must not run.
     with pytest.raises(JobError, match="--allow-insecure-http"):
-        make_job(inp, out, insecure)
+        make_job(insecure, inp, out, **JOB_KEYS, concurrency=16)
     done = procs.run(run_cmd(inp, out, insecure, "-q"), timeout=30)
     assert done.rc == 2, done.text
     assert "--allow-insecure-http" in done.err and "192.0.2.1" in done.err
     assert "Traceback" not in done.text
     assert not batchrun.outputs.partial_dir(out).exists()
 
-    job = make_job(inp, out, insecure, allow_insecure_http=True)
+    job = make_job(insecure, inp, out, **JOB_KEYS, concurrency=16, allow_insecure_http=True)
     assert job.allow_insecure_http is True and job.base_url == insecure
     assert job.url == "http://192.0.2.1:9/v1/chat/completions"
     # Loopback needs no flag.
-    assert make_job(inp, out, "http://127.0.0.1:9/v1").allow_insecure_http is False
-    assert make_job(inp, out, "http://localhost:9/v1").allow_insecure_http is False
+    assert (
+        make_job("http://127.0.0.1:9/v1", inp, out, **JOB_KEYS, concurrency=16).allow_insecure_http
+        is False
+    )
+    assert (
+        make_job("http://localhost:9/v1", inp, out, **JOB_KEYS, concurrency=16).allow_insecure_http
+        is False
+    )

@@ -42,16 +42,17 @@ import pytest
 from aiohttp import web
 
 import batchrun.outputs
-from batchrun.config import Job, load_job
+from batchrun.config import Job
 from batchrun.engines.local import run_job
 from batchrun.errors import DiskFull, ResumeConflict
 from batchrun.lifecycle import RunOptions
-from tests.conftest import REPO, assert_exit, invoke, run_app, tickets, write_jsonl
+from tests.conftest import REPO, assert_exit, invoke, make_job, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(120)
 
 PY = sys.executable
 TEMPLATE = "Row {id}: {ticket}"
+JOB_KEYS: dict[str, Any] = {"model": "m", "prompt_template": TEMPLATE, "concurrency": 8}
 _ROW_ID = re.compile(r"Row (\S+):")
 
 
@@ -312,20 +313,6 @@ def run_args(inp: Path, out: Path, base_url: str, *extra: str) -> list[str]:
     ]
 
 
-def make_job(inp: Path, out: Path, base_url: str, **keys: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": str(inp),
-        "output": str(out),
-        "model": "m",
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": TEMPLATE,
-        "concurrency": 8,
-    }
-    values.update(keys)
-    return load_job(None, values)
-
-
 def journal_path(out: Path) -> Path:
     return batchrun.outputs.partial_dir(out) / "journal.jsonl"
 
@@ -426,7 +413,7 @@ async def test_an_interrupted_take_back_left_by_an_older_version_is_completed(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url)
+        job = make_job(base_url, inp, out, **JOB_KEYS)
         await run_job(job, RunOptions(progress=False))
         run_id = orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["run_id"]
         for kept in (120, 0):
@@ -513,7 +500,7 @@ async def test_the_lock_holds_in_one_process_too(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url, concurrency=4)
+        job = make_job(base_url, inp, out, **(JOB_KEYS | {"concurrency": 4}))
         first = asyncio.create_task(run_job(job, RunOptions(progress=False)))
         while journal_lines(out) < 5:
             await asyncio.sleep(0.005)
@@ -546,7 +533,9 @@ async def test_a_file_system_without_locks_runs_unlocked_with_a_warning(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     async with run_app(counting.app()) as base_url:
         with caplog.at_level(logging.WARNING, logger="batchrun"):
-            result = await run_job(make_job(inp, out, base_url), RunOptions(progress=False))
+            result = await run_job(
+                make_job(base_url, inp, out, **JOB_KEYS), RunOptions(progress=False)
+            )
     assert result.exit_code == 0 and counting.requests == len(rows)
     assert any("cannot lock" in r.getMessage() for r in caplog.records)
     assert_finished(out, [str(r["id"]) for r in rows])
@@ -579,7 +568,7 @@ async def test_a_damaged_line_mid_journal_loses_only_itself(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url, concurrency=2)
+        job = make_job(base_url, inp, out, **(JOB_KEYS | {"concurrency": 2}))
         await run_in_loop_until(job, out, 30)
         lines = journal_path(out).read_bytes().splitlines(keepends=True)
         damaged, lost = damage(lines)
@@ -615,7 +604,7 @@ async def test_damage_mid_journal_and_a_torn_tail(tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url, concurrency=2)
+        job = make_job(base_url, inp, out, **(JOB_KEYS | {"concurrency": 2}))
         await run_in_loop_until(job, out, 20)
         lines = journal_path(out).read_bytes().splitlines(keepends=True)
         torn = lines[-1][: len(lines[-1]) // 2]
@@ -662,7 +651,7 @@ async def test_disk_full_while_journaling_exits_6_and_resumes(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url)
+        job = make_job(base_url, inp, out, **JOB_KEYS)
         monkeypatch.setattr(batchrun.outputs, "os", _FullDiskOs(keep=40))
         with pytest.raises(DiskFull) as info:
             await run_job(job, RunOptions(progress=False))
@@ -688,7 +677,7 @@ async def test_disk_full_during_the_final_write_keeps_the_journal(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url)
+        job = make_job(base_url, inp, out, **JOB_KEYS)
         monkeypatch.setattr(pq.ParquetWriter, "write_batch", _enospc)
         with pytest.raises(DiskFull) as info:
             await run_job(job, RunOptions(progress=False))
@@ -787,7 +776,7 @@ async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
-        job = make_job(inp, out, base_url, concurrency=2)
+        job = make_job(base_url, inp, out, **(JOB_KEYS | {"concurrency": 2}))
         await run_in_loop_until(job, out, 10)
         job_json = batchrun.outputs.partial_dir(out) / "job.json"
         job_json.write_bytes(b'{"model": "m", "temper')

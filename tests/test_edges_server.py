@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from batchrun.config import Job, load_job
+from batchrun.config import Job
 from batchrun.engines.local import run_job
 from batchrun.errors import ApiDown, BudgetReached
 from batchrun.lifecycle import RunOptions, RunResult
-from tests.conftest import FakeSleep, run_app, tickets, write_jsonl
+from tests.conftest import FakeSleep, make_job, run_app, tickets, write_jsonl
 
 MODEL = "m-1"
 
@@ -50,18 +50,10 @@ def app_of(handler: Callable[[dict[str, Any], int], web.Response]) -> tuple[web.
 
 
 def job_for(base_url: str, tmp_path: Path, n: int, **keys: Any) -> Job:
+    """A job over ``n`` fresh tickets in ``tmp_path``."""
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
-    values: dict[str, Any] = {
-        "input": str(src),
-        "output": str(tmp_path / "out.parquet"),
-        "model": MODEL,
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": "Summarize: {ticket}",
-        "concurrency": 4,
-        "request_timeout_s": 5.0,
-    }
-    return load_job(None, values | keys)
+    output = keys.pop("output", tmp_path / "out.parquet")
+    return make_job(base_url, src, output, **({"model": MODEL, "concurrency": 4} | keys))
 
 
 async def run(job: Job, **options: Any) -> RunResult:

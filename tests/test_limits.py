@@ -33,12 +33,15 @@ from batchrun.errors import JobError
 from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.limits import BURST_S, AdaptiveLimit, Budget, Limits, Pause
 from batchrun.mock import MockConfig, MockServer, create_app
-from tests.conftest import run_app, tickets, write_jsonl
+from tests.conftest import make_job, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 
 MODEL = "test-model"
 TEMPLATE = "Summarize: {ticket}"
+
+# What this file's jobs lay over make_job's defaults; each call gives its concurrency.
+JOB_KEYS: dict[str, Any] = {"model": MODEL, "prompt_template": TEMPLATE}
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -126,22 +129,6 @@ async def recording_serve(config: MockConfig) -> AsyncIterator[tuple[MockServer,
     app.middlewares.append(record)
     async with run_app(app) as base_url:
         yield MockServer(app, "127.0.0.1", URL(base_url).port or 0), rec
-
-
-def make_job(base_url: str, tmp_path: Path, n: int, **overrides: Any) -> Job:
-    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
-    values: dict[str, Any] = {
-        "input": str(src),
-        "output": str(tmp_path / "out.parquet"),
-        "model": MODEL,
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": TEMPLATE,
-        "concurrency": 8,
-        "request_timeout_s": 5.0,
-    }
-    values.update(overrides)
-    return load_job(None, values)
 
 
 async def run_job(job: Job, sleep: Any) -> RunResult:
@@ -646,8 +633,10 @@ def test_limit_keys_from_a_job_file(tmp_path: Path) -> None:
 
 async def test_rpm_paces_a_real_job(tmp_path: Path) -> None:
     n, rpm, workers = 36, 1200, 4  # 20 a second: 21 at once, the other 15 spaced 0.05 s apart
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
     async with recording_serve(MockConfig()) as (server, rec):
-        job = make_job(server.base_url, tmp_path, n, rpm=rpm, concurrency=workers)
+        job = make_job(server.base_url, src, out, **JOB_KEYS, rpm=rpm, concurrency=workers)
         t0 = time.monotonic()
         result = await run_job(job, RealSleep())
         wall = time.monotonic() - t0
@@ -688,8 +677,10 @@ async def test_429_storm_pauses_every_row(tmp_path: Path) -> None:
         fail_first=20, fail_first_kind="429", retry_after_s=retry_after, latency_s=0.05
     )
     sleep = RealSleep()
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
     async with recording_serve(config) as (server, rec):
-        job = make_job(server.base_url, tmp_path, n, concurrency=8)
+        job = make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8)
         result = await run_job(job, sleep)
         assert server.stats.by_outcome == {"429": 20, "ok": n}
     assert result.exit_code == 0 and result.ok == n
@@ -770,8 +761,12 @@ async def test_auto_concurrency_drops_on_429s_and_the_job_completes(
 ) -> None:
     n, storm = 40, 16
     config = MockConfig(fail_first=storm, fail_first_kind="429", retry_after_s=0.1, latency_s=0.02)
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
     async with recording_serve(config) as (server, rec):
-        job = make_job(server.base_url, tmp_path, n, concurrency="auto", max_concurrency=32)
+        job = make_job(
+            server.base_url, src, out, **JOB_KEYS, concurrency="auto", max_concurrency=32
+        )
         result = await run_job(job, RealSleep())
         assert server.stats.by_outcome == {"429": storm, "ok": n}
     assert result.exit_code == 0 and result.ok == n
@@ -791,8 +786,12 @@ async def test_auto_concurrency_drops_on_429s_and_the_job_completes(
 
 async def test_used_tokens_gets_the_reported_usage(tmp_path: Path, capture: Capture) -> None:
     n = 6
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
     async with recording_serve(MockConfig()) as (server, _):
-        job = make_job(server.base_url, tmp_path, n, tpm=1_000_000, max_tokens=50)
+        job = make_job(
+            server.base_url, src, out, **JOB_KEYS, concurrency=8, tpm=1_000_000, max_tokens=50
+        )
         result = await run_job(job, RealSleep())
     assert result.exit_code == 0
     rows = read_rows(job)
@@ -809,8 +808,12 @@ async def test_auto_concurrency_honors_the_job_wide_pause(tmp_path: Path) -> Non
     config = MockConfig(
         fail_first=storm, fail_first_kind="429", retry_after_s=retry_after, latency_s=0.1
     )
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    out = tmp_path / "out.parquet"
     async with recording_serve(config) as (server, rec):
-        job = make_job(server.base_url, tmp_path, n, concurrency="auto", max_concurrency=32)
+        job = make_job(
+            server.base_url, src, out, **JOB_KEYS, concurrency="auto", max_concurrency=32
+        )
         result = await run_job(job, RealSleep())
     assert result.exit_code == 0
     arrivals = sorted(rec.arrivals, key=lambda a: a.at)

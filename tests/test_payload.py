@@ -7,7 +7,6 @@ from typing import Any
 import orjson
 import pytest
 
-from batchrun.config import Job, load_job
 from batchrun.errors import BadResponse, JobError, RowError
 from batchrun.payload import (
     Completion,
@@ -19,14 +18,10 @@ from batchrun.payload import (
     request_hash,
     template_columns,
 )
+from tests.conftest import make_job
 
-
-def make_job(**values: Any) -> Job:
-    base: dict[str, Any] = {"input": "in.jsonl", "model": "m-1"}
-    if "messages_column" not in values:
-        base["prompt_template"] = "Summarize: {ticket}"
-    base.update(values)
-    return load_job(None, base)
+# What this file's jobs lay over make_job's defaults (None: the Job's default stays).
+JOB_KEYS: dict[str, Any] = {"model": "m-1", "api_key_env": None, "request_timeout_s": None}
 
 
 # ---- template_columns ------------------------------------------------------------
@@ -62,8 +57,10 @@ def test_unbalanced_braces_rejected(template: str) -> None:
 
 
 def test_prompt_columns() -> None:
-    assert list(prompt_columns(make_job(prompt_template="{a} {b} {a}"))) == ["a", "b"]
-    assert list(prompt_columns(make_job(messages_column="msgs"))) == ["msgs"]
+    assert list(prompt_columns(make_job(**JOB_KEYS, prompt_template="{a} {b} {a}"))) == ["a", "b"]
+    assert list(
+        prompt_columns(make_job(**JOB_KEYS, prompt_template=None, messages_column="msgs"))
+    ) == ["msgs"]
 
 
 # ---- build_messages: template ----------------------------------------------------
@@ -71,7 +68,9 @@ def test_prompt_columns() -> None:
 
 def test_template_with_system_prompt() -> None:
     job = make_job(
-        prompt_template="Ticket {id}: {ticket}\nFrom {customer}", system_prompt="Be brief."
+        **JOB_KEYS,
+        prompt_template="Ticket {id}: {ticket}\nFrom {customer}",
+        system_prompt="Be brief.",
     )
     row = {"id": "T-1", "ticket": "It broke {badly}", "customer": "Zoë", "extra": None}
     assert build_messages(job, row) == [
@@ -82,17 +81,17 @@ def test_template_with_system_prompt() -> None:
 
 
 def test_template_without_system_prompt() -> None:
-    job = make_job(prompt_template="{{literal}} {ticket}")
+    job = make_job(**JOB_KEYS, prompt_template="{{literal}} {ticket}")
     assert build_messages(job, {"ticket": "x"}) == [{"role": "user", "content": "{literal} x"}]
 
 
 def test_empty_system_prompt_sends_none() -> None:
-    job = make_job(system_prompt="")
+    job = make_job(**JOB_KEYS, system_prompt="")
     assert [m["role"] for m in build_messages(job, {"ticket": "x"})] == ["user"]
 
 
 def test_numbers_are_formatted() -> None:
-    job = make_job(prompt_template="{n} items at {price} each, {ratio:.1f}")
+    job = make_job(**JOB_KEYS, prompt_template="{n} items at {price} each, {ratio:.1f}")
     messages = build_messages(job, {"n": 3, "price": 2.5, "ratio": 0.75})
     assert messages[-1]["content"] == "3 items at 2.5 each, 0.8"
 
@@ -110,16 +109,16 @@ def test_numbers_are_formatted() -> None:
 )
 def test_bad_prompt_values_raise_row_error(row: dict[str, Any], words: str) -> None:
     with pytest.raises(RowError, match=words) as info:
-        build_messages(make_job(), row)
+        build_messages(make_job(**JOB_KEYS), row)
     assert "`ticket`" in str(info.value)
 
 
 def test_empty_string_value_is_text() -> None:
-    assert build_messages(make_job(), {"ticket": ""})[-1]["content"] == "Summarize: "
+    assert build_messages(make_job(**JOB_KEYS), {"ticket": ""})[-1]["content"] == "Summarize: "
 
 
 def test_value_not_fitting_format_spec_is_a_row_error() -> None:
-    job = make_job(prompt_template="Score {score:.1f}")
+    job = make_job(**JOB_KEYS, prompt_template="Score {score:.1f}")
     assert build_messages(job, {"score": 0.25})[-1]["content"] == "Score 0.2"
     with pytest.raises(RowError):
         build_messages(job, {"score": "high"})
@@ -129,7 +128,7 @@ def test_value_not_fitting_format_spec_is_a_row_error() -> None:
 
 
 def test_messages_column_passes_list_through() -> None:
-    job = make_job(messages_column="msgs")
+    job = make_job(**JOB_KEYS, prompt_template=None, messages_column="msgs")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]
     out = build_messages(job, {"msgs": msgs})
     assert out == msgs
@@ -137,7 +136,9 @@ def test_messages_column_passes_list_through() -> None:
 
 
 def test_messages_column_system_prompt_prepended_when_list_has_none() -> None:
-    job = make_job(messages_column="msgs", system_prompt="Be brief.")
+    job = make_job(
+        **JOB_KEYS, prompt_template=None, messages_column="msgs", system_prompt="Be brief."
+    )
     msgs = [{"role": "user", "content": "hi"}]
     assert build_messages(job, {"msgs": msgs}) == [
         {"role": "system", "content": "Be brief."},
@@ -147,7 +148,9 @@ def test_messages_column_system_prompt_prepended_when_list_has_none() -> None:
 
 
 def test_messages_column_system_prompt_not_prepended_when_list_has_one() -> None:
-    job = make_job(messages_column="msgs", system_prompt="Be brief.")
+    job = make_job(
+        **JOB_KEYS, prompt_template=None, messages_column="msgs", system_prompt="Be brief."
+    )
     msgs = [{"role": "system", "content": "Own system."}, {"role": "user", "content": "hi"}]
     assert build_messages(job, {"msgs": msgs}) == msgs
 
@@ -167,7 +170,7 @@ def test_messages_column_system_prompt_not_prepended_when_list_has_one() -> None
     ],
 )
 def test_bad_message_lists_raise_row_error(value: Any, words: str) -> None:
-    job = make_job(messages_column="msgs", system_prompt="s")
+    job = make_job(**JOB_KEYS, prompt_template=None, messages_column="msgs", system_prompt="s")
     with pytest.raises(RowError, match=words) as info:
         build_messages(job, {"msgs": value})
     assert "`msgs`" in str(info.value)
@@ -175,14 +178,16 @@ def test_bad_message_lists_raise_row_error(value: Any, words: str) -> None:
 
 def test_missing_messages_column_is_a_row_error() -> None:
     with pytest.raises(RowError, match="`msgs` is null"):
-        build_messages(make_job(messages_column="msgs"), {"other": 1})
+        build_messages(
+            make_job(**JOB_KEYS, prompt_template=None, messages_column="msgs"), {"other": 1}
+        )
 
 
 # ---- build_body, encode_body, request_hash --------------------------------------------
 
 
 def test_build_body_without_metadata() -> None:
-    job = make_job(temperature=0.3, max_tokens=99)
+    job = make_job(**JOB_KEYS, temperature=0.3, max_tokens=99)
     messages = [{"role": "user", "content": "x"}]
     body = build_body(job, messages, "T-1")
     assert body == {"model": "m-1", "messages": messages, "temperature": 0.3, "max_tokens": 99}
@@ -190,14 +195,14 @@ def test_build_body_without_metadata() -> None:
 
 
 def test_build_body_with_metadata_adds_row_id() -> None:
-    job = make_job(metadata={"job": "j", "row_id": "ignored"})
+    job = make_job(**JOB_KEYS, metadata={"job": "j", "row_id": "ignored"})
     body = build_body(job, [{"role": "user", "content": "x"}], "T-7")
     assert body["metadata"] == {"job": "j", "row_id": "T-7"}
     assert job.metadata == {"job": "j", "row_id": "ignored"}  # the job's table is untouched
 
 
 def test_encode_body_is_compact_json() -> None:
-    body = build_body(make_job(), [{"role": "user", "content": "é"}], "1")
+    body = build_body(make_job(**JOB_KEYS), [{"role": "user", "content": "é"}], "1")
     raw = encode_body(body)
     assert isinstance(raw, bytes)
     assert orjson.loads(raw) == body
@@ -205,10 +210,12 @@ def test_encode_body_is_compact_json() -> None:
 
 
 def test_request_hash_same_body_same_hash() -> None:
-    job = make_job(metadata={"a": 1})
+    job = make_job(**JOB_KEYS, metadata={"a": 1})
     messages = build_messages(job, {"ticket": "x"})
     first = request_hash(encode_body(build_body(job, messages, "r1")))
-    again = request_hash(encode_body(build_body(make_job(metadata={"a": 1}), list(messages), "r1")))
+    again = request_hash(
+        encode_body(build_body(make_job(**JOB_KEYS, metadata={"a": 1}), list(messages), "r1"))
+    )
     assert first == again
     assert len(first) == 32
     int(first, 16)  # hex
@@ -227,7 +234,7 @@ def test_request_hash_same_body_same_hash() -> None:
 )
 def test_request_hash_differs_when_anything_sent_differs(change: dict[str, Any]) -> None:
     def hash_for(row_id: str = "r1", ticket: str = "x", **job_values: Any) -> str:
-        job = make_job(**{"metadata": {"a": 1}, **job_values})
+        job = make_job(**{**JOB_KEYS, "metadata": {"a": 1}, **job_values})
         body = build_body(job, build_messages(job, {"ticket": ticket}), row_id)
         return request_hash(encode_body(body))
 

@@ -20,7 +20,7 @@ from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig, serve
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, status_text
-from tests.conftest import REPO, tickets, write_jsonl
+from tests.conftest import REPO, make_job, tickets, write_jsonl
 
 JOB = REPO / "jobs" / "summarize_tickets.toml"
 PRICES = REPO / "jobs" / "prices.toml"
@@ -96,20 +96,17 @@ async def test_budget_stops_before_the_spend_passes_it_then_resumes(tmp_path: Pa
     assert price is not None
     max_cost = 0.5
     async with serve(MockConfig(latency_s=0.01)) as server:
-        job = load_job(
-            None,
-            {
-                "input": str(src),
-                "output": str(out),
-                "model": "m",
-                "prompt_template": "{ticket}",
-                "max_tokens": 20,
-                "concurrency": 8,
-                "base_url": server.base_url,
-                "api_key_env": "",
-                "prices": str(prices),
-                "max_cost": max_cost,
-            },
+        job = make_job(
+            server.base_url,
+            src,
+            out,
+            model="m",
+            prompt_template="{ticket}",
+            request_timeout_s=None,
+            max_tokens=20,
+            concurrency=8,
+            prices=str(prices),
+            max_cost=max_cost,
         )
         with pytest.raises(BudgetReached) as stopped:
             await run_job(job, RunOptions(progress=False))
@@ -148,17 +145,15 @@ def test_budget_needs_prices_and_a_priced_model(tmp_path: Path) -> None:
         load_job(
             None, {"input": str(src), "model": "m", "prompt_template": "{ticket}", "max_cost": 1}
         )
-    job = load_job(
+    job = make_job(
         None,
-        {
-            "input": str(src),
-            "model": "other",
-            "prompt_template": "{ticket}",
-            "max_cost": 1,
-            "prices": str(prices_file(tmp_path)),
-            "output": str(tmp_path / "o.parquet"),
-            "api_key_env": "",
-        },
+        src,
+        tmp_path / "o.parquet",
+        model="other",
+        prompt_template="{ticket}",
+        request_timeout_s=None,
+        max_cost=1,
+        prices=str(prices_file(tmp_path)),
     )
     with pytest.raises(JobError, match="no price for model other"):
         import asyncio

@@ -28,18 +28,21 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import main
-from batchrun.config import Job, load_job
+from batchrun.config import load_job
 from batchrun.engines.local import run_job
 from batchrun.errors import TooManyFailures
 from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, MockStats, serve
-from tests.conftest import REPO, SAMPLE_JSONL, port_of, tickets, write_jsonl
+from tests.conftest import REPO, SAMPLE_JSONL, make_job, port_of, tickets, write_jsonl
 
 MODEL = "test-org/test-model-7b"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 VARYING = ["started_at", "finished_at", "latency_ms", "queued_ms", "response_id"]
 """Columns that differ between any two runs."""
+
+# What this file's jobs lay over make_job's defaults.
+JOB_KEYS: dict[str, Any] = {"model": MODEL, "keep_columns": ["customer"], "concurrency": 8}
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -78,22 +81,6 @@ def endpoint(config: MockConfig, port: int = 0) -> Iterator[tuple[str, MockStats
         thread.join(timeout=10)
 
 
-def make_job(base_url: str, input_path: Path, output: Path, **overrides: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": str(input_path),
-        "output": str(output),
-        "model": MODEL,
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": "Summarize: {ticket}",
-        "keep_columns": ["customer"],
-        "concurrency": 8,
-        "request_timeout_s": 5.0,
-    }
-    values.update(overrides)
-    return load_job(None, values)
-
-
 def run_both(
     input_path: Path, tmp_path: Path, config: MockConfig, **job_keys: Any
 ) -> tuple[RunResult, RunResult, MockStats, MockStats]:
@@ -102,10 +89,10 @@ def run_both(
 
     options = RunOptions(progress=False)
     with endpoint(config) as (url, local_stats):
-        job = make_job(url, input_path, tmp_path / "local.parquet", **job_keys)
+        job = make_job(url, input_path, tmp_path / "local.parquet", **(JOB_KEYS | job_keys))
         local = asyncio.run(run_job(job, options))
     with endpoint(config) as (url, ray_stats):
-        job = make_job(url, input_path, tmp_path / "ray.parquet", **job_keys)
+        job = make_job(url, input_path, tmp_path / "ray.parquet", **(JOB_KEYS | job_keys))
         on_ray = run_on_ray(job, options)
     return local, on_ray, local_stats, ray_stats
 
@@ -177,7 +164,7 @@ def test_ray_resumes_a_local_run_and_retries_its_failed_rows(
     output = tmp_path / "out.parquet"
     keys = {"max_attempts": 1, "max_failures": 3, "concurrency": 2}
     with endpoint(MockConfig(fault_rate=0.25, faults=("500",))) as (url, _):
-        job = make_job(url, input_path, output, **keys)
+        job = make_job(url, input_path, output, **(JOB_KEYS | keys))
         with pytest.raises(TooManyFailures):
             asyncio.run(run_job(job, RunOptions(progress=False)))
     journal = (tmp_path / "out.parquet.partial" / "journal.jsonl").read_bytes().splitlines()
@@ -185,10 +172,10 @@ def test_ray_resumes_a_local_run_and_retries_its_failed_rows(
     assert statuses.count("error") == 4 and "ok" in statuses
 
     with endpoint(MockConfig(), port=port_of(url)) as (url, stats):
-        job = make_job(url, input_path, output, **keys)
+        job = make_job(url, input_path, output, **(JOB_KEYS | keys))
         resumed = run_on_ray(job, RunOptions(progress=False, retry_failed=True))
     with endpoint(MockConfig()) as (url, _):
-        job = make_job(url, input_path, tmp_path / "clean.parquet", **keys)
+        job = make_job(url, input_path, tmp_path / "clean.parquet", **(JOB_KEYS | keys))
         clean = asyncio.run(run_job(job, RunOptions(progress=False)))
 
     assert (resumed.ok, resumed.failed, resumed.resumed) == (40, 0, len(statuses))
@@ -265,7 +252,7 @@ def test_actor_plan_splits_concurrency_and_rates_without_exceeding_them(tmp_path
     from batchrun.engines.ray import actor_plan
 
     input_path = write_jsonl(tmp_path / "in.jsonl", list(tickets(3)))
-    job = make_job("http://127.0.0.1:9/v1", input_path, tmp_path / "o.parquet")
+    job = make_job("http://127.0.0.1:9/v1", input_path, tmp_path / "o.parquet", **JOB_KEYS)
     job = load_job(None, {**job.settings(), "concurrency": 10, "rpm": 600.0, "tpm": 90000.0})
     actors, share, batch_rows = actor_plan(job, cpus=3, to_send=10_000)
     assert actors == 3

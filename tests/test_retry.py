@@ -13,7 +13,6 @@ import pytest
 import tenacity
 
 import batchrun.retry
-from batchrun.config import load_job
 from batchrun.errors import (
     BadResponse,
     ConnectionDropped,
@@ -24,6 +23,7 @@ from batchrun.errors import (
     ServerError,
 )
 from batchrun.retry import RetryPolicy, send_with_retries
+from tests.conftest import make_job
 
 OK = "ok"
 
@@ -381,16 +381,14 @@ async def test_on_retry_is_optional(sleep: FakeSleep) -> None:
 
 
 def test_policy_for_job_takes_attempts_and_deadline_from_job(sleep: FakeSleep) -> None:
-    job = load_job(
-        None,
-        {
-            "input": "in.jsonl",
-            "model": "m",
-            "prompt_template": "{x}",
-            "base_url": "https://api.example.test/v1",
-            "max_attempts": 7,
-            "retry_deadline_s": 42.0,
-        },
+    job = make_job(
+        "https://api.example.test/v1",
+        model="m",
+        prompt_template="{x}",
+        api_key_env=None,
+        request_timeout_s=None,
+        max_attempts=7,
+        retry_deadline_s=42.0,
     )
     p = RetryPolicy.for_job(job, sleep=sleep)
     assert (p.max_attempts, p.deadline_s, p.sleep) == (7, 42.0, sleep)

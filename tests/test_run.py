@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 
 from batchrun import __version__, outputs
-from batchrun.config import Job, load_job
+from batchrun.config import Job
 from batchrun.engines.local import run_job as run_engine
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
 from batchrun.lifecycle import RunOptions, RunResult
@@ -38,6 +38,7 @@ from tests.conftest import (
     FakeSleep,
     assert_exit,
     invoke,
+    make_job,
     port_of,
     run_app,
     tickets,
@@ -51,23 +52,12 @@ TEMPLATE = "Summarize: {ticket}"
 SYSTEM = "You are terse."
 WRONG_KEY = "sk-wrong-9876543210fedcba-nope"
 
+# What this file's jobs lay over make_job's defaults (None: the Job's default stays,
+# LLMTUNE_API_KEY); each call gives its concurrency and max_attempts.
+JOB_KEYS: dict[str, Any] = {"model": MODEL, "prompt_template": TEMPLATE, "api_key_env": None}
+
 
 # ---- helpers -----------------------------------------------------------------
-
-
-def make_job(base_url: str, input_path: Path, output: Path, **overrides: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": str(input_path),
-        "output": str(output),
-        "model": MODEL,
-        "base_url": base_url,
-        "prompt_template": TEMPLATE,
-        "concurrency": 8,
-        "request_timeout_s": 5.0,
-        "max_attempts": 5,
-    }
-    values.update(overrides)
-    return load_job(None, values)
 
 
 def partial(output: Path) -> Path:
@@ -217,6 +207,9 @@ async def test_end_to_end_output(tmp_path: Path, api_key: str, endpoint: MockSer
         endpoint.base_url,
         src,
         out,
+        **JOB_KEYS,
+        concurrency=8,
+        max_attempts=5,
         system_prompt=SYSTEM,
         keep_columns=keep,
         metadata={"batch": "e2e"},
@@ -306,7 +299,9 @@ async def test_rows_without_id_column_are_numbered(
     rows = [{"ticket": r["ticket"]} for r in tickets(12)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.parquet"
-    result = await run_job(make_job(endpoint.base_url, src, out))
+    result = await run_job(
+        make_job(endpoint.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5)
+    )
     assert result.exit_code == 0
     got = read_rows(out)
     assert [r["id"] for r in got] == [str(i) for i in range(12)]
@@ -323,7 +318,15 @@ async def test_keep_columns_naming_the_id_column(
         src = tmp_path / "in.parquet"
         pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "out.parquet"
-    job = make_job(endpoint.base_url, src, out, keep_columns=["id", "customer"])
+    job = make_job(
+        endpoint.base_url,
+        src,
+        out,
+        **JOB_KEYS,
+        concurrency=8,
+        max_attempts=5,
+        keep_columns=["id", "customer"],
+    )
     result = await run_job(job)
     assert result.exit_code == 0
     names = pq.read_schema(out).names
@@ -344,11 +347,25 @@ async def test_parquet_input_matches_jsonl_input(
     keep = ["customer", "priority", "score", "vip"]
 
     r1 = await run_job(
-        make_job(endpoint.base_url, jsonl, tmp_path / "a.parquet", keep_columns=keep, concurrency=4)
+        make_job(
+            endpoint.base_url,
+            jsonl,
+            tmp_path / "a.parquet",
+            **JOB_KEYS,
+            concurrency=4,
+            max_attempts=5,
+            keep_columns=keep,
+        )
     )
     r2 = await run_job(
         make_job(
-            endpoint.base_url, parquet, tmp_path / "b.parquet", keep_columns=keep, concurrency=4
+            endpoint.base_url,
+            parquet,
+            tmp_path / "b.parquet",
+            **JOB_KEYS,
+            concurrency=4,
+            max_attempts=5,
+            keep_columns=keep,
         )
     )
     assert r1.exit_code == r2.exit_code == 0
@@ -379,7 +396,9 @@ async def test_429_retry_after_is_waited(
     config = MockConfig(api_key=TEST_KEY, fail_first=3, fail_first_kind="429", retry_after_s=2)
     async with serve(config) as server:
         sleep = FakeSleep()
-        result = await run_job(make_job(server.base_url, src, out), sleep)
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5), sleep
+        )
         assert server.stats.by_outcome == {"429": 3, "ok": n}
         assert completion_requests(server) == n + 3
     assert result.exit_code == 0 and result.retries == 3 and result.requests == n + 3
@@ -405,7 +424,9 @@ async def test_5xx_retries_use_backoff(
     config = MockConfig(api_key=TEST_KEY, fail_first=3, fail_first_kind=kind, retry_after_s=2)
     async with serve(config) as server:
         sleep = FakeSleep()
-        result = await run_job(make_job(server.base_url, src, out), sleep)
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5), sleep
+        )
         assert completion_requests(server) == n + 3
     assert result.exit_code == 0 and result.retries == 3
     waits = retry_waits(caplog)
@@ -438,7 +459,9 @@ async def test_context_length_400_is_not_retried(tmp_path: Path, api_key: str) -
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, context_tokens=40)) as server:
         sleep = FakeSleep()
-        result = await run_job(make_job(server.base_url, src, out), sleep)
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5), sleep
+        )
         assert completion_requests(server) == n
         assert server.stats.by_outcome == {"400": 1, "ok": n - 1}
     assert result.exit_code == 1
@@ -484,7 +507,7 @@ async def test_bad_key_stops_early_and_resumes_with_the_right_key(
     n, concurrency = 60, 4
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
-    job = make_job(endpoint.base_url, src, out, concurrency=concurrency)
+    job = make_job(endpoint.base_url, src, out, **JOB_KEYS, concurrency=concurrency, max_attempts=5)
 
     monkeypatch.setenv("LLMTUNE_API_KEY", WRONG_KEY)
     with pytest.raises(KeyRejected) as info:
@@ -518,7 +541,9 @@ async def test_bad_key_on_a_job_smaller_than_the_probe(
     out = tmp_path / "out.parquet"
     monkeypatch.setenv("LLMTUNE_API_KEY", WRONG_KEY)
     with pytest.raises(KeyRejected):
-        await run_job(make_job(endpoint.base_url, src, out))
+        await run_job(
+            make_job(endpoint.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5)
+        )
     assert completion_requests(endpoint) == 2
     assert not out.exists()
 
@@ -558,7 +583,9 @@ async def test_missing_key_variable_sends_nothing(tmp_path: Path, endpoint: Mock
     src = write_jsonl(tmp_path / "in.jsonl", tickets(5))
     out = tmp_path / "out.parquet"
     with pytest.raises(JobError) as info:
-        await run_job(make_job(endpoint.base_url, src, out))
+        await run_job(
+            make_job(endpoint.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=5)
+        )
     assert info.value.exit_code == 2
     assert "LLMTUNE_API_KEY" in str(info.value)
     assert completion_requests(endpoint) == 0
@@ -576,7 +603,9 @@ async def test_random_faults_every_row_ends_ok(tmp_path: Path, api_key: str) -> 
     config = MockConfig(api_key=TEST_KEY, fault_rate=0.3, faults=faults, retry_after_s=0.5, seed=1)
     async with serve(config) as server:
         sleep = FakeSleep()
-        result = await run_job(make_job(server.base_url, src, out, max_attempts=12), sleep)
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=12), sleep
+        )
         received = completion_requests(server)
         outcomes = dict(server.stats.by_outcome)
     assert result.exit_code == 0, outcomes
@@ -605,7 +634,15 @@ async def test_hang_fault_times_out_and_is_retried(tmp_path: Path, api_key: str)
     async with serve(config) as server:
         started = time.monotonic()
         result = await run_job(
-            make_job(server.base_url, src, out, request_timeout_s=0.3, max_attempts=10)
+            make_job(
+                server.base_url,
+                src,
+                out,
+                **JOB_KEYS,
+                concurrency=8,
+                max_attempts=10,
+                request_timeout_s=0.3,
+            )
         )
         elapsed = time.monotonic() - started
         received = completion_requests(server)
@@ -637,7 +674,9 @@ async def test_rows_fail_after_max_attempts(
     async with serve(
         MockConfig(api_key=TEST_KEY, fail_first=1000, fail_first_kind=kind, retry_after_s=0.1)
     ) as server:
-        result = await run_job(make_job(server.base_url, src, out, max_attempts=2))
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=2)
+        )
         assert completion_requests(server) == 2 * n
     assert result.exit_code == 1 and (result.ok, result.failed) == (0, n)
     got = read_rows(out)
@@ -655,7 +694,9 @@ async def test_interrupted_run_resumes_each_row_once(tmp_path: Path, api_key: st
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, latency_s=0.03)) as server:
-        job = make_job(server.base_url, src, out, concurrency=concurrency)
+        job = make_job(
+            server.base_url, src, out, **JOB_KEYS, concurrency=concurrency, max_attempts=5
+        )
         done = await interrupted_run(job, min_lines=10)
         first = completion_requests(server)
         assert len(done) < n
@@ -683,14 +724,15 @@ async def test_retry_failed_resends_only_failed_and_missing_rows(
     sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
     async with serve(sick) as server:
         done = await interrupted_run(
-            make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1),
+            min_lines=12,
         )
     failed_rows = {r["row"] for r in done if r["status"] == "error"}
     ok_rows = {r["row"] for r in done if r["status"] == "ok"}
     assert len(failed_rows) == 5 and ok_rows
 
     async with serve(MockConfig(api_key=TEST_KEY), port=port_of(server.base_url)) as healthy:
-        job = make_job(healthy.base_url, src, out, concurrency=2, max_attempts=1)
+        job = make_job(healthy.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1)
         result = await run_job(job, retry_failed=True)
         sent = {h[:32] for h in healthy.stats.bodies}
         assert completion_requests(healthy) == n - len(ok_rows)
@@ -709,10 +751,13 @@ async def test_resume_without_retry_failed_keeps_failed_rows(tmp_path: Path, api
     sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
     async with serve(sick) as server:
         done = await interrupted_run(
-            make_job(server.base_url, src, out, concurrency=2, max_attempts=1), min_lines=12
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1),
+            min_lines=12,
         )
     async with serve(MockConfig(api_key=TEST_KEY), port=port_of(server.base_url)) as healthy:
-        result = await run_job(make_job(healthy.base_url, src, out, concurrency=2, max_attempts=1))
+        result = await run_job(
+            make_job(healthy.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1)
+        )
         assert completion_requests(healthy) == n - len({r["row"] for r in done})
     assert result.exit_code == 1 and result.failed == 5
     got = read_rows(out)
@@ -724,13 +769,16 @@ async def test_finished_failed_run_then_retry_failed(tmp_path: Path, api_key: st
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, fail_first=n, fail_first_kind="500")) as sick:
-        first = await run_job(make_job(sick.base_url, src, out, max_attempts=1))
+        first = await run_job(
+            make_job(sick.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=1)
+        )
         assert completion_requests(sick) == n
     assert first.exit_code == 1 and first.failed == n
     assert all(r["status"] == "error" for r in read_rows(out))
     async with serve(MockConfig(api_key=TEST_KEY), port=port_of(sick.base_url)) as healthy:
         result = await run_job(
-            make_job(healthy.base_url, src, out, max_attempts=1), retry_failed=True
+            make_job(healthy.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=1),
+            retry_failed=True,
         )
         assert completion_requests(healthy) == n
         assert set(healthy.stats.bodies.values()) == {1}
@@ -745,7 +793,7 @@ async def test_restart_discards_an_unfinished_run(tmp_path: Path, api_key: str) 
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, latency_s=0.02)) as server:
-        job = make_job(server.base_url, src, out, concurrency=2)
+        job = make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=5)
         done = await interrupted_run(job, min_lines=6)
         first = completion_requests(server)
         result = await run_job(job, restart=True)
@@ -770,7 +818,7 @@ async def test_changed_job_on_unfinished_run_conflicts(
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, latency_s=0.02)) as server:
-        job = make_job(server.base_url, src, out, concurrency=2)
+        job = make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=5)
         done = await interrupted_run(job, min_lines=4)
         journal_bytes = journal_of(out).read_bytes()
         before = completion_requests(server)
@@ -781,7 +829,9 @@ async def test_changed_job_on_unfinished_run_conflicts(
             write_jsonl(src, rows)
             changed = job
         else:
-            changed = make_job(server.base_url, src, out, concurrency=2, **change)
+            changed = make_job(
+                server.base_url, src, out, **(JOB_KEYS | change), concurrency=2, max_attempts=5
+            )
         with pytest.raises(ResumeConflict) as info:
             await run_job(changed)
         assert info.value.exit_code == 2
@@ -800,7 +850,10 @@ def test_cli_resume_conflict_then_restart(tmp_path: Path, api_key: str, threaded
     server = threaded(lambda: serve(MockConfig(api_key=TEST_KEY, latency_s=0.02)))
 
     async def leave_unfinished() -> None:
-        await interrupted_run(make_job(server.base_url, src, out, concurrency=2), min_lines=4)
+        await interrupted_run(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=5),
+            min_lines=4,
+        )
 
     asyncio.run(leave_unfinished())
     before = server.stats.requests
@@ -920,7 +973,9 @@ async def test_key_prefix_not_leaked_by_truncated_error_text(tmp_path: Path, api
     src = write_jsonl(tmp_path / "in.jsonl", tickets(3))
     out = tmp_path / "out.parquet"
     async with serve_echo("long") as server:
-        result = await run_job(make_job(server.base_url, src, out, max_attempts=1))
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8, max_attempts=1)
+        )
     assert result.failed == 3
     # The key starts a few characters before the error text's length cap: redacting
     # after the cut would leave its first characters in the output.

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batchrun.config import Job, load_job
 from batchrun.engines.shell import Recorder
 from batchrun.errors import (
     FatalRequestError,
@@ -28,9 +27,17 @@ from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
 from batchrun.retry import RetryPolicy
 from batchrun.scheduler import Scheduler
-from tests.conftest import FakeSleep
+from tests.conftest import FakeSleep, make_job
 
 ANSWER = Completion("fine", "stop", 10, 2, 12, "resp-1", "m-1")
+
+# What this file's jobs lay over make_job's defaults (None: the Job's default stays).
+JOB_KEYS: dict[str, Any] = {
+    "model": "m-1",
+    "prompt_template": "{ticket}",
+    "concurrency": 4,
+    "request_timeout_s": None,
+}
 
 
 class MemoryJournal:
@@ -70,21 +77,10 @@ def rows(n: int) -> list[Prepared]:
     return [Prepared(i, f"r{i}", f"r{i}".encode(), f"hash{i}") for i in range(n)]
 
 
-def make_job(**keys: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": "in.jsonl",
-        "model": "m-1",
-        "prompt_template": "{ticket}",
-        "concurrency": 4,
-        "api_key_env": "",
-    }
-    return load_job(None, values | keys)
-
-
 def scheduler(
     client: ScriptedClient, n: int, sleep: FakeSleep, **keys: Any
 ) -> tuple[Scheduler, MemoryJournal, Tally]:
-    job = make_job(**keys)
+    job = make_job(**(JOB_KEYS | keys))
     journal = MemoryJournal(n)
     tally = Tally(total=n)
     sched = Scheduler(

@@ -27,7 +27,7 @@ from aioresponses import aioresponses
 from yarl import URL
 
 from batchrun.client import ApiClient
-from batchrun.config import Job, load_job
+from batchrun.config import Job
 from batchrun.engines.local import run_job as api_run_job
 from batchrun.errors import (
     BadResponse,
@@ -38,13 +38,16 @@ from batchrun.errors import (
 )
 from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, MockServer, count_tokens, create_app
-from tests.conftest import FakeSleep, run_app, tickets, write_jsonl
+from tests.conftest import FakeSleep, make_job, run_app, tickets, write_jsonl
 
 pytestmark = pytest.mark.timeout(20)
 
 MODEL = "test-model"
 TEMPLATE = "Summarize: {ticket}"
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+# What this file's jobs lay over make_job's defaults.
+JOB_KEYS: dict[str, Any] = {"model": MODEL, "prompt_template": TEMPLATE, "concurrency": 4}
 
 
 # ---- helpers -----------------------------------------------------------------
@@ -53,24 +56,6 @@ USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
 def expected_completion(i: int) -> str:
     """What the mock answers to ``TEMPLATE`` over ``tickets(n)[i]``."""
     return f"Summary: Summarize: Ticket number {i} is broken. Please fix it soon."
-
-
-def make_job(base_url: str, tmp_path: Path, n: int, name: str = "out", **overrides: Any) -> Job:
-    src = tmp_path / "in.jsonl"
-    if not src.exists():
-        write_jsonl(src, tickets(n))
-    values: dict[str, Any] = {
-        "input": str(src),
-        "output": str(tmp_path / f"{name}.parquet"),
-        "model": MODEL,
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": TEMPLATE,
-        "concurrency": 4,
-        "request_timeout_s": 5.0,
-    }
-    values.update(overrides)
-    return load_job(None, values)
 
 
 async def run_job(job: Job, sleep: FakeSleep | None = None) -> RunResult:
@@ -182,15 +167,18 @@ async def scripted(*answers: bytes, then: bytes = FULL) -> AsyncIterator[tuple[s
 
 async def test_stream_request_asks_for_sse_and_usage(tmp_path: Path) -> None:
     n = 5
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve() as (server, received):
-        result = await run_job(make_job(server.base_url, tmp_path, n, "s", stream=True))
+        result = await run_job(
+            make_job(server.base_url, src, tmp_path / "s.parquet", **JOB_KEYS, stream=True)
+        )
         assert result.exit_code == 0
         assert len(received.bodies) == n
         for body in received.bodies:
             assert body["stream"] is True
             assert body["stream_options"] == {"include_usage": True}
         received.bodies.clear()
-        await run_job(make_job(server.base_url, tmp_path, n, "p"))
+        await run_job(make_job(server.base_url, src, tmp_path / "p.parquet", **JOB_KEYS))
         assert len(received.bodies) == n
         for body in received.bodies:
             assert "stream" not in body and "stream_options" not in body
@@ -201,9 +189,12 @@ async def test_stream_request_asks_for_sse_and_usage(tmp_path: Path) -> None:
 
 async def test_streamed_output_equals_plain_output(tmp_path: Path) -> None:
     n = 8
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(MockConfig(latency_s=0.02)) as (server, _):
-        streamed = make_job(server.base_url, tmp_path, n, "streamed", stream=True)
-        plain = make_job(server.base_url, tmp_path, n, "plain")
+        streamed = make_job(
+            server.base_url, src, tmp_path / "streamed.parquet", **JOB_KEYS, stream=True
+        )
+        plain = make_job(server.base_url, src, tmp_path / "plain.parquet", **JOB_KEYS)
         r1 = await run_job(streamed)
         r2 = await run_job(plain)
     assert r1.exit_code == r2.exit_code == 0
@@ -223,9 +214,12 @@ async def test_streamed_output_equals_plain_output(tmp_path: Path) -> None:
 
 async def test_ttft_ms_column_only_for_streamed_jobs(tmp_path: Path) -> None:
     n, latency_s = 6, 0.03
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(MockConfig(latency_s=latency_s)) as (server, _):
-        streamed = make_job(server.base_url, tmp_path, n, "streamed", stream=True)
-        plain = make_job(server.base_url, tmp_path, n, "plain")
+        streamed = make_job(
+            server.base_url, src, tmp_path / "streamed.parquet", **JOB_KEYS, stream=True
+        )
+        plain = make_job(server.base_url, src, tmp_path / "plain.parquet", **JOB_KEYS)
         await run_job(streamed)
         await run_job(plain)
     s_table, p_table = read_table(streamed), read_table(plain)
@@ -242,8 +236,9 @@ async def test_ttft_ms_column_only_for_streamed_jobs(tmp_path: Path) -> None:
 async def test_stream_without_usage_chunk_leaves_usage_null(tmp_path: Path) -> None:
     n = 4
     config = MockConfig(fault_rate=1.0, faults=("no-usage",))
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(config) as (server, _):
-        job = make_job(server.base_url, tmp_path, n, stream=True)
+        job = make_job(server.base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         result = await run_job(job)
         assert server.stats.by_outcome == {"no-usage": n}
     assert result.exit_code == 0 and result.ok == n
@@ -258,8 +253,9 @@ async def test_usage_null_on_every_chunk_is_null_usage(tmp_path: Path) -> None:
     # Some servers put "usage": null on every chunk and never send a usage chunk.
     body = sse(chunk("Hi", role=True, usage=None) | {"usage": None},
                chunk(finish="stop") | {"usage": None})  # fmt: skip
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(2))
     async with scripted(then=body) as (base_url, _):
-        job = make_job(base_url, tmp_path, 2, stream=True)
+        job = make_job(base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         assert (await run_job(job)).exit_code == 0
     for r in read_rows(job):
         assert r["completion"] == "Hi" and r["finish_reason"] == "stop"
@@ -273,8 +269,15 @@ async def test_cut_stream_is_retried_and_stored_whole(tmp_path: Path) -> None:
     n = 4
     config = MockConfig(fail_first=n, fail_first_kind="stream-cut")
     sleep = FakeSleep()
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(config) as (server, _):
-        job = make_job(server.base_url, tmp_path, n, stream=True, concurrency=n)
+        job = make_job(
+            server.base_url,
+            src,
+            tmp_path / "out.parquet",
+            **(JOB_KEYS | {"concurrency": n}),
+            stream=True,
+        )
         result = await run_job(job, sleep)
         assert server.stats.by_outcome == {"stream-cut": n, "ok": n}
     assert result.exit_code == 0 and result.retries == n and len(sleep.waits) == n
@@ -291,8 +294,11 @@ async def test_cut_stream_is_retried_and_stored_whole(tmp_path: Path) -> None:
 async def test_cut_stream_without_retries_fails_with_no_partial_answer(tmp_path: Path) -> None:
     n = 3
     config = MockConfig(fail_first=n, fail_first_kind="stream-cut")
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(config) as (server, _):
-        job = make_job(server.base_url, tmp_path, n, stream=True, max_attempts=1)
+        job = make_job(
+            server.base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True, max_attempts=1
+        )
         result = await run_job(job)
     assert result.exit_code == 1 and result.failed == n
     for r in read_rows(job):
@@ -317,12 +323,21 @@ async def test_broken_stream_is_retried_then_fails_with_no_partial_answer(
     tmp_path: Path, kind: str, errors: tuple[str, ...]
 ) -> None:
     n = 3
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     async with recording_serve(MockConfig(fail_first=n, fail_first_kind=kind)) as (server, _):
-        retried = make_job(server.base_url, tmp_path, n, "retried", stream=True, concurrency=n)
+        retried = make_job(
+            server.base_url,
+            src,
+            tmp_path / "retried.parquet",
+            **(JOB_KEYS | {"concurrency": n}),
+            stream=True,
+        )
         assert (await run_job(retried)).exit_code == 0
         assert server.stats.by_outcome == {kind: n, "ok": n}
         server.stats.reset()  # re-arms fail_first
-        once = make_job(server.base_url, tmp_path, n, "once", stream=True, max_attempts=1)
+        once = make_job(
+            server.base_url, src, tmp_path / "once.parquet", **JOB_KEYS, stream=True, max_attempts=1
+        )
         assert (await run_job(once)).exit_code == 1
     rows = read_rows(retried)
     assert sum(r["attempts"] for r in rows) == 2 * n  # one more attempt per broken stream
@@ -335,8 +350,9 @@ async def test_broken_stream_is_retried_then_fails_with_no_partial_answer(
 
 async def test_malformed_chunk_midway_is_retried_never_stored_half(tmp_path: Path) -> None:
     half = sse(chunk("Hello", role=True), chunk(", wor"), b"data: {oops\n\n", chunk("ld."))
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     async with scripted(half) as (base_url, received):
-        job = make_job(base_url, tmp_path, 1, stream=True)
+        job = make_job(base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         result = await run_job(job)
     assert result.exit_code == 0 and len(received.bodies) == 2
     (r,) = read_rows(job)
@@ -346,8 +362,9 @@ async def test_malformed_chunk_midway_is_retried_never_stored_half(tmp_path: Pat
 
 async def test_stream_ending_early_is_retried_never_stored_half(tmp_path: Path) -> None:
     early = sse(chunk("Hello", role=True), chunk(", wor"), done=False)
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     async with scripted(early, early) as (base_url, received):
-        job = make_job(base_url, tmp_path, 1, stream=True)
+        job = make_job(base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         result = await run_job(job)
     assert result.exit_code == 0 and len(received.bodies) == 3
     (r,) = read_rows(job)
@@ -359,8 +376,9 @@ async def test_error_event_in_stream_is_retried_not_stored_half(tmp_path: Path) 
         chunk("Hello", role=True),
         {"error": {"message": "engine overloaded", "type": "server_error", "code": 500}},
     )
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     async with scripted(failed) as (base_url, received):
-        job = make_job(base_url, tmp_path, 1, stream=True)
+        job = make_job(base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         await run_job(job)
     (r,) = read_rows(job)
     assert (r["status"], r["completion"]) == ("ok", "Hello, world.")
@@ -369,8 +387,9 @@ async def test_error_event_in_stream_is_retried_not_stored_half(tmp_path: Path) 
 
 async def test_chunk_of_the_wrong_shape_is_retried_not_a_crash(tmp_path: Path) -> None:
     odd = sse(chunk(choices=["not an object"]))
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     async with scripted(odd) as (base_url, received):
-        job = make_job(base_url, tmp_path, 1, stream=True)
+        job = make_job(base_url, src, tmp_path / "out.parquet", **JOB_KEYS, stream=True)
         result = await run_job(job)
     assert result.exit_code == 0 and len(received.bodies) == 2
     (r,) = read_rows(job)
@@ -386,15 +405,13 @@ BODY = b'{"model":"test-model","messages":[{"role":"user","content":"hi"}],"stre
 
 @pytest.fixture
 async def client() -> AsyncIterator[ApiClient]:
-    job = load_job(
-        None,
-        {
-            "input": "in.jsonl",
-            "model": MODEL,
-            "prompt_template": TEMPLATE,
-            "base_url": BASE_URL,
-            "stream": True,
-        },
+    job = make_job(
+        BASE_URL,
+        model=MODEL,
+        prompt_template=TEMPLATE,
+        api_key_env=None,
+        request_timeout_s=None,
+        stream=True,
     )
     async with ApiClient(job, None) as c:
         yield c
@@ -566,11 +583,14 @@ async def test_client_stream_read_timeout_is_request_timeout() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", stall)
     async with run_app(app) as base_url:
-        job = load_job(
-            None,
-            {"input": "in.jsonl", "model": MODEL, "prompt_template": TEMPLATE,
-             "base_url": base_url, "stream": True, "request_timeout_s": 0.2},
-        )  # fmt: skip
+        job = make_job(
+            base_url,
+            model=MODEL,
+            prompt_template=TEMPLATE,
+            api_key_env=None,
+            stream=True,
+            request_timeout_s=0.2,
+        )
         t0 = time.monotonic()
         async with ApiClient(job, None) as c:
             with pytest.raises(RequestTimeout):

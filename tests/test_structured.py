@@ -38,7 +38,16 @@ from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, serve
 from batchrun.outputs import FIXED_COLUMNS
 from batchrun.structured import InvalidAnswer, Structured, arrow_type, load_structured
-from tests.conftest import REPO, FakeSleep, assert_exit, invoke, run_app, tickets, write_jsonl
+from tests.conftest import (
+    REPO,
+    FakeSleep,
+    assert_exit,
+    invoke,
+    make_job,
+    run_app,
+    tickets,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -50,24 +59,16 @@ CATEGORIES = ["billing", "login", "bug", "feature_request", "data_export", "inte
 SECRET = "hdr-secret-7f3a9c1e5b2d"
 DICT = pa.dictionary(pa.int32(), pa.string())
 
+# What this file's jobs lay over make_job's defaults.
+JOB_KEYS: dict[str, Any] = {
+    "model": MODEL,
+    "prompt_template": TEMPLATE,
+    "concurrency": 4,
+    "max_attempts": 3,
+}
+
 
 # ---- helpers ---------------------------------------------------------------------
-
-
-def make_job(base_url: str, src: Path, out: Path, **overrides: Any) -> Job:
-    values: dict[str, Any] = {
-        "input": str(src),
-        "output": str(out),
-        "model": MODEL,
-        "base_url": base_url,
-        "api_key_env": "",
-        "prompt_template": TEMPLATE,
-        "concurrency": 4,
-        "request_timeout_s": 5.0,
-        "max_attempts": 3,
-    }
-    values.update(overrides)
-    return load_job(None, values)
 
 
 async def run_job(job: Job, **options: Any) -> RunResult:
@@ -246,8 +247,8 @@ def triage_structured(tmp_path: Path, **overrides: Any) -> Structured:
         "http://127.0.0.1:9/v1",
         src,
         tmp_path / "parse-out.parquet",
+        **(JOB_KEYS | overrides),
         response_schema=str(TRIAGE_SCHEMA),
-        **overrides,
     )
     structured = load_structured(job, set(FIXED_COLUMNS))
     assert structured is not None
@@ -326,12 +327,16 @@ def test_body_field_forms(tmp_path: Path) -> None:
     }
     src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     job = make_job(
-        "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", response_format="json_object"
+        "http://127.0.0.1:9/v1",
+        src,
+        tmp_path / "o.parquet",
+        **JOB_KEYS,
+        response_format="json_object",
     )
     plain = load_structured(job, set(FIXED_COLUMNS))
     assert plain is not None and plain.fields == ()
     assert plain.body_field() == {"type": "json_object"}
-    text_job = make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet")
+    text_job = make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS)
     assert load_structured(text_job, set(FIXED_COLUMNS)) is None
 
 
@@ -413,7 +418,9 @@ async def test_typed_columns_types_and_values(tmp_path: Path) -> None:
         return chat(js(ALL_TYPES_ANSWERS[ticket_number(body)]))
 
     async with serve_scripted(answer) as server:
-        result = await run_job(make_job(server.base_url, src, out, response_schema=str(path)))
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(path))
+        )
     assert (result.ok, result.invalid, result.failed, result.exit_code) == (3, 0, 0, 0)
 
     table = pq.read_table(out)
@@ -465,7 +472,9 @@ async def test_mock_answers_fill_every_column_type(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(20))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig()) as server:
-        result = await run_job(make_job(server.base_url, src, out, response_schema=str(path)))
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(path))
+        )
     assert result.ok == 20 and result.exit_code == 0
     table = pq.read_table(out)
     for f in ALL_TYPES_ARROW:
@@ -492,7 +501,7 @@ async def test_fallback_column_holds_json_text_for_strings_too(tmp_path: Path) -
         return chat(js(answers[ticket_number(body)]))
 
     async with serve_scripted(answer) as server:
-        await run_job(make_job(server.base_url, src, out, response_schema=str(path)))
+        await run_job(make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(path)))
     rows = read_rows(out)
     # Every cell of a JSON-text column reads back to the value the model gave.
     assert [json.loads(r["mixed"]) for r in rows] == [5, "5"]
@@ -510,7 +519,9 @@ async def test_untyped_field_inside_an_object_is_json_text(tmp_path: Path) -> No
     src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     out = tmp_path / "out.parquet"
     async with serve_scripted(lambda b, n, h: chat(js({"meta": {"x": [1, 2], "n": 1}}))) as server:
-        result = await run_job(make_job(server.base_url, src, out, response_schema=str(path)))
+        result = await run_job(
+            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(path))
+        )
     assert result.ok == 1
     assert read_rows(out)[0]["meta"] == {"x": "[1,2]", "n": 1}
 
@@ -532,7 +543,14 @@ async def test_integer_too_large_for_int64_makes_the_row_invalid(tmp_path: Path)
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, response_schema=str(path), max_parse_attempts=1)
+            make_job(
+                server.base_url,
+                src,
+                out,
+                **JOB_KEYS,
+                response_schema=str(path),
+                max_parse_attempts=1,
+            )
         )
     assert (result.ok, result.invalid) == (1, 1)
     rows = read_rows(out)
@@ -595,7 +613,7 @@ async def test_schema_errors_stop_before_any_request(
         good["properties"]["ttft_ms"] = {"type": "number"}
         write_schema(schema_path, good)
     async with serve(MockConfig()) as server:
-        job = make_job(server.base_url, src, out, **overrides)
+        job = make_job(server.base_url, src, out, **(JOB_KEYS | overrides))
         with pytest.raises(JobError, match=message):
             await run_job(job)
         assert server.stats.requests == 0
@@ -608,12 +626,18 @@ def test_json_schema_without_schema_is_refused(tmp_path: Path) -> None:
         JobError, match=r'`response_format` is "json_schema" .*no `response_schema`'
     ):
         make_job(
-            "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", response_format="json_schema"
+            "http://127.0.0.1:9/v1",
+            src,
+            tmp_path / "o.parquet",
+            **JOB_KEYS,
+            response_format="json_schema",
         )
     with pytest.raises(
         JobError, match=r"response_format.* must be one of: text, json_object, json_schema"
     ):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", response_format="yaml")
+        make_job(
+            "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, response_format="yaml"
+        )
 
 
 def test_cli_schema_errors_exit_2(tmp_path: Path) -> None:
@@ -702,7 +726,7 @@ async def test_request_body_carries_response_format(tmp_path: Path) -> None:
     path = write_schema(tmp_path / "my schema.v2.json", schema)
     async with serve_scripted(lambda b, n, h: chat(js(VALID))) as server:
         out = tmp_path / "a.parquet"
-        await run_job(make_job(server.base_url, src, out, response_schema=str(path)))
+        await run_job(make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(path)))
         assert server.requests == 3
         for body in server.bodies:
             assert body["response_format"] == {
@@ -725,7 +749,14 @@ async def test_json_object_format(tmp_path: Path) -> None:
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, response_format="json_object", max_parse_attempts=1)
+            make_job(
+                server.base_url,
+                src,
+                out,
+                **JOB_KEYS,
+                response_format="json_object",
+                max_parse_attempts=1,
+            )
         )
         assert [b["response_format"] for b in server.bodies] == [{"type": "json_object"}] * 3
     assert (result.ok, result.invalid) == (2, 1)
@@ -739,7 +770,7 @@ async def test_json_object_format(tmp_path: Path) -> None:
 async def test_text_job_sends_no_response_format(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(2))
     async with serve_scripted(lambda b, n, h: chat("not json, and fine")) as server:
-        result = await run_job(make_job(server.base_url, src, tmp_path / "o.parquet"))
+        result = await run_job(make_job(server.base_url, src, tmp_path / "o.parquet", **JOB_KEYS))
         assert all("response_format" not in b for b in server.bodies)
     assert result.ok == 2
 
@@ -754,7 +785,7 @@ async def test_schema_is_part_of_the_request_hash(tmp_path: Path) -> None:
 
     async def hashes(out: str, **overrides: Any) -> list[str]:
         async with serve(MockConfig()) as server:
-            await run_job(make_job(server.base_url, src, tmp_path / out, **overrides))
+            await run_job(make_job(server.base_url, src, tmp_path / out, **(JOB_KEYS | overrides)))
         return [r["request_hash"] for r in read_rows(tmp_path / out)]
 
     h_a = await hashes("a.parquet", response_schema=str(a))
@@ -776,7 +807,7 @@ async def test_fenced_answers_parse_ok(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(fence_rate=1.0)) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA))
+            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(TRIAGE_SCHEMA))
         )
         assert server.stats.by_outcome.get("fenced") == 12
         assert server.stats.requests == 12
@@ -798,7 +829,7 @@ async def test_reask_after_not_json_then_ok(tmp_path: Path) -> None:
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA))
+            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(TRIAGE_SCHEMA))
         )
         assert server.requests == 6
         # each row's re-ask is the same request as its first ask
@@ -832,7 +863,12 @@ async def test_always_invalid_row(tmp_path: Path, bad: dict[str, Any], message: 
 
     async with serve_scripted(answer) as server:
         job = make_job(
-            server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA), max_parse_attempts=2
+            server.base_url,
+            src,
+            out,
+            **JOB_KEYS,
+            response_schema=str(TRIAGE_SCHEMA),
+            max_parse_attempts=2,
         )
         result = await run_job(job)
         assert server.requests == 1 + 3 * 2
@@ -870,7 +906,9 @@ async def test_mock_invalid_kinds_give_precise_errors(tmp_path: Path) -> None:
         out = tmp_path / f"{kind}.parquet"
         config = MockConfig(invalid_rate=1.0, invalid_kinds=(kind,))
         async with serve(config) as server:
-            job = make_job(server.base_url, src, out, response_schema=schema, max_tokens=300)
+            job = make_job(
+                server.base_url, src, out, **JOB_KEYS, response_schema=schema, max_tokens=300
+            )
             result = await run_job(job)
             assert server.stats.requests == 12  # max_parse_attempts defaults to 2
             assert server.stats.by_outcome == {f"invalid:{kind}": 12}
@@ -891,6 +929,7 @@ async def test_cut_off_answer(tmp_path: Path) -> None:
             server.base_url,
             src,
             out,
+            **JOB_KEYS,
             response_schema=str(TRIAGE_SCHEMA),
             max_tokens=64,
             max_parse_attempts=1,
@@ -916,7 +955,12 @@ async def test_last_invalid_reason_is_kept(tmp_path: Path) -> None:
     ]
     async with serve_scripted(lambda b, n, h: chat(answers[n - 1])) as server:
         job = make_job(
-            server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA), max_parse_attempts=3
+            server.base_url,
+            src,
+            out,
+            **JOB_KEYS,
+            response_schema=str(TRIAGE_SCHEMA),
+            max_parse_attempts=3,
         )
         await run_job(job)
         assert server.requests == 3
@@ -937,7 +981,7 @@ async def test_usage_of_an_invalid_answer_is_kept_when_the_reask_fails(tmp_path:
         return web.json_response({"error": {"code": "bad_request", "message": "no"}}, status=400)
 
     async with serve_scripted(answer) as server:
-        job = make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA))
+        job = make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(TRIAGE_SCHEMA))
         result = await run_job(job)
     assert (result.failed, result.invalid, result.exit_code) == (1, 0, 1)
     (r,) = read_rows(out)
@@ -955,6 +999,7 @@ async def test_max_parse_attempts_one_asks_once(tmp_path: Path) -> None:
             server.base_url,
             src,
             tmp_path / "o.parquet",
+            **JOB_KEYS,
             response_schema=str(TRIAGE_SCHEMA),
             max_parse_attempts=1,
         )
@@ -962,7 +1007,9 @@ async def test_max_parse_attempts_one_asks_once(tmp_path: Path) -> None:
         assert server.requests == 3
     assert result.invalid == 3 and result.requests == 3
     with pytest.raises(JobError, match=r"max_parse_attempts.* must be at least 1"):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", max_parse_attempts=0)
+        make_job(
+            "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, max_parse_attempts=0
+        )
 
 
 def test_cli_invalid_rows_exit_1(tmp_path: Path, threaded: Any) -> None:
@@ -1106,6 +1153,7 @@ async def test_params_are_merged_into_every_body(tmp_path: Path) -> None:
             server.base_url,
             src,
             tmp_path / "o.parquet",
+            **JOB_KEYS,
             params=params,
             temperature=0.2,
             max_tokens=33,
@@ -1136,7 +1184,7 @@ async def test_params_are_merged_into_every_body(tmp_path: Path) -> None:
 def test_owned_params_are_refused(tmp_path: Path, name: str, pointer: str) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     with pytest.raises(JobError) as info:
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", params={name: 1})
+        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, params={name: 1})
     assert str(info.value) == (
         f"`params` in the flags sets `{name}`, which batchrun sends itself: use the `{pointer}` key instead."
     )
@@ -1152,11 +1200,13 @@ def test_owned_params_are_refused(tmp_path: Path, name: str, pointer: str) -> No
 def test_n_other_than_one_is_refused(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     with pytest.raises(JobError, match=r"sets n = 2: batchrun keeps one completion per row"):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", params={"n": 2})
-    job = make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", params={"n": 1})
+        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, params={"n": 2})
+    job = make_job(
+        "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, params={"n": 1}
+    )
     assert job.params == {"n": 1}
     with pytest.raises(JobError, match=r"`params` .* must be a table"):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", params="top_k=3")
+        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, params="top_k=3")
 
 
 def test_cli_param_flag_is_repeatable(tmp_path: Path, threaded: Any) -> None:
@@ -1213,7 +1263,7 @@ async def test_params_are_part_of_the_request_hash(tmp_path: Path) -> None:
 
     async def hashes(out: str, params: dict[str, Any]) -> list[str]:
         async with serve(MockConfig()) as server:
-            await run_job(make_job(server.base_url, src, tmp_path / out, params=params))
+            await run_job(make_job(server.base_url, src, tmp_path / out, **JOB_KEYS, params=params))
         return [r["request_hash"] for r in read_rows(tmp_path / out)]
 
     h7 = await hashes("a.parquet", {"seed": 7})
@@ -1247,7 +1297,7 @@ async def test_headers_are_sent_on_every_request(
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, tmp_path / "o.parquet", headers=headers)
+            make_job(server.base_url, src, tmp_path / "o.parquet", **JOB_KEYS, headers=headers)
         )
         seen = server.headers
     assert result.ok == 5 and result.retries == 1
@@ -1264,7 +1314,9 @@ async def test_missing_header_variable_stops_before_sending(tmp_path: Path) -> N
     src = write_jsonl(tmp_path / "in.jsonl", tickets(2))
     out = tmp_path / "o.parquet"
     async with serve(MockConfig()) as server:
-        job = make_job(server.base_url, src, out, headers={"X-Token": "${NOT_SET_ANYWHERE}"})
+        job = make_job(
+            server.base_url, src, out, **JOB_KEYS, headers={"X-Token": "${NOT_SET_ANYWHERE}"}
+        )
         with pytest.raises(JobError) as info:
             await run_job(job)
         assert server.stats.requests == 0
@@ -1287,7 +1339,11 @@ async def test_header_secret_echoed_in_a_key_rejection_is_redacted(
 
     async with serve_scripted(answer) as server:
         job = make_job(
-            server.base_url, src, tmp_path / "o.parquet", headers={"X-Token": "${MY_TOKEN}"}
+            server.base_url,
+            src,
+            tmp_path / "o.parquet",
+            **JOB_KEYS,
+            headers={"X-Token": "${MY_TOKEN}"},
         )
         with pytest.raises(KeyRejected) as info:
             await run_job(job)
@@ -1301,13 +1357,21 @@ def test_authorization_header_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(
         JobError, match="sets Authorization: batchrun sends the key from `api_key_env` itself"
     ):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", headers={name: "Bearer x"})
+        make_job(
+            "http://127.0.0.1:9/v1",
+            src,
+            tmp_path / "o.parquet",
+            **JOB_KEYS,
+            headers={name: "Bearer x"},
+        )
 
 
 def test_header_values_must_be_strings(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", tickets(1))
     with pytest.raises(JobError, match=r"Header `X-N` in the flags must be a string, not 5"):
-        make_job("http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", headers={"X-N": 5})
+        make_job(
+            "http://127.0.0.1:9/v1", src, tmp_path / "o.parquet", **JOB_KEYS, headers={"X-N": 5}
+        )
 
 
 def test_cli_header_secret_never_written_anywhere(
