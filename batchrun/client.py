@@ -37,6 +37,7 @@ from batchrun.config import Job
 from batchrun.errors import (
     AnswerTooLarge,
     BadResponse,
+    CannotConnect,
     ConnectionDropped,
     FatalRequestError,
     RateLimited,
@@ -278,6 +279,10 @@ class ApiClient:
         except TimeoutError as exc:
             raise RequestTimeout(
                 f"no answer within request_timeout_s={self.job.request_timeout_s:g}s"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise CannotConnect(
+                self._redact(f"cannot connect: {type(exc).__name__}: {exc}".rstrip(": "))
             ) from exc
         except aiohttp.ClientError as exc:
             raise ConnectionDropped(

@@ -16,6 +16,7 @@ the text of a message. The tree::
     ├── JobStopped                the job stopped early; ``exit_code`` says why
     │   ├── KeyRejected           the first requests all came back 401/403 (exit 3)
     │   ├── ApiDown               every request failed for too long (exit 3)
+    │   ├── EveryRequestFails     every request fails with one cause: DNS, 404, a refused field (exit 3)
     │   ├── TooManyFailures       --max-failures reached (exit 3)
     │   ├── BudgetReached         max_cost would be passed (exit 4)
     │   ├── OutputBusy            another run holds the output's lock (exit 3)
@@ -26,6 +27,7 @@ the text of a message. The tree::
         │   ├── ServerError       408, 409, 5xx
         │   ├── RequestTimeout    no answer within request_timeout_s
         │   ├── ConnectionDropped the connection failed or closed mid-answer
+    │   │   └── CannotConnect no connection at all: refused, DNS, TLS
         │   └── BadResponse       a 2xx answer whose body cannot be read
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
             │                     a redirect to another origin
@@ -110,6 +112,11 @@ class KeyRejected(JobStopped):
 
 class ApiDown(JobStopped):
     """Every request failed for longer than the circuit breaker allows."""
+
+
+class EveryRequestFails(JobStopped):
+    """Every request fails with one cause (see ``failures.FailureWatch``): the
+    job cannot succeed as it is, so it stops instead of recording error rows."""
 
 
 class TooManyFailures(JobStopped):
@@ -202,6 +209,10 @@ class RequestTimeout(RetryableError):
 
 class ConnectionDropped(RetryableError):
     """The connection could not be made, or closed before the answer was complete."""
+
+
+class CannotConnect(ConnectionDropped):
+    """No connection could be made: refused, a DNS failure, a TLS failure."""
 
 
 class BadResponse(RetryableError):

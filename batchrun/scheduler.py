@@ -29,6 +29,7 @@ from batchrun.errors import (
     RequestError,
     RequestTimeout,
 )
+from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared
@@ -38,10 +39,11 @@ from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
 
-AUTH_STATUSES = frozenset({401, 403})
 AUTH_PROBE_ROWS = 5
 """A job stops with KeyRejected when this many first answers (or every answer,
 for a smaller job) are all 401/403."""
+HOLD_MAX = 1000
+"""At most this many failed rows are held back while no answer has come."""
 
 
 class ResultSink(Protocol):
@@ -121,12 +123,15 @@ class Scheduler:
         self._stop: JobStopped | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
-        # Answers that were 401/403 before the key proved good are held back, not
-        # journaled: a job stopped for a bad key must resume them once the key is fixed.
+        # Failed rows before the first answer are held back, not journaled: a job
+        # stopped for a bad key, or because every request fails the same way
+        # (FailureWatch), must send them again once the cause is fixed.
         self._probe_lock = asyncio.Lock()
         self._probe_auth_failures = 0
-        self._held: list[Record] = []
+        self._held: list[tuple[Record, RequestError | None]] = []
+        self._holding = True
         self._key_settled = False
+        self.watch = FailureWatch(job)
         # Circuit breaker: the API counts as down once no request has succeeded
         # for api_down_after_s while requests keep failing (429s excepted: a
         # rate-limited API is up).
@@ -237,10 +242,12 @@ class Scheduler:
                 except Abandoned:
                     return
                 rec = self._error_record(p, str(exc), exc.status, requests + exc.attempts, started)
-                self._record(self._timed(usage.put(rec) if requests else rec, usage))
+                self._record(self._timed(usage.put(rec) if requests else rec, usage), exc)
+                self._systematic(self.watch.row_failed(exc))
                 return
             requests += attempts
             self._last_success = time.monotonic()
+            self.watch.answer()
             if limits.tpm is not None:
                 limits.used_tokens(p.est_tokens, completion.total_tokens)
             usage.add(completion)
@@ -439,6 +446,16 @@ class Scheduler:
             self.limits.rate_limited(exc.retry_after, wait_s)
         self._check_api_down(exc)
 
+    def _systematic(self, stop: JobStopped | None) -> bool:
+        """Stop the job when the watch says it cannot succeed; the held rows
+        (failed before any answer) are dropped, to be sent by the resume."""
+        if stop is None:
+            return False
+        if self._stop is None:
+            self._held.clear()
+            self.stop_now(stop)
+        return True
+
     def _check_api_down(self, exc: RequestError) -> None:
         if not exc.retryable or isinstance(exc, RateLimited) or self._stop is not None:
             return
@@ -455,16 +472,13 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------
 
-    def _record(self, rec: Record) -> None:
-        """Journal one result (or hold it while the key is unproven) and count it."""
-        if (
-            not self._key_settled
-            and rec.get("attempts")
-            and rec["status"] == "error"
-            and rec.get("http_status") in AUTH_STATUSES
-        ):
+    def _record(self, rec: Record, exc: RequestError | None = None) -> None:
+        """Journal one result and count it; a failed one is held while no answer
+        has come yet (``exc``: the failure, for the watch)."""
+        failed = rec["status"] == "error" and bool(rec.get("attempts"))
+        if failed and not self._key_settled and rec.get("http_status") in AUTH_STATUSES:
             self._probe_auth_failures += 1
-            self._held.append(rec)
+            self._held.append((rec, exc))
             if self._probe_auth_failures >= self._probe_size:
                 self._held.clear()
                 self.stop_now(
@@ -475,10 +489,14 @@ class Scheduler:
                     )
                 )
             return
-        if self._held and self._key_settled:
-            held, self._held = self._held, []
-            for h in held:
-                self._write(h)
+        if failed and self._holding and not self.watch.answered:
+            self._held.append((rec, exc))
+            if len(self._held) > HOLD_MAX:
+                self._holding = False  # too many different failures to wait for a verdict
+                self._write_held()
+            return
+        if self._held:
+            self._write_held()
         self._write(rec)
 
     def _write(self, rec: Record) -> None:
@@ -486,11 +504,15 @@ class Scheduler:
         if stop is not None and self._stop is None:
             self.stop_now(stop)
 
-    def flush_held(self) -> None:
-        """At the end of a job too small to settle the key: journal what is held."""
+    def _write_held(self) -> None:
         held, self._held = self._held, []
-        for h in held:
-            self._write(h)
+        for rec, _ in held:
+            self._write(rec)
+
+    def finish(self) -> None:
+        """After the run: journal what is still held (a job that ended before
+        any answer and before the watch could tell a cause)."""
+        self._write_held()
 
 
 def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -615,14 +615,18 @@ async def test_too_few_attempts_record_the_last_cause(tmp_path: Path, procs: Pro
     for r in out_rows[3:]:
         assert r["status"] == "ok" and r["attempts"] == 1 and r["error"] is None
 
-    # The CLI says the same with exit code 1 (a real backoff wait between the two attempts).
+    # The CLI says the same with exit code 1 (a real backoff wait between the two
+    # attempts), for a job smaller than failures.FIRST_ROWS: more rows all failing
+    # alike would stop the job instead.
+    few = rows[:4]
+    inp2 = write_jsonl(tmp_path / "few.jsonl", few)
     out2 = tmp_path / "cli.parquet"
     async with serve(MockConfig(fail_first=10**9, fail_first_kind="503")) as server:
-        cmd = run_cmd(inp, out2, server.base_url, "--max-attempts", "2", "-q")
+        cmd = run_cmd(inp2, out2, server.base_url, "--max-attempts", "2", "-q")
         done = await asyncio.to_thread(procs.run, cmd, 30)
-        assert server.stats.requests == 2 * len(rows)
+        assert server.stats.requests == 2 * len(few)
     assert done.rc == 1, done.text
-    cli_rows = assert_complete(out2, ids, status="error")
+    cli_rows = assert_complete(out2, [str(r["id"]) for r in few], status="error")
     assert all(r["attempts"] == 2 and r["error"].startswith("HTTP 503") for r in cli_rows)
 
 
@@ -641,7 +645,9 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
             out,
             **JOB_KEYS,
             concurrency=8,
-            max_attempts=10,
+            # Rows keep retrying past the breaker's second: no row ends failed
+            # (which would let the failure watch stop the job first).
+            max_attempts=1000,
             api_down_after_s=1.0,
         )
         t0 = time.monotonic()

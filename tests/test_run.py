@@ -668,7 +668,8 @@ async def test_hang_fault_times_out_and_is_retried(tmp_path: Path, api_key: str)
 async def test_rows_fail_after_max_attempts(
     tmp_path: Path, api_key: str, kind: str, status: int, text: str
 ) -> None:
-    n = 10
+    # Fewer rows than failures.FIRST_ROWS: more, all failing alike, would stop the job.
+    n = 4
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(
@@ -721,7 +722,7 @@ async def test_retry_failed_resends_only_failed_and_missing_rows(
     n = 30
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
-    sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
+    sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=4, fail_first_kind="500")
     async with serve(sick) as server:
         done = await interrupted_run(
             make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1),
@@ -729,7 +730,7 @@ async def test_retry_failed_resends_only_failed_and_missing_rows(
         )
     failed_rows = {r["row"] for r in done if r["status"] == "error"}
     ok_rows = {r["row"] for r in done if r["status"] == "ok"}
-    assert len(failed_rows) == 5 and ok_rows
+    assert len(failed_rows) == 4 and ok_rows
 
     async with serve(MockConfig(api_key=TEST_KEY), port=port_of(server.base_url)) as healthy:
         job = make_job(healthy.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1)
@@ -748,7 +749,7 @@ async def test_resume_without_retry_failed_keeps_failed_rows(tmp_path: Path, api
     n = 30
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
-    sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=5, fail_first_kind="500")
+    sick = MockConfig(api_key=TEST_KEY, latency_s=0.02, fail_first=4, fail_first_kind="500")
     async with serve(sick) as server:
         done = await interrupted_run(
             make_job(server.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1),
@@ -759,13 +760,14 @@ async def test_resume_without_retry_failed_keeps_failed_rows(tmp_path: Path, api
             make_job(healthy.base_url, src, out, **JOB_KEYS, concurrency=2, max_attempts=1)
         )
         assert completion_requests(healthy) == n - len({r["row"] for r in done})
-    assert result.exit_code == 1 and result.failed == 5
+    assert result.exit_code == 1 and result.failed == 4
     got = read_rows(out)
-    assert sum(r["status"] == "error" for r in got) == 5
+    assert sum(r["status"] == "error" for r in got) == 4
 
 
 async def test_finished_failed_run_then_retry_failed(tmp_path: Path, api_key: str) -> None:
-    n = 12
+    # Fewer rows than failures.FIRST_ROWS: more, all failing alike, would stop the job.
+    n = 4
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
     async with serve(MockConfig(api_key=TEST_KEY, fail_first=n, fail_first_kind="500")) as sick:

@@ -70,5 +70,5 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
                 finally:
                     heartbeat.cancel()
                     progress.close()
-            scheduler.flush_held()
+            scheduler.finish()
         return run.finish()

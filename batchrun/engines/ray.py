@@ -184,10 +184,9 @@ class RowSender:
         stop: JobStopped | None = None
         try:
             await scheduler.run(iter(rows), sum(1 for p in rows if p.error is None))
+            scheduler.finish()
         except JobStopped as exc:
             stop = exc
-        else:
-            scheduler.flush_held()
         return _result_table(results.records, tally, stop)
 
     def __del__(self) -> None:

@@ -1,0 +1,147 @@
+"""Telling a job that cannot succeed from one with failing rows.
+
+A job whose requests all fail the same way — the server cannot be reached, the
+path or the model is wrong (404), a field is refused (the same 400/422 text),
+the same 500 every time — should stop in seconds with that cause, not write a
+million ``error`` rows. ``FailureWatch`` sees every row that ends failed
+(after its retries: a server warming up with a few 503s is not a verdict) and
+every answer, and says when to stop:
+
+- before the first answer: ``FIRST_ROWS`` rows in a row failed with the same
+  cause (a job with fewer rows finishes, its rows ``error``, exit 1);
+- after it: the last ``window`` rows all failed with the same cause.
+
+A cause is a failure's kind, HTTP status and message with the numbers masked,
+so failures that differ only in a count or an id count as one. 429s are not
+failures here (a rate-limited API is up), and 401/403 are the key probe's
+(``KeyRejected``). ``top_causes`` lists what failed most, for the summary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from batchrun.config import Job
+from batchrun.errors import (
+    CannotConnect,
+    EveryRequestFails,
+    RateLimited,
+    RequestError,
+    RequestTimeout,
+)
+
+FIRST_ROWS = 5
+"""Before any answer, this many failed rows in a row with one cause stop the job."""
+MIN_WINDOW = 50
+"""After an answer, at least this many rows in a row failing with one cause stop it."""
+AUTH_STATUSES = frozenset({401, 403})
+
+_NUMBERS = re.compile(r"\d+(\.\d+)?")
+
+
+def cause_of(error: str) -> str:
+    """A row's error with numbers masked: the cause it shares with other rows."""
+    return _NUMBERS.sub("N", error)[:300]
+
+
+class FailureWatch:
+    """Counts failures by cause and says when a job cannot succeed."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.window = max(MIN_WINDOW, 2 * job.workers)
+        self.answered = False
+        self._cause: tuple[str, int | None, str] | None = None
+        self._streak = 0
+
+    def watches(self, exc: RequestError) -> bool:
+        """Whether ``exc`` is a failure this watch counts (429s and 401/403 are not)."""
+        return not isinstance(exc, RateLimited) and exc.status not in AUTH_STATUSES
+
+    def answer(self) -> None:
+        """An answer came: the API and the job work."""
+        self.answered = True
+        self._cause, self._streak = None, 0
+
+    def row_failed(self, exc: RequestError) -> EveryRequestFails | None:
+        """A row ended failed with ``exc``: the stop to make, if the job cannot succeed."""
+        if not self.watches(exc):
+            return None
+        return self._count(exc, self.window if self.answered else FIRST_ROWS)
+
+    def _count(self, exc: RequestError, limit: int) -> EveryRequestFails | None:
+        key = _key(exc)
+        if key == self._cause:
+            self._streak += 1
+        else:
+            self._cause, self._streak = key, 1
+        if self._streak >= limit:
+            return self._stop(exc, self._streak)
+        return None
+
+    def _stop(self, exc: RequestError, count: int) -> EveryRequestFails:
+        if self.answered:
+            what = f"the last {count} rows all failed the same way"
+            then = (
+                "Their error rows are kept: fix the cause, then run the same command with "
+                "--retry-failed to send them again (rows not sent yet are sent too)."
+            )
+        else:
+            what = f"the first {count} rows all failed the same way, before any answer"
+            then = (
+                "Nothing was recorded for the rows that failed this way: fix the cause and run the "
+                "same command again."
+            )
+        return EveryRequestFails(
+            f"Stopped: {what}: {exc}. {self.fix(exc)} {then}".replace("  ", " ")
+        )
+
+    def fix(self, exc: RequestError) -> str:
+        """What to check for a failure of this kind, where it is known."""
+        job = self.job
+        if isinstance(exc, CannotConnect):
+            return (
+                f"Check base_url ({job.base_url}): is the server up, and can this machine reach it "
+                "(DNS, TLS, a proxy)?"
+            )
+        if isinstance(exc, RequestTimeout):
+            return (
+                f"No answer came within request_timeout_s={job.request_timeout_s:g}s: check the "
+                "server, or raise request_timeout_s."
+            )
+        if exc.status == 404:
+            return (
+                f"Check the path of base_url ({job.url}) and the model id "
+                f"({job.model or 'named by each request'})."
+            )
+        if exc.status in (400, 422):
+            return (
+                "The server refuses what the request carries: check the field its message names "
+                "(in [params], [headers] or a job key such as stream or response_schema)."
+            )
+        if exc.status is not None and exc.status >= 500:
+            return (
+                "The server fails every request with this error: check its logs, the model id "
+                "and the request options."
+            )
+        return ""
+
+
+def _key(exc: RequestError) -> tuple[str, int | None, str]:
+    return type(exc).__name__, exc.status, cause_of(str(exc))
+
+
+def top_causes(errors: Iterable[str | None], n: int = 3) -> list[tuple[str, int]]:
+    """The ``n`` most common causes among failed rows' errors, with their counts
+    (each shown as the first error of its cause)."""
+    counts: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for error in errors:
+        if error is None:
+            continue
+        cause = cause_of(error)
+        counts[cause] += 1
+        first.setdefault(cause, error)
+    return [(first[cause], count) for cause, count in counts.most_common(n)]
