@@ -102,6 +102,9 @@ class RunResult:
     reused_tokens: int = 0
     cost: Decimal | None = None
     currency: str = ""
+    causes: tuple[tuple[str, int], ...] = ()
+    """The most common errors of the failed rows (one example each) and how many
+    rows failed that way."""
 
     @property
     def exit_code(self) -> int:
@@ -139,6 +142,11 @@ class RunResult:
         if self.skipped_lines:
             lines.insert(
                 1, f"skipped     {self.skipped_lines:,} bad input lines (--skip-bad-lines)"
+            )
+        if self.failed:
+            lines += [f"failed      {count:,} x {cause}" for cause, count in self.causes]
+            lines.append(
+                "            a plain rerun keeps the failed rows: add --retry-failed to send them again"
             )
         return "\n".join(lines)
 
@@ -438,6 +446,7 @@ class OpenRun:
             reused_tokens=self.reused_tokens,
             cost=tally.cost,
             currency=tally.currency,
+            causes=tuple(_failure_causes(output)) if tally.failed else (),
         )
         log.info(
             "job finished: %s",
@@ -506,3 +515,15 @@ def resume_checked(journal: Journal, rows: Iterator[Prepared]) -> Iterator[Prepa
                 "to discard its results and start over, or put back the old input to keep going."
             )
         yield p
+
+
+def _failure_causes(output: Path) -> list[tuple[str, int]]:
+    """The top causes among the output's failed rows (this run's and earlier ones')."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from batchrun.failures import top_causes
+
+    table = pq.read_table(output, columns=["status", "error"])
+    errors = table.filter(pc.equal(table.column("status"), "error")).column("error")
+    return top_causes(errors.to_pylist())
