@@ -24,6 +24,7 @@ the text of a message. The tree::
         │   ├── ConnectionDropped the connection failed or closed mid-answer
         │   └── BadResponse       a 2xx answer whose body cannot be read
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …
+            └── SchemaRejected    the server refused how the schema was sent (schema_via = "auto" then tries the next way)
 
 ``RowError``, ``Abandoned`` and ``RequestError`` never escape the scheduler: a
 failed row is a row.
@@ -146,3 +147,9 @@ class BadResponse(RetryableError):
 
 class FatalRequestError(RequestError):
     """An answer that another attempt will not change (400, 401, 403, 404, 422, …)."""
+
+
+class SchemaRejected(FatalRequestError):
+    """The server refused the way a request carried its response schema (a 400,
+    422 or 500 naming the format, while ``schema_via = "auto"`` is still
+    searching): not retried as it is; the row is sent again the next way."""

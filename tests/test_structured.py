@@ -48,6 +48,10 @@ TRIAGE_JOB = REPO / "jobs" / "triage_tickets.toml"
 TRIAGE_SCHEMA = REPO / "jobs" / "triage_schema.json"
 CATEGORIES = ["billing", "login", "bug", "feature_request", "data_export", "integrations", "other"]
 SECRET = "hdr-secret-7f3a9c1e5b2d"
+# Tests of re-asks whose server answers prose under json_schema: with schema_via
+# "auto" such a first answer would send the search down the list instead
+# (tests/test_schema_via.py), so they say the server takes json_schema.
+HONOURED = {"schema_via": "json_schema"}
 DICT = pa.dictionary(pa.int32(), pa.string())
 
 
@@ -798,7 +802,7 @@ async def test_reask_after_not_json_then_ok(tmp_path: Path) -> None:
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA))
+            make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA), **HONOURED)
         )
         assert server.requests == 6
         # each row's re-ask is the same request as its first ask
@@ -870,7 +874,9 @@ async def test_mock_invalid_kinds_give_precise_errors(tmp_path: Path) -> None:
         out = tmp_path / f"{kind}.parquet"
         config = MockConfig(invalid_rate=1.0, invalid_kinds=(kind,))
         async with serve(config) as server:
-            job = make_job(server.base_url, src, out, response_schema=schema, max_tokens=300)
+            job = make_job(
+                server.base_url, src, out, response_schema=schema, max_tokens=300, **HONOURED
+            )
             result = await run_job(job)
             assert server.stats.requests == 12  # max_parse_attempts defaults to 2
             assert server.stats.by_outcome == {f"invalid:{kind}": 12}
@@ -916,7 +922,12 @@ async def test_last_invalid_reason_is_kept(tmp_path: Path) -> None:
     ]
     async with serve_scripted(lambda b, n, h: chat(answers[n - 1])) as server:
         job = make_job(
-            server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA), max_parse_attempts=3
+            server.base_url,
+            src,
+            out,
+            response_schema=str(TRIAGE_SCHEMA),
+            max_parse_attempts=3,
+            **HONOURED,
         )
         await run_job(job)
         assert server.requests == 3
@@ -937,7 +948,7 @@ async def test_usage_of_an_invalid_answer_is_kept_when_the_reask_fails(tmp_path:
         return web.json_response({"error": {"code": "bad_request", "message": "no"}}, status=400)
 
     async with serve_scripted(answer) as server:
-        job = make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA))
+        job = make_job(server.base_url, src, out, response_schema=str(TRIAGE_SCHEMA), **HONOURED)
         result = await run_job(job)
     assert (result.failed, result.invalid, result.exit_code) == (1, 0, 1)
     (r,) = read_rows(out)
@@ -957,6 +968,7 @@ async def test_max_parse_attempts_one_asks_once(tmp_path: Path) -> None:
             tmp_path / "o.parquet",
             response_schema=str(TRIAGE_SCHEMA),
             max_parse_attempts=1,
+            **HONOURED,
         )
         result = await run_job(job)
         assert server.requests == 3
