@@ -271,6 +271,8 @@ class Scheduler:
             )
 
         def send(attempt: Attempt) -> Awaitable[tuple[Completion, int]]:
+            if self._stopped.is_set():  # the job stopped while the row waited for its turn
+                raise Abandoned("the job is stopping")
             return send_with_retries(attempt, self.policy, on_retry=on_retry, stopped=self._stopped)
 
         return await self.via.ask(p, attempt, send, usage.add)

@@ -176,6 +176,8 @@ class SchemaVia:
         again the next way; those requests are not counted against
         ``max_attempts``, an ignored answer's usage goes to ``paid``. Returns the
         answer and every request made; a RequestError's ``attempts`` counts them too."""
+        if p.schema_via is None:  # a body sent as it is (OpenAI batch input): nothing to change
+            return await send(attempt)
         spent = 0
         # The row keeps its turn until its way is settled: no other row slips in
         # between a refusal and the next way's first answer.

@@ -18,7 +18,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.config import SCHEMA_DIALECTS, Job
+from batchrun.config import SCHEMA_DIALECTS, Job, load_job
 from batchrun.errors import JobError
 from batchrun.lifecycle import RunOptions, check_job
 from batchrun.mock import MockConfig, serve
@@ -407,3 +407,32 @@ def test_cli_summary_and_flag(tmp_path: Path, threaded: Any) -> None:
     a = [r["request_hash"] for r in read_rows(tmp_path / "a.parquet")]
     b = [r["request_hash"] for r in read_rows(tmp_path / "b.parquet")]
     assert a == b  # auto's bodies are the fixed way's, byte for byte
+
+
+async def test_openai_batch_bodies_are_sent_as_they_are(tmp_path: Path) -> None:
+    """A batch request line's body carries its own response_format: no way to
+    change, so a refusal is what it always was (retried, then the row's error)."""
+    schema = orjson.loads(TRIAGE_SCHEMA.read_bytes())
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "My invoice is wrong."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    }
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    src = write_jsonl(tmp_path / "batch.jsonl", [line])
+    out = tmp_path / "out.parquet"
+    async with serve(MockConfig(schema_via="json_object_schema")) as server:
+        job = load_job(
+            None,
+            {
+                "input": str(src),
+                "output": str(out),
+                "base_url": server.base_url,
+                "api_key_env": "",
+                "response_schema": str(TRIAGE_SCHEMA),
+                "max_attempts": 2,
+            },
+        )
+        result = await run_job(job)
+        assert server.stats.by_outcome == {"refused:500": 2}
+    assert (result.failed, result.schema_via_refused) == (1, ())
