@@ -100,11 +100,12 @@ class SchemaVia:
             self.tried = list(kept["tried"])
             self.refused = dict(kept.get("refused") or {})
         else:
+            kept = None  # none, or not one this version wrote: search from the start
             self.current, self.tried = SCHEMA_DIALECTS[0], [SCHEMA_DIALECTS[0]]
         self.settled = (
             not self.auto
             or self.current == SCHEMA_DIALECTS[-1]
-            or bool(kept is not None and _well_formed(kept) and kept.get("settled"))
+            or bool(kept is not None and kept.get("settled"))
         )
 
     @classmethod
@@ -118,6 +119,8 @@ class SchemaVia:
         """The job's way, resumed from ``folder`` (the journal's), else from the
         first of the ``earlier`` outputs (this output when finished, then the
         ``--reuse`` ones) whose metadata recorded one."""
+        if job.schema_via != "auto":
+            return cls(structured, job.schema_via)
         kept = _read_state(folder / STATE_FILE)
         for path in earlier if kept is None else ():
             kept = _recorded_state(path)
