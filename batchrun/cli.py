@@ -410,6 +410,8 @@ def _mock_option(spec: dataclasses.Field[Any]) -> Callable[[Any], Any]:
             name, spec.name, default=None, metavar="A,B" if flag.parse else None, help=flag.help
         )
     default: Any = spec.default  # every MockConfig field has one
+    if isinstance(default, bool):
+        return click.option(name, spec.name, is_flag=True, default=default, help=flag.help)
     if flag.scale != 1:
         default *= flag.scale
     return click.option(name, spec.name, default=default, show_default=True, help=flag.help)

@@ -33,6 +33,8 @@ from batchrun.errors import JobError
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
 ENDPOINTS = ("chat", "inference")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+SCHEMA_DIALECTS = ("json_schema", "json_object_schema", "vllm", "prompt")
+"""The ways a request can carry a response schema, in the order ``schema_via = "auto"`` tries them."""
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai-batch")
 OWNED_BODY_KEYS = {
     "model": "model",
@@ -209,6 +211,13 @@ KEYS: tuple[Key, ...] = (
         minimum=1,
     ),
     Key(
+        "schema_via",
+        "str",
+        "auto",
+        "How the schema travels in each request: `json_schema` (OpenAI response_format), `json_object_schema` (response_format json_object with the schema: llama.cpp), `vllm` (structured_outputs), `prompt` (in the system prompt, no server-side constraint); `auto` tries them in that order and keeps the first the server takes.",
+        choices=("auto", *SCHEMA_DIALECTS),
+    ),
+    Key(
         "params",
         "table",
         {},
@@ -290,6 +299,7 @@ class Job:
     response_format: str
     response_schema: Path | None
     max_parse_attempts: int
+    schema_via: str
     params: Mapping[str, Any]
     headers: Mapping[str, Any]
     prices: Path | None

@@ -31,7 +31,8 @@ the text of a message. The tree::
         │   └── BadResponse       a 2xx answer whose body cannot be read
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
             │                     a redirect to another origin
-            └── AnswerTooLarge    an answer larger than max_response_bytes
+            ├── AnswerTooLarge    an answer larger than max_response_bytes
+            └── SchemaRejected    the server refused how the schema was sent (schema_via = "auto" then tries the next way)
 
 ``RowError``, ``Abandoned``, ``InvalidAnswer`` and ``RequestError`` never escape
 the scheduler: a failed row is a row.
@@ -225,3 +226,7 @@ class FatalRequestError(RequestError):
 
 class AnswerTooLarge(FatalRequestError):
     """An answer larger than max_response_bytes (decompressed); reading stopped there."""
+class SchemaRejected(FatalRequestError):
+    """The server refused the way a request carried its response schema (a 400,
+    422 or 500 naming the format, while ``schema_via = "auto"`` is still
+    searching): not retried as it is; the row is sent again the next way."""

@@ -38,9 +38,10 @@ from batchrun.outputs import (
     TTFT_FIELD,
     Journal,
 )
-from batchrun.payload import Prepared, check_template_specs, prepare_rows, prompt_columns
+from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, progress_fields, status_text
+from batchrun.schema_via import SchemaVia
 from batchrun.structured import Structured, load_structured
 
 log = logging.getLogger("batchrun")
@@ -105,6 +106,10 @@ class RunResult:
     causes: tuple[tuple[str, int], ...] = ()
     """The most common errors of the failed rows (one example each) and how many
     rows failed that way."""
+    schema_via: str | None = None
+    """How the requests carried the response schema (structured jobs)."""
+    schema_via_refused: tuple[str, ...] = ()
+    """The ways ``schema_via = "auto"`` found the server does not take, in the order tried."""
 
     @property
     def exit_code(self) -> int:
@@ -134,6 +139,12 @@ class RunResult:
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
+        if self.schema_via_refused:
+            lines.insert(
+                1,
+                f"schema via  {self.schema_via} (auto: the server does not take "
+                f"{', '.join(self.schema_via_refused)})",
+            )
         if self.reused:
             lines.insert(
                 1,
@@ -229,14 +240,17 @@ class CheckedJob:
         ttft = [TTFT_FIELD] if self.job.stream else []
         return ttft + list(self.structured.fields if self.structured else ())
 
-    def rows(self, estimates: bool | None = None) -> Iterator[Prepared]:
-        """The rows of this run (skipped ones left out) as requests, in input order."""
-        response_format = self.structured.body_field() if self.structured is not None else None
+    def rows(self, estimates: bool | None = None, shape: Shape | None = None) -> Iterator[Prepared]:
+        """The rows of this run (skipped ones left out) as requests, in input order;
+        a structured job's schema put in as ``shape`` says (by default the job's
+        ``schema_via``, ``auto`` starting with ``json_schema``)."""
+        if shape is None and self.structured is not None:
+            shape = SchemaVia(self.structured, self.job.schema_via).shape
         return prepare_rows(
             self.job,
             self.table.batches(prompt_columns(self.job), self.id_column),
             self.scan.skip,
-            response_format,
+            shape,
             estimates,
         )
 
@@ -301,10 +315,20 @@ class OpenRun:
             keep_columns=job.keep_columns,
         )
         try:
+            self.via = (
+                SchemaVia.open(
+                    self.checked.structured,
+                    job,
+                    journal.folder,
+                    ((job.output,) if not options.restart else ()) + options.reuse,
+                )
+                if self.checked.structured is not None
+                else None
+            )
             # One pass over the input serves both the resume check and --reuse.
-            rows = self.checked.rows()
+            rows = self.checked.rows(shape=self.shape)
             if journal.resumed is not None:
-                rows = resume_checked(journal, rows)
+                rows = resume_checked(journal, rows, self.via)
             self.reused = self.reused_tokens = 0
             if options.reuse:
                 self.reused, self.reused_tokens = reuse_answers(
@@ -390,10 +414,17 @@ class OpenRun:
         max_cost = Decimal(str(job.max_cost)) if job.max_cost is not None else None
         return CostBudget(max_cost, price, job.max_tokens, spent)
 
+    @property
+    def shape(self) -> Shape | None:
+        """How this run puts the schema into each request (the way ``via`` says when asked)."""
+        return self.via.shape if self.via is not None else None
+
     def rows_to_send(self) -> Iterator[Prepared]:
         """The rows without a result (and, with --retry-failed, those that
         failed), as requests, in input order."""
-        return rows_to_send(self.checked.rows(), self.journal.status, self.options.retry_failed)
+        return rows_to_send(
+            self.checked.rows(shape=self.shape), self.journal.status, self.options.retry_failed
+        )
 
     def finish(self) -> RunResult:
         """Write the output (every row has a result by now, else JobStopped) and
@@ -414,6 +445,9 @@ class OpenRun:
             "answered_by": self.answered_by,
             "rows": tally.total,
         }
+        via = self.via
+        if via is not None and via.auto:
+            metadata["schema_via"] = via.state()  # a --retry-failed or --reuse run starts from it
         output = journal.finish(
             scan.keep_schema,
             keep_batches,
@@ -447,6 +481,8 @@ class OpenRun:
             cost=tally.cost,
             currency=tally.currency,
             causes=tuple(_failure_causes(output)) if tally.failed else (),
+            schema_via=via.current if via is not None else None,
+            schema_via_refused=tuple(via.refused) if via is not None else (),
         )
         log.info(
             "job finished: %s",
@@ -499,15 +535,21 @@ def rows_to_send(rows: Iterator[Prepared], status: Any, retry_failed: bool) -> I
             yield p
 
 
-def resume_checked(journal: Journal, rows: Iterator[Prepared]) -> Iterator[Prepared]:
+def resume_checked(
+    journal: Journal, rows: Iterator[Prepared], via: SchemaVia | None = None
+) -> Iterator[Prepared]:
     """``rows`` as they pass, refusing to resume (ResumeConflict) when a finished
     row's request differs from what this job would send now (the input or the
-    job changed)."""
+    job changed). A row finished while ``schema_via = "auto"`` was still
+    searching may have carried the schema one of the other ways it tried."""
     for p in rows:
         if (
             journal.status[p.row] != STATUS_NONE
             and not p.error
             and not journal.hash_matches(p.row, p.request_hash)
+            and not (
+                via is not None and any(journal.hash_matches(p.row, h) for h in via.other_hashes(p))
+            )
         ):
             raise ResumeConflict(
                 f"{journal.folder} holds an unfinished run whose request for row {p.row} (id {p.id!r}) differs from "

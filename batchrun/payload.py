@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -145,15 +145,30 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": user}]
 
 
+Shape = Callable[[dict[str, Any]], str | None]
+"""Puts a structured job's schema into a request body, in place (a field, or the
+system prompt), and returns the way it used (a ``schema_via`` dialect), or None
+when the job has no dialect to choose (``structured.SchemaVia.shape``)."""
+
+
 def build_body(
-    job: Job,
-    messages: list[dict[str, Any]],
-    row_id: str,
-    response_format: Mapping[str, Any] | None = None,
+    job: Job, messages: list[dict[str, Any]], row_id: str, shape: Shape | None = None
 ) -> dict[str, Any]:
     """The JSON body of one request: the job's ``params`` first, then the fields
-    batchrun owns. ``metadata`` is sent only when the job sets it, with the row id
-    added as ``row_id``: some servers reject unknown fields."""
+    batchrun owns, the response schema as ``shape`` puts it among them.
+    ``metadata`` is sent only when the job sets it, with the row id added as
+    ``row_id``: some servers reject unknown fields."""
+    return _body(job, messages, row_id, shape)[0]
+
+
+AFTER_SCHEMA = ("stream", "stream_options", "metadata")
+"""The fields a body has after the schema's (none of them can come from ``params``)."""
+
+
+def _body(
+    job: Job, messages: list[dict[str, Any]], row_id: str, shape: Shape | None
+) -> tuple[dict[str, Any], str | None]:
+    """``build_body``, and the way ``shape`` carried the schema."""
     body: dict[str, Any] = {
         **job.params,
         "model": job.model,
@@ -161,14 +176,15 @@ def build_body(
         "temperature": job.temperature,
         "max_tokens": job.max_tokens,
     }
-    if response_format is not None:
-        body["response_format"] = response_format
+    # The schema's field goes where response_format always went, so a
+    # json_schema job's bodies (and request hashes) stay what they were.
+    via = shape(body) if shape is not None else None
     if job.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     if job.metadata:
         body["metadata"] = {**job.metadata, "row_id": row_id}
-    return body
+    return body, via
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
@@ -198,6 +214,9 @@ class Prepared:
     """At most this many prompt tokens (for the max_cost worst case)."""
     model: str | None = None
     """The model a batch request names (else the job's)."""
+    schema_via: str | None = None
+    """How ``body`` carries the job's response schema (a ``schema_via`` dialect);
+    None when the job has no dialect to choose."""
 
     @property
     def est_tokens(self) -> int:
@@ -209,12 +228,13 @@ def prepare_rows(
     job: Job,
     batches: Iterator[RowBatch],
     skip: Any = None,
-    response_format: Mapping[str, Any] | None = None,
+    shape: Shape | None = None,
     estimates: bool | None = None,
 ) -> Iterator[Prepared]:
-    """Input rows → request bodies, in input order. The token estimates are
-    made only when asked, or (``estimates`` None) for jobs that use them: tpm,
-    a prices file."""
+    """Input rows → request bodies, in input order, each with the response
+    schema as ``shape`` puts it at that moment. The token estimates are made
+    only when asked, or (``estimates`` None) for jobs that use them: tpm, a
+    prices file."""
     any_skipped = skip is not None and bool(skip.any())
     if estimates is None:
         estimates = bool(job.tpm or job.prices)
@@ -225,7 +245,7 @@ def prepare_rows(
             if any_skipped and skip[number]:
                 continue
             row_id = batch.ids[i]
-            model = None
+            model = via = None
             max_tokens = job.max_tokens
             if batch_requests:
                 # An OpenAI batch request line: its body goes as it is.
@@ -240,9 +260,12 @@ def prepare_rows(
                 except RowError as exc:
                     yield Prepared(number, row_id, b"", "", error=str(exc))
                     continue
-                request = build_body(job, messages, row_id, response_format)
+                request, via = _body(job, messages, row_id, shape)
+                messages = request["messages"]  # the schema may have joined the system prompt
             body = encode_body(request)
-            prepared = Prepared(number, row_id, body, request_hash(body), model=model)
+            prepared = Prepared(
+                number, row_id, body, request_hash(body), model=model, schema_via=via
+            )
             if estimates or batch_requests:
                 prepared.prompt_tokens = estimate_prompt_tokens(messages)
                 prepared.max_tokens = max_tokens

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any, Protocol
 
 from batchrun.client import ApiClient
@@ -35,6 +35,7 @@ from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
+from batchrun.schema_via import Attempt, SchemaVia
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -105,8 +106,10 @@ class Scheduler:
         spend: CostBudget | None = None,
         currency: str = "",
         grace_s: float = 10.0,
+        via: SchemaVia | None = None,
     ) -> None:
         self.job = job
+        self.via = via  # how requests carry the schema; "auto" may change it as answers come
         self.client = client
         self.results = results
         self.tally = tally
@@ -228,12 +231,7 @@ class Scheduler:
         invalid: tuple[Completion, str] | None = None
         for _ in range(asks):
             try:
-                completion, attempts = await send_with_retries(
-                    functools.partial(self._attempt, p, usage),
-                    self.policy,
-                    on_retry=functools.partial(self._on_retry, p),
-                    stopped=self._stopped,
-                )
+                completion, attempts = await self._ask(p, usage)
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -242,7 +240,8 @@ class Scheduler:
                 except Abandoned:
                     return
                 rec = self._error_record(p, str(exc), exc.status, requests + exc.attempts, started)
-                self._record(self._timed(usage.put(rec) if requests else rec, usage), exc)
+                # usage.put: what earlier answers of the row cost (an ignored schema way too)
+                self._record(self._timed(usage.put(rec), usage), exc)
                 self._systematic(self.watch.row_failed(exc))
                 return
             requests += attempts
@@ -279,6 +278,25 @@ class Scheduler:
                 p, completion, usage, requests, started, status="invalid", error=reason
             )
         )
+
+    async def _ask(self, p: Prepared, usage: _RowTotals) -> tuple[Completion, int]:
+        """One ask for row ``p``: its request through the retry policy, and the
+        schema_via search when the job has one (which may change ``p``'s body
+        and ask again; what it was paid goes to ``usage``)."""
+
+        on_retry = functools.partial(self._on_retry, p)
+        attempt = functools.partial(self._attempt, p, usage)
+        if self.via is None:
+            return await send_with_retries(
+                attempt, self.policy, on_retry=on_retry, stopped=self._stopped
+            )
+
+        def send(attempt: Attempt) -> Awaitable[tuple[Completion, int]]:
+            if self._stopped.is_set():  # the job stopped while the row waited for its turn
+                raise Abandoned("the job is stopping")
+            return send_with_retries(attempt, self.policy, on_retry=on_retry, stopped=self._stopped)
+
+        return await self.via.ask(p, attempt, send, usage.add)
 
     async def _post(self, p: Prepared, row: _RowTotals) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""

@@ -18,6 +18,9 @@ anything else                 string holding the value as JSON text
 
 ``type: [X, "null"]`` and ``anyOf: [X, {"type": "null"}]`` map as X; every column
 is nullable (an ``invalid`` row has nulls there).
+
+:meth:`Structured.carry` writes the schema into a request in each of the
+``schema_via`` dialects; :mod:`batchrun.schema_via` chooses which.
 """
 
 from __future__ import annotations
@@ -138,13 +141,40 @@ class Structured:
     others and words the error. None when the schema uses what it cannot compile."""
 
     def body_field(self) -> dict[str, Any]:
-        """The request body's ``response_format``."""
+        """The request body's ``response_format`` in the ``json_schema`` dialect
+        (``{"type": "json_object"}`` for a job without a schema)."""
         if self.format == "json_object" or self.schema is None:
             return {"type": "json_object"}
         return {
             "type": "json_schema",
             "json_schema": {"name": self.name, "schema": self.schema, "strict": True},
         }
+
+    def carry(self, body: dict[str, Any], dialect: str | None) -> None:
+        """Put the schema into ``body`` (in place) the way ``dialect`` says; a
+        ``json_object`` job sends ``{"type": "json_object"}`` whatever the dialect."""
+        schema = self.schema
+        if dialect is None or self.format != "json_schema" or dialect == "json_schema":
+            body["response_format"] = self.body_field()
+        elif dialect == "json_object_schema":
+            body["response_format"] = {"type": "json_object", "schema": schema}
+        elif dialect == "vllm":
+            body["structured_outputs"] = {"json": schema}
+        else:
+            body["messages"] = _with_schema_prompt(body["messages"], self.instruction())
+
+    def uncarry(self, body: dict[str, Any], dialect: str | None) -> None:
+        """Take out of ``body`` (in place) what :meth:`carry` put in for ``dialect``."""
+        if dialect == "vllm":
+            body.pop("structured_outputs", None)
+        elif dialect == "prompt":
+            body["messages"] = _without_schema_prompt(body["messages"], self.instruction())
+        else:
+            body.pop("response_format", None)
+
+    def instruction(self) -> str:
+        """What the ``prompt`` dialect adds to the system prompt."""
+        return f"{PROMPT_INSTRUCTION}\n{orjson.dumps(self.schema).decode()}"
 
     def parse(self, text: str | None, finish_reason: str | None, max_tokens: int) -> dict[str, Any]:
         """The values of one answer, by column. Raises InvalidAnswer saying precisely why not."""
@@ -447,6 +477,11 @@ def load_structured(job: Job, taken: set[str]) -> Structured | None:
     within the file (no remote or file: reference is fetched). Raises JobError
     naming the schema file and the fix.
     """
+    if job.schema_via != "auto" and job.response_format != "json_schema":
+        raise JobError(
+            f"`schema_via` is {job.schema_via!r}, but the job sends no schema "
+            f'(response_format is "{job.response_format}"): set response_schema, or leave schema_via out.'
+        )
     if job.response_format == "text":
         return None
     if job.response_format == "json_object" and job.response_schema is None:
@@ -512,3 +547,37 @@ def _read_schema(path: Path) -> dict[str, Any]:
             f"Schema file {path} must hold a JSON object (a JSON Schema), not a {type(schema).__name__}."
         )
     return schema
+
+
+PROMPT_INSTRUCTION = (
+    "Answer with one JSON object that fits this JSON Schema, and nothing else "
+    "(no prose, no code fence):"
+)
+"""The ``prompt`` dialect's words before the schema, at the end of the system prompt."""
+
+
+def _with_schema_prompt(messages: list[dict[str, Any]], instruction: str) -> list[dict[str, Any]]:
+    """``messages`` with ``instruction`` ending the system prompt (one is added first if none)."""
+    first = messages[0] if messages else None
+    if (
+        first is not None
+        and first.get("role") == "system"
+        and isinstance(first.get("content"), str)
+    ):
+        return [{**first, "content": f"{first['content']}\n\n{instruction}"}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def _without_schema_prompt(
+    messages: list[dict[str, Any]], instruction: str
+) -> list[dict[str, Any]]:
+    """Undo :func:`_with_schema_prompt`."""
+    first = messages[0] if messages else None
+    if first is None or first.get("role") != "system":
+        return messages
+    content = first.get("content")
+    if content == instruction and not set(first) - {"role", "content"}:
+        return messages[1:]
+    if isinstance(content, str) and content.endswith(f"\n\n{instruction}"):
+        return [{**first, "content": content[: -len(instruction) - 2]}, *messages[1:]]
+    return messages

@@ -32,6 +32,17 @@ SAMPLE_PARQUET = REPO / "sample_data" / "tickets.parquet"
 TEST_KEY = "sk-test-0123456789abcdef-secret"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``real`` start llama.cpp's server and take minutes: they run
+    only when the marker expression names them (``make test-real``, ``pytest -m real``)."""
+    if "real" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="needs a real server: run `make test-real` (or pytest -m real)")
+    for item in items:
+        if item.get_closest_marker("real") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No test sees a real key or writes outside its temp dir."""

@@ -1049,3 +1049,119 @@ async def test_stream_structured_answer() -> None:
     cut_text = "".join(c["choices"][0]["delta"].get("content", "") for c in cut if c["choices"])
     assert cut_text == plain[: len(plain) // 2]
     assert cut[-2]["choices"][0]["finish_reason"] == "length"
+
+
+# ---- the ways of carrying a schema (schema_via) and strict mode ------------------------
+
+SCHEMA_WAYS: dict[str, dict[str, Any]] = {
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "t", "schema": TRIAGE_SCHEMA, "strict": True},
+        }
+    },
+    "json_object_schema": {"response_format": {"type": "json_object", "schema": TRIAGE_SCHEMA}},
+    "vllm": {"structured_outputs": {"json": TRIAGE_SCHEMA}},
+}
+
+
+def prompt_body(text: str) -> dict[str, Any]:
+    """The schema at the end of the system prompt, as batchrun's ``prompt`` way puts it."""
+    body = request_body(text)
+    body["messages"][0]["content"] = (
+        "Triage.\n\nFit this schema:\n" + orjson.dumps(TRIAGE_SCHEMA).decode()
+    )
+    return body
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # way -> (status, what the answer is: "schema" an instance, "text" the summary)
+        (
+            "any",
+            {"json_schema": 200, "json_object_schema": 200, "vllm": 200},
+        ),
+        ("json_schema", {"json_schema": 200, "json_object_schema": 400, "vllm": "text"}),
+        ("json_object_schema", {"json_schema": 500, "json_object_schema": 200, "vllm": "text"}),
+        ("vllm", {"json_schema": 400, "json_object_schema": 400, "vllm": 200}),
+        ("none", {"json_schema": 400, "json_object_schema": 400, "vllm": "text"}),
+    ],
+)
+async def test_schema_via_modes(mode: str, expected: dict[str, Any]) -> None:
+    text = TICKETS[0][0]
+    async with serve(MockConfig(schema_via=mode)) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        for way, outcome in expected.items():
+            status, _, data = await post(session, url, request_body(text, **SCHEMA_WAYS[way]))
+            if outcome == "text":  # the field is ignored, as llama.cpp ignores unknown ones
+                assert status == 200
+                content = orjson.loads(data)["choices"][0]["message"]["content"]
+                assert content.startswith("Summary: ")
+            elif outcome == 200:
+                assert status == 200, data
+                answer = orjson.loads(orjson.loads(data)["choices"][0]["message"]["content"])
+                jsonschema.validate(answer, TRIAGE_SCHEMA)
+            else:
+                assert status == outcome, (way, data)
+                doc = orjson.loads(data)
+                if outcome == 500:  # llama-cpp-python's validation error
+                    assert doc["error"]["type"] == "internal_server_error"
+                    assert "'response_format', 'type'" in doc["error"]["message"]
+                else:
+                    assert "response_format" in doc["message"]
+        # Every mode follows a schema given in the prompt.
+        content, _, _ = await complete(session, url, prompt_body(text))
+        jsonschema.validate(orjson.loads(content), TRIAGE_SCHEMA)
+        stats = server.stats.to_dict()
+    refused = [v for v in expected.values() if v in (400, 500)]
+    for status in set(refused):
+        assert stats["by_outcome"][f"refused:{status}"] == refused.count(status)
+
+
+async def test_strict_refuses_unknown_fields_by_name() -> None:
+    async with (
+        serve(
+            MockConfig(strict=True, schema_via="json_object_schema", format_error_status=422)
+        ) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        url = server.base_url + "/chat/completions"
+        status, _, data = await post(session, url, request_body(guided_json={"type": "object"}))
+        assert status == 400
+        assert (
+            orjson.loads(data)["message"] == "Unrecognized request argument supplied: guided_json"
+        )
+        status, _, data = await post(session, url, request_body(**SCHEMA_WAYS["vllm"]))
+        assert status == 400 and b"structured_outputs" in data
+        status, _, _ = await post(session, url, request_body(**SCHEMA_WAYS["json_schema"]))
+        assert status == 422  # format_error_status replaces llama.cpp's 500
+        ok, _, _ = await post(session, url, request_body(seed=1, top_p=0.9, metadata={"a": 1}))
+        assert ok == 200
+        stats = server.stats.to_dict()
+    assert stats["by_outcome"] == {"400": 2, "refused:422": 1, "ok": 1}
+
+
+def test_schema_via_config_validation() -> None:
+    with pytest.raises(ValueError, match="schema_via must be one of"):
+        MockConfig(schema_via="grammar")
+    with pytest.raises(ValueError, match="format_error_status"):
+        MockConfig(format_error_status=200)
+
+
+def test_mock_server_flags_set_schema_via_strict_and_status() -> None:
+    from batchrun.cli import _mock_config, mock_server
+
+    args = ["--schema-via", "vllm", "--strict", "--format-error-status", "422"]
+    ctx = mock_server.make_context("mock-server", args)
+    opts = {k: v for k, v in ctx.params.items() if k not in ("host", "port", "ready_file")}
+    config = _mock_config(opts)
+    assert (config.schema_via, config.strict, config.format_error_status) == ("vllm", True, 422)
+    plain = _mock_config(
+        {
+            k: v
+            for k, v in mock_server.make_context("mock-server", []).params.items()
+            if k not in ("host", "port", "ready_file")
+        }
+    )
+    assert (plain.schema_via, plain.strict, plain.format_error_status) == ("any", False, 0)

@@ -57,6 +57,10 @@ TRIAGE_JOB = REPO / "jobs" / "triage_tickets.toml"
 TRIAGE_SCHEMA = REPO / "jobs" / "triage_schema.json"
 CATEGORIES = ["billing", "login", "bug", "feature_request", "data_export", "integrations", "other"]
 SECRET = "hdr-secret-7f3a9c1e5b2d"
+# Tests of re-asks whose server answers prose under json_schema: with schema_via
+# "auto" such a first answer would send the search down the list instead
+# (tests/test_schema_via.py), so they say the server takes json_schema.
+HONOURED = {"schema_via": "json_schema"}
 DICT = pa.dictionary(pa.int32(), pa.string())
 
 # What this file's jobs lay over make_job's defaults.
@@ -829,7 +833,13 @@ async def test_reask_after_not_json_then_ok(tmp_path: Path) -> None:
 
     async with serve_scripted(answer) as server:
         result = await run_job(
-            make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(TRIAGE_SCHEMA))
+            make_job(
+                server.base_url,
+                src,
+                out,
+                **(JOB_KEYS | HONOURED),
+                response_schema=str(TRIAGE_SCHEMA),
+            )
         )
         assert server.requests == 6
         # each row's re-ask is the same request as its first ask
@@ -907,7 +917,12 @@ async def test_mock_invalid_kinds_give_precise_errors(tmp_path: Path) -> None:
         config = MockConfig(invalid_rate=1.0, invalid_kinds=(kind,))
         async with serve(config) as server:
             job = make_job(
-                server.base_url, src, out, **JOB_KEYS, response_schema=schema, max_tokens=300
+                server.base_url,
+                src,
+                out,
+                **(JOB_KEYS | HONOURED),
+                response_schema=schema,
+                max_tokens=300,
             )
             result = await run_job(job)
             assert server.stats.requests == 12  # max_parse_attempts defaults to 2
@@ -958,7 +973,7 @@ async def test_last_invalid_reason_is_kept(tmp_path: Path) -> None:
             server.base_url,
             src,
             out,
-            **JOB_KEYS,
+            **(JOB_KEYS | HONOURED),
             response_schema=str(TRIAGE_SCHEMA),
             max_parse_attempts=3,
         )
@@ -981,7 +996,9 @@ async def test_usage_of_an_invalid_answer_is_kept_when_the_reask_fails(tmp_path:
         return web.json_response({"error": {"code": "bad_request", "message": "no"}}, status=400)
 
     async with serve_scripted(answer) as server:
-        job = make_job(server.base_url, src, out, **JOB_KEYS, response_schema=str(TRIAGE_SCHEMA))
+        job = make_job(
+            server.base_url, src, out, **(JOB_KEYS | HONOURED), response_schema=str(TRIAGE_SCHEMA)
+        )
         result = await run_job(job)
     assert (result.failed, result.invalid, result.exit_code) == (1, 0, 1)
     (r,) = read_rows(out)
@@ -1002,6 +1019,7 @@ async def test_max_parse_attempts_one_asks_once(tmp_path: Path) -> None:
             **JOB_KEYS,
             response_schema=str(TRIAGE_SCHEMA),
             max_parse_attempts=1,
+            **HONOURED,
         )
         result = await run_job(job)
         assert server.requests == 3

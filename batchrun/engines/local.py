@@ -56,6 +56,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
                 spend=run.spend,
                 currency=tally.currency,
                 grace_s=GRACE_S,
+                via=run.via,
             )
             progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
             signals = (

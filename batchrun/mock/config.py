@@ -34,6 +34,9 @@ FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "str
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
 
+SCHEMA_VIA_MODES: tuple[str, ...] = ("any", "json_schema", "json_object_schema", "vllm", "none")
+"""Which way of carrying a response schema the mock takes (see :class:`MockConfig`)."""
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -125,6 +128,20 @@ class MockConfig:
         fence_rate: Probability in [0, 1] that a structured answer that was not spoiled
             is wrapped in a Markdown code fence, ``"\\n```json\\n{...}\\n```\\n"``. Own
             draw, from ``sha256(f"{seed}:fence:{n}:" + body)``.
+        schema_via: The way of carrying a response schema the mock takes (see
+            :mod:`.dialects`): ``"any"`` (all of them), ``"json_schema"`` (OpenAI's
+            ``response_format``; a ``json_object`` one with a ``schema`` is refused),
+            ``"json_object_schema"`` (llama.cpp: a ``json_schema`` ``response_format``
+            gets its HTTP 500, ``structured_outputs`` is ignored unless ``strict``),
+            ``"vllm"`` (``structured_outputs: {"json": schema}`` only) or ``"none"`` (no
+            ``response_format`` but ``text``). Whatever the mode, a system message ending
+            with a JSON object schema is followed, as an instructed model would.
+        format_error_status: Status of the refusal of a schema sent a way
+            ``schema_via`` does not take; 0: as the imitated server (500 for llama.cpp's
+            json_schema refusal, else 400).
+        strict: Refuse (400, naming it) a body field that is not an OpenAI chat field
+            (``structured_outputs`` is one where ``schema_via`` takes it); when False,
+            unknown fields are ignored.
     """
 
     api_key: str | None = _flag(
@@ -153,6 +170,15 @@ class MockConfig:
         parse=_names,
     )
     fence_rate: float = _flag(0.0, "Share of valid structured answers wrapped in a ```json fence.")
+    schema_via: str = _flag(
+        "any",
+        f"The way of carrying a response schema it takes: {', '.join(SCHEMA_VIA_MODES)}.",
+    )
+    format_error_status: int = _flag(
+        0,
+        "Status for a schema sent another way (0: 500 as llama.cpp for json_object_schema, else 400).",
+    )
+    strict: bool = _flag(False, "Refuse unknown body fields with a 400 naming the field.")
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -182,6 +208,14 @@ class MockConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.invalid_rate > 0.0 and not self.invalid_kinds:
             raise ValueError("invalid_rate > 0 needs at least one kind in invalid_kinds")
+        if self.schema_via not in SCHEMA_VIA_MODES:
+            raise ValueError(
+                f"schema_via must be one of {SCHEMA_VIA_MODES}, got {self.schema_via!r}"
+            )
+        if self.format_error_status and not 400 <= self.format_error_status <= 599:
+            raise ValueError(
+                f"format_error_status must be 0 or an error status (400-599), got {self.format_error_status}"
+            )
 
 
 @dataclass

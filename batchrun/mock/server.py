@@ -36,8 +36,9 @@ from aiohttp import web
 
 from batchrun.aio import run_coroutine
 from batchrun.files import write_atomic
-from batchrun.mock.answers import _JSON_OBJECT_SCHEMA, _TOKEN_RE, _answer, count_tokens
+from batchrun.mock.answers import _TOKEN_RE, _answer, count_tokens
 from batchrun.mock.config import MockConfig, MockStats
+from batchrun.mock.dialects import Refusal, requested_schema
 
 # Grace period (seconds) that server shutdown gives in-flight handlers before cancelling
 # them. aiohttp's default is 60 s, which would make every test that leaves a "hang"
@@ -111,21 +112,14 @@ def _drop(request: web.Request) -> web.Response:
     return web.Response(status=200, body=b"")
 
 
-def _validate(
-    body: Any, path_model: str | None
-) -> tuple[str, list[dict[str, Any]], int, dict[str, Any] | None]:
-    """Check a parsed request body; return ``(model, messages, prompt_tokens, schema)``.
+def _validate(body: Any, path_model: str | None) -> tuple[str, list[dict[str, Any]], int]:
+    """Check a parsed request body; return ``(model, messages, prompt_tokens)``.
 
     ``path_model`` is the model from the inference route's path, used when the body has
-    no ``model``. ``schema`` is the JSON schema the answer must follow: the
-    ``response_format.json_schema.schema`` of a ``"json_schema"`` request, an implied
-    ``{"summary": string}`` object schema for ``"json_object"``, ``None`` otherwise (no
-    or a ``"text"`` ``response_format``). Raises :class:`_BadRequest`
-    (``invalid_request``) on a body that is not an object, a missing/empty/non-string
-    model, ``messages`` that is not a non-empty list of objects with string ``content``,
-    a ``max_tokens`` that is not a positive int, or a ``response_format`` that is not an
-    object with a known ``type`` (``"json_schema"`` needs a ``json_schema`` object whose
-    ``schema`` is an object; its ``name`` and ``strict`` are not checked).
+    no ``model``. Raises :class:`_BadRequest` (``invalid_request``) on a body that is
+    not an object, a missing/empty/non-string model, ``messages`` that is not a
+    non-empty list of objects with string ``content``, or a ``max_tokens`` that is not
+    a positive int. The schema fields are read by :func:`.dialects.requested_schema`.
     """
     if not isinstance(body, dict):
         raise _BadRequest("invalid_request", "Request body must be a JSON object")
@@ -151,32 +145,7 @@ def _validate(
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
     ):
         raise _BadRequest("invalid_request", "Field 'max_tokens' must be a positive integer")
-    return model, messages, prompt_tokens, _schema_of(body.get("response_format"))
-
-
-def _schema_of(response_format: Any) -> dict[str, Any] | None:
-    """Return the schema a ``response_format`` asks for (see :func:`_validate`)."""
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return _JSON_OBJECT_SCHEMA
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise _BadRequest(
-                "invalid_request",
-                "Field 'response_format.json_schema' must be an object with an object 'schema'",
-            )
-        return schema
-    raise _BadRequest(
-        "invalid_request",
-        "Field 'response_format' must be an object with 'type' one of "
-        "'text', 'json_object', 'json_schema'",
-    )
+    return model, messages, prompt_tokens
 
 
 def _pieces(completion: str) -> list[str]:
@@ -307,16 +276,22 @@ class _Endpoint:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 raise _BadRequest("invalid_request", "Request body is not valid JSON") from None
-            model, _, prompt_tokens, schema = _validate(body, path_model)
+            model, _, prompt_tokens = _validate(body, path_model)
             if prompt_tokens > config.context_tokens:
                 raise _BadRequest(
                     "context_length_exceeded",
                     f"Prompt is {prompt_tokens} tokens, over the model's context window "
                     f"of {config.context_tokens} tokens",
                 )
+            schema = requested_schema(
+                body, config.schema_via, config.strict, config.format_error_status
+            )
         except _BadRequest as exc:
             self._outcome("400")
             return _error(400, exc.code, exc.message)
+        except Refusal as exc:
+            self._outcome(exc.outcome)
+            return web.Response(status=exc.status, body=exc.body, headers=_JSON_HEADERS)
 
         fault = (
             config.fail_first_kind if arrival < config.fail_first else self._draw_fault(raw, repeat)
