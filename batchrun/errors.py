@@ -226,6 +226,8 @@ class FatalRequestError(RequestError):
 
 class AnswerTooLarge(FatalRequestError):
     """An answer larger than max_response_bytes (decompressed); reading stopped there."""
+
+
 class SchemaRejected(FatalRequestError):
     """The server refused the way a request carried its response schema (a 400,
     422 or 500 naming the format, while ``schema_via = "auto"`` is still
