@@ -29,6 +29,7 @@ from batchrun._version import __version__
 from batchrun.config import Job, check_header_value, clean_api_key, clean_secret
 from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
 from batchrun.inputs import InputTable, Scan
+from batchrun.journal import Journal
 from batchrun.limits import CostBudget
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
@@ -36,7 +37,6 @@ from batchrun.outputs import (
     STATUS_ERROR,
     STATUS_NONE,
     TTFT_FIELD,
-    Journal,
 )
 from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
 from batchrun.prices import load_prices

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
+from batchrun.journal import hash_key
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
     RESULT_FIELDS,
-    hash_key,
     journal_value,
     output_files,
 )

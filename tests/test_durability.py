@@ -27,6 +27,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+import batchrun.journal
 import batchrun.outputs
 from batchrun.engines.local import run_job
 from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
@@ -231,12 +232,12 @@ def assert_complete(out: Path, ids: list[str], status: str | None = "ok") -> lis
     if status is not None:
         bad = [(r["id"], r["status"], r["error"]) for r in rows if r["status"] != status]
         assert not bad, bad[:5]
-    assert not batchrun.outputs.partial_dir(out).exists()
+    assert not batchrun.journal.partial_dir(out).exists()
     return rows
 
 
 def journal_path(out: Path) -> Path:
-    return batchrun.outputs.partial_dir(out) / "journal.jsonl"
+    return batchrun.journal.partial_dir(out) / "journal.jsonl"
 
 
 def journal_lines(out: Path) -> int:
@@ -515,7 +516,7 @@ def test_second_sigint_stops_at_once(tmp_path: Path, procs: Procs) -> None:
     assert "run the same command again" in done.err
     assert journal_lines(out) == lines, "an abandoned request was journaled"
     journal_records(out, ids)
-    assert batchrun.outputs.partial_dir(out).is_dir() and not out.exists()
+    assert batchrun.journal.partial_dir(out).is_dir() and not out.exists()
 
     # The rerun, sent to a fast server on the same address (the base URL is part
     # of a run's identity: another one would be refused).
@@ -659,7 +660,7 @@ async def test_api_down_stops_the_job_and_a_rerun_completes(tmp_path: Path) -> N
     assert 1.0 <= stopped_s < 4.0, stopped_s
     assert "run the same command again" in str(info.value)
     assert "HTTP 503" in str(info.value)
-    assert batchrun.outputs.partial_dir(out).is_dir()
+    assert batchrun.journal.partial_dir(out).is_dir()
     assert not out.exists()
     records = journal_records(out, ids)
     assert len(records) < len(rows)
@@ -716,7 +717,7 @@ async def test_max_failures_count_and_fraction(tmp_path: Path) -> None:
 
 
 class _DiskFullOs:
-    """``os`` as batchrun.outputs sees it, whose ``write`` fails after ``keep`` writes:
+    """``os`` as batchrun.journal sees it, whose ``write`` fails after ``keep`` writes:
     with ENOSPC (``short=False``) or by writing half the bytes (``short=True``)."""
 
     def __init__(self, keep: int, short: bool) -> None:
@@ -750,7 +751,7 @@ async def test_disk_full_keeps_whole_lines_and_resumes(
     fake = _DiskFullOs(k, short)
     async with serve(MockConfig(latency_s=0.005)) as server:
         job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=8)
-        monkeypatch.setattr(batchrun.outputs, "os", fake)
+        monkeypatch.setattr(batchrun.journal, "os", fake)
         with pytest.raises(OutputError) as info:
             await run_job(job, RunOptions(progress=False))
         monkeypatch.undo()
@@ -849,7 +850,7 @@ def test_duplicate_ids_refused_or_deduped(tmp_path: Path, procs: Procs) -> None:
     assert done.rc == 2, done.text
     assert "'T-0002' at rows 2, 5" in done.err and "'T-0003' at rows 3, 6" in done.err
     assert "--dedupe" in done.err and "Traceback" not in done.text
-    assert not batchrun.outputs.partial_dir(out).exists()
+    assert not batchrun.journal.partial_dir(out).exists()
 
     done = procs.run([*cmd, "--dedupe"])
     assert done.rc == 0, done.text
@@ -967,7 +968,7 @@ def test_bad_input_exit_2_nothing_sent(
     for fragment in want:
         assert fragment in result.stderr, (fragment, result.stderr)
     assert shared_server.requests() == before, "a request was sent"
-    assert not out.exists() and not batchrun.outputs.partial_dir(out).exists()
+    assert not out.exists() and not batchrun.journal.partial_dir(out).exists()
 
 
 def test_skip_bad_lines_completes_and_counts(
@@ -1084,7 +1085,7 @@ def test_json_log_events_and_the_key_never_written(tmp_path: Path, procs: Procs)
     os.kill(proc.pid, signal.SIGTERM)
     first = procs.wait(proc, timeout=20)
     assert first.rc == 143, first.text
-    partial = batchrun.outputs.partial_dir(out)
+    partial = batchrun.journal.partial_dir(out)
     on_disk = b"".join(p.read_bytes() for p in sorted(partial.iterdir()))
     assert SECRET.encode() not in on_disk
     journal_records(out, ids)
@@ -1128,7 +1129,7 @@ def test_plain_http_to_another_host_is_refused(tmp_path: Path, procs: Procs) -> 
     assert done.rc == 2, done.text
     assert "--allow-insecure-http" in done.err and "192.0.2.1" in done.err
     assert "Traceback" not in done.text
-    assert not batchrun.outputs.partial_dir(out).exists()
+    assert not batchrun.journal.partial_dir(out).exists()
 
     job = make_job(insecure, inp, out, **JOB_KEYS, concurrency=16, allow_insecure_http=True)
     assert job.allow_insecure_http is True and job.base_url == insecure

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
+import batchrun.journal
 import batchrun.outputs
 from batchrun.config import Job
 from batchrun.engines.local import run_job
@@ -314,7 +315,7 @@ def run_args(inp: Path, out: Path, base_url: str, *extra: str) -> list[str]:
 
 
 def journal_path(out: Path) -> Path:
-    return batchrun.outputs.partial_dir(out) / "journal.jsonl"
+    return batchrun.journal.partial_dir(out) / "journal.jsonl"
 
 
 def journal_lines(out: Path) -> int:
@@ -418,7 +419,7 @@ async def test_an_interrupted_take_back_left_by_an_older_version_is_completed(
         run_id = orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["run_id"]
         for kept in (120, 0):
             # The state an interrupted take-back left: the first `kept` rows journaled.
-            partial = batchrun.outputs.partial_dir(out)
+            partial = batchrun.journal.partial_dir(out)
             partial.mkdir()
             settings = orjson.loads(pq.read_schema(out).metadata[b"batchrun"])["identity"]
             (partial / "job.json").write_bytes(orjson.dumps({**settings, "run_id": run_id}))
@@ -622,7 +623,7 @@ async def test_damage_mid_journal_and_a_torn_tail(tmp_path: Path) -> None:
 
 
 class _FullDiskOs:
-    """``os`` as batchrun.outputs sees it, whose ``write`` fails with ENOSPC after ``keep`` writes."""
+    """``os`` as batchrun.journal sees it, whose ``write`` fails with ENOSPC after ``keep`` writes."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -652,7 +653,7 @@ async def test_disk_full_while_journaling_exits_6_and_resumes(
     out = tmp_path / "out.parquet"
     async with run_app(counting.app()) as base_url:
         job = make_job(base_url, inp, out, **JOB_KEYS)
-        monkeypatch.setattr(batchrun.outputs, "os", _FullDiskOs(keep=40))
+        monkeypatch.setattr(batchrun.journal, "os", _FullDiskOs(keep=40))
         with pytest.raises(DiskFull) as info:
             await run_job(job, RunOptions(progress=False))
         monkeypatch.undo()
@@ -752,7 +753,7 @@ def test_disk_full_mid_run_exits_6_via_the_cli(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     args = run_args(inp, out, base_url)[1:]
-    monkeypatch.setattr(batchrun.outputs, "os", _FullDiskOs(keep=20))
+    monkeypatch.setattr(batchrun.journal, "os", _FullDiskOs(keep=20))
     result = invoke(*args)
     monkeypatch.undo()
     assert_exit(result, 6)
@@ -778,7 +779,7 @@ async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
     async with run_app(counting.app()) as base_url:
         job = make_job(base_url, inp, out, **(JOB_KEYS | {"concurrency": 2}))
         await run_in_loop_until(job, out, 10)
-        job_json = batchrun.outputs.partial_dir(out) / "job.json"
+        job_json = batchrun.journal.partial_dir(out) / "job.json"
         job_json.write_bytes(b'{"model": "m", "temper')
         with pytest.raises(ResumeConflict) as info:
             await run_job(job, RunOptions(progress=False))

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from batchrun import __version__, outputs
+from batchrun import __version__, journal, outputs
 from batchrun.config import Job
 from batchrun.engines.local import run_job as run_engine
 from batchrun.errors import JobError, KeyRejected, ResumeConflict
@@ -892,13 +892,13 @@ def test_cli_key_never_written_anywhere(
     tmp_path: Path, api_key: str, threaded: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journals: list[bytes] = []
-    real_finish = outputs.Journal.finish
+    real_finish = journal.Journal.finish
 
-    def finish(self: outputs.Journal, *args: Any, **kwargs: Any) -> Path:
+    def finish(self: journal.Journal, *args: Any, **kwargs: Any) -> Path:
         journals.append(self.path.read_bytes())
         return real_finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.Journal, "finish", finish)
+    monkeypatch.setattr(journal.Journal, "finish", finish)
     server = threaded(lambda: serve_echo("mixed"))
     src = write_jsonl(tmp_path / "in.jsonl", tickets(16))
     key = TEST_KEY.encode()

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from batchrun import outputs
+from batchrun import journal, outputs
 from batchrun.config import Job, load_job
 from batchrun.engines.local import run_job as run_engine
 from batchrun.errors import JobError, KeyRejected
@@ -1397,14 +1397,14 @@ def test_cli_header_secret_never_written_anywhere(
 ) -> None:
     monkeypatch.setenv("MY_TOKEN", SECRET)
     captured: list[bytes] = []
-    real_finish = outputs.Journal.finish
+    real_finish = journal.Journal.finish
 
-    def finish(self: outputs.Journal, *args: Any, **kwargs: Any) -> Path:
+    def finish(self: journal.Journal, *args: Any, **kwargs: Any) -> Path:
         for p in sorted(self.folder.iterdir()):
             captured.append(p.read_bytes())
         return real_finish(self, *args, **kwargs)
 
-    monkeypatch.setattr(outputs.Journal, "finish", finish)
+    monkeypatch.setattr(journal.Journal, "finish", finish)
 
     def answer(body: dict[str, Any], n: int, h: Any) -> web.Response:
         token = h.get("X-Token", "")
