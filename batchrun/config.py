@@ -14,21 +14,18 @@ relative to the working directory.
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import logging
 import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
 from batchrun.errors import JobError
+from batchrun.wire import check_base_url, check_headers
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
 ENDPOINTS = ("chat", "inference")
@@ -484,7 +481,7 @@ def load_job(
             f"Set exactly one of `prompt_template` (e.g. 'Summarize: {{ticket}}') or `messages_column` "
             f"(a column holding a chat message list) in {source}."
         )
-    _check_base_url(values["base_url"], values["allow_insecure_http"])
+    check_base_url(values["base_url"], values["allow_insecure_http"])
     if values["response_schema"] is not None and values["response_format"] == "text":
         values["response_format"] = "json_schema"
     if values["response_format"] == "json_schema" and values["response_schema"] is None:
@@ -498,7 +495,7 @@ def load_job(
             "(or pass --prices FILE) so batchrun can tell what the job spends."
         )
     _check_params(values["params"], source)
-    _check_headers(values["headers"], source)
+    check_headers(values["headers"], source)
     return Job(**values, job_file=job_path)
 
 
@@ -532,123 +529,3 @@ def _check_params(params: Mapping[str, Any], source: str) -> None:
             f"`params` in {source} sets n = {params['n']!r}: batchrun keeps one completion per row. "
             "Remove n, or duplicate the rows to get several answers."
         )
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-"""An HTTP header name (RFC 9110 token)."""
-
-
-def _control_at(text: str, allowed: str = "") -> int | None:
-    """The position of the first control character in ``text`` not in ``allowed``."""
-    for i, char in enumerate(text):
-        if (char < " " or char == "\x7f") and char not in allowed:
-            return i
-    return None
-
-
-def _check_headers(headers: Mapping[str, Any], source: str) -> None:
-    for name, value in headers.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise JobError(
-                f"Header name {name!r} in {source} is not a valid HTTP header name: use letters, "
-                "digits and - (e.g. X-Tenant-Id), with no space, colon or control character."
-            )
-        if not isinstance(value, str):
-            raise JobError(f"Header `{name}` in {source} must be a string, not {value!r}.")
-        if name.lower() == "authorization":
-            raise JobError(
-                f"`headers` in {source} sets Authorization: batchrun sends the key from `api_key_env` itself."
-            )
-        check_header_value(name, value, source)
-
-
-def check_header_value(name: str, value: str, source: str) -> str:
-    """``value`` when HTTP can carry it (a tab aside, no control character: a CR
-    or LF would end the header); JobError naming the header otherwise. The
-    value itself is not shown: it may hold a secret."""
-    at = _control_at(value, allowed="\t")
-    if at is not None:
-        raise JobError(
-            f"Header `{name}` in {source} holds a control character ({value[at]!r} at position {at}), "
-            "which HTTP cannot send. Remove it from the value (or from the environment variable "
-            "the value names)."
-        )
-    return value
-
-
-def clean_secret(value: str, what: str) -> str:
-    """``value`` (a key or header value from an environment variable) without
-    surrounding whitespace — a key mounted from a file ends with a newline —
-    with a warning when there was some. ``what`` names its source in the
-    warning ("the API key in $VAR"); the value is never shown."""
-    stripped = value.strip()
-    if stripped != value:
-        logging.getLogger("batchrun").warning(
-            "%s has surrounding whitespace (a trailing newline?); batchrun strips it.",
-            what,
-            extra={"event": "secret_stripped"},
-        )
-    return stripped
-
-
-def clean_api_key(variable: str, key: str) -> str:
-    """The API key from ``$variable``, stripped (see ``clean_secret``). JobError,
-    naming the variable but never the key, when it holds a control character
-    HTTP cannot send or nothing but whitespace."""
-    key = clean_secret(key, f"The API key in ${variable}")
-    if not key:
-        raise JobError(
-            f"No API key: the environment variable {variable} holds only whitespace. Put the key in it "
-            f'(export {variable}=...), or set api_key_env = "" for a server that needs none.'
-        )
-    at = _control_at(key)
-    if at is not None:
-        raise JobError(
-            f"The API key in ${variable} holds a control character ({key[at]!r} at position {at}), "
-            f"which an HTTP header cannot carry. Check how {variable} is set (a key file with Windows "
-            "line endings, two keys on two lines?) and put the key alone in it."
-        )
-    return key
-
-
-def _check_base_url(base_url: str, allow_insecure_http: bool) -> None:
-    example = "Use e.g. https://api.llmtune.io/v1 or http://127.0.0.1:8000/v1."
-    at = _control_at(base_url)
-    if at is not None or " " in base_url:
-        raise JobError(
-            f"`base_url` {base_url!r} holds a space or control character, which a URL cannot. {example}"
-        )
-    try:
-        parts = urlsplit(base_url)
-        port = parts.port
-    except ValueError as exc:
-        raise JobError(
-            f"`base_url` {base_url!r} is not a valid URL ({exc}). A port is a number from 1 to "
-            f"65535; an IPv6 host is written in brackets. {example}"
-        ) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise JobError(f"`base_url` {base_url!r} is not an http(s) URL with a host. {example}")
-    if port == 0:
-        raise JobError(
-            f"`base_url` {base_url!r} has port 0; a port is a number from 1 to 65535. {example}"
-        )
-    from yarl import URL
-
-    try:
-        URL(base_url).origin()
-    except ValueError as exc:
-        raise JobError(f"`base_url` {base_url!r} is not a valid URL ({exc}). {example}") from None
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
-        raise JobError(
-            f"`base_url` {base_url} is plain http:// to {parts.hostname}, which is not this machine: the API key "
-            "would travel in clear. Use https://, or pass --allow-insecure-http if the network is trusted."
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchrun._version import __version__
-from batchrun.config import Job, check_header_value, clean_api_key, clean_secret
+from batchrun.config import Job
 from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
 from batchrun.inputs import InputTable, Scan
 from batchrun.journal import Journal
@@ -43,6 +43,7 @@ from batchrun.prices import load_prices
 from batchrun.progress import Tally, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
 from batchrun.structured import Structured, load_structured
+from batchrun.wire import check_header_value, clean_api_key, clean_secret
 
 log = logging.getLogger("batchrun")
 
