@@ -108,6 +108,76 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
+def flag(*names: str, help: str) -> Callable[[Any], Any]:
+    """An on/off option."""
+    return click.option(*names, is_flag=True, help=help)
+
+
+def choice(*names: str, among: tuple[str, ...], help: str) -> Callable[[Any], Any]:
+    """An option taking one of ``among``; the first is the default."""
+    return click.option(
+        *names, type=click.Choice(among), default=among[0], show_default=True, help=help
+    )
+
+
+def file_option(*names: str, help: str) -> Callable[[Any], Any]:
+    """An option naming a file (not a folder)."""
+    return click.option(*names, type=click.Path(dir_okay=False, path_type=Path), help=help)
+
+
+SEND_OPTIONS = (
+    flag(
+        "--restart",
+        help="Discard what an earlier run of this output left (an unfinished journal or the finished file) and start over.",
+    ),
+    flag(
+        "--retry-failed",
+        help="Send again the rows whose status is error (in the unfinished run, or in the finished output) and replace them.",
+    ),
+    flag("--skip-bad-lines", help="Skip (and count) JSONL lines that are not JSON objects."),
+    flag("--dedupe", help="Keep the first row of each duplicate id instead of failing."),
+    click.option(
+        "--shard",
+        metavar="K/N",
+        default=None,
+        help="Send only the rows whose id hashes to shard K of N (K from 0 to N-1); run N processes, each with its own --output, then batchrun merge.",
+    ),
+    click.option(
+        "--reuse",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        help="Copy the answer of any row whose exact request an earlier output (file or folder; repeatable) answered ok, instead of sending it.",
+    ),
+    flag(
+        "--mock",
+        help="Send to the embedded local endpoint instead of base_url (no key, no network).",
+    ),
+)
+"""What decides which rows a run sends and where: run and plan take the same."""
+
+
+def send_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(SEND_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _run_options(flags: dict[str, Any], **more: Any) -> Any:
+    """The RunOptions of the send options in ``flags`` (and ``more``)."""
+    from batchrun.lifecycle import RunOptions
+
+    return RunOptions(
+        restart=flags["restart"],
+        retry_failed=flags["retry_failed"],
+        skip_bad_lines=flags["skip_bad_lines"],
+        dedupe=flags["dedupe"],
+        mock=flags["mock"],
+        reuse=tuple(flags["reuse"]),
+        shard=_parse_shard(flags["shard"]),
+        **more,
+    )
+
+
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -127,67 +197,25 @@ def main() -> None:
 @main.command(epilog=EXIT_CODES)
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @job_options
-@click.option(
-    "--restart",
-    is_flag=True,
-    help="Discard what an earlier run of this output left (an unfinished journal or the finished file) and start over.",
-)
-@click.option(
-    "--retry-failed",
-    is_flag=True,
-    help="Send again the rows whose status is error (in the unfinished run, or in the finished output) and replace them.",
-)
-@click.option(
-    "--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects."
-)
-@click.option(
-    "--dedupe", is_flag=True, help="Keep the first row of each duplicate id instead of failing."
-)
-@click.option(
+@send_options
+@choice(
     "--output-format",
-    type=click.Choice(["parquet", "openai-batch"]),
-    default="parquet",
-    show_default=True,
+    among=("parquet", "openai-batch"),
     help="openai-batch: also write OpenAI Batch API output lines beside the Parquet file (OUTPUT with .jsonl).",
 )
-@click.option(
-    "--shard",
-    metavar="K/N",
-    default=None,
-    help="Send only the rows whose id hashes to shard K of N (K from 0 to N-1); run N processes, each with its own --output, then batchrun merge.",
-)
-@click.option(
-    "--reuse",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Copy the answer of any row whose exact request an earlier output (file or folder; repeatable) answered ok, instead of sending it.",
-)
-@click.option(
-    "--mock",
-    is_flag=True,
-    help="Send to the embedded local endpoint instead of base_url (no key, no network).",
-)
-@click.option(
+@choice(
     "--engine",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
+    among=("local", "ray"),
     help="ray: send the rows from Ray actors, on this machine or on the cluster RAY_ADDRESS names (pip install 'batchrun[ray]').",
 )
-@click.option(
-    "--log-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write every event to this file.",
-)
-@click.option(
+@file_option("--log-file", help="Also write every event to this file.")
+@choice(
     "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
+    among=("text", "json"),
     help="json: one object per event.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Log every retry and failed row to stderr.")
+@flag("-q", "--quiet", help="No progress bar and no summary.")
+@flag("-v", "--verbose", help="Log every retry and failed row to stderr.")
 def run(job_file: Path | None, **flags: Any) -> None:
     """Run JOB_FILE (TOML), or a job made of flags alone.
 
@@ -202,21 +230,14 @@ def run(job_file: Path | None, **flags: Any) -> None:
         from batchrun.aio import run_coroutine
         from batchrun.config import load_job
         from batchrun.engines.local import run_job
-        from batchrun.lifecycle import RunOptions
         from batchrun.logs import setup_logging
 
         setup_logging(flags["log_file"], flags["log_format"], flags["verbose"], flags["quiet"])
         job = load_job(job_file, _overrides(flags))
-        options = RunOptions(
-            restart=flags["restart"],
-            retry_failed=flags["retry_failed"],
-            skip_bad_lines=flags["skip_bad_lines"],
-            dedupe=flags["dedupe"],
+        options = _run_options(
+            flags,
             progress=not flags["quiet"],
             handle_signals=True,
-            mock=flags["mock"],
-            reuse=tuple(flags["reuse"]),
-            shard=_parse_shard(flags["shard"]),
             output_format=flags["output_format"],
         )
         if flags["engine"] == "ray":
@@ -247,34 +268,26 @@ def run(job_file: Path | None, **flags: Any) -> None:
 )
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @job_options
-@click.option("--mock", is_flag=True, help="Plan for the embedded endpoint (no key needed).")
-@click.option(
-    "--skip-bad-lines", is_flag=True, help="Skip (and count) JSONL lines that are not JSON objects."
-)
-@click.option("--dedupe", is_flag=True, help="Keep the first row of each duplicate id.")
+@send_options
 def plan(job_file: Path | None, **flags: Any) -> None:
-    """Check JOB_FILE and its input without sending anything: rows, the first
-    request (key hidden), estimated tokens, cost range and time."""
+    """What `batchrun run` with the same job and flags would do, without
+    sending anything: its checks (a changed job is refused alike), the rows it
+    would send after an earlier run and --reuse, the first request (key
+    hidden), estimated tokens, cost range and time."""
     from batchrun.config import load_job
-    from batchrun.lifecycle import RunOptions
     from batchrun.plan import plan_job
 
     try:
         job = load_job(job_file, _overrides(flags))
-        options = RunOptions(
-            mock=flags["mock"], skip_bad_lines=flags["skip_bad_lines"], dedupe=flags["dedupe"]
-        )
-        click.echo(plan_job(job, options).text())
+        click.echo(plan_job(job, _run_options(flags)).text())
     except BatchrunError as exc:
         fail(exc)
 
 
 @main.command()
 @click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
-@click.option(
-    "--prices",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Prices file (TOML, see jobs/prices.toml). Without it every cost is unpriced.",
+@file_option(
+    "--prices", help="Prices file (TOML, see jobs/prices.toml). Without it every cost is unpriced."
 )
 @click.option(
     "--by",
@@ -282,18 +295,14 @@ def plan(job_file: Path | None, **flags: Any) -> None:
     metavar="COLUMN",
     help="Group by this output column (repeatable, or a,b); day: the UTC date of finished_at.",
 )
-@click.option(
+@choice(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json", "markdown"]),
-    default="table",
-    show_default=True,
+    among=("table", "csv", "json", "markdown"),
     help="What to print on stdout.",
 )
-@click.option(
-    "--html",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write a self-contained HTML page (tables and charts) to this file.",
+@file_option(
+    "--html", help="Also write a self-contained HTML page (tables and charts) to this file."
 )
 def report(
     outputs: tuple[str, ...], prices: Path | None, by: tuple[str, ...], fmt: str, html: Path | None
@@ -346,20 +355,16 @@ def report(
     metavar="COLUMN",
     help="The input's id column [default: the job's id_column, from the outputs].",
 )
-@click.option(
+@flag(
     "--prefer-ok",
-    is_flag=True,
     help="An id in several rows keeps its ok row, else the one that finished last (instead of failing).",
 )
-@click.option(
-    "--allow-missing", is_flag=True, help="Write the merged file even when input rows have no row."
-)
-@click.option(
+@flag("--allow-missing", help="Write the merged file even when input rows have no row.")
+@flag(
     "--allow-mixed",
-    is_flag=True,
     help="Merge outputs of different jobs (model, prompts, parameters), noting each.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@flag("-q", "--quiet", help="No summary.")
 def merge(
     outputs: tuple[str, ...],
     output: Path,

@@ -105,6 +105,20 @@ class Journal:
         same job counts as a journal too: its rows are taken back in, so a rerun
         sends nothing (or, with --retry-failed, only the failed rows).
         """
+        self._index_for(output, num_rows)
+        require_folder(output, "`output`")
+        try:
+            self._lock = OutputLock(output)
+        except OSError as exc:
+            raise self._open_error(exc) from None
+        try:
+            self._open(dict(identity), restart, keep_columns)
+        except BaseException:
+            self.close()
+            raise
+
+    def _index_for(self, output: Path, num_rows: int) -> None:
+        """An empty index of ``num_rows`` rows for the journal of ``output``."""
         self.output = output
         self.folder = partial_dir(output)
         self.path = self.folder / "journal.jsonl"
@@ -116,16 +130,39 @@ class Journal:
         self.resumed: Resumed | None = None
         self.fd = self._rfd = -1
         self.end = 0
-        require_folder(output, "`output`")
-        try:
-            self._lock = OutputLock(output)
-        except OSError as exc:
-            raise self._open_error(exc) from None
-        try:
-            self._open(dict(identity), restart, keep_columns)
-        except BaseException:
-            self.close()
-            raise
+        self.run_id = ""
+
+    @classmethod
+    def peek(
+        cls, output: Path, num_rows: int, identity: Mapping[str, Any], restart: bool = False
+    ) -> Journal:
+        """What a run of ``output`` would resume, read without writing or locking
+        anything (``batchrun plan``): the same identity checks as opening
+        (ResumeConflict), and each row's status and request hash, from the
+        unfinished journal or else the finished output."""
+        self = cls.__new__(cls)
+        self._index_for(output, num_rows)
+        if restart:
+            return self
+        finished_run = self._finished_run(dict(identity))
+        if finished_run is not None:
+            self.run_id = finished_run
+            table = pq.read_table(output, columns=["row", "status", "request_hash"])
+            for row, status, request_hash in zip(
+                *(c.to_pylist() for c in table.columns), strict=True
+            ):
+                if 0 <= row < num_rows:
+                    self.status[row] = STATUS_CODES.get(status, STATUS_ERROR)
+                    self.hashes[row] = hash_key(request_hash)
+        elif (self.folder / "job.json").exists():
+            self.run_id = self._check_identity(dict(identity))
+            if self.path.exists():
+                self._index()
+        else:
+            return self
+        ok, failed, invalid = self.counts()
+        self.resumed = Resumed(self.run_id, ok, failed, invalid)
+        return self
 
     def _open(self, identity: dict[str, Any], restart: bool, keep_columns: Sequence[str]) -> None:
         finished_run = None
@@ -323,6 +360,25 @@ class Journal:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0
+        pos, unreadable = self._index()
+        if pos < size:
+            os.ftruncate(self.fd, pos)
+        if unreadable:
+            log.warning(
+                "%s: skipped %d unreadable line%s (damaged on disk); every readable record is "
+                "kept, and the rows whose records were lost are sent again",
+                self.path,
+                unreadable,
+                "" if unreadable == 1 else "s",
+                extra={"event": "journal_damaged", "journal": str(self.path), "lines": unreadable},
+            )
+        ok, failed, invalid = self.counts()
+        self.resumed = Resumed(self.run_id, ok, failed, invalid)
+        return pos
+
+    def _index(self) -> tuple[int, int]:
+        """Index every readable record of the journal file. Returns where the
+        last whole line ends and how many lines were unreadable."""
         pos = unreadable = 0
         with open(self.path, "rb") as fh:
             for line in fh:
@@ -342,20 +398,7 @@ class Journal:
                     self.lengths[row] = pos - start - 1
                     self.status[row] = STATUS_CODES.get(str(rec.get("status")), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
-        if pos < size:
-            os.ftruncate(self.fd, pos)
-        if unreadable:
-            log.warning(
-                "%s: skipped %d unreadable line%s (damaged on disk); every readable record is "
-                "kept, and the rows whose records were lost are sent again",
-                self.path,
-                unreadable,
-                "" if unreadable == 1 else "s",
-                extra={"event": "journal_damaged", "journal": str(self.path), "lines": unreadable},
-            )
-        ok, failed, invalid = self.counts()
-        self.resumed = Resumed(self.run_id, ok, failed, invalid)
-        return pos
+        return pos, unreadable
 
     def record(self, row: int) -> dict[str, Any] | None:
         """The last record of ``row``, or None."""

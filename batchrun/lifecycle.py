@@ -29,7 +29,7 @@ from batchrun._version import __version__
 from batchrun.config import Job
 from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
 from batchrun.inputs import InputTable, Scan
-from batchrun.journal import Journal
+from batchrun.journal import Journal, partial_dir
 from batchrun.limits import CostBudget
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
@@ -285,6 +285,31 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
     return CheckedJob(job, table, scan, id_column, structured, api_key, headers, secrets)
 
 
+def run_identity(job: Job, options: RunOptions, rows: int) -> dict[str, Any]:
+    """What must not change for a run to resume another: the keys that decide
+    what is sent, the input's size, the shard, and the endpoint that answers
+    (a real run never takes the embedded endpoint's answers, or another
+    server's, as its own)."""
+    identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {
+        "rows": rows,
+        "answered_by": EMBEDDED_ENDPOINT if options.mock else job.base_url.rstrip("/"),
+    }
+    if options.shard is not None:
+        identity["shard"] = "{}/{}".format(*options.shard)
+    return identity
+
+
+def open_schema_via(checked: CheckedJob, options: RunOptions) -> SchemaVia | None:
+    """How a structured job's requests carry the schema, taken up where an
+    earlier run of this output (or a ``--reuse`` output) left it."""
+    if checked.structured is None:
+        return None
+    job = checked.job
+    assert job.output is not None  # check_job makes sure
+    earlier = ((job.output,) if not options.restart else ()) + options.reuse
+    return SchemaVia.open(checked.structured, job, partial_dir(job.output), earlier)
+
+
 class OpenRun:
     """A run between its checks and its output: the journal is open, an earlier
     run's results are taken back, ``--reuse`` is applied and the tally is set.
@@ -298,15 +323,8 @@ class OpenRun:
         self.checked = check_job(job, options)
         self.job = job = self.checked.job
         scan = self.checked.scan
-        self.answered_by = EMBEDDED_ENDPOINT if options.mock else job.base_url.rstrip("/")
-        # Where the answers come from is part of the job: a real run never takes
-        # the embedded endpoint's answers (or another server's) as its own.
-        self.identity = {k: job.settings()[k] for k in IDENTITY_KEYS} | {
-            "rows": scan.num_rows,
-            "answered_by": self.answered_by,
-        }
-        if options.shard is not None:
-            self.identity["shard"] = "{}/{}".format(*options.shard)
+        self.identity = run_identity(job, options, scan.num_rows)
+        self.answered_by = self.identity["answered_by"]
         assert job.output is not None  # check_job makes sure
         self.journal = journal = Journal(
             job.output,
@@ -316,16 +334,7 @@ class OpenRun:
             keep_columns=job.keep_columns,
         )
         try:
-            self.via = (
-                SchemaVia.open(
-                    self.checked.structured,
-                    job,
-                    journal.folder,
-                    ((job.output,) if not options.restart else ()) + options.reuse,
-                )
-                if self.checked.structured is not None
-                else None
-            )
+            self.via = open_schema_via(self.checked, options)
             # One pass over the input serves both the resume check and --reuse.
             rows = self.checked.rows(shape=self.shape)
             if journal.resumed is not None:

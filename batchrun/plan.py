@@ -1,22 +1,31 @@
 """``batchrun plan``: what a job would do, found without sending anything.
 
-The same checks as ``run`` before its first request (``run.check_job``), then
-the rows, the first request, the estimated prompt tokens, the cost range from the
-prices file and the time at the job's concurrency, rpm and tpm.
+The same checks and the same resume state as ``run`` before its first request
+(``lifecycle``), then the rows to send, the first request, the estimated prompt
+tokens, the cost range from the prices file and the time at the job's
+concurrency, rpm and tpm.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from batchrun.config import Job
 from batchrun.files import require_folder
-from batchrun.lifecycle import RunOptions, check_job
+from batchrun.journal import Journal
+from batchrun.lifecycle import (
+    RunOptions,
+    check_job,
+    open_schema_via,
+    resume_checked,
+    rows_to_send,
+    run_identity,
+)
+from batchrun.outputs import STATUS_NONE
 from batchrun.prices import load_prices
 
 
@@ -35,6 +44,13 @@ class Plan:
     currency: str
     pace_rows_per_s: float | None
     concurrency: int | str
+    done: int = 0
+    """Rows with a result from an earlier run of this output."""
+    failed: int = 0
+    """Of those, rows that failed (sent again with --retry-failed)."""
+    reused: int = 0
+    """Rows --reuse would copy from earlier outputs instead of sending."""
+    retry_failed: bool = False
 
     def seconds_at(self, latency_s: float) -> float:
         """How long sending takes when each answer takes ``latency_s`` seconds."""
@@ -48,11 +64,19 @@ class Plan:
         from batchrun.progress import duration
 
         body = orjson.dumps(self.first_request, option=orjson.OPT_INDENT_2).decode()
+        kept = []
+        if self.done:
+            kept.append(f"{self.done:,} with a result from an earlier run")
+            if self.failed and not self.retry_failed:
+                kept.append(f"{self.failed:,} of them failed: --retry-failed sends them again")
+        if self.reused:
+            kept.append(f"{self.reused:,} reused from earlier outputs")
         lines = [
-            f"rows          {self.rows:,}  ({self.to_send:,} to send)",
+            f"rows          {self.rows:,}  ({'; '.join([f'{self.to_send:,} to send', *kept])})",
             f"first request POST {self.url}",
             "              Authorization: Bearer ***",
             *("              " + line for line in body.splitlines()),
+            *(["              (nothing to send)"] if not self.first_request else []),
             f"prompt tokens ~{self.prompt_tokens:,} (estimated: characters / 4)",
             f"max completion {self.max_completion_tokens:,} tokens (each request's max_tokens, summed)",
         ]
@@ -72,15 +96,36 @@ class Plan:
 
 
 def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
-    """Check ``job`` as ``run`` would before its first request, and estimate
-    its tokens, cost and time. Sends nothing, writes nothing."""
-    checked = check_job(job, options or RunOptions())
+    """What ``run`` would do, found the way ``run`` finds it before its first
+    request — the same checks, the same resume state (an unfinished journal or
+    the finished output; a changed job is refused alike), the same --shard,
+    --reuse and --retry-failed — with its tokens, cost and time estimated.
+    Sends nothing, writes nothing, takes no lock."""
+    options = options or RunOptions()
+    checked = check_job(job, options)
     job, scan = checked.job, checked.scan
-    require_folder(job.output or Path("output.parquet"), "`output`")
+    assert job.output is not None  # check_job makes sure
+    require_folder(job.output, "`output`")
+    state = Journal.peek(
+        job.output, scan.num_rows, run_identity(job, options, scan.num_rows), options.restart
+    )
+    via = open_schema_via(checked, options)
+    rows = checked.rows(estimates=True, shape=via.shape if via is not None else None)
+    if state.resumed is not None:
+        rows = resume_checked(state, rows, via)
+    index = None
+    if options.reuse:
+        from batchrun.reuse import ReuseIndex
+
+        index = ReuseIndex(list(options.reuse), embedded=options.mock)
     first: dict[str, Any] | None = None
-    prompt_tokens = completion_cap = to_send = 0
-    for p in checked.rows(estimates=True):
+    prompt_tokens = completion_cap = to_send = reused = 0
+    for p in rows_to_send(rows, state.status, options.retry_failed):
         if p.error:
+            continue
+        done_earlier = state.status[p.row] != STATUS_NONE
+        if index is not None and not done_earlier and index.find(p.request_hash) is not None:
+            reused += 1
             continue
         if first is None:
             first = orjson.loads(p.body)
@@ -102,6 +147,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     if job.tpm and to_send:
         per_row = (prompt_tokens + completion_cap) / to_send
         pace = min(pace or float("inf"), job.tpm / 60 / per_row)
+    ok, failed, invalid = state.counts()
     return Plan(
         rows=scan.rows_kept,
         to_send=to_send,
@@ -114,4 +160,8 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         currency=currency,
         pace_rows_per_s=pace,
         concurrency=job.concurrency,
+        done=ok + failed + invalid,
+        failed=failed,
+        reused=reused,
+        retry_failed=options.retry_failed,
     )
