@@ -29,7 +29,7 @@ Exit codes:
   0  every row ok
   1  finished, but some rows failed
   2  bad job, flags or input (nothing sent)
-  3  stopped early (key refused, API down, too many failures, output in use by another run); rerun to resume
+  3  stopped early (key refused, every request failing alike, API down, too many failures, output in use by another run); rerun to resume
   4  stopped before passing max_cost; raise it and rerun to resume
   6  disk full (or quota) while journaling or writing the output; free space and rerun to resume
   130/143  stopped by Ctrl-C / SIGTERM; rerun to resume"""
