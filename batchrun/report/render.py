@@ -233,7 +233,8 @@ def report_notes(report: Report) -> list[str]:
         )
     if t.invalid:
         notes.append(
-            f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+            f"Invalid: {t.invalid:,} rows were answered (and paid) but not as the job asked: an "
+            "answer that did not fit the schema, a refusal or tool calls the request did not offer."
         )
     return notes
 
