@@ -37,6 +37,7 @@ from batchrun.payload import Completion, Prepared, unwanted
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -108,9 +109,12 @@ class Scheduler:
         currency: str = "",
         grace_s: float = 10.0,
         via: SchemaVia | None = None,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
+        # Whether streamed requests carry stream_options; dropped when the server refuses it.
+        self.stream_options = stream_options if stream_options and stream_options.asked else None
         self.client = client
         self.results = results
         self.tally = tally
@@ -230,9 +234,11 @@ class Scheduler:
         requests = 0
         usage = _RowTotals()
         invalid: tuple[Completion, str] | None = None
+        ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
             try:
-                completion, attempts = await self._ask(p, usage)
+                options = self.stream_options
+                completion, attempts = await (options.ask(p, ask) if options else ask())
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
