@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -86,7 +87,7 @@ KEYS: tuple[Key, ...] = (
         "endpoint",
         "str",
         "chat",
-        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.",
+        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference (the model id percent-encoded, `/` kept).",
         choices=ENDPOINTS,
     ),
     Key(
@@ -313,10 +314,11 @@ class Job:
 
     @property
     def url(self) -> str:
-        """The URL every request is posted to."""
+        """The URL every request is posted to; the inference path's model id
+        percent-encoded, `/` kept (`x?y` would post to /models/x with a query)."""
         base = self.base_url.rstrip("/")
         if self.endpoint == "inference":
-            return f"{base}/models/{self.model}/inference"
+            return f"{base}/models/{quote(self.model, safe='/')}/inference"
         return f"{base}/chat/completions"
 
     def settings(self) -> dict[str, Any]:

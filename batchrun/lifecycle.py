@@ -40,8 +40,9 @@ from batchrun.outputs import (
 )
 from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
 from batchrun.prices import load_prices
-from batchrun.progress import Tally, progress_fields, status_text
+from batchrun.progress import Tally, missing_usage, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import Structured, load_structured
 from batchrun.wire import check_header_value, clean_api_key, clean_secret
 
@@ -111,6 +112,10 @@ class RunResult:
     """How the requests carried the response schema (structured jobs)."""
     schema_via_refused: tuple[str, ...] = ()
     """The ways ``schema_via = "auto"`` found the server does not take, in the order tried."""
+    no_usage: int = 0
+    """Rows answered in this run without usage: the token counts leave them out."""
+    stream_options_refused: str | None = None
+    """Why streamed requests went without ``stream_options`` (the server's refusal)."""
 
     @property
     def exit_code(self) -> int:
@@ -124,13 +129,29 @@ class RunResult:
         data["cost"] = float(self.cost) if self.cost is not None else None
         return data
 
+    def _tokens(self) -> str:
+        """Tokens as the answers reported them; never 0 for rows that reported none."""
+        total = self.prompt_tokens + self.completion_tokens
+        counts = (
+            f"prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {total:,}"
+        )
+        if not self.no_usage:
+            return counts
+        missing = missing_usage(self.no_usage)
+        return f"{counts}  (partial: {missing})" if total else missing
+
     def summary(self) -> str:
         lines = [
             f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
             + (f", invalid {self.invalid:,}" if self.invalid else "")
             + (f", from an earlier run {self.resumed:,}" if self.resumed else "")
             + ")",
-            f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
+            f"tokens      {self._tokens()}",
+            *(
+                [f"            stream_options not sent: the server refused it ({refused})"]
+                if (refused := self.stream_options_refused)
+                else []
+            ),
             f"requests    {self.requests:,}  (retries {self.retries:,})",
             *(
                 [f"cost        {self.cost:.4f} {self.currency} (this job, all runs)"]
@@ -306,8 +327,16 @@ def open_schema_via(checked: CheckedJob, options: RunOptions) -> SchemaVia | Non
         return None
     job = checked.job
     assert job.output is not None  # check_job makes sure
-    earlier = ((job.output,) if not options.restart else ()) + options.reuse
-    return SchemaVia.open(checked.structured, job, partial_dir(job.output), earlier)
+    return SchemaVia.open(
+        checked.structured, job, partial_dir(job.output), earlier_outputs(job, options)
+    )
+
+
+def earlier_outputs(job: Job, options: RunOptions) -> tuple[Path, ...]:
+    """The outputs whose metadata may say what earlier runs learned about the
+    server (this output when finished, unless --restart; the --reuse ones)."""
+    assert job.output is not None  # check_job makes sure
+    return ((job.output,) if not options.restart else ()) + options.reuse
 
 
 class OpenRun:
@@ -334,9 +363,13 @@ class OpenRun:
             keep_columns=job.keep_columns,
         )
         try:
+            # What earlier runs learned about the server, so the same bytes are sent.
             self.via = open_schema_via(self.checked, options)
+            self.stream_options = StreamOptions.open(
+                job, journal.folder, earlier_outputs(job, options)
+            )
             # One pass over the input serves both the resume check and --reuse.
-            rows = self.checked.rows(shape=self.shape)
+            rows = self.rows()
             if journal.resumed is not None:
                 rows = resume_checked(journal, rows, self.via)
             self.reused = self.reused_tokens = 0
@@ -429,12 +462,14 @@ class OpenRun:
         """How this run puts the schema into each request (the way ``via`` says when asked)."""
         return self.via.shape if self.via is not None else None
 
+    def rows(self) -> Iterator[Prepared]:
+        """Every row of this run as a request, as it is sent now."""
+        return self.stream_options.rendered(self.checked.rows(shape=self.shape))
+
     def rows_to_send(self) -> Iterator[Prepared]:
         """The rows without a result (and, with --retry-failed, those that
         failed), as requests, in input order."""
-        return rows_to_send(
-            self.checked.rows(shape=self.shape), self.journal.status, self.options.retry_failed
-        )
+        return rows_to_send(self.rows(), self.journal.status, self.options.retry_failed)
 
     def finish(self) -> RunResult:
         """Write the output (every row has a result by now, else JobStopped) and
@@ -458,6 +493,8 @@ class OpenRun:
         via = self.via
         if via is not None and via.auto:
             metadata["schema_via"] = via.state()  # a --retry-failed or --reuse run starts from it
+        if self.stream_options.refused is not None:
+            metadata["stream_options"] = self.stream_options.state()
         output = journal.finish(
             scan.keep_schema,
             keep_batches,
@@ -493,6 +530,8 @@ class OpenRun:
             causes=tuple(_failure_causes(output)) if tally.failed else (),
             schema_via=via.current if via is not None else None,
             schema_via_refused=tuple(via.refused) if via is not None else (),
+            no_usage=tally.no_usage,
+            stream_options_refused=self.stream_options.refused,
         )
         log.info(
             "job finished: %s",

@@ -39,6 +39,8 @@ RESULT_FIELDS = [
     pa.field("response_model", pa.string()),
     pa.field("completion", pa.string()),
     pa.field("finish_reason", pa.string()),
+    pa.field("refusal", pa.string()),
+    pa.field("tool_calls", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("total_tokens", pa.int64()),
@@ -70,6 +72,9 @@ class Record(TypedDict):
     response_model: NotRequired[str | None]
     completion: NotRequired[str | None]
     finish_reason: NotRequired[str | None]
+    refusal: NotRequired[str | None]
+    tool_calls: NotRequired[str | None]
+    """The answer's tool calls, as JSON text."""
     prompt_tokens: NotRequired[int | None]
     completion_tokens: NotRequired[int | None]
     total_tokens: NotRequired[int | None]

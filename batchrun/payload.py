@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchrun.config import Job
-from batchrun.errors import BadResponse, JobError, RowError
+from batchrun.errors import BadResponse, EmptyAnswer, JobError, RowError
 
 if TYPE_CHECKING:
     from batchrun.inputs import RowBatch
@@ -296,6 +296,10 @@ class Completion:
     total_tokens: int | None
     response_id: str | None
     response_model: str | None
+    refusal: str | None = None
+    """What the model said instead of answering (``message.refusal``)."""
+    tool_calls: str | None = None
+    """The answer's ``tool_calls``, as JSON text."""
     ttft_ms: float | None = None
     http_status: int = 200
     usage_problem: str | None = None
@@ -333,26 +337,117 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
     return prompt, completion, total, None
 
 
+def content_text(content: Any) -> tuple[str | None, str | None]:
+    """The text and the refusal of a message's (or a stream delta's) ``content``:
+    a string is the text; a list of content parts gives its ``text`` parts joined
+    and its ``refusal`` parts joined (other parts, such as images, are not text).
+    None for what is absent."""
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        return None, None
+    texts: list[str] = []
+    refusals: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+            refusals.append(part["refusal"])
+    return ("".join(texts) if texts else None), ("".join(refusals) or None)
+
+
+_FINISH_HINTS = {
+    "length": "max_tokens ran out before any text (a model that reasons first?): raise max_tokens",
+    "content_filter": "the server's content filter withheld the answer",
+}
+
+
 def parse_completion(data: Any) -> Completion:
-    """Read a chat-completion answer. Raises BadResponse when it has no choice."""
+    """Read a chat-completion answer: its first choice's text (a string, or its
+    text parts joined), refusal and tool calls (as JSON text), finish reason and
+    usage. Raises BadResponse when it has no choice, and EmptyAnswer when the
+    choice says nothing (no text, no tool call, no refusal): both are retried
+    like an unreadable body."""
     if not isinstance(data, dict):
         raise BadResponse(f"answer is a JSON {type(data).__name__}, not an object")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise BadResponse("answer has no `choices`")
     choice = choices[0]
-    message = choice.get("message") or {}
-    text = message.get("content") if isinstance(message, dict) else None
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        message = {}
+    text, refusal = content_text(message.get("content"))
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
+        refusal = message["refusal"]
+    calls = message.get("tool_calls")
+    finish_reason = choice.get("finish_reason")
     prompt, completion, total, problem = _usage(data.get("usage"))
-    return Completion(
-        text=text if isinstance(text, str) else None,
-        finish_reason=choice.get("finish_reason")
-        if isinstance(choice.get("finish_reason"), str)
-        else None,
+    answer = Completion(
+        text=text,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         response_id=data.get("id") if isinstance(data.get("id"), str) else None,
         response_model=data.get("model") if isinstance(data.get("model"), str) else None,
+        refusal=refusal,
+        tool_calls=orjson.dumps(calls).decode() if isinstance(calls, list) and calls else None,
         usage_problem=problem,
     )
+    if not text and refusal is None and answer.tool_calls is None:
+        said = _nothing_said(choice)
+        hint = _FINISH_HINTS.get(answer.finish_reason or "")
+        raise EmptyAnswer(
+            f"the answer has no text, no tool call and no refusal ({said}"
+            + (f"; finish_reason {answer.finish_reason}: {hint}" if hint else "")
+            + ")",
+            answer,
+        )
+    return answer
+
+
+def _nothing_said(choice: dict[str, Any]) -> str:
+    """What the choice of an answer that says nothing held, for its error."""
+    message = choice.get("message")
+    if message is None:
+        return "no message"
+    if not isinstance(message, dict):
+        return "its message is not an object"
+    if "content" not in message:
+        return "no message.content"
+    content = message["content"]
+    if content is None:
+        return "message.content is null"
+    if content == "":
+        return "message.content is empty"
+    if isinstance(content, list):
+        return f"message.content holds {len(content)} parts, none of them text"
+    return f"message.content is a {type(content).__name__}, not text"
+
+
+def unwanted(answer: Completion, body: bytes) -> str | None:
+    """Why an answer that says something is still not the one the job asked for
+    (the row is then ``invalid``): a refusal, or tool calls the request (its
+    ``body``) did not offer. None for an answer to keep."""
+    if answer.refusal is not None:
+        refusal = answer.refusal
+        return "the model refused: " + (refusal if len(refusal) <= 300 else refusal[:300] + "…")
+    if answer.tool_calls is not None and not _offers_tools(body):
+        calls = orjson.loads(answer.tool_calls)
+        names = [c.get("function", {}).get("name") if isinstance(c, dict) else None for c in calls]
+        named = ", ".join(str(n)[:60] for n in names if isinstance(n, str)) or "unnamed"
+        return (
+            f"the model answered with a tool call ({named}) though the request offered no tools; "
+            "its calls are in `tool_calls`"
+        )
+    return None
+
+
+def _offers_tools(body: bytes) -> bool:
+    if b'"tools"' not in body and b'"functions"' not in body:
+        return False
+    request = orjson.loads(body)
+    return isinstance(request, dict) and bool(request.get("tools") or request.get("functions"))

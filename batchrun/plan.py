@@ -16,10 +16,11 @@ import orjson
 
 from batchrun.config import Job
 from batchrun.files import require_folder
-from batchrun.journal import Journal
+from batchrun.journal import Journal, partial_dir
 from batchrun.lifecycle import (
     RunOptions,
     check_job,
+    earlier_outputs,
     open_schema_via,
     resume_checked,
     rows_to_send,
@@ -27,6 +28,7 @@ from batchrun.lifecycle import (
 )
 from batchrun.outputs import STATUS_NONE
 from batchrun.prices import load_prices
+from batchrun.stream_options import StreamOptions
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,10 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         job.output, scan.num_rows, run_identity(job, options, scan.num_rows), options.restart
     )
     via = open_schema_via(checked, options)
-    rows = checked.rows(estimates=True, shape=via.shape if via is not None else None)
+    stream_options = StreamOptions.open(job, partial_dir(job.output), earlier_outputs(job, options))
+    rows = stream_options.rendered(
+        checked.rows(estimates=True, shape=via.shape if via is not None else None)
+    )
     if state.resumed is not None:
         rows = resume_checked(state, rows, via)
     index = None

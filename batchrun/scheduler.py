@@ -23,6 +23,7 @@ from batchrun.errors import (
     ApiDown,
     BatchrunError,
     BudgetReached,
+    EmptyAnswer,
     JobStopped,
     KeyRejected,
     RateLimited,
@@ -32,10 +33,11 @@ from batchrun.errors import (
 from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
-from batchrun.payload import Completion, Prepared
+from batchrun.payload import Completion, Prepared, unwanted
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -107,9 +109,12 @@ class Scheduler:
         currency: str = "",
         grace_s: float = 10.0,
         via: SchemaVia | None = None,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
+        # Whether streamed requests carry stream_options; dropped when the server refuses it.
+        self.stream_options = stream_options if stream_options and stream_options.asked else None
         self.client = client
         self.results = results
         self.tally = tally
@@ -229,9 +234,11 @@ class Scheduler:
         requests = 0
         usage = _RowTotals()
         invalid: tuple[Completion, str] | None = None
+        ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
             try:
-                completion, attempts = await self._ask(p, usage)
+                options = self.stream_options
+                completion, attempts = await (options.ask(p, ask) if options else ask())
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -257,6 +264,14 @@ class Scheduler:
                     completion.usage_problem,
                     extra={"event": "usage_dropped", "row_id": p.id},
                 )
+            problem = unwanted(completion, p.body)
+            if problem is not None:  # a refusal, unasked tool calls: paid, not re-asked
+                self._record(
+                    self._answer_record(
+                        p, completion, usage, requests, started, status="invalid", error=problem
+                    )
+                )
+                return
             if structured is None:
                 self._record(self._answer_record(p, completion, usage, requests, started))
                 return
@@ -325,9 +340,14 @@ class Scheduler:
                 self._key_settled = True
             if isinstance(exc, RequestTimeout):
                 limits.concurrency.on_overload()
+            paid = exc.answer if isinstance(exc, EmptyAnswer) else None
+            if paid is not None:
+                row.add(paid)  # an answer that said nothing was paid all the same
             if spend is not None and reservation is not None:
-                # No answer read: the API may still have generated it, so the worst case stays charged.
-                if exc.status is None:
+                if paid is not None:
+                    spend.settle(reservation, paid.prompt_tokens, paid.completion_tokens)
+                elif exc.status is None:
+                    # No answer read: the API may still have generated it, so the worst case stays charged.
                     spend.settle(reservation, None, None)
                 else:
                     spend.release(reservation)
@@ -386,6 +406,10 @@ class Scheduler:
             "finished_at": _now_us(),
         }
         self._timed(usage.put(rec), usage)
+        if completion.refusal is not None:
+            rec["refusal"] = completion.refusal
+        if completion.tool_calls is not None:
+            rec["tool_calls"] = completion.tool_calls
         if self.job.stream:
             rec["ttft_ms"] = completion.ttft_ms
         if values is not None:

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
 
 from batchrun.config import SCHEMA_DIALECTS, Job
 from batchrun.errors import RequestError, SchemaRejected
-from batchrun.files import write_atomic
+from batchrun.kept import read_kept, save_kept, state_file
 from batchrun.payload import (
     AFTER_SCHEMA,
     Completion,
@@ -44,8 +43,10 @@ from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
 
-STATE_FILE = "schema_via.json"
-"""Beside the journal: the way ``auto`` settled on (or is trying), kept for the resume."""
+KEPT = "schema_via"
+STATE_FILE = state_file(KEPT)
+"""Beside the journal: the way ``auto`` settled on (or is trying), kept for the
+resume (see :mod:`batchrun.kept`)."""
 
 CONSTRAINING = frozenset({"json_schema", "json_object_schema", "vllm"})
 """Dialects that ask the server to hold its answer to the schema."""
@@ -121,12 +122,7 @@ class SchemaVia:
         ``--reuse`` ones) whose metadata recorded one."""
         if job.schema_via != "auto":
             return cls(structured, job.schema_via)
-        kept = _read_state(folder / STATE_FILE)
-        for path in earlier if kept is None else ():
-            kept = _recorded_state(path)
-            if kept is not None:
-                break
-        via = cls(structured, job.schema_via, kept, folder)
+        via = cls(structured, job.schema_via, read_kept(KEPT, folder, earlier), folder)
         if via.auto:
             via._save()
         return via
@@ -284,8 +280,8 @@ class SchemaVia:
         }
 
     def _save(self) -> None:
-        if self.auto and self.folder is not None and self.folder.is_dir():
-            write_atomic(self.folder / STATE_FILE, orjson.dumps(self.state()))
+        if self.auto:
+            save_kept(KEPT, self.folder, self.state())
 
 
 def _well_formed(kept: Mapping[str, Any]) -> bool:
@@ -296,35 +292,6 @@ def _well_formed(kept: Mapping[str, Any]) -> bool:
         and tried == list(SCHEMA_DIALECTS[: len(tried)])
         and kept.get("schema_via") == tried[-1]
     )
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        kept = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return kept if isinstance(kept, dict) else None
-
-
-def _recorded_state(output: Path) -> dict[str, Any] | None:
-    """The way an earlier output recorded in its metadata (files or folders of them)."""
-    import pyarrow.parquet as pq
-
-    from batchrun.outputs import output_files
-
-    try:
-        files = output_files([output])
-    except Exception:  # not there (yet): the ReuseIndex words that error
-        return None
-    for file in files:
-        try:
-            meta = pq.read_schema(file).metadata or {}
-            kept = orjson.loads(meta[b"batchrun"]).get("schema_via")
-        except (OSError, KeyError, pa.ArrowInvalid, orjson.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(kept, dict):
-            return kept
-    return None
 
 
 def _ignores(way: str | None, text: str | None) -> bool:

@@ -57,6 +57,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
                 currency=tally.currency,
                 grace_s=GRACE_S,
                 via=run.via,
+                stream_options=run.stream_options,
             )
             progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
             signals = (

@@ -159,6 +159,8 @@ class Recorder:
         t.prompt_tokens += rec.get("prompt_tokens") or 0
         t.completion_tokens += rec.get("completion_tokens") or 0
         status = rec["status"]
+        if status != "error" and rec.get("attempts") and _no_usage(rec):
+            t.no_usage += 1
         if status == "ok":
             t.ok += 1
             return None
@@ -175,6 +177,11 @@ class Recorder:
                 "command again to resume (add --retry-failed to resend the failed rows)."
             )
         return None
+
+
+def _no_usage(rec: Record) -> bool:
+    """An answer that reported no usage at all (what the report counts as no_usage)."""
+    return all(rec.get(k) is None for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
 
 
 def failure_limit(max_failures: float | None, total: int) -> float | None:

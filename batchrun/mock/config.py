@@ -12,6 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+ANSWER_KINDS: tuple[str, ...] = (
+    "no-content",
+    "content-parts",
+    "refusal",
+    "tool-calls",
+    "early-done",
+    "token-stream",
+)
+"""Answers real servers give that are not a plain text completion (see
+:class:`MockConfig`): drawn only when named in ``faults``."""
+
 FAULT_KINDS: tuple[str, ...] = (
     "429",
     "429-no-retry-after",
@@ -25,11 +36,15 @@ FAULT_KINDS: tuple[str, ...] = (
     "truncated",
     "no-usage",
     "stream-cut",
+    *ANSWER_KINDS,
 )
 """Every fault the mock can inject (see :class:`MockConfig`)."""
 
-FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "stream-cut")
-"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for streams)."""
+FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(
+    k for k in FAULT_KINDS if k != "stream-cut" and k not in ANSWER_KINDS
+)
+"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for
+streams) and the :data:`ANSWER_KINDS`."""
 
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
@@ -100,6 +115,16 @@ class MockConfig:
             (before the first chunk of a stream). 0 = none.
         fault_rate: Probability in [0, 1] that a valid request gets a fault.
         faults: Kinds (from :data:`FAULT_KINDS`) a fault is drawn from, uniformly.
+            Besides errors and broken bodies, the :data:`ANSWER_KINDS` answer the
+            way some real servers do: ``"no-content"`` (``content: null``, a stream
+            with no content delta), ``"content-parts"`` (content as a list of
+            ``{"type": "text"}`` parts), ``"refusal"`` (``message.refusal``, no
+            content), ``"tool-calls"`` (only ``tool_calls``, finish reason
+            ``"tool_calls"``), and for streams only ``"early-done"`` (``data:
+            [DONE]`` halfway, with no finish reason and no usage, as llama.cpp's
+            server does when another request arrives) and ``"token-stream"``
+            (events ``{"token": ...}`` that are not OpenAI chunks); a plain request
+            drawing one of those two gets the plain answer.
         retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
         hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
             to exceed the client's timeout).
@@ -142,6 +167,10 @@ class MockConfig:
         strict: Refuse (400, naming it) a body field that is not an OpenAI chat field
             (``structured_outputs`` is one where ``schema_via`` takes it); when False,
             unknown fields are ignored.
+        unknown_fields: OpenAI chat fields this endpoint does not know, as a server
+            with fewer fields (LLMTune's guide lists no ``stream_options``): refused
+            like any unknown field when ``strict``, ignored otherwise (without
+            ``stream_options``, a stream has no usage event).
     """
 
     api_key: str | None = _flag(
@@ -154,7 +183,7 @@ class MockConfig:
     fault_rate: float = _flag(0.0, "Share of requests (0..1) that get a fault.")
     faults: tuple[str, ...] = _flag(
         FAULT_KINDS_DEFAULT,
-        "Fault kinds to draw from (default: all but stream-cut).",
+        "Fault kinds to draw from (default: all but stream-cut and the answer kinds).",
         parse=_fault_kinds,
     )
     retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
@@ -179,6 +208,11 @@ class MockConfig:
         "Status for a schema sent another way (0: 500 as llama.cpp for json_object_schema, else 400).",
     )
     strict: bool = _flag(False, "Refuse unknown body fields with a 400 naming the field.")
+    unknown_fields: tuple[str, ...] = _flag(
+        (),
+        "OpenAI fields it does not know (e.g. stream_options): refused with --strict, else ignored.",
+        parse=_names,
+    )
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -212,6 +246,9 @@ class MockConfig:
             raise ValueError(
                 f"schema_via must be one of {SCHEMA_VIA_MODES}, got {self.schema_via!r}"
             )
+        object.__setattr__(self, "unknown_fields", tuple(self.unknown_fields))
+        if {"model", "messages"} & set(self.unknown_fields):
+            raise ValueError("unknown_fields cannot hold model or messages: every request has them")
         if self.format_error_status and not 400 <= self.format_error_status <= 599:
             raise ValueError(
                 f"format_error_status must be 0 or an error status (400-599), got {self.format_error_status}"

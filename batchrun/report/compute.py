@@ -5,9 +5,10 @@ outputs (files, folders of ``*.parquet``, globs), only the columns it needs, and
 counts in total and per group. What each figure means:
 
 - ``rows``: every output row. ``ok``, ``failed`` (status ``error``) and
-  ``invalid`` (status ``invalid``: the API answered, and was paid, but the answer
-  did not fit the job's schema) are counted apart: an invalid row is not an API
-  failure.
+  ``invalid`` (status ``invalid``: the API answered, and was paid, but not as
+  the job asked: the answer did not fit its schema, or was a refusal or tool
+  calls the request did not offer) are counted apart: an invalid row is not an
+  API failure.
 - A row with ``attempts == 0`` had no request in the run that wrote it: either
   *reused* (status ``ok``, copied by ``--reuse`` from an earlier output) or never
   sent (it could not be turned into a request; status ``error``). Nothing was paid

@@ -22,6 +22,7 @@ from batchrun.report.render import (
     fmt_count,
     fmt_money,
     fmt_number,
+    fmt_tokens,
     report_notes,
     report_title,
     table_rows,
@@ -98,7 +99,7 @@ def render_html(report: Report) -> str:
         ("Reused", fmt_count(t.reused), f"{t.reused_tokens:,} tokens, not costed"),
         (
             "Total tokens",
-            fmt_count(t.total_tokens),
+            fmt_tokens(t.total_tokens, t),
             f"prompt {t.prompt_tokens:,} · completion {t.completion_tokens:,}",
         ),
         ("Cost", cost_text, cost_detail),

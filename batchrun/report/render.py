@@ -144,9 +144,9 @@ USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
     ("failed", lambda s, r: fmt_count(s.failed)),
     ("invalid", lambda s, r: fmt_count(s.invalid)),
     ("reused", lambda s, r: fmt_count(s.reused)),
-    ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
-    ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
-    ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
+    ("prompt tokens", lambda s, r: fmt_tokens(s.prompt_tokens, s)),
+    ("completion tokens", lambda s, r: fmt_tokens(s.completion_tokens, s)),
+    ("total tokens", lambda s, r: fmt_tokens(s.total_tokens, s)),
     ("cost", lambda s, r: fmt_money(s.cost)),
 ]
 ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
@@ -161,6 +161,14 @@ ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
 
 def fmt_count(value: int) -> str:
     return f"{value:,}"
+
+
+def fmt_tokens(value: int, stats: Stats) -> str:
+    """A token sum, marked partial (``+``) when rows of the group reported no
+    usage, and "not reported" when none of them did: never a 0 that is not one."""
+    if not stats.no_usage:
+        return fmt_count(value)
+    return f"{value:,}+" if value else "not reported"
 
 
 def fmt_number(value: float | None, decimals: int) -> str:
@@ -229,11 +237,14 @@ def report_notes(report: Report) -> list[str]:
         )
     if t.no_usage:
         notes.append(
-            f"No usage: {t.no_usage:,} answered rows reported no token usage; the cost misses them."
+            f"Usage not reported for {t.no_usage:,} row{'' if t.no_usage == 1 else 's'}: they were "
+            "answered, but the server sent no token counts, so the token sums marked + leave them "
+            'out ("not reported" where no row reported any) and the cost misses them.'
         )
     if t.invalid:
         notes.append(
-            f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+            f"Invalid: {t.invalid:,} rows were answered (and paid) but not as the job asked: an "
+            "answer that did not fit the schema, a refusal or tool calls the request did not offer."
         )
     return notes
 
