@@ -142,6 +142,9 @@ class MockConfig:
         strict: Refuse (400, naming it) a body field that is not an OpenAI chat field
             (``structured_outputs`` is one where ``schema_via`` takes it); when False,
             unknown fields are ignored.
+        echo_chars: A text answer ends with ``"\nYou wrote: …"`` and the last
+            ``echo_chars`` characters of the last user message, as a model repeating a
+            customer's details (and any placeholders batchrun's ``pii`` put there). 0: off.
     """
 
     api_key: str | None = _flag(
@@ -179,6 +182,9 @@ class MockConfig:
         "Status for a schema sent another way (0: 500 as llama.cpp for json_object_schema, else 400).",
     )
     strict: bool = _flag(False, "Refuse unknown body fields with a 400 naming the field.")
+    echo_chars: int = _flag(
+        0, "End each text answer with the prompt's last N characters, quoted (0: off)."
+    )
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -199,6 +205,8 @@ class MockConfig:
             raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
         if self.fail_first < 0:
             raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+        if self.echo_chars < 0:
+            raise ValueError(f"echo_chars must be >= 0, got {self.echo_chars}")
         object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
         unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
         if unknown:
