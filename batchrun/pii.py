@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,6 +53,7 @@ from batchrun.errors import JobError
 if TYPE_CHECKING:
     from batchrun.config import Job
     from batchrun.outputs import Record
+    from batchrun.payload import Prepared
 
 KINDS = ("email", "phone", "card", "iban", "ip")
 """The kinds ``pii`` may name."""
@@ -580,6 +581,13 @@ class PiiCount:
             self.kinds[kind] = self.kinds.get(kind, 0) + n
         if len(self.first) < MAP_ROWS:
             self.first.append((row_id, dict(row.values)))
+
+    def counted(self, rows: Iterable[Prepared]) -> Iterator[Prepared]:
+        """``rows`` as they pass, each counted."""
+        for p in rows:
+            if p.pii is not None:
+                self.add(p.id, p.pii)
+            yield p
 
     def text(self) -> str:
         """One line for the plan: the counts per kind."""
