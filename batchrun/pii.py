@@ -244,12 +244,16 @@ class Scanner:
         kinds = self.kinds
         found: list[Span] = []
         end = 0
+        iban = "iban" in kinds
         for m in _DIGITS.finditer(text):
             start, stop = m.span()
-            if start < end or _inside(taken, start):
+            capitals = iban and start >= 2 and _CAPITALS.fullmatch(text, start - 2, start)
+            if stop - start < 7 and not capitals:
+                continue  # too short for any number but an IBAN's start ("GB82 WEST …")
+            if start < end or (taken and _inside(taken, start)):
                 continue
             span = None
-            if "iban" in kinds and start >= 2 and _CAPITALS.fullmatch(text, start - 2, start):
+            if capitals:
                 span = self._iban_at(text, start - 2)
             if span is None:
                 run = m.group()
@@ -408,30 +412,82 @@ def _is_ip(text: str) -> bool:
 
 
 def _phone_check(region: str) -> Callable[[str], bool]:
-    """Whether a run of digits is a valid phone number, international or in
-    ``region``. The lengths ``region`` allows (libphonenumber's metadata) rule
-    out most other numbers (dates, order numbers) before the slower parse."""
+    """Whether a run of digits is a phone number, international or in ``region``:
+    libphonenumber parses it, and its national number has a length and digits
+    that the metadata of its country allows. (``is_valid_number`` would also
+    find its type, fixed line or mobile, trying one pattern after another: three
+    times the cost, for a distinction batchrun does not need.) The lengths
+    ``region`` allows rule out most other numbers (dates, order numbers)
+    before the parse."""
     import phonenumbers
+    from phonenumbers import PhoneMetadata
 
-    meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
-    desc = meta.general_desc if meta is not None else None
-    lengths = frozenset(desc.possible_length if desc is not None else ())
-    prefix = (meta.national_prefix or "") if meta is not None else ""
+    def lengths_of(meta: Any) -> frozenset[int]:
+        desc = meta.general_desc if meta is not None else None
+        return frozenset(desc.possible_length if desc is not None else ())
+
+    home = PhoneMetadata.metadata_for_region(region)
+    lengths = lengths_of(home)
+    prefix = (home.national_prefix or "") if home is not None else ""
+    # A national number of a region whose national prefix is a plain digit string
+    # (US, DE, FR, IN, …) needs no parse: its digits, without that prefix, are
+    # its national number. Others (GB, AR, BR, JP have rules) are parsed.
+    plain = (
+        home is not None
+        and home.national_prefix_transform_rule is None
+        and home.national_prefix_for_parsing in (None, "", prefix)
+    )
+    abroad = re.compile(home.international_prefix) if home and home.international_prefix else None
+    patterns: dict[str, tuple[frozenset[int], re.Pattern[str] | None]] = {}
+
+    def pattern_of(code: str, country_code: int) -> tuple[frozenset[int], re.Pattern[str] | None]:
+        if code not in patterns:
+            meta = (
+                PhoneMetadata.metadata_for_nongeo_region(country_code)
+                if code == "001"
+                else PhoneMetadata.metadata_for_region(code)
+            )
+            desc = meta.general_desc if meta is not None else None
+            text = desc.national_number_pattern if desc is not None else None
+            patterns[code] = (lengths_of(meta), re.compile(text) if text else None)
+        return patterns[code]
 
     def check(candidate: str) -> bool:
-        digits = sum(c.isdigit() for c in candidate)
+        digits = "".join(c for c in candidate if c.isdigit())
+        n = len(digits)
         if candidate[0] == "+" or candidate.startswith("00"):
-            if not 8 <= digits <= 17:
+            if not 8 <= n <= 17:
                 return False
-        elif digits not in lengths and not (
-            prefix and candidate.startswith(prefix) and digits - len(prefix) in lengths
-        ):
+        elif n in lengths or (prefix and digits.startswith(prefix) and n - len(prefix) in lengths):
+            if plain and not (abroad and abroad.match(digits)):
+                allowed, pattern = pattern_of(region, 0)
+                if pattern is None:
+                    return False
+                # As parse does: the national prefix goes when what is left is a number.
+                stripped = digits[len(prefix) :] if prefix and digits.startswith(prefix) else None
+                return any(
+                    national is not None
+                    and len(national) in allowed
+                    and pattern.fullmatch(national) is not None
+                    for national in (stripped, digits)
+                )
+        else:
             return False
         try:
             number = phonenumbers.parse(candidate, region)
         except phonenumbers.NumberParseException:
             return False
-        return bool(phonenumbers.is_valid_number(number))
+        national = phonenumbers.national_significant_number(number)
+        country_code = number.country_code or 0
+        for code in phonenumbers.region_codes_for_country_code(country_code):
+            allowed, pattern = pattern_of(code, country_code)
+            if (
+                pattern is not None
+                and (not allowed or len(national) in allowed)
+                and pattern.fullmatch(national)
+            ):
+                return True
+        return False
 
     return functools.lru_cache(maxsize=4096)(check)
 
