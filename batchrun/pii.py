@@ -31,7 +31,8 @@ Detection, per kind, with the checks of well-kept libraries:
   format and the mod-97 check).
 - ``ip``: IPv4 and IPv6 addresses (``ipaddress``).
 
-Speed: one regular-expression pass finds every run of digits (the candidates
+The finders are in :mod:`batchrun.pii_finders`. Speed: one regular-expression
+pass finds every run of digits (the candidates
 for phone, card, IBAN and IPv4 numbers), ``@`` and ``:`` are found with
 ``str.find``; only the few candidates are checked by the libraries. Where
 matches overlap, a ``pii_patterns`` pattern wins, then email, IBAN, card, IP
@@ -41,13 +42,13 @@ and phone.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from batchrun import pii_finders as finders
 from batchrun.errors import JobError
 
 if TYPE_CHECKING:
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 
 KINDS = ("email", "phone", "card", "iban", "ip")
 """The kinds ``pii`` may name."""
-PRIORITY = ("email", "iban", "card", "ip", "phone")
-"""Which kind wins where matches overlap (after the job's own patterns)."""
 LIBRARIES = {"phone": "phonenumbers", "card": "stdnum", "iban": "stdnum"}
 """The module each kind's check needs (the ``batchrun[pii]`` extra)."""
 INSTALL_HINT = "pip install 'batchrun[pii]'"
@@ -66,22 +65,6 @@ MAP_ROWS = 5
 """How many rows ``batchrun plan --show-pii-map`` shows."""
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*")
-_DIGITS = re.compile(r"[0-9][0-9 \-./()]*[0-9]")
-"""A run of digits with the separators numbers are written with: the candidates
-for phone, card, IBAN and IPv4 (one pass; a pattern starting with a character
-class is scanned in C)."""
-_CARD = re.compile(
-    r"(?<![0-9])(?:[0-9]{13,19}|[0-9]{4}([ \-])[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}"
-    r"|[0-9]{4}([ \-])[0-9]{6}\2[0-9]{4,5})(?![0-9])"
-)
-"""Card numbers as they are written: contiguous, 4-4-4-4(-3) or Amex's 4-6-5."""
-_IPV4 = re.compile(r"(?<![0-9.])[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?![0-9]|\.[0-9])")
-_CAPITALS = re.compile(r"[A-Z]{2}")
-_IBAN = re.compile(r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}")
-_LOCAL_PART = re.compile(r"[\w.%+\-]{1,64}\Z")
-_DOMAIN = re.compile(r"[\w\-]{1,63}(?:\.[\w\-]{1,63})*\.[^\W\d_]{2,63}")
-_HEX = frozenset("0123456789abcdefABCDEF:.")
-_SCRUB_KEY = "_scrub"
 
 
 # ---- the job keys ------------------------------------------------------------------
@@ -182,9 +165,6 @@ def _scanner(kinds: tuple[str, ...], patterns: tuple[tuple[str, str], ...], regi
 
 # ---- finding -----------------------------------------------------------------------
 
-Span = tuple[int, int, str]
-"""(start, end, label) of one value in a text."""
-
 
 class Scanner:
     """Finds a job's kinds of personal data in a text, and pseudonymizes rows."""
@@ -198,7 +178,7 @@ class Scanner:
         self._digits = bool(self.kinds & {"phone", "card", "iban", "ip"})
         self._phone: Callable[[str], bool] | None = None
         if "phone" in self.kinds:
-            self._phone = _phone_check(region)
+            self._phone = finders.phone_check(region)
         if self.kinds & {"card", "iban"}:
             from stdnum import iban, luhn
 
@@ -217,11 +197,11 @@ class Scanner:
 
     # ---- one text
 
-    def _spans(self, text: str) -> tuple[Span, ...]:
+    def _spans(self, text: str) -> tuple[finders.Span, ...]:
         """The values in ``text``, in order, none overlapping (priority as the module says)."""
-        taken: list[Span] = []
+        taken: list[finders.Span] = []
         for label, pattern in self.patterns:
-            _accept(
+            finders.accept(
                 taken,
                 (
                     (m.start(), m.end(), label)
@@ -231,26 +211,26 @@ class Scanner:
             )
         kinds = self.kinds
         if "email" in kinds and "@" in text:
-            _accept(taken, _emails(text))
+            finders.accept(taken, finders.emails(text))
         if self._digits:
-            _accept(taken, self._numbers(text, taken))
+            finders.accept(taken, self._numbers(text, taken))
         if "ip" in kinds and text.count(":") >= 2:
-            _accept(taken, _ipv6(text))
+            finders.accept(taken, finders.ipv6(text))
         taken.sort()
         return tuple(taken)
 
-    def _numbers(self, text: str, taken: list[Span]) -> list[Span]:
+    def _numbers(self, text: str, taken: list[finders.Span]) -> list[finders.Span]:
         """IBAN, card, IPv4 and phone numbers among the runs of digits, in that order of checks."""
         kinds = self.kinds
-        found: list[Span] = []
+        found: list[finders.Span] = []
         end = 0
         iban = "iban" in kinds
-        for m in _DIGITS.finditer(text):
+        for m in finders.DIGITS.finditer(text):
             start, stop = m.span()
-            capitals = iban and start >= 2 and _CAPITALS.fullmatch(text, start - 2, start)
+            capitals = iban and start >= 2 and finders.CAPITALS.fullmatch(text, start - 2, start)
             if stop - start < 7 and not capitals:
                 continue  # too short for any number but an IBAN's start ("GB82 WEST …")
-            if start < end or (taken and _inside(taken, start)):
+            if start < end or (taken and finders.inside(taken, start)):
                 continue
             span = None
             if capitals:
@@ -258,16 +238,16 @@ class Scanner:
             if span is None:
                 run = m.group()
                 if "card" in kinds and len(run) >= 13:
-                    card = _CARD.search(run)
-                    if card is not None and self._luhn(_digits_only(card.group())):
+                    card = finders.CARD.search(run)
+                    if card is not None and self._luhn(finders.digits_only(card.group())):
                         span = (start + card.start(), start + card.end(), "CARD")
                 if span is None and "ip" in kinds and "." in run:
-                    ip = _IPV4.search(run)
-                    if ip is not None and _is_ip(ip.group()):
+                    ip = finders.IPV4.search(run)
+                    if ip is not None and finders.is_ip(ip.group()):
                         span = (start + ip.start(), start + ip.end(), "IP")
                 if span is None and self._phone is not None:
                     if start and (
-                        text[start - 1] == "+" or (text[start - 1] == "(" and _closes(run))
+                        text[start - 1] == "+" or (text[start - 1] == "(" and finders.closes(run))
                     ):
                         start -= 1
                     if self._phone(text[start:stop]):
@@ -277,8 +257,8 @@ class Scanner:
                 end = span[1]
         return found
 
-    def _iban_at(self, text: str, start: int) -> Span | None:
-        m = _IBAN.match(text, start)
+    def _iban_at(self, text: str, start: int) -> finders.Span | None:
+        m = finders.IBAN.match(text, start)
         if m is None:
             return None
         value = m.group()
@@ -333,27 +313,7 @@ class Scanner:
         return _rebuild(text, spans, lambda value, label: f"<{label}>")
 
 
-def _closes(run: str) -> bool:
-    """Whether a run of digits closes a bracket opened before it: ``415) 555-0132``."""
-    close = run.find(")")
-    return close > 0 and "(" not in run[:close]
-
-
-def _digits_only(text: str) -> str:
-    return text.replace(" ", "").replace("-", "")
-
-
-def _accept(taken: list[Span], spans: Iterable[Span]) -> None:
-    """Add the ``spans`` that overlap none already taken."""
-    new = [s for s in spans if not any(s[0] < t[1] and t[0] < s[1] for t in taken)]
-    taken.extend(new)
-
-
-def _inside(taken: list[Span], position: int) -> bool:
-    return any(t[0] <= position < t[1] for t in taken)
-
-
-def _rebuild(text: str, spans: Iterable[Span], name: Callable[[str, str], str]) -> str:
+def _rebuild(text: str, spans: Iterable[finders.Span], name: Callable[[str, str], str]) -> str:
     parts = []
     last = 0
     for start, end, label in spans:
@@ -362,134 +322,6 @@ def _rebuild(text: str, spans: Iterable[Span], name: Callable[[str, str], str]) 
         last = end
     parts.append(text[last:])
     return "".join(parts)
-
-
-def _emails(text: str) -> list[Span]:
-    found = []
-    at = text.find("@")
-    while at > 0:
-        local = _LOCAL_PART.search(text, max(0, at - 64), at)
-        domain = _DOMAIN.match(text, at + 1)
-        if local is not None and domain is not None:
-            start = local.start()
-            while start < at and text[start] == ".":
-                start += 1
-            if start < at:
-                found.append((start, domain.end(), "EMAIL"))
-                at = domain.end()
-        at = text.find("@", at + 1)
-    return found
-
-
-def _ipv6(text: str) -> list[Span]:
-    """IPv6 addresses: from each ``:`` between hex digits (or ``::``), the run of
-    hex digits, colons and dots around it, if ``ipaddress`` takes it."""
-    found = []
-    i = text.find(":")
-    n = len(text)
-    while i >= 0:
-        start = i
-        while start > 0 and text[start - 1] in _HEX:
-            start -= 1
-        end = i
-        while end < n and text[end] in _HEX:
-            end += 1
-        while end > start and text[end - 1] in ".:" and text[end - 2 : end] != "::":
-            end -= 1
-        candidate = text[start:end]
-        if candidate.count(":") >= 2 and _is_ip(candidate):
-            found.append((start, end, "IP"))
-        i = text.find(":", max(end, i + 1))
-    return found
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _phone_check(region: str) -> Callable[[str], bool]:
-    """Whether a run of digits is a phone number, international or in ``region``:
-    libphonenumber parses it, and its national number has a length and digits
-    that the metadata of its country allows. (``is_valid_number`` would also
-    find its type, fixed line or mobile, trying one pattern after another: three
-    times the cost, for a distinction batchrun does not need.) The lengths
-    ``region`` allows rule out most other numbers (dates, order numbers)
-    before the parse."""
-    import phonenumbers
-    from phonenumbers import PhoneMetadata
-
-    def lengths_of(meta: Any) -> frozenset[int]:
-        desc = meta.general_desc if meta is not None else None
-        return frozenset(desc.possible_length if desc is not None else ())
-
-    home = PhoneMetadata.metadata_for_region(region)
-    lengths = lengths_of(home)
-    prefix = (home.national_prefix or "") if home is not None else ""
-    # A national number of a region whose national prefix is a plain digit string
-    # (US, DE, FR, IN, …) needs no parse: its digits, without that prefix, are
-    # its national number. Others (GB, AR, BR, JP have rules) are parsed.
-    plain = (
-        home is not None
-        and home.national_prefix_transform_rule is None
-        and home.national_prefix_for_parsing in (None, "", prefix)
-    )
-    abroad = re.compile(home.international_prefix) if home and home.international_prefix else None
-    patterns: dict[str, tuple[frozenset[int], re.Pattern[str] | None]] = {}
-
-    def pattern_of(code: str, country_code: int) -> tuple[frozenset[int], re.Pattern[str] | None]:
-        if code not in patterns:
-            meta = (
-                PhoneMetadata.metadata_for_nongeo_region(country_code)
-                if code == "001"
-                else PhoneMetadata.metadata_for_region(code)
-            )
-            desc = meta.general_desc if meta is not None else None
-            text = desc.national_number_pattern if desc is not None else None
-            patterns[code] = (lengths_of(meta), re.compile(text) if text else None)
-        return patterns[code]
-
-    def check(candidate: str) -> bool:
-        digits = "".join(c for c in candidate if c.isdigit())
-        n = len(digits)
-        if candidate[0] == "+" or candidate.startswith("00"):
-            if not 8 <= n <= 17:
-                return False
-        elif n in lengths or (prefix and digits.startswith(prefix) and n - len(prefix) in lengths):
-            if plain and not (abroad and abroad.match(digits)):
-                allowed, pattern = pattern_of(region, 0)
-                if pattern is None:
-                    return False
-                # As parse does: the national prefix goes when what is left is a number.
-                stripped = digits[len(prefix) :] if prefix and digits.startswith(prefix) else None
-                return any(
-                    national is not None
-                    and len(national) in allowed
-                    and pattern.fullmatch(national) is not None
-                    for national in (stripped, digits)
-                )
-        else:
-            return False
-        try:
-            number = phonenumbers.parse(candidate, region)
-        except phonenumbers.NumberParseException:
-            return False
-        national = phonenumbers.national_significant_number(number)
-        country_code = number.country_code or 0
-        for code in phonenumbers.region_codes_for_country_code(country_code):
-            allowed, pattern = pattern_of(code, country_code)
-            if (
-                pattern is not None
-                and (not allowed or len(national) in allowed)
-                and pattern.fullmatch(national)
-            ):
-                return True
-        return False
-
-    return functools.lru_cache(maxsize=4096)(check)
 
 
 # ---- one row's mapping ---------------------------------------------------------------

@@ -1210,6 +1210,20 @@ def _render_pacing(
     )
 
 
+def _pairs_table(pairs: Pairs) -> list[str]:
+    """Both programs of alternating pairs, one line each, as a markdown table."""
+    lines = [
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        lines.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    return lines
+
+
 def _render_structured(
     report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
 ) -> None:
@@ -1224,14 +1238,8 @@ def _render_structured(
     md += [
         f"## 6. Structured outputs (`--response-schema jobs/triage_schema.json`) vs plain text (concurrency 64, {ROWS:,} rows)",
         "",
-        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
-        "|---|---|---|---|---|---|",
     ]
-    for runs in (pairs.a, pairs.b):
-        md.append(
-            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
-            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
-        )
+    md += _pairs_table(pairs)
     cpu_over = _median(cpu) - 1
     verdict = _met(cost < TARGET_STRUCTURED_OVERHEAD)
     md += [
@@ -1285,14 +1293,8 @@ def _render_pii(
         f"address in every fifth): {pii['values']:,} values replaced in all, prompts of "
         f"{pii['prompt_bytes']:,.0f} bytes on average.",
         "",
-        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
-        "|---|---|---|---|---|---|",
     ]
-    for runs in (pairs.a, pairs.b):
-        md.append(
-            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
-            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
-        )
+    md += _pairs_table(pairs)
     met_ratio = _median(ratios) >= TARGET_PII_RATIO
     met_scan = pii["us_per_kb"] <= TARGET_PII_US_PER_KB
     md += [
