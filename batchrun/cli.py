@@ -269,6 +269,11 @@ def run(job_file: Path | None, **flags: Any) -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @job_options
 @send_options
+@click.option(
+    "--show-pii-map",
+    is_flag=True,
+    help="Jobs with pii: also print the first rows' placeholders and the values they stand for (an audit on the terminal; never logged).",
+)
 def plan(job_file: Path | None, **flags: Any) -> None:
     """What `batchrun run` with the same job and flags would do, without
     sending anything: its checks (a changed job is refused alike), the rows it
@@ -279,7 +284,10 @@ def plan(job_file: Path | None, **flags: Any) -> None:
 
     try:
         job = load_job(job_file, _overrides(flags))
-        click.echo(plan_job(job, _run_options(flags)).text())
+        planned = plan_job(job, _run_options(flags))
+        click.echo(planned.text())
+        if flags["show_pii_map"] and planned.pii is not None:
+            click.echo(planned.pii.map_text())
     except BatchrunError as exc:
         fail(exc)
 

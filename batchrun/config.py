@@ -26,6 +26,7 @@ from urllib.parse import quote
 import orjson
 
 from batchrun.errors import JobError
+from batchrun.pii import check_keys as check_pii_keys
 from batchrun.wire import check_base_url, check_headers
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
@@ -124,6 +125,20 @@ KEYS: tuple[Key, ...] = (
         {},
         "Table sent as `metadata` with every request (the row id is added as `row_id`).",
     ),
+    Key(
+        "pii",
+        "list",
+        (),
+        "Personal data replaced by placeholders before sending and put back in the answers: any of email, phone, card (Luhn-checked), iban (checksum-checked), ip (flag: a,b).",
+    ),
+    Key(
+        "pii_patterns",
+        "table",
+        {},
+        "Your own identifiers to pseudonymize too: name = regular expression (a customer number, an order id); <NAME_1> stands for each.",
+        alias="--pii-pattern",
+    ),
+    Key("pii_region", "str", "US", "Region of phone numbers written without a country code."),
     Key(
         "concurrency",
         "int_or_auto",
@@ -285,6 +300,9 @@ class Job:
     temperature: float
     max_tokens: int
     metadata: Mapping[str, Any]
+    pii: tuple[str, ...]
+    pii_patterns: Mapping[str, Any]
+    pii_region: str
     concurrency: int | str
     max_concurrency: int
     rpm: float | None
@@ -498,6 +516,7 @@ def load_job(
         )
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
+    check_pii_keys(values, source)
     return Job(**values, job_file=job_path)
 
 

@@ -34,11 +34,14 @@ from batchrun.limits import CostBudget
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
     FIXED_COLUMNS,
+    PII_FIELDS,
     STATUS_ERROR,
     STATUS_NONE,
     TTFT_FIELD,
 )
 from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
+from batchrun.pii import enabled as pii_enabled
+from batchrun.pii import settings as pii_settings
 from batchrun.prices import load_prices
 from batchrun.progress import Tally, missing_usage, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
@@ -258,9 +261,11 @@ class CheckedJob:
 
     @property
     def extra_fields(self) -> list[pa.Field]:
-        """Output columns after the fixed ones: ttft_ms when streamed, the schema's."""
+        """Output columns after the fixed ones: ttft_ms when streamed, pii_found
+        and pii_unrestored with pii, the schema's."""
         ttft = [TTFT_FIELD] if self.job.stream else []
-        return ttft + list(self.structured.fields if self.structured else ())
+        pii = PII_FIELDS if pii_enabled(self.job) else []
+        return ttft + pii + list(self.structured.fields if self.structured else ())
 
     def rows(self, estimates: bool | None = None, shape: Shape | None = None) -> Iterator[Prepared]:
         """The rows of this run (skipped ones left out) as requests, in input order;
@@ -317,6 +322,8 @@ def run_identity(job: Job, options: RunOptions, rows: int) -> dict[str, Any]:
     }
     if options.shard is not None:
         identity["shard"] = "{}/{}".format(*options.shard)
+    if pii_enabled(job):
+        identity |= pii_settings(job)
     return identity
 
 

@@ -56,7 +56,10 @@ RESULT_FIELDS = [
     pa.field("finished_at", TIMESTAMP),
 ]
 TTFT_FIELD = pa.field("ttft_ms", pa.float64())
-FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD])
+PII_FIELDS = [pa.field("pii_found", pa.int32()), pa.field("pii_unrestored", pa.int32())]
+"""Jobs with ``pii``: values replaced in the row's request, and placeholders in
+its answer that stand for none of them."""
+FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD, *PII_FIELDS])
 
 
 class Record(TypedDict):
@@ -90,6 +93,10 @@ class Record(TypedDict):
     started_at: NotRequired[int]
     finished_at: NotRequired[int]
     ttft_ms: NotRequired[float | None]
+    pii_found: NotRequired[int]
+    """Distinct values pseudonymized in the row's request (jobs with ``pii``)."""
+    pii_unrestored: NotRequired[int]
+    """Placeholders in the answer that stand for none of them."""
     values: NotRequired[dict[str, Any]]
     """The typed columns of a structured answer."""
 

@@ -15,9 +15,11 @@ import orjson
 
 from batchrun.config import Job
 from batchrun.errors import BadResponse, EmptyAnswer, JobError, RowError
+from batchrun.pii import scanner_for
 
 if TYPE_CHECKING:
     from batchrun.inputs import RowBatch
+    from batchrun.pii import RowPii
 
 _TEXT_SCALARS = (str, int, float)
 
@@ -191,9 +193,14 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return orjson.dumps(body)
 
 
-def request_hash(body: bytes) -> str:
-    """Identifies the exact request: same bytes, same hash (for resume and reuse)."""
-    return hashlib.sha256(body).hexdigest()[:32]
+def request_hash(body: bytes, pii: bytes = b"") -> str:
+    """Identifies the exact request: same bytes, same hash (for resume and reuse).
+    ``pii``: the values a pseudonymized body's placeholders stand for
+    (``pii.RowPii.key``), so rows whose bodies differ only in them differ."""
+    digest = hashlib.sha256(body)
+    if pii:
+        digest.update(pii)
+    return digest.hexdigest()[:32]
 
 
 @dataclass(slots=True)
@@ -217,6 +224,13 @@ class Prepared:
     schema_via: str | None = None
     """How ``body`` carries the job's response schema (a ``schema_via`` dialect);
     None when the job has no dialect to choose."""
+    pii: RowPii | None = None
+    """The row's placeholders and their values (jobs with ``pii``): kept only
+    while the row is in flight, to restore its answer."""
+
+    def rehash(self, body: bytes) -> str:
+        """``request_hash`` of ``body`` as this row's request (its pii values included)."""
+        return request_hash(body, self.pii.key if self.pii is not None else b"")
 
     @property
     def est_tokens(self) -> int:
@@ -239,17 +253,20 @@ def prepare_rows(
     if estimates is None:
         estimates = bool(job.tpm or job.prices)
     batch_requests = job.input_format == "openai-batch"
+    scanner = scanner_for(job)
     for batch in batches:
         for i, row in enumerate(batch.rows):
             number = batch.start + i
             if any_skipped and skip[number]:
                 continue
             row_id = batch.ids[i]
-            model = via = None
+            model = via = row_pii = None
             max_tokens = job.max_tokens
             if batch_requests:
                 # An OpenAI batch request line: its body goes as it is.
                 request = row["body"]
+                if scanner is not None:
+                    request, row_pii = scanner.pseudonymize_body(request)
                 messages = [m for m in request["messages"] if isinstance(m, dict)]
                 model = request.get("model")
                 if isinstance(request.get("max_tokens"), int):
@@ -258,14 +275,16 @@ def prepare_rows(
                 try:
                     messages = build_messages(job, row)
                 except RowError as exc:
-                    yield Prepared(number, row_id, b"", "", error=str(exc))
+                    error = str(exc) if scanner is None else scanner.scrub(str(exc))
+                    yield Prepared(number, row_id, b"", "", error=error)
                     continue
+                if scanner is not None:
+                    messages, row_pii = scanner.pseudonymize(messages)
                 request, via = _body(job, messages, row_id, shape)
                 messages = request["messages"]  # the schema may have joined the system prompt
             body = encode_body(request)
-            prepared = Prepared(
-                number, row_id, body, request_hash(body), model=model, schema_via=via
-            )
+            prepared = Prepared(number, row_id, body, "", model=model, schema_via=via, pii=row_pii)
+            prepared.request_hash = prepared.rehash(body)
             if estimates or batch_requests:
                 prepared.prompt_tokens = estimate_prompt_tokens(messages)
                 prepared.max_tokens = max_tokens

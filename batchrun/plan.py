@@ -27,6 +27,8 @@ from batchrun.lifecycle import (
     run_identity,
 )
 from batchrun.outputs import STATUS_NONE
+from batchrun.pii import PiiCount
+from batchrun.pii import enabled as pii_enabled
 from batchrun.prices import load_prices
 from batchrun.stream_options import StreamOptions
 
@@ -53,6 +55,8 @@ class Plan:
     reused: int = 0
     """Rows --reuse would copy from earlier outputs instead of sending."""
     retry_failed: bool = False
+    pii: PiiCount | None = None
+    """Jobs with ``pii``: what the whole input would have replaced."""
 
     def seconds_at(self, latency_s: float) -> float:
         """How long sending takes when each answer takes ``latency_s`` seconds."""
@@ -94,6 +98,8 @@ class Plan:
             f"time          ~{duration(self.seconds_at(1.0))} at 1 s per answer, "
             f"~{duration(self.seconds_at(5.0))} at 5 s (concurrency {self.concurrency}{pace})"
         )
+        if self.pii is not None:
+            lines.append(self.pii.text())
         return "\n".join(lines)
 
 
@@ -125,6 +131,9 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         index = ReuseIndex(list(options.reuse), embedded=options.mock)
     first: dict[str, Any] | None = None
     prompt_tokens = completion_cap = to_send = reused = 0
+    pii = PiiCount() if pii_enabled(job) else None
+    if pii is not None:
+        rows = pii.counted(rows)  # the whole input, also the rows not to send
     for p in rows_to_send(rows, state.status, options.retry_failed):
         if p.error:
             continue
@@ -169,4 +178,5 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         failed=failed,
         reused=reused,
         retry_failed=options.retry_failed,
+        pii=pii,
     )

@@ -28,6 +28,7 @@ from batchrun.errors import InputError
 from batchrun.journal import hash_key
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
+    PII_FIELDS,
     RESULT_FIELDS,
     journal_value,
     output_files,
@@ -101,7 +102,7 @@ class ReuseIndex:
 
     def records(self, matches: Sequence[Match], model: str) -> Iterator[dict[str, Any]]:
         """Journal records for ``matches``, read from the earlier files."""
-        names = [f.name for f in RESULT_FIELDS]
+        names = [f.name for f in (*RESULT_FIELDS, *PII_FIELDS)]
         by_file: dict[int, list[Match]] = {}
         for m in matches:
             by_file.setdefault(m.position >> _ROW_BITS, []).append(m)

@@ -414,6 +414,8 @@ class Scheduler:
             rec["ttft_ms"] = completion.ttft_ms
         if values is not None:
             rec["values"] = values
+        if p.pii is not None:
+            p.pii.restore(rec)  # before the journal: a resumed row is already restored
         return rec
 
     def _error_record(
@@ -424,7 +426,7 @@ class Scheduler:
         attempts: int,
         started: int,
     ) -> Record:
-        return {
+        rec: Record = {
             "row": p.row,
             "id": p.id,
             "status": "error",
@@ -438,6 +440,9 @@ class Scheduler:
             "started_at": started,
             "finished_at": _now_us(),
         }
+        if p.pii is not None:
+            rec["pii_found"] = p.pii.found  # the error keeps the placeholders
+        return rec
 
     @staticmethod
     def _timed(rec: Record, row: _RowTotals) -> Record:

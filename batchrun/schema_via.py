@@ -37,7 +37,6 @@ from batchrun.payload import (
     encode_body,
     estimate_prompt_tokens,
     prompt_token_bound,
-    request_hash,
 )
 from batchrun.structured import Structured
 
@@ -142,7 +141,7 @@ class SchemaVia:
         if dialect is None or p.schema_via in (dialect, None) or not p.body:
             return
         p.body = self._body(p, dialect)
-        p.request_hash = request_hash(p.body)
+        p.request_hash = p.rehash(p.body)
         p.schema_via = dialect
         if p.prompt_bound:
             messages = orjson.loads(p.body)["messages"]
@@ -162,7 +161,7 @@ class SchemaVia:
         (rows finished before ``auto`` moved on were sent one of those ways)."""
         for dialect in self.tried:
             if dialect != p.schema_via and p.body and p.schema_via is not None:
-                yield request_hash(self._body(p, dialect))
+                yield p.rehash(self._body(p, dialect))
 
     # ---- sending -------------------------------------------------------------
 

@@ -262,6 +262,12 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
             "Ray actors. Leave max_cost out (a prices file still shows the spend), or run "
             "with the local engine."
         )
+    if job.pii or job.pii_patterns:
+        raise JobError(
+            "`pii` is not supported with --engine ray: each row's mapping of placeholders to "
+            "personal data would travel to the Ray workers, and it must not leave this machine. "
+            "Run the job with the local engine."
+        )
     # The same checks, journal, resume, reuse and output as a local run: only the sending differs.
     with OpenRun(job, options, engine="ray") as run:
         checked, journal, tally = run.checked, run.journal, run.tally

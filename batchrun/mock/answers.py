@@ -81,14 +81,16 @@ def _answer(
     defect: str | None = None,
     pick: int = 0,
     fenced: bool = False,
+    echo_chars: int = 0,
 ) -> tuple[str, str, str]:
     """Produce the completion for a validated request body.
 
     Returns ``(completion, finish_reason, outcome)``.
 
     Without ``schema`` the answer is an "extractive summary": ``"Summary: "`` plus the
-    first two sentences (see :func:`_summary_of`) of the last ``"user"`` message; the
-    outcome is ``"ok"``.
+    first two sentences (see :func:`_summary_of`) of the last ``"user"`` message, and
+    with ``echo_chars`` a line ``"You wrote: …"`` quoting that message's last
+    ``echo_chars`` characters; the outcome is ``"ok"``.
 
     With ``schema`` (see :func:`_validate`) it is the compact JSON text of the instance
     :class:`_Instance` derives from that message. ``defect`` (from
@@ -105,7 +107,10 @@ def _answer(
     text = _last_user_text(body["messages"])
     max_tokens = body.get("max_tokens") or DEFAULT_MAX_TOKENS
     if schema is None:
-        completion, finish_reason = _cut_tokens("Summary: " + _summary_of(text), max_tokens)
+        completion = "Summary: " + _summary_of(text)
+        if echo_chars:
+            completion += f'\nYou wrote: "…{text[-echo_chars:]}"'
+        completion, finish_reason = _cut_tokens(completion, max_tokens)
         return completion, finish_reason, "ok"
 
     instance = _Instance(text).value(schema)

@@ -171,6 +171,9 @@ class MockConfig:
             with fewer fields (LLMTune's guide lists no ``stream_options``): refused
             like any unknown field when ``strict``, ignored otherwise (without
             ``stream_options``, a stream has no usage event).
+        echo_chars: A text answer ends with ``"\nYou wrote: …"`` and the last
+            ``echo_chars`` characters of the last user message, as a model repeating a
+            customer's details (and any placeholders batchrun's ``pii`` put there). 0: off.
     """
 
     api_key: str | None = _flag(
@@ -213,6 +216,9 @@ class MockConfig:
         "OpenAI fields it does not know (e.g. stream_options): refused with --strict, else ignored.",
         parse=_names,
     )
+    echo_chars: int = _flag(
+        0, "End each text answer with the prompt's last N characters, quoted (0: off)."
+    )
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -233,6 +239,8 @@ class MockConfig:
             raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
         if self.fail_first < 0:
             raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+        if self.echo_chars < 0:
+            raise ValueError(f"echo_chars must be >= 0, got {self.echo_chars}")
         object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
         unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
         if unknown:

@@ -328,7 +328,9 @@ class _Endpoint:
             elif fault == "drop" or (fault == "stream-cut" and not stream):
                 return _drop(request)
 
-        completion, finish_reason, outcome = _answer(body, schema, defect, pick, fenced)
+        completion, finish_reason, outcome = _answer(
+            body, schema, defect, pick, fenced, config.echo_chars
+        )
         if not faulted:
             self._outcome(outcome)
         completion_tokens = count_tokens(completion)
