@@ -252,7 +252,7 @@ class Scheduler:
             usage.add(completion)
             if completion.usage_problem is not None:
                 log.warning(
-                    "row %s: %s; its usage is recorded as not reported",
+                    "row %s: %s; recorded as not reported",
                     p.id,
                     completion.usage_problem,
                     extra={"event": "usage_dropped", "row_id": p.id},
