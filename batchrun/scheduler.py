@@ -328,7 +328,7 @@ class Scheduler:
             if spend is not None and reservation is not None:
                 # No answer read: the API may still have generated it, so the worst case stays charged.
                 if exc.status is None:
-                    spend.settle(reservation, None, None)
+                    spend.settle(reservation, None)
                 else:
                     spend.release(reservation)
                 self.tally.cost = spend.spent
@@ -339,7 +339,7 @@ class Scheduler:
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
-            spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
+            spend.settle(reservation, answer)
             self.tally.cost = spend.spent
         return answer
 

@@ -1,15 +1,58 @@
-"""Costs that match the invoice: cached and reasoning tokens in the usage,
-and the embedded endpoint that reports them."""
+"""Costs that match the invoice: cached and reasoning tokens, batch discounts,
+dated prices and the budget.
+
+Expected costs are computed here from the token columns and rates written in
+the test (Decimal arithmetic on plain numbers), never with ``batchrun.prices``,
+so a wrong cost function cannot agree with itself.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from batchrun.cli import main
+from batchrun.errors import JobError
+from batchrun.limits import CostBudget
 from batchrun.mock import MockConfig
 from batchrun.payload import MAX_USAGE_TOKENS, parse_completion
+from batchrun.prices import load_prices
+
+MILLION = Decimal(1_000_000)
+CENT = Decimal("0.01")
+# Dear rates, so a few hundred rows cost dollars and "to the cent" means something.
+RATES = {
+    "prompt": Decimal("3000"),
+    "completion": Decimal("12000"),
+    "cached": Decimal("750"),
+    "reasoning": Decimal("15000"),
+}
+PRICES = """currency = "EUR"
+[models."m"]
+prompt_per_million = 3000
+completion_per_million = 12000
+cached_prompt_per_million = 750
+reasoning_per_million = 15000
+[[models."m".since]]
+date = 2099-01-01            # not yet in force: rows finishing now keep the rates above
+prompt_per_million = 1
+"""
+
+
+def expected_row_cost(row: dict[str, Any], rates: dict[str, Decimal] = RATES) -> Decimal:
+    """The invoice's formula, written out."""
+    prompt, completion = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
+    cached, reasoning = row["cached_tokens"] or 0, row["reasoning_tokens"] or 0
+    return (
+        (prompt - cached) * rates["prompt"]
+        + cached * rates["cached"]
+        + (completion - reasoning) * rates["completion"]
+        + reasoning * rates["reasoning"]
+    ) / MILLION
 
 
 def usage_of(**usage: Any) -> Any:
@@ -86,6 +129,129 @@ def test_details_without_the_count_they_belong_to_are_dropped() -> None:
     c = usage_of(prompt_tokens=-1, completion_tokens=5, prompt_tokens_details={"cached_tokens": 3})
     assert (c.prompt_tokens, c.cached_tokens) == (None, None)
     assert "prompt_tokens = -1" in (c.usage_problem or "")
+
+
+def write_prices(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "prices.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cached_and_reasoning_rates_default_to_the_prompt_and_completion_rates(
+    tmp_path: Path,
+) -> None:
+    prices = load_prices(
+        write_prices(
+            tmp_path,
+            '[models."a"]\nprompt_per_million = 2\ncompletion_per_million = 8\n'
+            "[[models.a.since]]\ndate = 2026-03-15\nprompt_per_million = 4\n",
+        )
+    )
+    price = prices.price("a")
+    assert price is not None
+    before, after = price.rates(dt.date(2026, 3, 14)), price.rates(dt.date(2026, 3, 15))
+    assert (before.cached_prompt_per_million, before.reasoning_per_million) == (2, 8)
+    # A cached rate never given follows the prompt rate in force.
+    assert (after.prompt_per_million, after.cached_prompt_per_million) == (4, 4)
+    assert after.completion_per_million == 8
+
+
+def test_the_contract_discount_and_the_batch_discount(tmp_path: Path) -> None:
+    prices = load_prices(
+        write_prices(
+            tmp_path,
+            "discount = 0.1\nbatch_discount = 0.5\n"
+            '[models."a"]\nprompt_per_million = 10\ncompletion_per_million = 20\n'
+            '[models."b"]\nprompt_per_million = 10\ncompletion_per_million = 20\n'
+            "batch_discount = 0.25\ndiscount = 0\n",
+        )
+    )
+    tokens = (1000, 100)
+    assert prices.cost("a", *tokens) == (Decimal(9) * 1000 + Decimal(18) * 100) / MILLION
+    assert prices.cost("a", *tokens, tier="batch") == prices.cost("a", *tokens) * Decimal("0.5")
+    assert prices.cost("b", *tokens, tier="batch") == (
+        (Decimal(10) * 1000 + Decimal(20) * 100) / MILLION * Decimal("0.75")
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\ncache = 1\n', "cache"),
+        ("batch_discount = 1.5\n", "a discount is a fraction from 0 to 1"),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            "reasoning_per_million = -1\n",
+            "at least 0",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            "[[models.a.since]]\nprompt_per_million = 2\n",
+            "has no `date`",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            "[[models.a.since]]\ndate = 2026-03-15T00:00:00Z\nprompt_per_million = 2\n",
+            "give a date, like 2026-03-15",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            '[[models.a.since]]\ndate = "March"\n',
+            "must be a date like 2026-03-15",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            "[[models.a.since]]\ndate = 2026-04-01\n[[models.a.since]]\ndate = 2026-03-01\n",
+            "list the [[since]] tables in date order",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\n'
+            "[[models.a.since]]\ndate = 2026-04-01\nprompt = 2\n",
+            "Unknown key prompt in [[since]] table 1",
+        ),
+        (
+            '[models."a"]\nprompt_per_million = 1\ncompletion_per_million = 1\nsince = 3\n',
+            "must be [[since]] tables",
+        ),
+    ],
+)
+def test_a_bad_prices_file_names_the_key_and_the_fix(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(JobError) as error:
+        load_prices(write_prices(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_the_example_prices_file_parses_with_its_price_change() -> None:
+    from tests.conftest import REPO
+
+    prices = load_prices(REPO / "jobs" / "prices.toml")
+    r1 = prices.price("deepseek-ai/DeepSeek-R1")
+    assert r1 is not None and r1.changes == (dt.date(2026, 3, 15),)
+    assert r1.rates(dt.date(2026, 3, 14)).prompt_per_million == Decimal("0.55")
+    assert r1.rates(dt.date(2026, 3, 15)).cached_prompt_per_million == Decimal("0.125")
+    assert r1.rates(dt.date(2026, 3, 15)).batch_discount == Decimal("0.5")
+
+
+def test_the_budget_settles_at_the_cached_and_reasoning_rates(tmp_path: Path) -> None:
+    price = load_prices(write_prices(tmp_path, PRICES)).price("m")
+    assert price is not None
+    budget = CostBudget(Decimal(100), price, max_tokens=10)
+    worst = budget.reserve(100)
+    # The worst case takes the dearest of each pair of rates.
+    assert worst == (100 * RATES["prompt"] + 10 * RATES["reasoning"]) / MILLION
+    answer = usage_of(
+        prompt_tokens=100,
+        completion_tokens=10,
+        prompt_tokens_details={"cached_tokens": 60},
+        completion_tokens_details={"reasoning_tokens": 4},
+    )
+    assert worst is not None
+    budget.settle(worst, answer)
+    row = {"prompt_tokens": 100, "completion_tokens": 10, "cached_tokens": 60}
+    assert budget.spent == expected_row_cost({**row, "reasoning_tokens": 4})
+    assert budget.reserved == 0
 
 
 @pytest.mark.parametrize(
