@@ -33,6 +33,7 @@ from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared
+from batchrun.prices import ONLINE
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
@@ -64,15 +65,18 @@ def _now_us() -> int:
 
 class _RowTotals:
     """What one row's requests add up to: tokens summed over every request it
-    made (re-asks were paid too), the seconds its requests spent at the API,
-    and the seconds it waited for the job's own limits and budget."""
+    made (re-asks were paid too; a count stays None while no answer gave it),
+    the seconds its requests spent at the API, and the seconds it waited for
+    the job's own limits and budget."""
 
-    __slots__ = ("api_s", "completion", "prompt", "queued_s", "total")
+    __slots__ = ("api_s", "cached", "completion", "prompt", "queued_s", "reasoning", "total")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.total: int | None = None
+        self.cached: int | None = None
+        self.reasoning: int | None = None
         self.api_s = 0.0
         self.queued_s = 0.0
 
@@ -83,11 +87,17 @@ class _RowTotals:
             self.completion = (self.completion or 0) + c.completion_tokens
         if c.total_tokens is not None:
             self.total = (self.total or 0) + c.total_tokens
+        if c.cached_tokens is not None:
+            self.cached = (self.cached or 0) + c.cached_tokens
+        if c.reasoning_tokens is not None:
+            self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
 
     def put(self, rec: Record) -> Record:
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
+        rec["cached_tokens"] = self.cached
+        rec["reasoning_tokens"] = self.reasoning
         return rec
 
 
@@ -331,7 +341,6 @@ class Scheduler:
                     spend.settle(reservation, None)
                 else:
                     spend.release(reservation)
-                self.tally.cost = spend.spent
             raise
         api_s = time.perf_counter() - t
         row.api_s += api_s
@@ -340,7 +349,6 @@ class Scheduler:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
             spend.settle(reservation, answer)
-            self.tally.cost = spend.spent
         return answer
 
     def _over_budget(self, spend: CostBudget) -> None:
@@ -384,6 +392,7 @@ class Scheduler:
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
         self._timed(usage.put(rec), usage)
         if self.job.stream:
@@ -413,6 +422,7 @@ class Scheduler:
             "request_hash": p.request_hash or None,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
 
     @staticmethod

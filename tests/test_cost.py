@@ -1,5 +1,5 @@
 """Costs that match the invoice: cached and reasoning tokens, batch discounts,
-dated prices and the budget.
+dated prices, a cost per row, the budget and the summary.
 
 Expected costs are computed here from the token columns and rates written in
 the test (Decimal arithmetic on plain numbers), never with ``batchrun.prices``,
@@ -9,18 +9,25 @@ so a wrong cost function cannot agree with itself.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from batchrun.cli import main
+from batchrun.engines.local import run_job
 from batchrun.errors import JobError
+from batchrun.lifecycle import RunOptions
 from batchrun.limits import CostBudget
-from batchrun.mock import MockConfig
+from batchrun.mock import MockConfig, serve
 from batchrun.payload import MAX_USAGE_TOKENS, parse_completion
 from batchrun.prices import load_prices
+from tests.conftest import make_job, run_app, tickets, write_jsonl
 
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
@@ -57,6 +64,9 @@ def expected_row_cost(row: dict[str, Any], rates: dict[str, Decimal] = RATES) ->
 
 def usage_of(**usage: Any) -> Any:
     return parse_completion({"choices": [{"message": {"content": "x"}}], "usage": usage})
+
+
+# ---- usage details --------------------------------------------------------------------
 
 
 def test_cached_and_reasoning_tokens_are_read_from_the_openai_shape() -> None:
@@ -129,6 +139,9 @@ def test_details_without_the_count_they_belong_to_are_dropped() -> None:
     c = usage_of(prompt_tokens=-1, completion_tokens=5, prompt_tokens_details={"cached_tokens": 3})
     assert (c.prompt_tokens, c.cached_tokens) == (None, None)
     assert "prompt_tokens = -1" in (c.usage_problem or "")
+
+
+# ---- prices -------------------------------------------------------------------------------
 
 
 def write_prices(tmp_path: Path, text: str) -> Path:
@@ -252,6 +265,159 @@ def test_the_budget_settles_at_the_cached_and_reasoning_rates(tmp_path: Path) ->
     row = {"prompt_tokens": 100, "completion_tokens": 10, "cached_tokens": 60}
     assert budget.spent == expected_row_cost({**row, "reasoning_tokens": 4})
     assert budget.reserved == 0
+
+
+# ---- the cost column ---------------------------------------------------------------------
+
+
+def _answer(n: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped answer whose usage varies by request: details, none, another shape."""
+    prompt, completion = 200 + n, 40 + n
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if n % 4 == 0:
+        usage["prompt_tokens_details"] = {"cached_tokens": 128}
+        usage["completion_tokens_details"] = {"reasoning_tokens": 16 + n % 7}
+    elif n % 4 == 1:
+        usage["cache_read_input_tokens"] = 64
+    elif n % 4 == 2:
+        usage["completion_tokens_details"] = {"reasoning_tokens": 0}
+    # n % 4 == 3: the server says nothing of caches or reasoning
+    return {
+        "id": f"chatcmpl-{n}",
+        "model": body["model"],
+        "choices": [{"message": {"content": f"answer {n}"}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+def details_app() -> web.Application:
+    count = 0
+
+    async def complete(request: web.Request) -> web.Response:
+        nonlocal count
+        body = await request.json()
+        count += 1
+        return web.json_response(_answer(count, body))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", complete)
+    return app
+
+
+async def test_a_run_writes_cached_reasoning_tier_and_cost_columns(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "t.jsonl", tickets(40))
+    out = tmp_path / "o.parquet"
+    prices = write_prices(tmp_path, PRICES)
+    async with run_app(details_app()) as base_url:
+        job = make_job(base_url, src, out, model="m", prices=str(prices), concurrency=4)
+        result = await run_job(job, RunOptions(progress=False))
+    table = pq.read_table(out)
+    for name, kind in (("cached_tokens", "int64"), ("reasoning_tokens", "int64")):
+        assert str(table.schema.field(name).type) == kind
+    assert str(table.schema.field("cost").type) == "double"
+    rows = table.to_pylist()
+    assert {r["tier"] for r in rows} == {"online"}
+    assert {r["cached_tokens"] for r in rows} == {128, 64, None}
+    assert None in {r["reasoning_tokens"] for r in rows} and 0 in {
+        r["reasoning_tokens"] for r in rows
+    }
+    for r in rows:
+        assert r["cost"] == float(expected_row_cost(r)), r
+    total = sum(expected_row_cost(r) for r in rows)
+    assert total > 10  # dollars
+    assert result.cost == total  # the summary is the column's sum, exactly
+    assert result.cached_tokens == sum(r["cached_tokens"] or 0 for r in rows)
+    assert result.reasoning_tokens == sum(r["reasoning_tokens"] or 0 for r in rows)
+    assert "(cached" in result.summary() and "(reasoning" in result.summary()
+
+
+async def test_streamed_answers_keep_the_usage_details(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "t.jsonl", tickets(6))
+    out = tmp_path / "o.parquet"
+    async with serve(MockConfig(cached_share=0.5, reasoning_tokens=9)) as server:
+        job = make_job(
+            server.base_url,
+            src,
+            out,
+            stream=True,
+            prices=str(write_prices(tmp_path, PRICES)),
+            model="m",
+        )
+        await run_job(job, RunOptions(progress=False))
+    for r in pq.read_table(out).to_pylist():
+        assert r["reasoning_tokens"] == 9 and r["completion_tokens"] > 9
+        assert r["cached_tokens"] == r["prompt_tokens"] // 2
+        assert r["cost"] == float(expected_row_cost(r))
+
+
+async def test_without_prices_there_is_no_cost_column(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "t.jsonl", tickets(3))
+    out = tmp_path / "o.parquet"
+    async with serve(MockConfig()) as server:
+        result = await run_job(make_job(server.base_url, src, out), RunOptions(progress=False))
+    names = pq.read_schema(out).names
+    assert "cost" not in names and {"cached_tokens", "reasoning_tokens", "tier"} <= set(names)
+    rows = pq.read_table(out).to_pylist()
+    # The mock says nothing of caches by default: null, not 0.
+    assert all(r["cached_tokens"] is None and r["reasoning_tokens"] is None for r in rows)
+    assert result.cost is None
+
+
+async def test_reused_rows_are_not_costed_and_a_rerun_with_prices_fills_the_column(
+    tmp_path: Path,
+) -> None:
+    src = write_jsonl(tmp_path / "t.jsonl", tickets(5))
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    prices = write_prices(tmp_path, PRICES)
+    async with serve(MockConfig(cached_share=0.25)) as server:
+        job = make_job(server.base_url, src, first, model="m")
+        await run_job(job, RunOptions(progress=False))
+        assert "cost" not in pq.read_schema(first).names
+        # The same finished job again, now with prices: nothing sent, every row costed.
+        again = await run_job(replace(job, prices=str(prices)), RunOptions(progress=False))
+        assert again.requests == 0
+        rows = pq.read_table(first).to_pylist()
+        assert all(r["cost"] == float(expected_row_cost(r)) for r in rows)
+        assert again.cost == sum(expected_row_cost(r) for r in rows)
+        # Reused rows (attempts 0) cost nothing in the run that reused them.
+        reused = await run_job(
+            replace(job, output=second, prices=str(prices)),
+            RunOptions(progress=False, reuse=(first,), mock=False),
+        )
+    assert reused.reused == 5
+    rows = pq.read_table(second).to_pylist()
+    assert all(r["attempts"] == 0 and r["cost"] is None for r in rows)
+    assert all(r["tier"] == "online" for r in rows)
+    assert reused.cost == 0
+
+
+async def test_retry_failed_replaces_a_rows_cost_in_the_summary(tmp_path: Path) -> None:
+    """A failed row's record is replaced by its retry's: the summary, like the
+    column, counts the last record of each row (the budget still counts both:
+    both were paid)."""
+    src = write_jsonl(tmp_path / "t.jsonl", tickets(4))
+    out = tmp_path / "o.parquet"
+    prices = write_prices(tmp_path, PRICES)
+    async with serve(MockConfig(fail_first=1, fail_first_kind="500")) as server:
+        job = make_job(server.base_url, src, out, model="m", prices=str(prices), max_attempts=1)
+        first = await run_job(job, RunOptions(progress=False))
+        assert first.failed == 1
+        # Make the failed row one that was paid (as a re-ask before the error would be).
+        table = pq.read_table(out)
+        rows = table.to_pylist()
+        failed = next(r for r in rows if r["status"] == "error")
+        failed.update(prompt_tokens=1000, completion_tokens=100, total_tokens=1100)
+        failed["cost"] = float(expected_row_cost(failed))
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out)
+        second = await run_job(job, RunOptions(progress=False, retry_failed=True))
+    rows = pq.read_table(out).to_pylist()
+    assert second.failed == 0 and second.requests == 1
+    assert second.cost == sum(expected_row_cost(r) for r in rows)
+    assert Decimal(str(sum(r["cost"] for r in rows))).quantize(CENT) == second.cost.quantize(CENT)
 
 
 @pytest.mark.parametrize(

@@ -429,11 +429,11 @@ def test_by_day_uses_a_day_column_when_there_is_one(tmp_path: Path) -> None:
 
 
 def test_null_and_numeric_keys(tmp_path: Path) -> None:
-    keep = pa.schema([pa.field("priority", pa.string()), pa.field("tier", pa.int64())])
-    rows = [out_row(i, tier=i % 2) for i in range(4)] + [out_row(4, tier=None, priority=None)]
+    keep = pa.schema([pa.field("priority", pa.string()), pa.field("level", pa.int64())])
+    rows = [out_row(i, level=i % 2) for i in range(4)] + [out_row(4, level=None, priority=None)]
     path = write_output(tmp_path / "out.parquet", rows, keep=keep)
-    data = report_json(str(path), "--by", "tier")
-    assert [(g["tier"], g["rows"]) for g in data["groups"]] == [(0, 2), (1, 2), (None, 1)]
+    data = report_json(str(path), "--by", "level")
+    assert [(g["level"], g["rows"]) for g in data["groups"]] == [(0, 2), (1, 2), (None, 1)]
     data = report_json(str(path), "--by", "priority")
     assert [(g["priority"], g["rows"]) for g in data["groups"]] == [
         ("high", 2),
