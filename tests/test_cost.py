@@ -9,6 +9,7 @@ so a wrong cost function cannot agree with itself.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 
 from batchrun.cli import main
 from batchrun.engines.local import run_job
@@ -333,6 +335,17 @@ async def test_a_run_writes_cached_reasoning_tier_and_cost_columns(tmp_path: Pat
     assert result.cached_tokens == sum(r["cached_tokens"] or 0 for r in rows)
     assert result.reasoning_tokens == sum(r["reasoning_tokens"] or 0 for r in rows)
     assert "(cached" in result.summary() and "(reasoning" in result.summary()
+
+    # batchrun report agrees: its total, the sum of the column and the formula.
+    report = CliRunner().invoke(
+        main, ["report", str(out), "--prices", str(prices), "--format", "json"]
+    )
+    assert report.exit_code == 0, report.output
+    data = json.loads(report.stdout, parse_float=Decimal)["total"]
+    assert data["cost"] == total
+    assert Decimal(str(sum(r["cost"] for r in rows))).quantize(CENT) == total.quantize(CENT)
+    assert data["cached_tokens"] == result.cached_tokens
+    assert data["reasoning_tokens"] == result.reasoning_tokens
 
 
 async def test_streamed_answers_keep_the_usage_details(tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ JSON_STATS = [
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
     "reused_tokens",
     "no_usage",
     "cost",
@@ -531,9 +533,9 @@ def test_an_empty_output(tmp_path: Path) -> None:
 def test_json_schema_is_exact(tmp_path: Path) -> None:
     path = write_output(tmp_path / "out.parquet", mixed_rows())
     data = report_json(str(path), "--prices", str(prices_file(tmp_path)), "--by", "priority")
-    assert list(data) == ["total", "groups"]
+    assert list(data) == ["total", "groups", "duplicates_skipped"]
     assert list(data["total"]) == JSON_STATS
-    assert list(JSON_STATS) == [*STAT_NAMES[:14], "currency", *STAT_NAMES[14:]]
+    assert list(JSON_STATS) == [*STAT_NAMES[:16], "currency", *STAT_NAMES[16:]]
     for group in data["groups"]:
         assert list(group) == ["priority", *JSON_STATS]
     for obj in [data["total"], *data["groups"]]:

@@ -1,6 +1,7 @@
-"""The cost report as one self-contained HTML page: tables and SVG charts (cost
-per group, completion-token histogram, rows per day), inline CSS, no script and
-no link, so it opens anywhere with no network. The figures come from
+"""The cost report as one self-contained HTML page: cards (cached and reasoning
+shares, the tier split among them), tables and SVG charts (cost per group,
+completion-token histogram, rows per day), inline CSS, no script and no link,
+so it opens anywhere with no network. The figures come from
 :mod:`batchrun.report.compute`, the formatters and tables from
 :mod:`batchrun.report.render`; this module only draws them."""
 
@@ -108,6 +109,22 @@ def render_html(report: Report) -> str:
             f"{fmt_number(t.latency_ms_p50, 0)} ms",
             f"p95 {fmt_number(t.latency_ms_p95, 0)} ms",
         ),
+        (
+            "Cached share",
+            _share(t.cached_share),
+            f"{t.cached_tokens:,} of {t.prompt_tokens:,} prompt tokens from the cache",
+        ),
+        (
+            "Reasoning share",
+            _share(t.reasoning_share),
+            f"{t.reasoning_tokens:,} of {t.completion_tokens:,} completion tokens",
+        ),
+        (
+            "Tiers",
+            " · ".join(f"{tier} {s.rows:,}" for tier, s in report.tiers) or "-",
+            " · ".join(f"{tier} {fmt_money(s.cost)}" for tier, s in report.tiers)
+            + (f" {report.currency}" if report.currency and report.tiers else ""),
+        ),
     ]
     grouping = ", ".join(report.by) if report.by else "model"
     parts = [
@@ -156,6 +173,10 @@ def render_html(report: Report) -> str:
         parts.append('<ul class="notes">' + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
 
 
 def _h(text: Any) -> str:

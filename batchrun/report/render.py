@@ -1,8 +1,8 @@
 """The report as text: a terminal table (``table``), ``csv`` (one line per group,
 then the total; ``scope`` says which), ``json`` (one object ``{"total": {...},
-"groups": [...]}``, costs as exact decimal numbers) and ``markdown``; and the
-number and money formatters the HTML page uses too. The figures come from
-:mod:`batchrun.report.compute`."""
+"groups": [...], "duplicates_skipped": N}``, costs as exact decimal numbers)
+and ``markdown``; and the number and money formatters the HTML page uses too.
+The figures come from :mod:`batchrun.report.compute`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
 
 
 def report_dict(report: Report) -> dict[str, Any]:
-    """``{"total": {...}, "groups": [{by columns..., figures...}, ...]}``; costs stay Decimal."""
+    """``{"total": {...}, "groups": [{by columns..., figures...}, ...],
+    "duplicates_skipped": N}``; costs stay Decimal."""
     return {
         "total": stats_dict(report.total, report.currency),
         "groups": [
@@ -48,6 +49,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             }
             for group in report.groups
         ],
+        "duplicates_skipped": report.duplicates,
     }
 
 
@@ -147,6 +149,8 @@ USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
     ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
     ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
     ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
+    ("cached tokens", lambda s, r: fmt_count(s.cached_tokens)),
+    ("reasoning tokens", lambda s, r: fmt_count(s.reasoning_tokens)),
     ("cost", lambda s, r: fmt_money(s.cost)),
 ]
 ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
@@ -190,10 +194,14 @@ def table_rows(
     return headers, body
 
 
-def report_title(report: Report) -> str:
+def _files(report: Report) -> str:
     n = len(report.files)
     names = ", ".join(str(f) for f in report.files[:3]) + (", …" if n > 3 else "")
-    files = f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+    return f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+
+
+def report_title(report: Report) -> str:
+    files = _files(report)
     prices = (
         f"prices {report.prices.path or 'given'} ({report.currency})"
         if report.prices is not None
@@ -234,6 +242,17 @@ def report_notes(report: Report) -> list[str]:
     if t.invalid:
         notes.append(
             f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+        )
+    batch = dict(report.tiers).get("batch")
+    if batch is not None and report.prices is not None:
+        notes.append(
+            f"Batch: {batch.rows:,} rows were answered by a provider batch and are priced with "
+            "their batch_discount."
+        )
+    if report.duplicates:
+        notes.append(
+            f"Duplicates: {report.duplicates:,} rows were skipped because an earlier file holds "
+            "them too (shard parts beside their merged file, a copy): each answer is counted once."
         )
     return notes
 
