@@ -1,5 +1,5 @@
 """batchrun report over cached, reasoning, batch and dated prices; each paid
-answer counted once.
+answer counted once; night over night with --compare and --fail-if.
 
 Expected costs are computed from the columns with rates written here, not with
 ``batchrun.prices``.
@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner, Result
 
 from batchrun.cli import main
@@ -130,6 +131,9 @@ def prices_file(tmp_path: Path) -> str:
     return str(path)
 
 
+# ---- prices -------------------------------------------------------------------------------
+
+
 def test_a_month_is_priced_at_each_days_rates_with_cache_reasoning_and_batch(
     tmp_path: Path,
 ) -> None:
@@ -182,6 +186,9 @@ def test_the_table_and_html_show_cached_reasoning_and_tiers(tmp_path: Path) -> N
     for label in ("Cached share", "Reasoning share", "Tiers"):
         assert f'<div class="label">{label}</div>' in html
     assert "batch 15" in html and "online 46" in html
+
+
+# ---- each paid answer once ---------------------------------------------------------------
 
 
 async def test_shard_parts_beside_their_merged_file_count_once(tmp_path: Path) -> None:
@@ -243,6 +250,149 @@ def test_a_copy_counts_once_but_reused_rows_are_never_taken_for_their_answers(
     other = [{**r, "finished_at": r["finished_at"] + timedelta(days=1)} for r in paid]
     night3 = write_output(tmp_path / "n3.parquet", other, run_id="run-3")
     assert report_json(str(night1), str(night3))["duplicates_skipped"] == 0
+
+
+# ---- night over night ---------------------------------------------------------------------
+
+
+def nights(tmp_path: Path, tonight_factor: float = 1.3) -> tuple[str, str]:
+    """Last night and tonight: tonight's rows use ``tonight_factor`` times the
+    completion tokens, and one of them failed."""
+    last = [out_row(i, cached_tokens=500, reasoning_tokens=None) for i in range(20)]
+    tonight = [
+        out_row(
+            i,
+            completion_tokens=int((100 + i) * tonight_factor),
+            total_tokens=1000 + i + int((100 + i) * tonight_factor),
+            cached_tokens=800,
+            reasoning_tokens=None,
+            finished_at=datetime(2026, 3, 2, 1, tzinfo=UTC),
+        )
+        for i in range(20)
+    ]
+    tonight[3].update(status="error", error="HTTP 500", completion=None)
+    a = write_output(tmp_path / "last.parquet", last, run_id="last")
+    b = write_output(tmp_path / "tonight.parquet", tonight, run_id="tonight")
+    return str(a), str(b)
+
+
+def big_prices(tmp_path: Path) -> str:
+    path = tmp_path / "big.toml"
+    path.write_text(
+        '[models."meta-llama/Llama-3.3-70B-Instruct"]\nprompt_per_million = 0.60\n'
+        "completion_per_million = 30\ncached_prompt_per_million = 0.30\n"
+    )
+    return str(path)
+
+
+def test_compare_shows_the_figures_side_by_side_with_the_change(tmp_path: Path) -> None:
+    last, tonight = nights(tmp_path)
+    prices = big_prices(tmp_path)
+    data = report_json(tonight, "--compare", last, "--prices", prices)
+    figures = data["compare"]["figures"]
+    assert list(figures) == [
+        "rows",
+        "failure_rate",
+        "invalid_rate",
+        "tokens_per_row_mean",
+        "tokens_per_row_p95",
+        "cached_share",
+        "reasoning_share",
+        "cost",
+        "cost_per_row",
+        "latency_ms_p50",
+        "latency_ms_p95",
+    ]
+    assert figures["rows"] == {"baseline": 20, "current": 20, "change_percent": 0}
+    assert figures["failure_rate"]["current"] == Decimal("0.05")
+    assert figures["failure_rate"]["change_percent"] is None  # a rise from 0: infinite
+    cost_before, cost_now = figures["cost"]["baseline"], figures["cost"]["current"]
+    assert cost_before == report_json(last, "--prices", prices)["total"]["cost"]
+    assert cost_now == data["total"]["cost"]
+    change = float(figures["cost_per_row"]["change_percent"])
+    assert change == pytest.approx(float((cost_now - cost_before) / cost_before * 100), rel=1e-5)
+    assert float(figures["cached_share"]["baseline"]) == pytest.approx(
+        500 * 20 / sum(1000 + i for i in range(20)), rel=1e-5
+    )
+    assert data["compare"]["files"] == [last]
+    assert data["checks"] == []
+
+    text = report(tonight, "--compare", last, "--prices", prices).stdout
+    assert f"compared with 1 file ({last}), 20 rows" in text
+    line = next(x for x in text.splitlines() if x.startswith("cost/row USD"))
+    assert line.split()[-1] == f"{change:+.1f}%"
+    markdown = report(tonight, "--compare", last, "--prices", prices, "--format", "markdown")
+    assert "| figure | baseline | current | change |" in markdown.stdout
+    assert "| failure rate | 0.00% | 5.00% | +inf% |" in markdown.stdout
+
+
+def test_fail_if_exits_5_when_a_bound_is_crossed_and_0_when_not(tmp_path: Path) -> None:
+    last, tonight = nights(tmp_path, tonight_factor=1.5)
+    prices = big_prices(tmp_path)
+    base = [tonight, "--compare", last, "--prices", prices]
+
+    crossed = report(*base, "--fail-if", "cost_per_row>+20%", "--fail-if", "rows<-10%")
+    assert crossed.exit_code == 5, crossed.output
+    assert "batchrun report: --fail-if cost_per_row>+20%: cost_per_row changed +" in crossed.stderr
+    assert "rows<-10%" not in crossed.stderr  # that one holds
+    assert "fail-if cost_per_row>+20%: CROSSED" in crossed.stdout
+    assert "fail-if rows<-10%: ok" in crossed.stdout
+
+    held = report(*base, "--fail-if", "cost_per_row>+80%", "--fail-if", "failure_rate>0.05")
+    assert held.exit_code == 0, held.output
+    assert held.stderr == ""
+
+    absolute = report(tonight, "--fail-if", "failure_rate>=0.05")
+    assert absolute.exit_code == 5
+    assert "failure_rate>=0.05: failure_rate is 5.00%" in absolute.stderr
+
+    data = report_json(*base, "--fail-if", "cost_per_row>+20%", "--fail-if", "rows<-10%", code=5)
+    assert [(c["check"], c["crossed"]) for c in data["checks"]] == [
+        ("cost_per_row>+20%", True),
+        ("rows<-10%", False),
+    ]
+    assert data["checks"][0]["reason"].startswith("cost_per_row changed +")
+
+    page = tmp_path / "r.html"
+    result = report(*base, "--fail-if", "cost_per_row>+20%", "--html", str(page))
+    assert result.exit_code == 5
+    html = page.read_text()
+    assert '<div class="table-wrap" id="compare">' in html
+    assert '<li class="crossed">fail-if cost_per_row&gt;+20%: CROSSED' in html
+
+
+def test_an_unknown_figure_crosses_its_check(tmp_path: Path) -> None:
+    last, tonight = nights(tmp_path)
+    # No prices: the cost is unknown, so a check on it cannot pass.
+    result = report(tonight, "--compare", last, "--fail-if", "cost>+20%")
+    assert result.exit_code == 5
+    assert "cost is unknown in --compare's outputs" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        ("cost_per_row>>20%", "it is not FIGURE OP BOUND"),
+        ("cost per row > 20%", "it is not FIGURE OP BOUND"),
+        ("price>+20%", "'price' is not a figure of the report"),
+        ("cost_per_row>lots", "it is not FIGURE OP BOUND"),
+        ("cost_per_row=+20%", "it is not FIGURE OP BOUND"),
+    ],
+)
+def test_a_bad_fail_if_is_a_clear_error(tmp_path: Path, check: str, message: str) -> None:
+    last, tonight = nights(tmp_path)
+    result = report(tonight, "--compare", last, "--fail-if", check)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Figures: rows, failure_rate" in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_change_in_percent_needs_compare(tmp_path: Path) -> None:
+    _, tonight = nights(tmp_path)
+    result = report(tonight, "--fail-if", "cost_per_row>+20%")
+    assert result.exit_code == 2
+    assert "give the outputs to compare with (--compare LAST_NIGHT)" in result.stderr
 
 
 def test_outputs_from_before_the_detail_columns_still_report(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ output files. What lives where:
   (shard parts beside their merged file, a copy).
 - :mod:`~batchrun.report.compute`: computing the figures (:class:`Report`,
   :class:`Stats`, :func:`build_report`); what each figure counts is told there.
+- :mod:`~batchrun.report.compare`: ``--compare`` (night over night) and the
+  ``--fail-if`` checks.
 - :mod:`~batchrun.report.render`: the text formats (:func:`render`: table, csv,
   json, markdown) and the number and money formatters.
 - :mod:`~batchrun.report.html`: the self-contained HTML page (:func:`render_html`,

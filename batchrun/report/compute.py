@@ -49,10 +49,10 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -61,6 +61,9 @@ from batchrun.errors import JobError
 from batchrun.outputs import output_files
 from batchrun.prices import ONLINE, Prices, load_prices
 from batchrun.report.read import read_outputs, utc_dates, utc_day
+
+if TYPE_CHECKING:
+    from batchrun.report.compare import Comparison
 
 # ---- the figures -----------------------------------------------------------------------
 
@@ -159,6 +162,8 @@ class Report:
     their merged file, a copy)."""
     tiers: tuple[tuple[str, Stats], ...] = ()
     """The figures per ``tier`` (online, batch)."""
+    comparison: Comparison | None = None
+    """Against ``--compare``'s outputs, and the ``--fail-if`` checks."""
 
     @property
     def currency(self) -> str | None:
@@ -172,16 +177,32 @@ def build_report(
     outputs: Iterable[str | Path],
     by: Sequence[str] = (),
     prices: Prices | str | Path | None = None,
+    compare: Iterable[str | Path] | None = None,
+    fail_if: Sequence[str] = (),
 ) -> Report:
     """Read ``outputs`` (files, folders, globs) and compute the report.
 
     ``by``: output columns to group by (``day``: the UTC date of finished_at).
     ``prices``: a :class:`Prices` or the path of a prices file; None leaves every
-    cost unpriced. Raises InputError (outputs, columns) or JobError (prices file,
-    a ``by`` name the report uses itself)."""
+    cost unpriced. ``compare``: the outputs to compare with (last night's), read
+    the same way; ``fail_if``: checks on the figures (``cost_per_row>+20%``,
+    ``failure_rate>0.05``); both land in ``Report.comparison``. Raises InputError
+    (outputs, columns) or JobError (prices file, a ``by`` name the report uses
+    itself, a check that does not parse)."""
+    from batchrun.report.compare import compare_reports, parse_checks  # it imports this module
+
     keys = _check_by(by)
+    checks = parse_checks(fail_if, compare is not None)
     if prices is not None and not isinstance(prices, Prices):
         prices = load_prices(prices)
+    report = _build(outputs, keys, prices)
+    if compare is None and not checks:
+        return report
+    baseline = _build(compare, keys, prices) if compare is not None else None
+    return replace(report, comparison=compare_reports(report, baseline, checks))
+
+
+def _build(outputs: Iterable[str | Path], keys: tuple[str, ...], prices: Prices | None) -> Report:
     files = tuple(output_files(outputs))
     read = read_outputs(files, keys)
     return compute_report(read.frame, keys, prices, files, read.duplicates)
