@@ -32,6 +32,7 @@ from batchrun.inputs import InputTable, Scan
 from batchrun.journal import Journal, partial_dir
 from batchrun.limits import CostBudget
 from batchrun.outputs import (
+    COST_FIELD,
     EMBEDDED_ENDPOINT,
     FIXED_COLUMNS,
     PII_FIELDS,
@@ -42,7 +43,7 @@ from batchrun.outputs import (
 from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
 from batchrun.pii import enabled as pii_enabled
 from batchrun.pii import settings as pii_settings
-from batchrun.prices import load_prices
+from batchrun.prices import Prices, load_prices
 from batchrun.progress import Tally, missing_usage, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
 from batchrun.stream_options import StreamOptions
@@ -99,6 +100,8 @@ class RunResult:
     resumed: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of the prompt tokens, those read from the server's cache
+    reasoning_tokens: int  # of the completion tokens, those of hidden reasoning
     requests: int
     retries: int
     wall_s: float
@@ -136,7 +139,11 @@ class RunResult:
         """Tokens as the answers reported them; never 0 for rows that reported none."""
         total = self.prompt_tokens + self.completion_tokens
         counts = (
-            f"prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {total:,}"
+            f"prompt {self.prompt_tokens:,}"
+            + (f" (cached {self.cached_tokens:,})" if self.cached_tokens else "")
+            + f"  completion {self.completion_tokens:,}"
+            + (f" (reasoning {self.reasoning_tokens:,})" if self.reasoning_tokens else "")
+            + f"  total {total:,}"
         )
         if not self.no_usage:
             return counts
@@ -261,11 +268,12 @@ class CheckedJob:
 
     @property
     def extra_fields(self) -> list[pa.Field]:
-        """Output columns after the fixed ones: ttft_ms when streamed, pii_found
-        and pii_unrestored with pii, the schema's."""
+        """Output columns after the fixed ones: cost with a prices file, ttft_ms
+        when streamed, pii_found and pii_unrestored with pii, the schema's."""
+        cost = [COST_FIELD] if self.job.prices else []
         ttft = [TTFT_FIELD] if self.job.stream else []
         pii = PII_FIELDS if pii_enabled(self.job) else []
-        return ttft + pii + list(self.structured.fields if self.structured else ())
+        return cost + ttft + pii + list(self.structured.fields if self.structured else ())
 
     def rows(self, estimates: bool | None = None, shape: Shape | None = None) -> Iterator[Prepared]:
         """The rows of this run (skipped ones left out) as requests, in input order;
@@ -398,9 +406,10 @@ class OpenRun:
             tally.ok, tally.failed, tally.invalid = journal.counts()
             tally.resumed = tally.done
             self.prices = load_prices(job.prices) if job.prices else None
-            self.spend = self.spend_so_far()
+            self.spend = self.spend_so_far(reprice=True)
             if self.spend is not None:
-                tally.cost = self.spend.spent
+                # The rows --retry-failed sends again get a new record, and a new cost.
+                tally.cost = self.spend.spent - self._resent_cost
             tally.currency = self.prices.currency if self.prices else ""
             self.to_send = journal.missing_rows(scan.skip) + (
                 tally.failed if options.retry_failed else 0
@@ -435,34 +444,49 @@ class OpenRun:
     def close(self) -> None:
         self.journal.close()  # also after finish: it releases the output's lock
 
-    def spend_so_far(self) -> CostBudget | None:
-        """The job's spend so far (earlier runs' answers included) and its budget,
-        when the job names a prices file; read again from the journal after an
-        engine whose spend is not counted as it goes (Ray)."""
+    def spend_so_far(self, reprice: bool = False) -> CostBudget | None:
+        """The job's spend so far (the ``cost`` of every row with a result, earlier
+        runs' included) and its budget, when the prices file prices the job's
+        model; read again after an engine that does not count it as it goes (Ray).
+        ``reprice``: journal again every record whose ``cost`` the prices now make
+        different (a run without prices, or other prices), so the column, the
+        summary and ``batchrun report`` agree."""
         job, prices = self.job, self.prices
         if prices is None:
             return None
         price = prices.price(job.model)
+        if price is None and job.max_cost is not None:
+            raise JobError(
+                f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
+                f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
+            )
+        spent = self._journal_cost(prices, reprice)
         if price is None:
-            if job.max_cost is not None:
-                raise JobError(
-                    f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
-                    f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
-                )
             log.warning(
                 "model %s is not in prices file %s: its spend is not shown", job.model, job.prices
             )
             return None
-        journal = self.journal
-        spent = Decimal(0)
-        for row in np.nonzero(journal.status != STATUS_NONE)[0]:
-            rec = journal.record(int(row))
-            if rec and rec.get("attempts"):
-                spent += price.cost(
-                    rec.get("prompt_tokens") or 0, rec.get("completion_tokens") or 0
-                )
         max_cost = Decimal(str(job.max_cost)) if job.max_cost is not None else None
         return CostBudget(max_cost, price, job.max_tokens, spent)
+
+    def _journal_cost(self, prices: Prices, reprice: bool) -> Decimal:
+        """The cost of the journal's rows (``Prices.row_cost`` of each row's last
+        record); ``_resent_cost`` the part of it --retry-failed sends again."""
+        journal = self.journal
+        spent = self._resent_cost = Decimal(0)
+        resent = self.options.retry_failed
+        for row in np.nonzero(journal.status != STATUS_NONE)[0]:
+            rec = journal.record(int(row))
+            if not rec:
+                continue
+            cost = prices.row_cost(rec)
+            if reprice and rec.get("cost") != (None if cost is None else float(cost)):
+                journal.append({**rec, "cost": None if cost is None else float(cost)})
+            if cost is not None:
+                spent += cost
+                if resent and journal.status[row] == STATUS_ERROR:
+                    self._resent_cost += cost
+        return spent
 
     @property
     def shape(self) -> Shape | None:
@@ -525,6 +549,8 @@ class OpenRun:
             resumed=tally.resumed - self.reused,
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
+            cached_tokens=tally.cached_tokens,
+            reasoning_tokens=tally.reasoning_tokens,
             requests=tally.requests,
             retries=tally.retries,
             wall_s=time.monotonic() - self.started,

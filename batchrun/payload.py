@@ -323,7 +323,12 @@ class Completion:
     http_status: int = 200
     usage_problem: str | None = None
     """Why usage the server sent was dropped as impossible (negative, not an
-    integer, absurdly large); the token columns are then null."""
+    integer, absurdly large); the token columns are then null (or, for a
+    detail count that cannot be true, that detail's column only)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server read from its cache (part of ``prompt_tokens``)."""
+    reasoning_tokens: int | None = None
+    """Completion tokens spent on hidden reasoning (part of ``completion_tokens``)."""
 
 
 MAX_USAGE_TOKENS = 100_000_000
@@ -340,13 +345,7 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
     counts: list[int | None] = []
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         value = usage.get(name)
-        if value is None:
-            counts.append(None)
-        elif (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and 0 <= value <= MAX_USAGE_TOKENS
-        ):
+        if value is None or _count(value) is not None:
             counts.append(value)
         else:
             return None, None, None, f"usage.{name} = {str(value)[:40]} is not a possible count"
@@ -383,6 +382,61 @@ _FINISH_HINTS = {
 }
 
 
+def _count(value: Any) -> int | None:
+    """A usage count that can be true, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
+    return None
+
+
+_CACHED_AT = (("prompt_tokens_details", "cached_tokens"), (None, "cache_read_input_tokens"))
+"""Where a usage object holds the cached prompt tokens: OpenAI's shape first, then
+the ``cache_read_input_tokens`` some OpenAI-compatible proxies send beside it."""
+_REASONING_AT = (("completion_tokens_details", "reasoning_tokens"),)
+
+
+def _usage_details(
+    usage: Any, prompt: int | None, completion: int | None
+) -> tuple[int | None, int | None, str | None]:
+    """Cached prompt tokens and reasoning tokens from a ``usage`` object (None
+    where it does not say), and the problem when one it gives cannot be true:
+    negative, not an integer, over MAX_USAGE_TOKENS, or more than the prompt (or
+    completion) tokens it is part of. Such a detail is None, as if not reported
+    (then every cached token costs the prompt rate: a cost is never
+    under-reported); the other counts stay."""
+    found: list[int | None] = []
+    problems: list[str] = []
+    for places, whole, whole_name in (
+        (_CACHED_AT, prompt, "prompt_tokens"),
+        (_REASONING_AT, completion, "completion_tokens"),
+    ):
+        value, name = _detail(usage, places)
+        count = _count(value)
+        if value is not None and (count is None or whole is None or count > whole):
+            shown = f"usage.{name} = {str(value)[:40]}"
+            problems.append(
+                f"{shown} is not a possible count"
+                if count is None
+                else f"{shown} comes without usage.{whole_name}"
+                if whole is None
+                else f"{shown} is more than usage.{whole_name} = {whole}"
+            )
+            count = None
+        found.append(count)
+    return found[0], found[1], "; ".join(problems) or None
+
+
+def _detail(usage: Any, places: tuple[tuple[str | None, str], ...]) -> tuple[Any, str]:
+    """The first value found at ``places`` (``(object, key)``, None: usage itself) and its name."""
+    if not isinstance(usage, dict):
+        return None, ""
+    for parent, key in places:
+        holder = usage.get(parent) if parent else usage
+        if isinstance(holder, dict) and holder.get(key) is not None:
+            return holder[key], f"{parent}.{key}" if parent else key
+    return None, ""
+
+
 def parse_completion(data: Any) -> Completion:
     """Read a chat-completion answer: its first choice's text (a string, or its
     text parts joined), refusal and tool calls (as JSON text), finish reason and
@@ -404,6 +458,7 @@ def parse_completion(data: Any) -> Completion:
     calls = message.get("tool_calls")
     finish_reason = choice.get("finish_reason")
     prompt, completion, total, problem = _usage(data.get("usage"))
+    cached, reasoning, detail_problem = _usage_details(data.get("usage"), prompt, completion)
     answer = Completion(
         text=text,
         finish_reason=finish_reason if isinstance(finish_reason, str) else None,
@@ -414,7 +469,9 @@ def parse_completion(data: Any) -> Completion:
         response_model=data.get("model") if isinstance(data.get("model"), str) else None,
         refusal=refusal,
         tool_calls=orjson.dumps(calls).decode() if isinstance(calls, list) and calls else None,
-        usage_problem=problem,
+        usage_problem=problem or detail_problem,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
     )
     if not text and refusal is None and answer.tool_calls is None:
         said = _nothing_said(choice)

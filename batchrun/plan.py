@@ -153,8 +153,9 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         currency = prices.currency
         price = prices.price(job.model)
         if price is not None:
-            cost_low = price.cost(prompt_tokens, 0)
-            cost_high = price.cost(prompt_tokens, completion_cap)
+            rates = price.rates()  # in force today
+            cost_low = rates.cost(prompt_tokens, 0)
+            cost_high = rates.worst_case(prompt_tokens, completion_cap)
     pace = None
     if job.rpm:
         pace = job.rpm / 60

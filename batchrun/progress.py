@@ -32,9 +32,14 @@ class Tally:
     no_usage: int = 0
     """Rows answered in this run whose answers reported no usage: the token
     counts leave them out, so they are partial."""
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the server read from its cache."""
+    reasoning_tokens: int = 0
+    """Of the completion tokens, those spent on hidden reasoning."""
     requests: int = 0
     retries: int = 0
     cost: Decimal | None = None
+    """The sum of the ``cost`` column over the rows with a result (None: not counted)."""
     currency: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -169,6 +174,8 @@ def progress_fields(t: Tally) -> dict[str, object]:
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": t.completion_tokens,
         "rows_no_usage": t.no_usage,
+        "cached_tokens": t.cached_tokens,
+        "reasoning_tokens": t.reasoning_tokens,
         "requests": t.requests,
         "retries": t.retries,
         "rows_per_s": round(t.rows_per_s, 1),

@@ -33,6 +33,7 @@ from batchrun.outputs import (
     journal_value,
     output_files,
 )
+from batchrun.prices import ONLINE
 
 log = logging.getLogger("batchrun")
 
@@ -127,6 +128,7 @@ class ReuseIndex:
                     for m, earlier in zip(picked, taken.to_pylist(), strict=True):
                         rec = {k: journal_value(v) for k, v in earlier.items()}
                         rec.update(row=m.row, id=m.id, model=model, attempts=0)
+                        rec["tier"] = rec.get("tier") or ONLINE  # an output from before tiers
                         yield rec
                 start = end
 

@@ -34,6 +34,7 @@ from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared, unwanted
+from batchrun.prices import ONLINE
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
@@ -66,15 +67,18 @@ def _now_us() -> int:
 
 class _RowTotals:
     """What one row's requests add up to: tokens summed over every request it
-    made (re-asks were paid too), the seconds its requests spent at the API,
-    and the seconds it waited for the job's own limits and budget."""
+    made (re-asks were paid too; a count stays None while no answer gave it),
+    the seconds its requests spent at the API, and the seconds it waited for
+    the job's own limits and budget."""
 
-    __slots__ = ("api_s", "completion", "prompt", "queued_s", "total")
+    __slots__ = ("api_s", "cached", "completion", "prompt", "queued_s", "reasoning", "total")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.total: int | None = None
+        self.cached: int | None = None
+        self.reasoning: int | None = None
         self.api_s = 0.0
         self.queued_s = 0.0
 
@@ -85,11 +89,17 @@ class _RowTotals:
             self.completion = (self.completion or 0) + c.completion_tokens
         if c.total_tokens is not None:
             self.total = (self.total or 0) + c.total_tokens
+        if c.cached_tokens is not None:
+            self.cached = (self.cached or 0) + c.cached_tokens
+        if c.reasoning_tokens is not None:
+            self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
 
     def put(self, rec: Record) -> Record:
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
+        rec["cached_tokens"] = self.cached
+        rec["reasoning_tokens"] = self.reasoning
         return rec
 
 
@@ -259,7 +269,7 @@ class Scheduler:
             usage.add(completion)
             if completion.usage_problem is not None:
                 log.warning(
-                    "row %s: %s; its usage is recorded as not reported",
+                    "row %s: %s; recorded as not reported",
                     p.id,
                     completion.usage_problem,
                     extra={"event": "usage_dropped", "row_id": p.id},
@@ -345,13 +355,12 @@ class Scheduler:
                 row.add(paid)  # an answer that said nothing was paid all the same
             if spend is not None and reservation is not None:
                 if paid is not None:
-                    spend.settle(reservation, paid.prompt_tokens, paid.completion_tokens)
+                    spend.settle(reservation, paid)
                 elif exc.status is None:
                     # No answer read: the API may still have generated it, so the worst case stays charged.
-                    spend.settle(reservation, None, None)
+                    spend.settle(reservation, None)
                 else:
                     spend.release(reservation)
-                self.tally.cost = spend.spent
             raise
         api_s = time.perf_counter() - t
         row.api_s += api_s
@@ -359,8 +368,7 @@ class Scheduler:
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
-            spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
-            self.tally.cost = spend.spent
+            spend.settle(reservation, answer)
         return answer
 
     def _over_budget(self, spend: CostBudget) -> None:
@@ -404,6 +412,7 @@ class Scheduler:
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
         self._timed(usage.put(rec), usage)
         if completion.refusal is not None:
@@ -439,6 +448,7 @@ class Scheduler:
             "request_hash": p.request_hash or None,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
         if p.pii is not None:
             rec["pii_found"] = p.pii.found  # the error keeps the placeholders

@@ -48,7 +48,7 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
             scheduler = Scheduler(
                 sent_job,
                 client,
-                Recorder(run.journal, tally, sent_job.max_failures),
+                Recorder(run.journal, tally, sent_job.max_failures, run.prices),
                 tally,
                 RetryPolicy.for_job(sent_job, sleep),
                 limits,

@@ -290,7 +290,7 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                         sent_job,
                         rows,
                         run.to_send,
-                        Recorder(journal, tally, sent_job.max_failures),
+                        Recorder(journal, tally, sent_job.max_failures, run.prices),
                         Heartbeat(progress, journal),
                         api_key=Secret(checked.api_key) if checked.api_key else None,
                         headers=Secret(checked.headers),

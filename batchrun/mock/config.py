@@ -174,6 +174,12 @@ class MockConfig:
         echo_chars: A text answer ends with ``"\nYou wrote: …"`` and the last
             ``echo_chars`` characters of the last user message, as a model repeating a
             customer's details (and any placeholders batchrun's ``pii`` put there). 0: off.
+        cached_share: Share in [0, 1] of each prompt's tokens the usage reports as
+            read from a cache (``usage.prompt_tokens_details.cached_tokens``, rounded
+            down), as OpenAI does. 0 with ``reasoning_tokens`` 0: no usage details.
+        reasoning_tokens: Hidden reasoning tokens each answer reports
+            (``usage.completion_tokens_details.reasoning_tokens``), counted in its
+            ``completion_tokens`` as a reasoning model's are.
     """
 
     api_key: str | None = _flag(
@@ -219,6 +225,12 @@ class MockConfig:
     echo_chars: int = _flag(
         0, "End each text answer with the prompt's last N characters, quoted (0: off)."
     )
+    cached_share: float = _flag(
+        0.0, "Share of each prompt's tokens (0..1) reported as cached (prompt_tokens_details)."
+    )
+    reasoning_tokens: int = _flag(
+        0, "Reasoning tokens per answer, in completion_tokens (completion_tokens_details)."
+    )
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -237,15 +249,14 @@ class MockConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_tokens < 1:
             raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
-        if self.fail_first < 0:
-            raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
-        if self.echo_chars < 0:
-            raise ValueError(f"echo_chars must be >= 0, got {self.echo_chars}")
+        for name in ("fail_first", "reasoning_tokens", "echo_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
         unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
         if unknown:
             raise ValueError(f"unknown invalid kind(s) {unknown}; expected any of {INVALID_KINDS}")
-        for name in ("invalid_rate", "fence_rate"):
+        for name in ("invalid_rate", "fence_rate", "cached_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.invalid_rate > 0.0 and not self.invalid_kinds:

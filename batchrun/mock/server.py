@@ -333,12 +333,17 @@ class _Endpoint:
         )
         if not faulted:
             self._outcome(outcome)
-        completion_tokens = count_tokens(completion)
-        usage = {
+        completion_tokens = count_tokens(completion) + config.reasoning_tokens
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if config.cached_share or config.reasoning_tokens:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": int(prompt_tokens * config.cached_share)
+            }
+            usage["completion_tokens_details"] = {"reasoning_tokens": config.reasoning_tokens}
         completion_id = "chatcmpl-" + body_hash[:24]
         created = int(time.time())
         if stream:
@@ -384,7 +389,7 @@ class _Endpoint:
         model: str,
         completion: str,
         finish_reason: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
     ) -> web.StreamResponse:
         """Answer as server-sent events; see the module docs of the stream fault variants.
 
