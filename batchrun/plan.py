@@ -14,12 +14,12 @@ from typing import Any
 
 import orjson
 
+from batchrun.checks import check_job
 from batchrun.config import Job
 from batchrun.files import require_folder
 from batchrun.journal import Journal, partial_dir
 from batchrun.lifecycle import (
     RunOptions,
-    check_job,
     earlier_outputs,
     open_schema_via,
     resume_checked,

@@ -125,7 +125,7 @@ def test_bad_request_lines_name_the_line(
     job = load_job(
         None, {"input": str(src), "output": str(tmp_path / "o.parquet"), "api_key_env": ""}
     )
-    from batchrun.lifecycle import check_job
+    from batchrun.checks import check_job
 
     with pytest.raises(InputError) as err:
         check_job(job, RunOptions())

@@ -262,7 +262,7 @@ def test_a_missing_library_is_named_with_the_install_command(
 
 
 def _prepared(job: Any) -> list[Any]:
-    from batchrun.lifecycle import check_job
+    from batchrun.checks import check_job
 
     return list(check_job(job, RunOptions()).rows())
 

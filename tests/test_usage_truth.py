@@ -21,10 +21,11 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
+from batchrun.checks import check_job
 from batchrun.cli import main
 from batchrun.config import Job
 from batchrun.engines.local import run_job as local_run_job
-from batchrun.lifecycle import RunOptions, RunResult, check_job
+from batchrun.lifecycle import RunOptions, RunResult
 from batchrun.mock import MockConfig, serve
 from batchrun.payload import encode_body
 from batchrun.progress import Tally, status_text
