@@ -30,7 +30,7 @@ from batchrun.errors import (
     RequestTimeout,
 )
 from batchrun.failures import AUTH_STATUSES, FailureWatch
-from batchrun.limits import CostBudget, Limits
+from batchrun.limits import SPENT_STREAK, CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
@@ -320,10 +320,14 @@ class Scheduler:
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
-            row.api_s += time.perf_counter() - t
+            api_s = time.perf_counter() - t
+            row.api_s += api_s
             if exc.status not in AUTH_STATUSES:
                 self._key_settled = True
-            if isinstance(exc, RequestTimeout):
+            if isinstance(exc, RateLimited):
+                # When it left, on the limits' clock: which pause episode it belongs to.
+                exc.sent_at = limits.pause.clock() - api_s
+            elif isinstance(exc, RequestTimeout):
                 limits.concurrency.on_overload()
             if spend is not None and reservation is not None:
                 # No answer read: the API may still have generated it, so the worst case stays charged.
@@ -336,6 +340,7 @@ class Scheduler:
         api_s = time.perf_counter() - t
         row.api_s += api_s
         self._key_settled = True
+        limits.pause.streak = 0  # an answer: the 429s before it were not a spent budget
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
@@ -442,10 +447,11 @@ class Scheduler:
         )
 
     def _attempt_failed(self, exc: RequestError, wait_s: float) -> None:
-        """Every failed attempt: a 429 pauses the whole job (for its Retry-After,
-        else ``wait_s``), and the circuit breaker looks at the API. A server
-        that asks to wait longer than batchrun ever waits stops the job (the
-        row is abandoned, for the resume)."""
+        """Every failed attempt: a 429 that shows the API's budget is spent
+        pauses the whole job, once per episode, for the wait it asked for (else
+        ``wait_s``); a lone 429 leaves the others alone (``limits.Pause``). The
+        circuit breaker looks at the API. A server that asks to wait longer than
+        batchrun ever waits stops the job (the row is abandoned, for the resume)."""
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None and retry_after > self._longest_wait_s:
             if self._stop is None:
@@ -460,8 +466,21 @@ class Scheduler:
                     self.grace_s,
                 )
             raise Abandoned("the API asked for a longer wait than batchrun takes")
-        if isinstance(exc, RateLimited):
-            self.limits.rate_limited(exc.retry_after, wait_s)
+        if isinstance(exc, RateLimited) and self.limits.rate_limited(
+            exc.retry_after, wait_s, exc.exhausted, exc.sent_at
+        ):
+            pause_s = self.limits.pause.remaining()
+            why = (
+                "an HTTP 429 says x-ratelimit-remaining is 0"
+                if exc.exhausted
+                else f"{SPENT_STREAK} HTTP 429s in a row"
+            )
+            log.info(
+                "The API's rate limit is spent (%s): every request waits %.2fs",
+                why,
+                pause_s,
+                extra={"event": "rate_limit_pause", "wait_s": round(pause_s, 3), "cause": str(exc)},
+            )
         self._check_api_down(exc)
 
     def _systematic(self, stop: JobStopped | None) -> bool:

@@ -189,14 +189,56 @@ async def test_too_many_failures_stop_the_job() -> None:
     assert len([r for r in journal.records if r["status"] == "error"]) == tally.failed
 
 
-async def test_a_429_pauses_every_row_not_only_its_own() -> None:
+async def test_a_lone_429_retries_only_its_own_row() -> None:
     client = ScriptedClient(
         lambda row_id, n: (
-            RateLimited("HTTP 429", retry_after=2.0) if row_id == "r0" and n == 1 else ANSWER
+            RateLimited("HTTP 429", retry_after=2.0) if row_id == "r1" and n == 1 else ANSWER
         )
     )
-    sched, journal, _ = scheduler(client, 1, FakeSleep())
-    await sched.run(iter(rows(1)), 1)
-    assert sched.limits.pause_active()
-    assert sched.limits.pause.until > 0
-    assert journal.records[0]["attempts"] == 2
+    sleep = FakeSleep()
+    sched, journal, _ = scheduler(client, 4, sleep)
+    await sched.run(iter(rows(4)), 4)
+    assert not sched.limits.pause_active()
+    assert sleep.waits == [2.0]  # r1's own Retry-After; nobody else waited
+    assert sorted(r["attempts"] for r in journal.records) == [1, 1, 1, 2]
+
+
+async def test_a_429_that_says_the_budget_is_spent_pauses_every_row() -> None:
+    client = ScriptedClient(
+        lambda row_id, n: (
+            RateLimited("HTTP 429", retry_after=2.0, remaining_tokens=0)
+            if row_id == "r0" and n == 1
+            else ANSWER
+        )
+    )
+    sleep = FakeSleep()
+    sched, journal, _ = scheduler(client, 4, sleep)
+    await sched.run(iter(rows(4)), 4)
+    assert sched.limits.pause.episodes == 1
+    # r0's own wait, and every attempt (r0's retry and the three other rows)
+    # waits out the pause (FakeSleep leaves the clock alone: about 2 s each).
+    assert 2.0 in sleep.waits
+    assert sleep.waits == [pytest.approx(2.0, abs=0.5)] * 5
+    assert all(r["status"] == "ok" for r in journal.records)
+
+
+@pytest.mark.parametrize(
+    ("script", "episodes"),
+    [
+        ([429, 429, 429, 200], 1),  # three in a row: the budget looks spent
+        ([429, 429, 200, 429, 429, 200], 0),  # an answer between: lone 429s
+    ],
+)
+async def test_429s_in_a_row_pause_the_job_an_answer_between_resets(
+    script: list[int], episodes: int
+) -> None:
+    # One worker, so the answers come in the script's order (two rows, one after the other).
+    outcomes = iter(script)
+
+    def answer(row_id: str, n: int) -> Completion | RequestError:
+        return ANSWER if next(outcomes) == 200 else RateLimited("HTTP 429", retry_after=0.0)
+
+    sched, journal, _ = scheduler(ScriptedClient(answer), 2, FakeSleep(), concurrency=1)
+    await sched.run(iter(rows(2 if episodes == 0 else 1)), 2)
+    assert sched.limits.pause.episodes == episodes
+    assert all(r["status"] == "ok" for r in journal.records)
