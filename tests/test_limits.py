@@ -338,16 +338,17 @@ def test_a_lone_429_still_lowers_auto_concurrency() -> None:
     assert limits.concurrency.limit == 11 and not limits.pause_active()
 
 
-def test_three_429s_in_a_row_pause_the_job_an_answer_between_resets_the_count() -> None:
+def test_429s_in_a_row_pause_the_job_an_answer_between_resets_the_count() -> None:
     clock = FakeClock()
     limits = build(clock=clock)
     pause = limits.pause
-    assert SPENT_STREAK == 3
-    assert [limits.rate_limited(1.0, 0.5) for _ in range(2)] == [False, False]
+    assert SPENT_STREAK == 4
+    lone = [False] * (SPENT_STREAK - 1)
+    assert [limits.rate_limited(1.0, 0.5) for _ in lone] == lone
     pause.streak = 0  # an answer came (Scheduler._post)
-    assert [limits.rate_limited(1.0, 0.5) for _ in range(2)] == [False, False]
+    assert [limits.rate_limited(1.0, 0.5) for _ in lone] == lone
     assert not limits.pause_active()
-    assert limits.rate_limited(1.0, 0.5)  # the third in a row
+    assert limits.rate_limited(1.0, 0.5)  # the fourth in a row
     assert pause.remaining() == pytest.approx(1.0) and pause.episodes == 1
 
 

@@ -21,7 +21,7 @@ from batchrun.errors import (
     ServerError,
     TooManyFailures,
 )
-from batchrun.limits import Limits
+from batchrun.limits import SPENT_STREAK, Limits
 from batchrun.outputs import STATUS_CODES, Record
 from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
@@ -225,9 +225,11 @@ async def test_a_429_that_says_the_budget_is_spent_pauses_every_row() -> None:
 @pytest.mark.parametrize(
     ("script", "episodes"),
     [
-        ([429, 429, 429, 200], 1),  # three in a row: the budget looks spent
-        ([429, 429, 200, 429, 429, 200], 0),  # an answer between: lone 429s
+        ([429] * SPENT_STREAK + [200], 1),  # enough in a row: the budget looks spent
+        ([429] * (SPENT_STREAK - 1) + [200], 0),
+        ([429] * (SPENT_STREAK - 1) + [200] + [429] * (SPENT_STREAK - 1) + [200], 0),
     ],
+    ids=["in-a-row", "one-short", "an-answer-between"],
 )
 async def test_429s_in_a_row_pause_the_job_an_answer_between_resets(
     script: list[int], episodes: int
@@ -238,7 +240,8 @@ async def test_429s_in_a_row_pause_the_job_an_answer_between_resets(
     def answer(row_id: str, n: int) -> Completion | RequestError:
         return ANSWER if next(outcomes) == 200 else RateLimited("HTTP 429", retry_after=0.0)
 
-    sched, journal, _ = scheduler(ScriptedClient(answer), 2, FakeSleep(), concurrency=1)
-    await sched.run(iter(rows(2 if episodes == 0 else 1)), 2)
+    n = script.count(200)
+    sched, journal, _ = scheduler(ScriptedClient(answer), n, FakeSleep(), concurrency=1)
+    await sched.run(iter(rows(n)), n)
     assert sched.limits.pause.episodes == episodes
     assert all(r["status"] == "ok" for r in journal.records)
