@@ -2,7 +2,8 @@
 
 A producer turns input rows into request bodies and puts them on a bounded
 queue; a fixed pool of ``concurrency`` workers takes them off, sends them and
-journals each result the moment it is known. Memory stays flat whatever the
+journals each result the moment it is known (a row waiting to retry lends its
+worker's place meanwhile: ``workers.Workers``). Memory stays flat whatever the
 input's size. A row that fails becomes a result (``status = "error"``), never
 a crash; only a job-level stop (bad key, signal, …) ends the run early.
 """
@@ -10,6 +11,7 @@ a crash; only a job-level stop (bad key, signal, …) ends the run early.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -37,6 +39,7 @@ from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
 from batchrun.structured import InvalidAnswer, Structured
+from batchrun.workers import Workers
 
 log = logging.getLogger("batchrun")
 
@@ -113,7 +116,12 @@ class Scheduler:
         self.client = client
         self.results = results
         self.tally = tally
-        self.policy = policy
+        # A row's wait before a retry lends its worker's place to a stand-in,
+        # except while schema_via's search keeps that row's turn.
+        self.workers = Workers(
+            job.workers, self._work, policy.sleep, lambda: via is None or via.settled
+        )
+        self.policy = dataclasses.replace(policy, sleep=self.workers.rest)
         # Set when the job stops: a row waiting to retry is then abandoned, not sent.
         self._stopped = asyncio.Event()
         self.limits = limits
@@ -124,7 +132,6 @@ class Scheduler:
         self.grace_s = grace_s
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
-        self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         # Failed rows before the first answer are held back, not journaled: a job
         # stopped for a bad key, or because every request fails the same way
@@ -151,7 +158,7 @@ class Scheduler:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(rows))
-                self._workers = [tg.create_task(self._work()) for _ in range(self.job.workers)]
+                self.workers.start(tg)
         except BaseExceptionGroup as group:
             raise _first_batchrun_error(group) from None
         if self._stop is not None:
@@ -165,11 +172,10 @@ class Scheduler:
         self._stopped.set()
         if self._producer is not None:
             self._producer.cancel()
-        # Wake the idle workers: the queue is emptied, so the wake-ups always fit.
+        # Wake the idle workers: the queue is emptied, so the wake-up fits.
         while not self.queue.empty():
             self.queue.get_nowait()
-        for _ in self._workers:
-            self.queue.put_nowait(None)
+        self.queue.put_nowait(None)
         asyncio.get_running_loop().call_later(grace_s, self._cancel_all)
 
     def stop_now(self, error: JobStopped) -> None:
@@ -181,8 +187,7 @@ class Scheduler:
     def _cancel_all(self) -> None:
         if self._producer is not None:
             self._producer.cancel()
-        for task in self._workers:
-            task.cancel()
+        self.workers.cancel()
 
     async def _produce(self, rows: Iterator[Prepared]) -> None:
         for p in rows:
@@ -192,13 +197,20 @@ class Scheduler:
                 self._record(self._error_record(p, p.error, None, 0, _now_us()))
                 continue
             await self.queue.put(p)
-        for _ in range(self.job.workers):
-            await self.queue.put(None)
+        await self.queue.put(None)
 
     async def _work(self) -> None:
+        workers, queue = self.workers, self.queue
         while self._stop is None:
-            p = await self.queue.get()
-            if p is None or self._stop is not None:
+            if workers.waiting:  # a row back from its retry wait takes this place
+                workers.leave()
+                return
+            p = await queue.get()
+            if p is None:
+                queue.put_nowait(None)  # the end of the rows, for every other worker too
+                workers.leave()
+                return
+            if self._stop is not None:
                 return
             await self._send(p)
 

@@ -245,3 +245,99 @@ async def test_429s_in_a_row_pause_the_job_an_answer_between_resets(
     await sched.run(iter(rows(n)), n)
     assert sched.limits.pause.episodes == episodes
     assert all(r["status"] == "ok" for r in journal.records)
+
+
+# ---- a row waiting to retry lends its worker's place ----------------------------------
+
+
+class GateSleep(FakeSleep):
+    """Every wait lasts until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await self.gate.wait()
+
+
+class CountingClient(ScriptedClient):
+    """A ScriptedClient that counts the requests in flight at once."""
+
+    def __init__(self, script: Callable[[str, int], Completion | RequestError]) -> None:
+        super().__init__(script)
+        self.in_flight = self.peak = 0
+
+    async def complete(self, body: bytes) -> Completion:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            return await super().complete(body)
+        finally:
+            self.in_flight -= 1
+
+
+async def settle(journal: MemoryJournal, records: int, within_s: float = 2.0) -> None:
+    """Until ``records`` rows are journaled, or ``within_s`` seconds went by."""
+    for _ in range(int(within_s / 0.005)):
+        if len(journal.records) >= records:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_the_other_rows_are_sent_while_a_row_waits_to_retry() -> None:
+    client = CountingClient(
+        lambda row_id, n: ServerError("HTTP 503", 503) if row_id == "r0" and n == 1 else ANSWER
+    )
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 12, sleep, concurrency=2)
+    run = asyncio.create_task(sched.run(iter(rows(12)), 12))
+    await settle(journal, 11)
+    # r0 waits for its retry; its worker's place went to a stand-in, so all
+    # eleven other rows were sent meanwhile, never more than 2 at once.
+    assert sorted(r["row"] for r in journal.records) == list(range(1, 12))
+    assert client.calls["r0"] == 1 and client.peak == 2
+    sleep.gate.set()
+    await asyncio.wait_for(run, 5)
+    assert len(journal.records) == 12 and client.calls["r0"] == 2
+    assert client.peak == 2 and not sched.workers.tasks
+
+
+async def test_at_most_concurrency_rows_wait_with_their_place_lent() -> None:
+    # Every row's first attempt fails; its retry waits until the gate opens.
+    client = CountingClient(lambda row_id, n: ServerError("HTTP 503", 503) if n == 1 else ANSWER)
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 10, sleep, concurrency=2)
+    run = asyncio.create_task(sched.run(iter(rows(10)), 10))
+    await settle(journal, 1, within_s=0.3)  # none will come: every row is waiting
+    # Two rows lent their places, two more wait holding theirs: four rows started, no more.
+    assert sorted(client.calls) == ["r0", "r1", "r2", "r3"]
+    assert journal.records == []
+    sleep.gate.set()
+    await asyncio.wait_for(run, 5)
+    assert sorted(r["row"] for r in journal.records) == list(range(10))
+    assert all(r["attempts"] == 2 for r in journal.records) and client.peak <= 2
+
+
+async def test_a_stop_abandons_a_row_back_from_its_wait_without_a_place() -> None:
+    client = CountingClient(
+        lambda row_id, n: ServerError("HTTP 503", 503) if row_id == "r0" and n == 1 else ANSWER
+    )
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 200, sleep, concurrency=1)
+
+    run = asyncio.create_task(sched.run(iter(rows(200)), 200))
+    await settle(journal, 3)
+    sleep.gate.set()  # r0 is back and waits for the stand-in to finish its row...
+    for _ in range(1000):
+        if sched.workers.waiting:
+            break
+        await asyncio.sleep(0)
+    assert sched.workers.waiting
+    sched.stop(Interrupted("Stopped by Ctrl-C.", exit_code=130), 0.05)  # ...when the job stops
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(run, 5)
+    assert 0 not in {r["row"] for r in journal.records}  # r0 left for the resume
+    assert client.calls["r0"] == 1
