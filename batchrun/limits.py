@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from batchrun.aio import Line, wait_in_line, wake_first
 from batchrun.prices import ModelPrice
 
 Clock = Callable[[], float]
@@ -132,7 +133,7 @@ class AdaptiveLimit:
         self.clock = clock
         self.cooldown_s = cooldown_s
         self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: Line = deque()
         self._successes = 0
         self._best_latency_s: float | None = None
         self._last_cut = -1e18
@@ -140,17 +141,7 @@ class AdaptiveLimit:
     @contextlib.asynccontextmanager
     async def place(self) -> AsyncIterator[None]:
         while self.in_flight >= self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # pass on the wake-up this waiter no longer uses
-                raise
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            await wait_in_line(self._waiters, self._wake)
         self.in_flight += 1
         try:
             yield
@@ -160,11 +151,8 @@ class AdaptiveLimit:
 
     def _wake(self) -> None:
         free = self.limit - self.in_flight
-        while free > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+        while free > 0 and wake_first(self._waiters):
+            free -= 1
 
     def on_success(self, latency_s: float) -> None:
         if not self.auto:

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from batchrun.aio import Line, wait_in_line, wake_first
+
 
 class Workers:
     """``size`` places for rows being sent. ``work`` is a worker's loop: it
@@ -44,7 +46,7 @@ class Workers:
         self.tasks: set[asyncio.Task[None]] = set()
         self._group: asyncio.TaskGroup | None = None
         self._resting = 0  # rows waiting to retry whose place a stand-in took
-        self.waiting: deque[asyncio.Future[None]] = deque()  # rows back, for a place
+        self.waiting: Line = deque()  # rows back from their wait, for a place
         self._spare = 0  # places no worker holds (their workers ended: no more rows)
 
     def start(self, group: asyncio.TaskGroup) -> None:
@@ -83,24 +85,13 @@ class Workers:
     async def _take_place(self) -> None:
         if self._spare:
             self._spare -= 1
-            return
-        back = asyncio.get_running_loop().create_future()
-        self.waiting.append(back)
-        try:
-            await back
-        except asyncio.CancelledError:
-            if back.done() and not back.cancelled():
-                self.leave()  # pass on the place this row no longer uses
-            else:
-                self.waiting.remove(back)
-            raise
+        else:
+            # A worker that ends hands its place over; a row cancelled after it
+            # got one (the job stopping) passes it on.
+            await wait_in_line(self.waiting, self.leave)
 
     def leave(self) -> None:
         """A worker ends: its place goes to the first row back from its wait,
         else stays spare for the next one."""
-        while self.waiting:
-            back = self.waiting.popleft()
-            if not back.done():
-                back.set_result(None)
-                return
-        self._spare += 1
+        if not wake_first(self.waiting):
+            self._spare += 1
