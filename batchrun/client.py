@@ -83,6 +83,34 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def wait_asked(headers: Mapping[str, str]) -> float | None:
+    """The wait in seconds an error answer asks for: ``retry-after-ms`` (OpenAI's
+    and Azure's, in milliseconds, more precise than whole seconds) when it is
+    readable, else ``Retry-After``. None when neither is; never negative.
+    ``headers`` must match names in any case (aiohttp's do)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms.strip())
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value):
+                return max(0.0, value / 1000)
+    return parse_retry_after(headers.get("Retry-After"))
+
+
+def _count(value: str | None) -> int | None:
+    """A whole count from a header (``x-ratelimit-remaining-requests: 0``); None
+    when absent or unreadable, so a missing header never reads as "spent"."""
+    if value is None:
+        return None
+    try:
+        return max(0, int(value.strip()))
+    except ValueError:
+        return None
+
+
 REDACTED = "[redacted]"
 # JSON's short escapes (and Python's, in a repr), by the character they stand for.
 _SHORT_ESCAPES = {
@@ -297,7 +325,7 @@ class ApiClient:
                     ):
                         return self._redact_answer(await self._read_stream(resp, sent))
                     raw = await self._read_body(resp)
-                    retry_after = resp.headers.get("Retry-After") if status >= 300 else None
+                    headers = resp.headers if status >= 300 else None
                     break
             else:
                 raise FatalRequestError(
@@ -319,7 +347,7 @@ class ApiClient:
             ) from exc
         if 200 <= status < 300:
             return self._redact_answer(self._read_answer(raw, status))
-        raise self._status_error(status, raw, retry_after)
+        raise self._status_error(status, raw, headers)
 
     def _redirect_target(self, resp: aiohttp.ClientResponse) -> URL:
         """Where a redirect points, when batchrun follows it: a 307 or 308 within
@@ -528,12 +556,24 @@ class ApiClient:
             raise
         return answer if status == 200 else replace(answer, http_status=status)
 
-    def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> RequestError:
+    def _status_error(
+        self, status: int, raw: bytes, headers: Mapping[str, str] | None
+    ) -> RequestError:
+        """Our error for an error answer, classified by its status; a 429 or 5xx
+        also carries the wait it asked for, and a 429 what it says is left of
+        the API's budgets (``x-ratelimit-remaining-*``)."""
         # Redact before cutting: a key split by the cut would no longer match.
         text = self._redact(_error_text(raw))[:MAX_ERROR_TEXT]
         message = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+        headers = headers or {}
         if status == 429:
-            return RateLimited(message, status, parse_retry_after(retry_after))
+            return RateLimited(
+                message,
+                status,
+                wait_asked(headers),
+                remaining_requests=_count(headers.get("x-ratelimit-remaining-requests")),
+                remaining_tokens=_count(headers.get("x-ratelimit-remaining-tokens")),
+            )
         if status in RETRYABLE_STATUS or status >= 500:
-            return ServerError(message, status, parse_retry_after(retry_after))
+            return ServerError(message, status, wait_asked(headers))
         return FatalRequestError(message, status)

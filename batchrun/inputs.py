@@ -71,7 +71,6 @@ class Scan:
         return self.num_rows - int(self.skip.sum())
 
 
-
 _U64_MAX = 2**64 - 1
 
 

@@ -2,7 +2,8 @@
 
 A producer turns input rows into request bodies and puts them on a bounded
 queue; a fixed pool of ``concurrency`` workers takes them off, sends them and
-journals each result the moment it is known. Memory stays flat whatever the
+journals each result the moment it is known (a row waiting to retry lends its
+worker's place meanwhile: ``workers.Workers``). Memory stays flat whatever the
 input's size. A row that fails becomes a result (``status = "error"``), never
 a crash; only a job-level stop (bad key, signal, …) ends the run early.
 """
@@ -10,6 +11,7 @@ a crash; only a job-level stop (bad key, signal, …) ends the run early.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -31,7 +33,7 @@ from batchrun.errors import (
     RequestTimeout,
 )
 from batchrun.failures import AUTH_STATUSES, FailureWatch
-from batchrun.limits import CostBudget, Limits
+from batchrun.limits import SPENT_STREAK, CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared, unwanted
 from batchrun.prices import ONLINE
@@ -40,6 +42,7 @@ from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
 from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
+from batchrun.workers import Workers
 
 log = logging.getLogger("batchrun")
 
@@ -128,7 +131,12 @@ class Scheduler:
         self.client = client
         self.results = results
         self.tally = tally
-        self.policy = policy
+        # A row's wait before a retry lends its worker's place to a stand-in,
+        # except while schema_via's search keeps that row's turn.
+        self.workers = Workers(
+            job.workers, self._work, policy.sleep, lambda: via is None or via.settled
+        )
+        self.policy = dataclasses.replace(policy, sleep=self.workers.rest)
         # Set when the job stops: a row waiting to retry is then abandoned, not sent.
         self._stopped = asyncio.Event()
         self.limits = limits
@@ -139,7 +147,6 @@ class Scheduler:
         self.grace_s = grace_s
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
-        self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         # Failed rows before the first answer are held back, not journaled: a job
         # stopped for a bad key, or because every request fails the same way
@@ -166,7 +173,7 @@ class Scheduler:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(rows))
-                self._workers = [tg.create_task(self._work()) for _ in range(self.job.workers)]
+                self.workers.start(tg)
         except BaseExceptionGroup as group:
             raise _first_batchrun_error(group) from None
         if self._stop is not None:
@@ -180,11 +187,10 @@ class Scheduler:
         self._stopped.set()
         if self._producer is not None:
             self._producer.cancel()
-        # Wake the idle workers: the queue is emptied, so the wake-ups always fit.
+        # Wake the idle workers: the queue is emptied, so the wake-up fits.
         while not self.queue.empty():
             self.queue.get_nowait()
-        for _ in self._workers:
-            self.queue.put_nowait(None)
+        self.queue.put_nowait(None)
         asyncio.get_running_loop().call_later(grace_s, self._cancel_all)
 
     def stop_now(self, error: JobStopped) -> None:
@@ -196,8 +202,7 @@ class Scheduler:
     def _cancel_all(self) -> None:
         if self._producer is not None:
             self._producer.cancel()
-        for task in self._workers:
-            task.cancel()
+        self.workers.cancel()
 
     async def _produce(self, rows: Iterator[Prepared]) -> None:
         for p in rows:
@@ -207,13 +212,20 @@ class Scheduler:
                 self._record(self._error_record(p, p.error, None, 0, _now_us()))
                 continue
             await self.queue.put(p)
-        for _ in range(self.job.workers):
-            await self.queue.put(None)
+        await self.queue.put(None)
 
     async def _work(self) -> None:
+        workers, queue = self.workers, self.queue
         while self._stop is None:
-            p = await self.queue.get()
-            if p is None or self._stop is not None:
+            if workers.waiting:  # a row back from its retry wait takes this place
+                workers.leave()
+                return
+            p = await queue.get()
+            if p is None:
+                queue.put_nowait(None)  # the end of the rows, for every other worker too
+                workers.leave()
+                return
+            if self._stop is not None:
                 return
             await self._send(p)
 
@@ -345,10 +357,14 @@ class Scheduler:
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
-            row.api_s += time.perf_counter() - t
+            api_s = time.perf_counter() - t
+            row.api_s += api_s
             if exc.status not in AUTH_STATUSES:
                 self._key_settled = True
-            if isinstance(exc, RequestTimeout):
+            if isinstance(exc, RateLimited):
+                # When it left, on the limits' clock: which pause episode it belongs to.
+                exc.sent_at = limits.pause.clock() - api_s
+            elif isinstance(exc, RequestTimeout):
                 limits.concurrency.on_overload()
             paid = exc.answer if isinstance(exc, EmptyAnswer) else None
             if paid is not None:
@@ -365,6 +381,7 @@ class Scheduler:
         api_s = time.perf_counter() - t
         row.api_s += api_s
         self._key_settled = True
+        limits.pause.streak = 0  # an answer: the 429s before it were not a spent budget
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
@@ -481,10 +498,11 @@ class Scheduler:
         )
 
     def _attempt_failed(self, exc: RequestError, wait_s: float) -> None:
-        """Every failed attempt: a 429 pauses the whole job (for its Retry-After,
-        else ``wait_s``), and the circuit breaker looks at the API. A server
-        that asks to wait longer than batchrun ever waits stops the job (the
-        row is abandoned, for the resume)."""
+        """Every failed attempt: a 429 that shows the API's budget is spent
+        pauses the whole job, once per episode, for the wait it asked for (else
+        ``wait_s``); a lone 429 leaves the others alone (``limits.Pause``). The
+        circuit breaker looks at the API. A server that asks to wait longer than
+        batchrun ever waits stops the job (the row is abandoned, for the resume)."""
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None and retry_after > self._longest_wait_s:
             if self._stop is None:
@@ -499,8 +517,21 @@ class Scheduler:
                     self.grace_s,
                 )
             raise Abandoned("the API asked for a longer wait than batchrun takes")
-        if isinstance(exc, RateLimited):
-            self.limits.rate_limited(exc.retry_after, wait_s)
+        if isinstance(exc, RateLimited) and self.limits.rate_limited(
+            exc.retry_after, wait_s, exc.exhausted, exc.sent_at
+        ):
+            pause_s = self.limits.pause.remaining()
+            why = (
+                "an HTTP 429 says x-ratelimit-remaining is 0"
+                if exc.exhausted
+                else f"{SPENT_STREAK} HTTP 429s in a row"
+            )
+            log.info(
+                "The API's rate limit is spent (%s): every request waits %.2fs",
+                why,
+                pause_s,
+                extra={"event": "rate_limit_pause", "wait_s": round(pause_s, 3), "cause": str(exc)},
+            )
         self._check_api_down(exc)
 
     def _systematic(self, stop: JobStopped | None) -> bool:

@@ -23,12 +23,17 @@ never share a core. Results are printed as a table and written to
    an IP address; every value distinct), the same job with and without
    ``--pii email,phone,card,iban,ip`` end to end in alternating pairs, and the
    scanning alone in µs per KB of prompt (needs ``batchrun[pii]``).
+8. Sporadic 429s and 503s (5% of answers, Retry-After 1 s, no budget spent):
+   rows/s against the fault-free run on the same rows, in alternating pairs.
+9. A rate limit the server enforces (``--rpm-limit``): the share of the limit
+   batchrun gets and the 429s it takes per row.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
-``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help), ``BENCH_KEEP=1`` (keep the temp dir).
+``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
+sporadic, ratelimit), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -69,7 +75,18 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "1") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
-SECTIONS = ("throughput", "sdk", "pacing", "structured", "pii", "memory", "latency", "help")
+SECTIONS = (
+    "throughput",
+    "sdk",
+    "pacing",
+    "structured",
+    "pii",
+    "memory",
+    "latency",
+    "help",
+    "sporadic",
+    "ratelimit",
+)
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
 )
@@ -100,6 +117,17 @@ TARGET_PII_US_PER_KB = 100.0
 PII_KINDS = "email,phone,card,iban,ip"
 TRIAGE_SCHEMA = HERE.parent / "jobs" / "triage_schema.json"
 STRUCTURED_LATENCY_ROWS = 5000
+SPORADIC_ROWS = min(5000, ROWS)
+SPORADIC_CONCURRENCY = 64
+SPORADIC_FLAGS = ("--fault-rate", "0.05", "--faults", "429,503", "--retry-after-s", "1")
+TARGET_SPORADIC_EXTRA_S = 3.0
+LIMIT_RPM = 30_000
+LIMIT_ROWS = min(5000, ROWS)
+LIMIT_CONCURRENCY = (16, 64)
+LIMIT_RUNS = 2
+TARGET_LIMIT_CONCURRENCY = 16  # the job's default; more workers take more 429s a row
+TARGET_LIMIT_SHARE = 0.95
+TARGET_LIMIT_429S = 0.05
 
 # No proxy may route a loopback request anywhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -251,19 +279,23 @@ def run_proc(
 class MockServer:
     """``batchrun mock-server`` in its own process on 127.0.0.1, pinned to the server core."""
 
-    def __init__(self, workdir: Path, latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, workdir: Path, latency_ms: float = 0.0, flags: Sequence[str] = (), name: str = ""
+    ) -> None:
         self.workdir = workdir
         self.latency_ms = latency_ms
+        self.flags = tuple(flags)
+        self.name = name or f"{latency_ms:g}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.root = ""
 
     def __enter__(self) -> MockServer:
-        ready = self.workdir / f"mock-ready-{self.latency_ms:g}"
+        ready = self.workdir / f"mock-ready-{self.name}"
         ready.unlink(missing_ok=True)
-        self.log = (self.workdir / f"mock-{self.latency_ms:g}.log").open("wb")
+        self.log = (self.workdir / f"mock-{self.name}.log").open("wb")
         cmd = [PY, "-m", "batchrun", "mock-server", "--host", "127.0.0.1", "--port", "0"]
-        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}"]
+        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}", *self.flags]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -278,7 +310,7 @@ class MockServer:
                 if self.proc.poll() is not None:
                     raise BenchError(
                         f"mock server exited with {self.proc.returncode}: "
-                        + (self.workdir / f"mock-{self.latency_ms:g}.log").read_text()[-2000:]
+                        + (self.workdir / f"mock-{self.name}.log").read_text()[-2000:]
                     )
                 if time.monotonic() > deadline:
                     raise BenchError("mock server not ready within 30s")
@@ -291,7 +323,10 @@ class MockServer:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        say(f"mock server ({self.latency_ms:g} ms latency) on {self.base_url}, pid {self.proc.pid}")
+        say(
+            f"mock server ({self.latency_ms:g} ms latency{' '.join(('', *self.flags))}) "
+            f"on {self.base_url}, pid {self.proc.pid}"
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -416,8 +451,13 @@ def _finish(
             f"{kind} exited {proc.rc}: {' '.join(cmd[:4])} ...\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}"
         )
     send_s = _check_output(output, rows)
-    received = server.stats().get("requests")
-    if received != rows:
+    stats = server.stats()
+    received = stats.get("requests")
+    if server.flags:  # faults or a limit: retried rows make more requests than rows
+        extra["outcomes"] = stats.get("by_outcome", {})
+        if stats["by_outcome"].get("ok") != rows:
+            raise BenchError(f"{kind}: the server answered {stats['by_outcome']} for {rows} rows")
+    elif received != rows:
         raise BenchError(f"{kind}: the server received {received} requests for {rows} rows")
     if not extra.pop("keep_output", False):
         output.unlink(missing_ok=True)
@@ -822,6 +862,77 @@ def bench_latency(server: MockServer, workdir: Path, tickets: Path) -> dict[str,
     runs["minimal"].append(r)
     say(f"latency {LATENCY_MS} ms reference: minimal {r.rows_per_s:,.0f} rows/s end to end")
     return runs
+
+
+def bench_sporadic(server: MockServer, workdir: Path, tickets: Path) -> Pairs:
+    """The same rows against the fault-free endpoint and one that answers 5% of
+    requests with a 429 (Retry-After: 1, no budget spent) or a 503."""
+    rows = SPORADIC_ROWS
+    small = head_lines(tickets, workdir / f"tickets-sporadic-{rows}.jsonl", rows)
+    warm = head_lines(tickets, workdir / "warmup.jsonl", 2000)
+    run_batchrun(server, workdir, warm, 2000, SPORADIC_CONCURRENCY)  # discarded
+    with MockServer(workdir, flags=SPORADIC_FLAGS, name="sporadic") as faulty:
+        return alternate(
+            PAIRS,
+            lambda: run_batchrun(server, workdir, small, rows, SPORADIC_CONCURRENCY),
+            lambda: run_batchrun(
+                faulty, workdir, small, rows, SPORADIC_CONCURRENCY, kind="batchrun, 5% 429/503"
+            ),
+            f"sporadic 429/503 c={SPORADIC_CONCURRENCY}",
+        )
+
+
+def bench_ratelimit(server: MockServer, workdir: Path, tickets: Path) -> dict[int, list[Run]]:
+    """batchrun (no rpm of its own) against an endpoint that enforces LIMIT_RPM."""
+    rows = LIMIT_ROWS
+    small = head_lines(tickets, workdir / f"tickets-limit-{rows}.jsonl", rows)
+    out: dict[int, list[Run]] = {}
+    flags = ("--rpm-limit", str(LIMIT_RPM))
+    with MockServer(workdir, flags=flags, name="limit") as limited:
+        for c in LIMIT_CONCURRENCY:
+            out[c] = []
+            for i in range(LIMIT_RUNS):
+                r = run_batchrun(
+                    limited, workdir, small, rows, c, kind="batchrun vs rpm limit", keep_output=True
+                )
+                output = workdir / "batchrun-out.parquet"
+                r.extra["steady_share"] = _steady_share(output)
+                output.unlink()
+                out[c].append(r)
+                say(
+                    f"rpm limit {LIMIT_RPM:,} c={c} run {i + 1}/{LIMIT_RUNS}: "
+                    f"{_limit_share(r):.1%} of the limit ({r.extra['steady_share']:.1%} steady), "
+                    f"{_refused_per_row(r):.3f} 429s a row"
+                )
+    return out
+
+
+def _limit_share(r: Run) -> float:
+    """Rows / what the limit admits while sending: the refill over the sending
+    span plus the one second's worth the bucket holds at the start."""
+    rate = LIMIT_RPM / 60
+    return r.rows / (rate * r.send_s + rate)
+
+
+def _steady_share(path: Path) -> float:
+    """The share of the limit between the first and the last pause (a gap of
+    over half a second between rows finishing; the pauses last about 1 s): rows
+    finished from the end of the first pause to the end of the last / the
+    refill meanwhile. Leaves out the start (a full bucket) and the end (the
+    last refill, waited for whole though the last rows need only part of it)."""
+    import pyarrow.parquet as pq
+
+    times = sorted(pq.read_table(path, columns=["finished_at"]).column(0).to_pylist())
+    gaps = [b for a, b in itertools.pairwise(times) if (b - a).total_seconds() > 0.5]
+    if len(gaps) < 2:
+        return float("nan")
+    first, last = gaps[0], gaps[-1]
+    inside = sum(1 for t in times if first <= t < last)
+    return inside / (LIMIT_RPM / 60 * (last - first).total_seconds())
+
+
+def _refused_per_row(r: Run) -> float:
+    return float(r.extra.get("outcomes", {}).get("rpm-limit", 0)) / r.rows
 
 
 def bench_help(workdir: Path) -> dict[str, Any]:
@@ -1316,6 +1427,104 @@ def _render_pii(
     )
 
 
+def _render_sporadic(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 8. sporadic 429s and 503s
+    pairs: Pairs = report["sporadic"]
+    ratios = pairs.ratios()
+    extra_s = [rb.wall_s - ra.wall_s for ra, rb in zip(pairs.a, pairs.b, strict=True)]
+    refused = [r.extra["outcomes"] for r in pairs.b]
+    n429 = _median([o.get("429", 0) for o in refused])
+    n503 = _median([o.get("503", 0) for o in refused])
+    md += [
+        f"## 8. Sporadic 429s and 503s ({SPORADIC_ROWS:,} rows, concurrency {SPORADIC_CONCURRENCY})",
+        "",
+        "The endpoint answers 5% of requests (retries included) with a 429 (`Retry-After: 1`,",
+        "no rate-limit header: no budget is spent) or a 503, half each; the same rows against the",
+        "fault-free endpoint, in alternating pairs.",
+        "",
+        "| program | end-to-end rows/s (median, range) | wall s | sending rows/s | 429s | 503s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        outcomes = [r.extra.get("outcomes", {}) for r in runs]
+        md.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'wall_s', '{:.1f}')} | "
+            f"{_cell(runs, 'send_rows_per_s')} | {_median([o.get('429', 0) for o in outcomes]):.0f} | "
+            f"{_median([o.get('503', 0) for o in outcomes]):.0f} |"
+        )
+    extra = _median(extra_s)
+    md += [
+        "",
+        f"Sporadic / fault-free rows/s: **{_median(ratios):.2f}** ({_range(ratios)}); the job takes "
+        f"**{extra:+.1f} s** ({_range(extra_s, '{:+.1f}')}) longer, the waits of the last retried rows "
+        f"(a 1 s Retry-After, twice for a row refused twice). Pausing every row for each 429 would "
+        f"add about one Retry-After per 429: {n429:.0f} s here. Target: at most "
+        f"{TARGET_SPORADIC_EXTRA_S:g} s longer: {_met(extra <= TARGET_SPORADIC_EXTRA_S)}.",
+        "",
+    ]
+    summary.append(
+        (
+            f"sporadic 429/503 c={SPORADIC_CONCURRENCY}",
+            f"{_cell(pairs.b, 'rows_per_s')} vs {_cell(pairs.a, 'rows_per_s')} rows/s fault-free = "
+            f"{_median(ratios):.2f}x; {extra:+.1f} s ({n429:.0f} 429s, {n503:.0f} 503s, "
+            f"{SPORADIC_ROWS:,} rows)",
+            f"≤ {TARGET_SPORADIC_EXTRA_S:g} s longer than fault-free",
+            _met(extra <= TARGET_SPORADIC_EXTRA_S),
+        )
+    )
+
+
+def _render_ratelimit(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 9. an enforced rate limit
+    lim: dict[int, list[Run]] = report["ratelimit"]
+    rate = LIMIT_RPM / 60
+    md += [
+        f"## 9. A rate limit the server enforces ({LIMIT_ROWS:,} rows, `--rpm-limit {LIMIT_RPM}`)",
+        "",
+        f"The endpoint admits {rate:,.0f} requests a second from a bucket of one second's worth",
+        "and answers the rest 429 with `x-ratelimit-remaining-requests: 0` and a Retry-After until",
+        "the bucket is full again; batchrun has no `rpm` of its own. *Share of the limit, whole run*:",
+        "rows / (the refill over the sending span + the full bucket at the start). *Steady*: rows",
+        "finished between the end of the first pause and the end of the last / the refill meanwhile;",
+        "it leaves out the end, where the job waits for a whole refill of which its last rows use",
+        "only part (up to a second of a 10 s run), and carries the target.",
+        "",
+        "| concurrency | runs | sending rows/s | share of the limit, whole run (median, range) | steady (median, range) | 429s a row (median, range) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, runs in lim.items():
+        shares = [_limit_share(r) for r in runs]
+        steady = [r.extra["steady_share"] for r in runs]
+        refused = [_refused_per_row(r) for r in runs]
+        md.append(
+            f"| {c} | {len(runs)} | {_cell(runs, 'send_rows_per_s')} | {_median(shares):.1%} "
+            f"({_range(shares, '{:.1%}')}) | **{_median(steady):.1%}** ({_range(steady, '{:.1%}')}) | "
+            f"**{_median(refused):.3f}** ({_range(refused, '{:.3f}')}) |"
+        )
+        judged = c == TARGET_LIMIT_CONCURRENCY
+        met = _median(steady) >= TARGET_LIMIT_SHARE and _median(refused) <= TARGET_LIMIT_429S
+        summary.append(
+            (
+                f"rpm limit {LIMIT_RPM:,} c={c}",
+                f"{_median(steady):.1%} of the limit steady ({_median(shares):.1%} over the whole "
+                f"run), {_median(refused):.3f} 429s a row",
+                f"≥ {TARGET_LIMIT_SHARE:.0%}, ≤ {TARGET_LIMIT_429S} 429s a row" if judged else "—",
+                _met(met if judged else None),
+            )
+        )
+    md += [
+        "",
+        "Each time the budget runs out, the requests in flight come back 429: about one",
+        "concurrency's worth per second of the limit, so more workers take more 429s a row;",
+        f"the target applies at the job's default concurrency ({TARGET_LIMIT_CONCURRENCY}).",
+        "",
+    ]
+
+
 def render(report: dict[str, Any]) -> tuple[str, str]:
     """(summary table for the terminal, the whole results.md)."""
     m, v = report["machine"], report["versions"]
@@ -1365,6 +1574,8 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("pacing", _render_pacing),
         ("structured", _render_structured),
         ("pii", _render_pii),
+        ("sporadic", _render_sporadic),
+        ("ratelimit", _render_ratelimit),
     ):
         if name in report:
             section(report, md, summary)
@@ -1442,6 +1653,8 @@ def main() -> int:
             "pii": bench_pii,
         }
         plain["memory"] = bench_memory
+        plain["sporadic"] = bench_sporadic
+        plain["ratelimit"] = bench_ratelimit
         if any(name in ONLY for name in plain):
             with MockServer(workdir) as server:
                 for name, bench in plain.items():

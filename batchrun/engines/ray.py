@@ -40,7 +40,8 @@ What it does not do, or does differently:
   ``ray job submit`` that is the head node.
 - ``max_cost`` is refused (a budget cannot be split across actors without
   stopping early or overshooting); a prices file still shows the spend.
-- A 429 pauses the actor that got it (its share of the rpm), not the others.
+- A 429 that shows the rate limit is spent pauses the actor that got it (its
+  share of the rpm), not the others.
 - ``max_failures`` is counted by the driver as batches arrive, so the job stops
   at the end of the batch that passed it. ``api_down_after_s`` and the
   401/403 key probe work within each batch (an actor probes the key again at

@@ -26,6 +26,7 @@ ANSWER_KINDS: tuple[str, ...] = (
 FAULT_KINDS: tuple[str, ...] = (
     "429",
     "429-no-retry-after",
+    "429-exhausted",
     "500",
     "502",
     "503",
@@ -41,10 +42,11 @@ FAULT_KINDS: tuple[str, ...] = (
 """Every fault the mock can inject (see :class:`MockConfig`)."""
 
 FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(
-    k for k in FAULT_KINDS if k != "stream-cut" and k not in ANSWER_KINDS
+    k for k in FAULT_KINDS if k not in ("stream-cut", "429-exhausted") and k not in ANSWER_KINDS
 )
 """Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for
-streams) and the :data:`ANSWER_KINDS`."""
+streams), ``"429-exhausted"`` (a spent budget, which pauses a whole job: asked
+for by name) and the :data:`ANSWER_KINDS`."""
 
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
@@ -126,6 +128,20 @@ class MockConfig:
             (events ``{"token": ...}`` that are not OpenAI chunks); a plain request
             drawing one of those two gets the plain answer.
         retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
+        retry_after_s: Value of the ``Retry-After`` header on ``"429"`` and
+            ``"429-exhausted"`` faults. ``"429-exhausted"`` also says
+            ``x-ratelimit-remaining-requests: 0`` (the budget is spent);
+            ``"429-no-retry-after"`` sends no header.
+        send_retry_after_ms: Every ``Retry-After`` the mock sends also comes as
+            ``retry-after-ms`` (milliseconds), and ``Retry-After`` itself in whole
+            seconds rounded up, as servers that send both do.
+        rpm_limit: Requests a minute the mock admits (0: no limit), as a bucket of
+            one second's worth (at least one request) refilled evenly; a request that
+            finds it empty gets 429 ``rate_limit_exceeded`` (outcome ``"rpm-limit"``)
+            with ``x-ratelimit-remaining-requests: 0`` and a ``Retry-After`` of the
+            time until the bucket is full again. With a limit, every answer carries
+            ``x-ratelimit-limit-requests``, ``-remaining-requests`` and
+            ``-reset-requests``. Counted after authentication, before validation.
         hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
             to exceed the client's timeout).
         seed: Seed of the deterministic fault draws.
@@ -196,6 +212,13 @@ class MockConfig:
         parse=_fault_kinds,
     )
     retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
+    send_retry_after_ms: bool = _flag(
+        False, "Send retry-after-ms too, and Retry-After in whole seconds rounded up."
+    )
+    rpm_limit: float = _flag(
+        0.0,
+        "Admit this many requests a minute, 429 with x-ratelimit headers past it (0: no limit).",
+    )
     hang_s: float = _flag(30.0, "How long a hang fault holds the answer.")
     seed: int = _flag(0, "Seed of the fault draws.")
     context_tokens: int = _flag(32768, "Prompts longer than this get 400 context_length_exceeded.")
@@ -244,7 +267,7 @@ class MockConfig:
             raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
         if self.fault_rate > 0.0 and not self.faults:
             raise ValueError("fault_rate > 0 needs at least one fault kind in faults")
-        for name in ("latency_s", "retry_after_s", "hang_s"):
+        for name in ("latency_s", "retry_after_s", "hang_s", "rpm_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_tokens < 1:
@@ -281,7 +304,8 @@ class MockStats:
     Attributes:
         requests: Requests received on the completion endpoints (any outcome).
         by_outcome: Count per outcome, one per request: ``"ok"``, a fault kind,
-            ``"401"``, ``"400"``, ``"invalid:<kind>"`` (a spoiled structured answer, see
+            ``"401"``, ``"400"``, ``"rpm-limit"`` (refused by :attr:`MockConfig.rpm_limit`),
+            ``"invalid:<kind>"`` (a spoiled structured answer, see
             :attr:`MockConfig.invalid_kinds`) or ``"fenced"`` (a structured answer
             wrapped in a code fence).
         bodies: SHA-256 hex digest of the raw request body -> times that exact body

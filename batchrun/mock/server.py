@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,6 +44,7 @@ from batchrun.mock.answers import (
 )
 from batchrun.mock.config import MockConfig, MockStats
 from batchrun.mock.dialects import Refusal, known_fields, requested_schema
+from batchrun.mock.limit import JSON_HEADERS, RequestLimit, retry_after_headers
 
 # Grace period (seconds) that server shutdown gives in-flight handlers before cancelling
 # them. aiohttp's default is 60 s, which would make every test that leaves a "hang"
@@ -57,7 +57,7 @@ _PIECE_TOKENS: Final = 4  # tokens per streamed delta, roughly what real servers
 # real chat templates.
 _MESSAGE_OVERHEAD_TOKENS: Final = 4
 
-_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+_JSON_HEADERS: Final = JSON_HEADERS
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _SSE_DONE: Final = b"data: [DONE]\n\n"
 _MALFORMED_BODY: Final = b"{not json"
@@ -66,23 +66,12 @@ _MALFORMED_BODY: Final = b"{not json"
 _STATUS_FAULTS: Final[dict[str, tuple[int, str, str]]] = {
     "429": (429, "rate_limited", "Rate limit exceeded"),
     "429-no-retry-after": (429, "rate_limited", "Rate limit exceeded"),
+    "429-exhausted": (429, "rate_limited", "Rate limit exceeded"),
     "500": (500, "server_error", "Internal server error"),
     "502": (502, "bad_gateway", "Bad gateway"),
     "503": (503, "service_unavailable", "Service unavailable"),
     "504": (504, "gateway_timeout", "Gateway timeout"),
 }
-
-
-def _format_seconds(seconds: float) -> str:
-    """Format a non-negative number of seconds compactly for a header: 1.0 -> "1", 0.05 -> "0.05".
-
-    Goes through ``Decimal(repr(x))`` so tiny values are written positionally
-    ("0.0000001") instead of in exponent form, which HTTP clients do not parse.
-    """
-    text = format(Decimal(repr(float(seconds))), "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text or "0"
 
 
 class _BadRequest(Exception):
@@ -189,10 +178,12 @@ class _Endpoint:
         self._auth: bytes | None = (
             f"Bearer {config.api_key}".encode() if config.api_key is not None else None
         )
-        self._retry_after = {
-            **_JSON_HEADERS,
-            "Retry-After": _format_seconds(config.retry_after_s),
+        self._retry_after = retry_after_headers(config.retry_after_s, config.send_retry_after_ms)
+        self._fault_headers = {
+            "429": self._retry_after,
+            "429-exhausted": {**self._retry_after, "x-ratelimit-remaining-requests": "0"},
         }
+        self._limit = RequestLimit(config.rpm_limit) if config.rpm_limit > 0 else None
         self._seed_prefix = f"{config.seed}:"
         self._invalid_prefix = f"{config.seed}:invalid:"
         self._fence_prefix = f"{config.seed}:fence:"
@@ -276,6 +267,15 @@ class _Endpoint:
             if not hmac.compare_digest(sent, self._auth):
                 self._outcome("401")
                 return _error(401, "invalid_api_key", "Invalid or missing API key")
+        headers = _JSON_HEADERS
+        limit = self._limit
+        if limit is not None:
+            if not limit.take():
+                self._outcome("rpm-limit")
+                wait = retry_after_headers(limit.reset_s(), config.send_retry_after_ms)
+                message = f"Rate limit of {config.rpm_limit:g} requests a minute reached"
+                return _error(429, "rate_limit_exceeded", message, wait | limit.headers())
+            headers = _JSON_HEADERS | limit.headers()
 
         try:
             try:
@@ -323,8 +323,7 @@ class _Endpoint:
                 fault = None
             elif fault in _STATUS_FAULTS:
                 status, code, message = _STATUS_FAULTS[fault]
-                headers = self._retry_after if fault == "429" else None
-                return _error(status, code, message, headers)
+                return _error(status, code, message, headers | self._fault_headers.get(fault, {}))
             elif fault == "drop" or (fault == "stream-cut" and not stream):
                 return _drop(request)
 
@@ -357,6 +356,7 @@ class _Endpoint:
                 completion,
                 finish_reason,
                 usage,
+                headers,
             )
 
         answer, finish_reason = shaped_message(
@@ -373,11 +373,11 @@ class _Endpoint:
         if fault == "no-usage":
             del payload["usage"]
         elif fault == "malformed":
-            return web.Response(body=_MALFORMED_BODY, headers=_JSON_HEADERS)
+            return web.Response(body=_MALFORMED_BODY, headers=headers)
         encoded = orjson.dumps(payload)
         if fault == "truncated":
             encoded = encoded[: len(encoded) // 2]
-        return web.Response(body=encoded, headers=_JSON_HEADERS)
+        return web.Response(body=encoded, headers=headers)
 
     async def _stream(
         self,
@@ -390,6 +390,7 @@ class _Endpoint:
         completion: str,
         finish_reason: str,
         usage: dict[str, Any],
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         """Answer as server-sent events; see the module docs of the stream fault variants.
 
@@ -437,7 +438,8 @@ class _Endpoint:
                 events.append(_sse({**head, "choices": [], "usage": usage}))
         events.append(_SSE_DONE)
 
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        # The SSE content type, and the rate-limit headers when a limit is enforced.
+        response = web.StreamResponse(headers=headers | _SSE_HEADERS)
         await response.prepare(request)
         if fault == "stream-cut":
             await response.write(events[0])
