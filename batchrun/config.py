@@ -33,6 +33,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 SCHEMA_DIALECTS = ("json_schema", "json_object_schema", "vllm", "prompt")
 """The ways a request can carry a response schema, in the order ``schema_via = "auto"`` tries them."""
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai-batch")
+MODES = ("online", "batch", "hybrid")
 OWNED_BODY_KEYS = {
     "model": "model",
     "messages": "prompt_template or messages_column",
@@ -261,6 +262,26 @@ KEYS: tuple[Key, ...] = (
         False,
         "Allow plain http:// to a host that is not loopback (the key would travel in clear).",
     ),
+    Key(
+        "mode",
+        "str",
+        "online",
+        "`online`: one request per row now; `batch`: the provider's Batch API (OpenAI's /files and /batches, about half the price, answered within 24 h); `hybrid`: a batch first, and before `deadline` the rows it has not answered online.",
+        choices=MODES,
+    ),
+    Key(
+        "deadline",
+        "str",
+        None,
+        'When a batch or hybrid job must be done: "HH:MM" (the next such local time), an ISO 8601 date-time, or a duration from the first start ("45m"); kept for reruns.',
+    ),
+    Key(
+        "batch_poll_s",
+        "float",
+        60.0,
+        "Seconds between two looks at a batch's status.",
+        minimum=1.0,
+    ),
 )
 KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -304,6 +325,9 @@ class Job:
     api_down_after_s: float
     max_failures: float | None
     allow_insecure_http: bool
+    mode: str
+    deadline: str | None
+    batch_poll_s: float
     job_file: Path | None = None
 
     @property
@@ -496,6 +520,7 @@ def load_job(
         )
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
+    _check_mode(values, source)
     return Job(**values, job_file=job_path)
 
 
@@ -515,6 +540,31 @@ def detect_format(path: Path) -> str:
     except (OSError, orjson.JSONDecodeError):
         pass  # the input checks say what is wrong, with the line number
     return "jsonl"
+
+
+def _check_mode(values: Mapping[str, Any], source: str) -> None:
+    """``mode``, ``deadline`` and what a provider's Batch API cannot do."""
+    from batchrun.deadline import parse_deadline
+
+    if values["deadline"] is not None:
+        try:
+            parse_deadline(values["deadline"])
+        except ValueError as exc:
+            raise JobError(f"`deadline` in {source}: {exc}.") from None
+    mode = values["mode"]
+    if mode == "online":
+        return
+    if mode == "hybrid" and values["deadline"] is None:
+        raise JobError(
+            f'`mode` is "hybrid" in {source} but no `deadline` is given: set deadline = "06:00" '
+            "(or pass --deadline 45m): hybrid sends online what the batch has not answered by then."
+        )
+    if values["stream"] or values["endpoint"] != "chat":
+        what = "stream = true" if values["stream"] else f'endpoint = "{values["endpoint"]}"'
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, which a Batch API cannot serve with {what}: '
+            'batches answer /v1/chat/completions whole. Leave that out, or use mode = "online".'
+        )
 
 
 def _check_params(params: Mapping[str, Any], source: str) -> None:

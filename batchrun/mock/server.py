@@ -37,6 +37,7 @@ from aiohttp import web
 from batchrun.aio import run_coroutine
 from batchrun.files import write_atomic
 from batchrun.mock.answers import _TOKEN_RE, _answer, count_tokens
+from batchrun.mock.batches import add_batch_api
 from batchrun.mock.config import MockConfig, MockStats
 from batchrun.mock.dialects import Refusal, requested_schema
 
@@ -450,6 +451,7 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_post("/v1/models/{model_id:.+}/inference", endpoint.model_inference)
     app.router.add_get("/_stats", endpoint.get_stats)
     app.router.add_post("/_reset", endpoint.reset_stats)
+    add_batch_api(app, config)
     return app
 
 
