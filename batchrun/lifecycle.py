@@ -111,6 +111,10 @@ class RunResult:
     """How the requests carried the response schema (structured jobs)."""
     schema_via_refused: tuple[str, ...] = ()
     """The ways ``schema_via = "auto"`` found the server does not take, in the order tried."""
+    tiers: tuple[tuple[str, int], ...] = ()
+    """Rows per ``tier`` (batch, online) when a Batch API answered some (``engines.batch``)."""
+    deadline: str = ""
+    """A batch or hybrid job's deadline and how long before it the job finished."""
 
     @property
     def exit_code(self) -> int:
@@ -140,6 +144,10 @@ class RunResult:
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
+        if self.tiers:
+            lines.insert(1, "tiers       " + ", ".join(f"{t} {n:,}" for t, n in self.tiers))
+        if self.deadline:
+            lines.insert(-2, f"deadline    {self.deadline}")
         if self.schema_via_refused:
             lines.insert(
                 1,

@@ -52,6 +52,7 @@ RESULT_FIELDS = [
     pa.field("request_hash", pa.string()),
     pa.field("started_at", TIMESTAMP),
     pa.field("finished_at", TIMESTAMP),
+    pa.field("tier", pa.string()),
 ]
 TTFT_FIELD = pa.field("ttft_ms", pa.float64())
 FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD])
@@ -84,6 +85,9 @@ class Record(TypedDict):
     request_hash: NotRequired[str | None]
     started_at: NotRequired[int]
     finished_at: NotRequired[int]
+    tier: NotRequired[str | None]
+    """How the row was answered: ``online`` (one request at a time) or ``batch``
+    (a provider's Batch API, at its discount)."""
     ttft_ms: NotRequired[float | None]
     values: NotRequired[dict[str, Any]]
     """The typed columns of a structured answer."""

@@ -33,6 +33,8 @@ class Tally:
     retries: int = 0
     cost: Decimal | None = None
     currency: str = ""
+    detail: str = ""
+    """What the progress line adds at its end (a batch's status and counts)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -81,6 +83,7 @@ def status_text(t: Tally) -> str:
         + f"tokens {_count(tokens)}  "
         + (f"spent {t.cost:.2f} {t.currency}  " if t.cost is not None else "")
         + f"{t.rows_per_s:,.0f} rows/s  ETA {duration(t.eta_s)}"
+        + (f"  {t.detail}" if t.detail else "")
     )
 
 

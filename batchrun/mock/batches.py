@@ -97,6 +97,7 @@ class _Batch:
     times: dict[str, int] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     total: int = 0
+    unrun: int = 0
     output: list[bytes] = field(default_factory=list)
     failed: list[bytes] = field(default_factory=list)
     output_file_id: str | None = None
@@ -123,7 +124,7 @@ class _Batch:
             "request_counts": {
                 "total": self.total,
                 "completed": len(self.output),
-                "failed": len(self.failed),
+                "failed": len(self.failed) - self.unrun,
             },
             "metadata": self.metadata,
         }
@@ -352,6 +353,7 @@ class BatchApi:
         )
         for line in lines[done:]:
             batch.failed.append(self._error_line(line, None, {"code": code, "message": why}))
+        batch.unrun = len(lines) - done
         if batch.status == "cancelling":
             await asyncio.sleep(config.batch_cancel_s)
         elif batch.status == "in_progress":
