@@ -59,12 +59,9 @@ class Collector:
         job: Job,
         structured: Structured | None,
     ) -> None:
-        self.recorder = recorder
+        self.recorder, self.client, self.job, self.structured = recorder, client, job, structured
         self.retry = retry
         """Rows --retry-failed sends again that nothing has answered yet in this run."""
-        self.client = client
-        self.job = job
-        self.structured = structured
 
     def take(self, path: Path, index: dict[str, BatchRow], started: int, finished: int) -> None:
         """Journal every line of the file ``path`` whose row has no result yet

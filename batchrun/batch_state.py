@@ -54,14 +54,17 @@ class Part:
 
     number: int
     rows: int
+    """How many rows it holds (``part-NNNN.rows`` says which)."""
     size: int
+    """Bytes of its request file."""
     started_at: float
     """Epoch seconds when its upload began (the metadata search looks no further back)."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """The batch's last ``request_counts``."""
     file_id: str | None = None
     batch_id: str | None = None
     status: str = "new"
-    counts: dict[str, int] = field(default_factory=dict)
-    """The batch's last ``request_counts``."""
+    """The batch's last status seen (``new`` before it exists)."""
     collected: bool = False
     """Its output and error files are journaled: it holds no row any more."""
     lost: bool = False

@@ -61,6 +61,11 @@ def _oops(status: int, message: str, code: str | None = None) -> web.Response:
     return web.Response(status=status, body=orjson.dumps({"error": error}), headers=_JSON)
 
 
+def _missing(kind: str, name: str) -> web.HTTPNotFound:
+    error = {"message": f"No such {kind} object: {name}", "type": "invalid_request_error"}
+    return web.HTTPNotFound(body=orjson.dumps({"error": error}), content_type="application/json")
+
+
 def _json(data: Any) -> web.Response:
     return web.Response(body=orjson.dumps(data), headers=_JSON)
 
@@ -168,20 +173,32 @@ class BatchApi:
         if self._session is not None:
             await self._session.close()
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        if self._auth is None:
-            return None
-        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(sent, self._auth):
-            return None
-        return _oops(401, "Invalid or missing API key", "invalid_api_key")
+    @web.middleware
+    async def check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The key check of the Batch API's routes (the chat routes make their own)."""
+        if self._auth is not None and request.path.startswith(("/v1/files", "/v1/batches")):
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, self._auth):
+                return _oops(401, "Invalid or missing API key", "invalid_api_key")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _file(self, request: web.Request) -> _File:
+        file = self.files.get(request.match_info["file_id"])
+        if file is None:
+            raise _missing("File", request.match_info["file_id"])
+        return file
+
+    def _batch(self, request: web.Request) -> _Batch:
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            raise _missing("Batch", request.match_info["batch_id"])
+        return batch
 
     # ---- files --------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
         """``POST /v1/files``: multipart ``purpose`` and ``file``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
         purpose = filename = None
         data = b""
         try:
@@ -207,21 +224,12 @@ class BatchApi:
 
     async def file_info(self, request: web.Request) -> web.Response:
         """``GET /v1/files/{id}``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        file = self.files.get(request.match_info["file_id"])
-        if file is None:
-            return _oops(404, f"No such File object: {request.match_info['file_id']}")
-        return _json(file.info())
+        return _json(self._file(request).info())
 
     async def file_content(self, request: web.Request) -> web.Response:
         """``GET /v1/files/{id}/content``: the file's bytes."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        file = self.files.get(request.match_info["file_id"])
-        if file is None:
-            return _oops(404, f"No such File object: {request.match_info['file_id']}")
-        return web.Response(body=file.data, headers={"Content-Type": "application/octet-stream"})
+        data = self._file(request).data
+        return web.Response(body=data, headers={"Content-Type": "application/octet-stream"})
 
     def _store(self, name: str, lines: list[bytes]) -> str | None:
         if not lines:
@@ -234,8 +242,6 @@ class BatchApi:
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /v1/batches``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -271,8 +277,6 @@ class BatchApi:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         """``GET /v1/batches``: newest first, ``limit`` (1-100, 20) after the id ``after``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
         try:
             limit = min(100, max(1, int(request.query.get("limit", "20"))))
         except ValueError:
@@ -295,20 +299,11 @@ class BatchApi:
 
     async def get(self, request: web.Request) -> web.Response:
         """``GET /v1/batches/{id}``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return _oops(404, f"No such Batch object: {request.match_info['batch_id']}")
-        return _json(batch.info())
+        return _json(self._batch(request).info())
 
     async def cancel(self, request: web.Request) -> web.Response:
         """``POST /v1/batches/{id}/cancel``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        batch = self.batches.get(request.match_info["batch_id"])
-        if batch is None:
-            return _oops(404, f"No such Batch object: {request.match_info['batch_id']}")
+        batch = self._batch(request)
         if batch.status in ("completed", "failed", "expired"):
             return _oops(400, f"Cannot cancel a batch with status '{batch.status}'.")
         if batch.status not in ("cancelling", "cancelled"):
@@ -502,5 +497,6 @@ def add_batch_api(app: web.Application, config: MockConfig) -> BatchApi:
     app.router.add_get("/v1/batches/{batch_id}", api.get)
     app.router.add_post("/v1/batches/{batch_id}/cancel", api.cancel)
     app.router.add_get("/_batch_stats", api.get_stats)
+    app.middlewares.append(api.check_key)
     app.on_cleanup.append(api.close)
     return api
