@@ -559,6 +559,11 @@ def _check_mode(values: Mapping[str, Any], source: str) -> None:
             f'`mode` is "hybrid" in {source} but no `deadline` is given: set deadline = "06:00" '
             "(or pass --deadline 45m): hybrid sends online what the batch has not answered by then."
         )
+    if values["max_cost"] is not None:
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, and a batch cannot keep to `max_cost`: it is '
+            'submitted whole and paid as it is answered. Leave max_cost out, or use mode = "online".'
+        )
     if values["stream"] or values["endpoint"] != "chat":
         what = "stream = true" if values["stream"] else f'endpoint = "{values["endpoint"]}"'
         raise JobError(

@@ -317,6 +317,27 @@ async def test_restart_cancels_the_open_batches(tmp_path: Path) -> None:
     assert result.exit_code == 0 and dict(result.tiers)["online"] == 10
 
 
+async def test_an_online_rerun_cancels_the_batches_and_keeps_their_answers(
+    tmp_path: Path,
+) -> None:
+    async with serve(MockConfig(**{**FAST, "batch_rows_per_s": 20.0})) as server:
+        job = job_for(server, tmp_path, 40, mode="batch")
+        task = asyncio.create_task(run_job(job, QUIET))
+        assert job.output is not None
+        while not any(p.get("batch_id") for p in _state(job.output).get("parts", ())):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        result = await run_job(replace(job, mode="online"), QUIET)
+        stats = await batch_stats(server)
+        answered_once(server, 40)
+    assert stats["cancels"] == 1 and stats["batches"] == 1
+    tiers = dict(result.tiers)
+    assert tiers["batch"] == stats["answered"] > 0 and tiers["online"] == 40 - tiers["batch"]
+
+
 # ---- keys, deadline and the switch-over's timing ---------------------------------------------
 
 
@@ -343,6 +364,7 @@ def test_deadline_forms() -> None:
         ({"mode": "nightly"}, "must be one of: online, batch, hybrid"),
         ({"deadline": "soon"}, "is not a deadline"),
         ({"batch_poll_s": 0.5}, "at least 1"),
+        ({"mode": "batch", "prices": "p.toml", "max_cost": 1.0}, "cannot keep to `max_cost`"),
     ],
 )
 def test_bad_batch_keys(keys: dict[str, Any], message: str) -> None:
