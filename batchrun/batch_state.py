@@ -5,8 +5,9 @@
   switch-over happened, and each part: its rows, its file id and its batch id
   the moment they exist, the batch's last status, and whether its output has
   been journaled. Written whole with ``files.write_atomic`` at every change.
-- ``part-NNNN.rows``: the row numbers of part N (NumPy ``.npy``), written before
-  the part is uploaded, so the rows of a batch are known whatever happens next.
+- ``part-NNNN.rows``: part N's rows (number, id, request hash, model; JSON),
+  written before the part is uploaded, so the rows of a batch are known whatever
+  happens next, and its lines are mapped back without reading the input again.
 - ``part-NNNN.jsonl``: part N's request file, from its writing until its batch
   exists (a crash in between uploads it again).
 
@@ -17,10 +18,10 @@ job, from ``online_seconds``, the estimate of how long the online path takes.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -29,6 +30,7 @@ from batchrun.config import Job
 from batchrun.errors import ResumeConflict
 from batchrun.files import fsync_path, write_atomic
 from batchrun.journal import partial_dir
+from batchrun.payload import Prepared
 
 CLIENT_ROWS_PER_S = 2000.0
 """The most rows per second the estimate lets one process send online, however
@@ -154,13 +156,18 @@ class BatchState:
         number = part if isinstance(part, int) else part.number
         return self.folder / f"part-{number:04d}.jsonl"
 
-    def rows_of(self, part: Part) -> np.ndarray:
-        return np.asarray(np.load(self.folder / f"part-{part.number:04d}.rows", allow_pickle=False))
+    def entries(self, part: Part) -> list[list[Any]]:
+        """``[row, id, request_hash, model]`` of each row of ``part``."""
+        data: list[list[Any]] = orjson.loads(
+            (self.folder / f"part-{part.number:04d}.rows").read_bytes()
+        )
+        return data
 
-    def keep_rows(self, number: int, rows: list[int]) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(rows, dtype=np.int64), allow_pickle=False)
-        write_atomic(self.folder / f"part-{number:04d}.rows", buffer.getvalue())
+    def rows_of(self, part: Part) -> np.ndarray:
+        return np.asarray([e[0] for e in self.entries(part)], dtype=np.int64)
+
+    def keep_rows(self, number: int, entries: list[tuple[int, str, str, str | None]]) -> None:
+        write_atomic(self.folder / f"part-{number:04d}.rows", orjson.dumps(entries))
 
     def rows_mask(self, size: int, parts: list[Part]) -> np.ndarray:
         """A mask of the rows ``parts`` hold."""
@@ -179,12 +186,12 @@ class PartWriter:
         self.path = state.requests_path(number)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.fh = self.tmp.open("wb")
-        self.rows: list[int] = []
+        self.rows: list[tuple[int, str, str, str | None]] = []
         self.size = 0
 
-    def add(self, row: int, line: bytes) -> None:
+    def add(self, p: Prepared, line: bytes) -> None:
         self.fh.write(line)
-        self.rows.append(row)
+        self.rows.append((p.row, p.id, p.request_hash, p.model))
         self.size += len(line)
 
     def close(self) -> Path:

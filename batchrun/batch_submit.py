@@ -85,7 +85,7 @@ class Submitter:
                 if writer is None:
                     self.check_stop()
                     writer = PartWriter(self.state, len(self.state.parts))
-                writer.add(p.row, line)
+                writer.add(p, line)
             if writer is not None:
                 made.append(await self._close(writer))
                 writer = None
@@ -148,7 +148,7 @@ class Submitter:
         try:
             for p in self.rows():
                 if p.row < len(mask) and mask[p.row]:
-                    writer.add(p.row, input_line(p.id, p.body))
+                    writer.add(p, input_line(p.id, p.body))
             writer.close()
         except BaseException:
             writer.discard()

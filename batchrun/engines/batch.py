@@ -455,13 +455,7 @@ class BatchEngine:
 
     def _index(self, part: Part) -> dict[str, BatchRow]:
         """custom_id → the row, of the part's rows."""
-        mask = np.zeros(self.journal.num_rows, dtype=bool)
-        mask[self.state.rows_of(part)] = True
-        return {
-            p.id: BatchRow(p.row, p.id, p.request_hash, p.model)
-            for p in self._rows()
-            if mask[p.row]
-        }
+        return {e[1]: BatchRow(*e) for e in self.state.entries(part)}
 
     def _unanswered(self, why: str, rows: list[BatchRow] | None = None) -> None:
         """A batch job: an error row for each row without a result (of ``rows``,
