@@ -18,12 +18,15 @@ never share a core. Results are printed as a table and written to
 5. The cost of ``--rpm``/``--tpm`` pacing that never has to wait, in alternating pairs.
 6. Structured outputs: what parsing and validating an answer costs, and the
    triage schema against plain text end to end.
+7. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
+   endpoint's queue vs online vs the batch alone: cost at a 50% batch discount,
+   and how long before the deadline it finished.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
-``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, memory, latency, help), ``BENCH_KEEP=1`` (keep the temp dir).
+``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, memory, latency, help, batchapi), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import batch_api  # noqa: E402
 from make_tickets import write_files  # noqa: E402
 
 PY = sys.executable
@@ -64,7 +68,7 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "1") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
-SECTIONS = ("throughput", "sdk", "pacing", "structured", "memory", "latency", "help")
+SECTIONS = ("throughput", "sdk", "pacing", "structured", "memory", "latency", "help", "batchapi")
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
 )
@@ -243,9 +247,10 @@ def run_proc(
 class MockServer:
     """``batchrun mock-server`` in its own process on 127.0.0.1, pinned to the server core."""
 
-    def __init__(self, workdir: Path, latency_ms: float = 0.0) -> None:
+    def __init__(self, workdir: Path, latency_ms: float = 0.0, args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.latency_ms = latency_ms
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.root = ""
@@ -255,7 +260,7 @@ class MockServer:
         ready.unlink(missing_ok=True)
         self.log = (self.workdir / f"mock-{self.latency_ms:g}.log").open("wb")
         cmd = [PY, "-m", "batchrun", "mock-server", "--host", "127.0.0.1", "--port", "0"]
-        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}"]
+        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}", *self.args]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -1203,6 +1208,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("help", _render_help),
         ("pacing", _render_pacing),
         ("structured", _render_structured),
+        ("batchapi", batch_api.render),
     ):
         if name in report:
             section(report, md, summary)
@@ -1289,6 +1295,11 @@ def main() -> int:
                 report["latency"] = bench_latency(server, workdir, tickets)
         if "help" in ONLY:
             report["help"] = bench_help(workdir)
+        if "batchapi" in ONLY:
+            with MockServer(workdir, args=batch_api.SERVER_ARGS) as server:
+                report["batchapi"] = batch_api.run_section(
+                    server, workdir, tickets, ROWS, run_proc, CLIENT_CPU, PY, say, BenchError
+                )
     steal1 = _steal_ticks()
     total = steal1[1] - steal0[1]
     report["steal_pct"] = 100 * (steal1[0] - steal0[0]) / total if total > 0 else 0.0
