@@ -109,6 +109,17 @@ async def test_completed_with_an_error_file(tmp_path: Path) -> None:
     assert all(r["completion"] for r in rows if r["status"] == "ok")
 
 
+async def test_retry_failed_submits_only_the_failed_rows_again(tmp_path: Path) -> None:
+    async with serve(MockConfig(**FAST, batch_fail_rate=0.3)) as server:
+        job = job_for(server, tmp_path, 40, mode="batch")
+        first = await run_job(job, QUIET)
+        retried = await run_job(job, RunOptions(progress=False, retry_failed=True))
+        stats = await batch_stats(server)
+    # The mock fails the same custom_ids again: what matters is what was resubmitted.
+    assert stats["batches"] == 2 and stats["lines"] == 40 + first.failed
+    assert retried.failed == first.failed and retried.resumed == 40
+
+
 async def test_failed_validation(tmp_path: Path) -> None:
     async with serve(MockConfig(**FAST, batch_fail_validation=1)) as server:
         result = await run_job(job_for(server, tmp_path, 12, mode="batch"), QUIET)
