@@ -29,11 +29,11 @@ from batchrun.engines.shell import Recorder
 from batchrun.errors import BadResponse, InvalidAnswer
 from batchrun.outputs import STATUS_NONE, Record
 from batchrun.payload import Completion, parse_completion
+from batchrun.prices import BATCH
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
 
-BATCH = "batch"
 NOT_RUN = frozenset({"batch_expired", "batch_cancelled"})
 """Error codes of a request the batch never ran."""
 
@@ -117,7 +117,13 @@ class Collector:
         rec["prompt_tokens"] = answer.prompt_tokens
         rec["completion_tokens"] = answer.completion_tokens
         rec["total_tokens"] = answer.total_tokens
+        rec["cached_tokens"] = answer.cached_tokens
+        rec["reasoning_tokens"] = answer.reasoning_tokens
         rec["response_id"] = answer.response_id
+        if answer.refusal is not None:
+            rec["refusal"] = answer.refusal
+        if answer.tool_calls is not None:
+            rec["tool_calls"] = answer.tool_calls
         if self.structured is not None:
             try:
                 rec["values"] = self.structured.parse(

@@ -45,7 +45,7 @@ from batchrun.errors import (
     RequestTimeout,
     ServerError,
 )
-from batchrun.payload import Completion, parse_completion
+from batchrun.payload import Completion, content_text, parse_completion
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_ERROR_TEXT = 300
@@ -132,6 +132,26 @@ def secrets_pattern(secrets: Sequence[str]) -> re.Pattern[str] | None:
     if not ordered:
         return None
     return re.compile("|".join("".join(map(_char_pattern, s)) for s in ordered))
+
+
+def _add_tool_calls(calls: dict[int, dict[str, Any]], pieces: list[Any]) -> None:
+    """Add a stream delta's ``tool_calls`` pieces to ``calls`` (by ``index``): the
+    id, type and function name as they come, the arguments text appended."""
+    for position, piece in enumerate(pieces):
+        if not isinstance(piece, dict):
+            continue
+        index = piece.get("index")
+        call = calls.setdefault(index if isinstance(index, int) else position, {})
+        for key in ("id", "type"):
+            if isinstance(piece.get(key), str):
+                call[key] = piece[key]
+        function = piece.get("function")
+        if isinstance(function, dict):
+            target = call.setdefault("function", {"name": None, "arguments": ""})
+            if isinstance(function.get("name"), str):
+                target["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                target["arguments"] += function["arguments"]
 
 
 def _error_text(raw: bytes) -> str:
@@ -226,7 +246,14 @@ class ApiClient:
         """The answer with every text the server wrote in it redacted."""
         if self._secrets_re is None:
             return answer
-        texts = (answer.text, answer.finish_reason, answer.response_id, answer.response_model)
+        texts = (
+            answer.text,
+            answer.finish_reason,
+            answer.response_id,
+            answer.response_model,
+            answer.refusal,
+            answer.tool_calls,
+        )
         clean = tuple(None if t is None else self._redact(t) for t in texts)
         if clean == texts:
             return answer
@@ -236,6 +263,8 @@ class ApiClient:
             finish_reason=clean[1],
             response_id=clean[2],
             response_model=clean[3],
+            refusal=clean[4],
+            tool_calls=clean[5],
         )
 
     async def complete(self, body: bytes) -> Completion:
@@ -325,15 +354,24 @@ class ApiClient:
         return target
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, sent: float) -> Completion:
-        """Assemble a completion from SSE chunks until ``data: [DONE]``.
+        """Assemble a completion from SSE chunks until ``data: [DONE]``: the text,
+        refusal and tool-call pieces of every delta, the last finish reason and
+        the usage of the final chunk.
 
-        A stream that ends before [DONE] or carries an unreadable chunk raises
-        (and is retried whole): a half answer is never returned.
+        A half answer is never returned: a stream that ends before [DONE], or at
+        [DONE] without a finish reason (llama.cpp's server ends a running stream
+        so when another request arrives), carries an unreadable chunk, or has no
+        OpenAI chat chunk at all raises, and is retried whole.
         """
+        status = resp.status
         ttft_ms: float | None = None
         parts: list[str] = []
+        refusal: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
         finish_reason = response_id = response_model = None
         usage: Any = None
+        chat = False  # whether any event was an OpenAI chat chunk (a choice in `choices`)
+        first: bytes | None = None
         async with contextlib.aclosing(self._lines(resp)) as lines:
             async for line in lines:
                 if not line.startswith(b"data:"):
@@ -341,56 +379,81 @@ class ApiClient:
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     break
+                first = first or data
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError as exc:
                     # Redact the whole chunk before cutting: a cut secret would not match.
                     shown = self._redact(data.decode("utf-8", "replace"))[:80]
-                    raise BadResponse(f"stream chunk is not JSON: {shown!r}", resp.status) from exc
+                    raise BadResponse(f"stream chunk is not JSON: {shown!r}", status) from exc
                 if not isinstance(chunk, dict):
-                    raise BadResponse("stream chunk is not a JSON object", resp.status)
+                    raise BadResponse("stream chunk is not a JSON object", status)
                 if chunk.get("error"):
                     # Servers (vLLM among them) report a failure mid-generation as an error event.
                     error = chunk["error"]
                     detail = error.get("message") if isinstance(error, dict) else error
-                    raise ServerError(
-                        self._redact(f"error event in the stream: {detail}"), resp.status
-                    )
+                    raise ServerError(self._redact(f"error event in the stream: {detail}"), status)
                 response_id = response_id or chunk.get("id")
                 response_model = response_model or chunk.get("model")
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 choices = chunk.get("choices") or []
                 if not isinstance(choices, list):
-                    raise BadResponse("stream chunk's `choices` is not a list", resp.status)
+                    raise BadResponse("stream chunk's `choices` is not a list", status)
                 for choice in choices:
                     if not isinstance(choice, dict):
-                        raise BadResponse("stream chunk's choice is not an object", resp.status)
+                        raise BadResponse("stream chunk's choice is not an object", status)
+                    chat = True
                     delta = choice.get("delta") or {}
                     if not isinstance(delta, dict):
-                        raise BadResponse("stream chunk's delta is not an object", resp.status)
+                        raise BadResponse("stream chunk's delta is not an object", status)
                     piece = delta.get("content")
-                    if piece is not None and not isinstance(piece, str):
-                        raise BadResponse("stream chunk's content is not text", resp.status)
-                    if piece:
-                        if ttft_ms is None:
-                            ttft_ms = (time.perf_counter() - sent) * 1000
-                        parts.append(piece)
+                    if piece is not None and not isinstance(piece, str | list):
+                        raise BadResponse("stream chunk's content is not text", status)
+                    text, refused = content_text(piece)
+                    refused = (
+                        delta.get("refusal") if isinstance(delta.get("refusal"), str) else refused
+                    )
+                    if text:
+                        parts.append(text)
+                    if refused:
+                        refusal.append(refused)
+                    if isinstance(delta.get("tool_calls"), list):
+                        _add_tool_calls(calls, delta["tool_calls"])
+                    if ttft_ms is None and (text or refused or delta.get("tool_calls")):
+                        ttft_ms = (time.perf_counter() - sent) * 1000
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
             else:
-                raise ConnectionDropped("the stream ended before data: [DONE]", resp.status)
-        answer = parse_completion(
-            {
-                "id": response_id,
-                "model": response_model,
-                "choices": [
-                    {"message": {"content": "".join(parts)}, "finish_reason": finish_reason}
-                ],
-                "usage": usage,
-            }
-        )
-        return replace(answer, ttft_ms=ttft_ms, http_status=resp.status)
+                raise ConnectionDropped("the stream ended before data: [DONE]", status)
+        if not chat:
+            opening = self._redact(first.decode("utf-8", "replace"))[:80] if first else None
+            raise BadResponse(
+                "the stream's events are not OpenAI chat chunks (no choice in any; "
+                + (f"the first: {opening!r}" if opening else "no event before data: [DONE]")
+                + "): if the server streams another format, set stream = false",
+                status,
+            )
+        if finish_reason is None:
+            raise BadResponse(
+                "the stream ended (data: [DONE]) without a finish_reason: the server cut the "
+                "answer short",
+                status,
+            )
+        message: dict[str, Any] = {"content": "".join(parts) if parts else None}
+        if refusal:
+            message["refusal"] = "".join(refusal)
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        choice = {"message": message, "finish_reason": finish_reason}
+        try:
+            answer = parse_completion(
+                {"id": response_id, "model": response_model, "choices": [choice], "usage": usage}
+            )
+        except BadResponse as exc:
+            exc.status = status
+            raise
+        return replace(answer, ttft_ms=ttft_ms, http_status=status)
 
     async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """The body's lines (without their newline) as they arrive. Raises

@@ -21,10 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
 from batchrun.errors import JobError
+from batchrun.pii import check_keys as check_pii_keys
 from batchrun.wire import check_base_url, check_headers
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
@@ -87,7 +89,7 @@ KEYS: tuple[Key, ...] = (
         "endpoint",
         "str",
         "chat",
-        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.",
+        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference (the model id percent-encoded, `/` kept).",
         choices=ENDPOINTS,
     ),
     Key(
@@ -124,6 +126,20 @@ KEYS: tuple[Key, ...] = (
         {},
         "Table sent as `metadata` with every request (the row id is added as `row_id`).",
     ),
+    Key(
+        "pii",
+        "list",
+        (),
+        "Personal data replaced by placeholders before sending and put back in the answers: any of email, phone, card (Luhn-checked), iban (checksum-checked), ip (flag: a,b).",
+    ),
+    Key(
+        "pii_patterns",
+        "table",
+        {},
+        "Your own identifiers to pseudonymize too: name = regular expression (a customer number, an order id); <NAME_1> stands for each.",
+        alias="--pii-pattern",
+    ),
+    Key("pii_region", "str", "US", "Region of phone numbers written without a country code."),
     Key(
         "concurrency",
         "int_or_auto",
@@ -305,6 +321,9 @@ class Job:
     temperature: float
     max_tokens: int
     metadata: Mapping[str, Any]
+    pii: tuple[str, ...]
+    pii_patterns: Mapping[str, Any]
+    pii_region: str
     concurrency: int | str
     max_concurrency: int
     rpm: float | None
@@ -337,10 +356,11 @@ class Job:
 
     @property
     def url(self) -> str:
-        """The URL every request is posted to."""
+        """The URL every request is posted to; the inference path's model id
+        percent-encoded, `/` kept (`x?y` would post to /models/x with a query)."""
         base = self.base_url.rstrip("/")
         if self.endpoint == "inference":
-            return f"{base}/models/{self.model}/inference"
+            return f"{base}/models/{quote(self.model, safe='/')}/inference"
         return f"{base}/chat/completions"
 
     def settings(self) -> dict[str, Any]:
@@ -520,6 +540,7 @@ def load_job(
         )
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
+    check_pii_keys(values, source)
     _check_mode(values, source)
     return Job(**values, job_file=job_path)
 
@@ -558,6 +579,11 @@ def _check_mode(values: Mapping[str, Any], source: str) -> None:
         raise JobError(
             f'`mode` is "hybrid" in {source} but no `deadline` is given: set deadline = "06:00" '
             "(or pass --deadline 45m): hybrid sends online what the batch has not answered by then."
+        )
+    if values["pii"] or values["pii_patterns"]:
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, which does not take `pii` yet: the answers of a '
+            'batch come back after the run that pseudonymized them. Use mode = "online" with pii.'
         )
     if values["max_cost"] is not None:
         raise JobError(

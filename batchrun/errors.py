@@ -29,6 +29,7 @@ the text of a message. The tree::
         │   ├── ConnectionDropped the connection failed or closed mid-answer
     │   │   └── CannotConnect no connection at all: refused, DNS, TLS
         │   └── BadResponse       a 2xx answer whose body cannot be read
+        │       └── EmptyAnswer   a choice with no text, no tool call and no refusal (its usage kept)
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
             │                     a redirect to another origin
             ├── AnswerTooLarge    an answer larger than max_response_bytes
@@ -43,6 +44,10 @@ from __future__ import annotations
 import errno
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchrun.payload import Completion
 
 
 class BatchrunError(Exception):
@@ -218,6 +223,16 @@ class CannotConnect(ConnectionDropped):
 
 class BadResponse(RetryableError):
     """A 2xx answer whose body is not the JSON (or SSE) a chat completion should be."""
+
+
+class EmptyAnswer(BadResponse):
+    """A 2xx answer whose choice says nothing: no text, no tool call, no refusal.
+    Retried like an unreadable body; ``answer`` is what it did report (its usage
+    was paid, and goes into the row's)."""
+
+    def __init__(self, message: str, answer: Completion, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.answer = answer
 
 
 class FatalRequestError(RequestError):

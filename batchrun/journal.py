@@ -226,7 +226,7 @@ class Journal:
             )
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
-            what = ", ".join(f"`{k}`" for k in changed)
+            what = ", ".join(_changed(k, old.get(k), identity[k]) for k in changed)
             raise ResumeConflict(
                 f"{self.folder} holds an unfinished run of a different job: {what} changed since it started. "
                 f"Run again with --restart to discard its results and start over, or put back the old "
@@ -252,7 +252,11 @@ class Journal:
         old = written.get("identity") or {}
         changed = [k for k in identity if old.get(k) != identity[k]]
         if changed:
-            what = ", ".join(f"`{k}`" for k in changed) if old else "its settings are unknown"
+            what = (
+                ", ".join(_changed(k, old.get(k), identity[k]) for k in changed)
+                if old
+                else "its settings are unknown"
+            )
             raise ResumeConflict(
                 f"{self.output} already exists and was written by a different job ({what}). "
                 "Pass --restart to replace it, or choose another `output`."
@@ -550,6 +554,13 @@ class Journal:
         for keep in keep_batches:
             yield start, keep
             start += keep.num_rows
+
+
+def _changed(key: str, was: Any, now: Any) -> str:
+    """One changed identity key for a message: its old and new value when short."""
+    if all(isinstance(v, (str, int, float)) and len(str(v)) <= 60 for v in (was, now)):
+        return f"`{key}` was {was!r}, now {now!r}"
+    return f"`{key}`"
 
 
 def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:

@@ -23,8 +23,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from batchrun.prices import ModelPrice
+
+if TYPE_CHECKING:
+    from batchrun.payload import Completion
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -158,10 +162,12 @@ class CostBudget:
     spend over the budget (``max_cost`` None: the spend is only counted).
 
     Before each attempt the worst case of that attempt (every prompt byte a
-    token, plus max_tokens of completion) is reserved; when the answer comes, the
-    reservation is replaced by what the usage says it cost (the worst case stays
-    charged when the API reports no usage). Amounts are Decimals in the prices'
-    currency.
+    token, plus max_tokens of completion, at the dearest of the prompt and cached
+    rates and of the completion and reasoning rates) is reserved; when the answer
+    comes, the reservation is replaced by what its usage costs (``Rates.cost``,
+    the function that prices the output's ``cost`` column), or stays charged when
+    the API reports no usage. Amounts are Decimals in the prices' currency, at the
+    rates in force today (UTC).
     """
 
     def __init__(
@@ -178,7 +184,7 @@ class CostBudget:
         self.reserved = Decimal(0)
 
     def worst_case(self, prompt_bound: int) -> Decimal:
-        return self.price.cost(prompt_bound, self.max_tokens)
+        return self.price.rates().worst_case(prompt_bound, self.max_tokens)
 
     def reserve(self, prompt_bound: int) -> Decimal | None:
         """Reserve one attempt's worst case; None when it does not fit the budget."""
@@ -188,15 +194,19 @@ class CostBudget:
         self.reserved += worst
         return worst
 
-    def settle(
-        self, reservation: Decimal, prompt_tokens: int | None, completion_tokens: int | None
-    ) -> None:
-        """Replace a reservation by the attempt's real cost (the reservation when unknown)."""
+    def settle(self, reservation: Decimal, answer: Completion | None) -> None:
+        """Replace a reservation by the cost of the attempt's ``answer`` (the
+        reservation when there is none, or it reports no usage)."""
         self.reserved -= reservation
-        if prompt_tokens is None and completion_tokens is None:
+        if answer is None or (answer.prompt_tokens is None and answer.completion_tokens is None):
             self.spent += reservation
         else:
-            self.spent += self.price.cost(prompt_tokens or 0, completion_tokens or 0)
+            self.spent += self.price.cost(
+                answer.prompt_tokens or 0,
+                answer.completion_tokens or 0,
+                answer.cached_tokens or 0,
+                answer.reasoning_tokens or 0,
+            )
 
     def release(self, reservation: Decimal) -> None:
         """An attempt the API refused with an error status is not paid."""

@@ -53,6 +53,11 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
                 "completion_tokens": row.get("completion_tokens"),
                 "total_tokens": row.get("total_tokens"),
             }
+        message: dict[str, Any] = {"role": "assistant", "content": row.get("completion")}
+        if row.get("refusal") is not None:
+            message["refusal"] = row["refusal"]
+        if row.get("tool_calls") is not None:
+            message["tool_calls"] = orjson.loads(row["tool_calls"])
         finished = row.get("finished_at")
         body: dict[str, Any] = {
             "id": row.get("response_id"),
@@ -62,7 +67,7 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": row.get("completion")},
+                    "message": message,
                     "finish_reason": row.get("finish_reason"),
                 }
             ],

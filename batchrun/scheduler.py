@@ -23,6 +23,7 @@ from batchrun.errors import (
     ApiDown,
     BatchrunError,
     BudgetReached,
+    EmptyAnswer,
     JobStopped,
     KeyRejected,
     RateLimited,
@@ -32,10 +33,12 @@ from batchrun.errors import (
 from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import CostBudget, Limits
 from batchrun.outputs import Record
-from batchrun.payload import Completion, Prepared
+from batchrun.payload import Completion, Prepared, unwanted
+from batchrun.prices import ONLINE
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
 
 log = logging.getLogger("batchrun")
@@ -64,15 +67,18 @@ def _now_us() -> int:
 
 class _RowTotals:
     """What one row's requests add up to: tokens summed over every request it
-    made (re-asks were paid too), the seconds its requests spent at the API,
-    and the seconds it waited for the job's own limits and budget."""
+    made (re-asks were paid too; a count stays None while no answer gave it),
+    the seconds its requests spent at the API, and the seconds it waited for
+    the job's own limits and budget."""
 
-    __slots__ = ("api_s", "completion", "prompt", "queued_s", "total")
+    __slots__ = ("api_s", "cached", "completion", "prompt", "queued_s", "reasoning", "total")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.total: int | None = None
+        self.cached: int | None = None
+        self.reasoning: int | None = None
         self.api_s = 0.0
         self.queued_s = 0.0
 
@@ -83,11 +89,17 @@ class _RowTotals:
             self.completion = (self.completion or 0) + c.completion_tokens
         if c.total_tokens is not None:
             self.total = (self.total or 0) + c.total_tokens
+        if c.cached_tokens is not None:
+            self.cached = (self.cached or 0) + c.cached_tokens
+        if c.reasoning_tokens is not None:
+            self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
 
     def put(self, rec: Record) -> Record:
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
+        rec["cached_tokens"] = self.cached
+        rec["reasoning_tokens"] = self.reasoning
         return rec
 
 
@@ -107,9 +119,12 @@ class Scheduler:
         currency: str = "",
         grace_s: float = 10.0,
         via: SchemaVia | None = None,
+        stream_options: StreamOptions | None = None,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
+        # Whether streamed requests carry stream_options; dropped when the server refuses it.
+        self.stream_options = stream_options if stream_options and stream_options.asked else None
         self.client = client
         self.results = results
         self.tally = tally
@@ -229,9 +244,11 @@ class Scheduler:
         requests = 0
         usage = _RowTotals()
         invalid: tuple[Completion, str] | None = None
+        ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
             try:
-                completion, attempts = await self._ask(p, usage)
+                options = self.stream_options
+                completion, attempts = await (options.ask(p, ask) if options else ask())
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -252,11 +269,19 @@ class Scheduler:
             usage.add(completion)
             if completion.usage_problem is not None:
                 log.warning(
-                    "row %s: %s; its usage is recorded as not reported",
+                    "row %s: %s; recorded as not reported",
                     p.id,
                     completion.usage_problem,
                     extra={"event": "usage_dropped", "row_id": p.id},
                 )
+            problem = unwanted(completion, p.body)
+            if problem is not None:  # a refusal, unasked tool calls: paid, not re-asked
+                self._record(
+                    self._answer_record(
+                        p, completion, usage, requests, started, status="invalid", error=problem
+                    )
+                )
+                return
             if structured is None:
                 self._record(self._answer_record(p, completion, usage, requests, started))
                 return
@@ -325,13 +350,17 @@ class Scheduler:
                 self._key_settled = True
             if isinstance(exc, RequestTimeout):
                 limits.concurrency.on_overload()
+            paid = exc.answer if isinstance(exc, EmptyAnswer) else None
+            if paid is not None:
+                row.add(paid)  # an answer that said nothing was paid all the same
             if spend is not None and reservation is not None:
-                # No answer read: the API may still have generated it, so the worst case stays charged.
-                if exc.status is None:
-                    spend.settle(reservation, None, None)
+                if paid is not None:
+                    spend.settle(reservation, paid)
+                elif exc.status is None:
+                    # No answer read: the API may still have generated it, so the worst case stays charged.
+                    spend.settle(reservation, None)
                 else:
                     spend.release(reservation)
-                self.tally.cost = spend.spent
             raise
         api_s = time.perf_counter() - t
         row.api_s += api_s
@@ -339,8 +368,7 @@ class Scheduler:
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
-            spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
-            self.tally.cost = spend.spent
+            spend.settle(reservation, answer)
         return answer
 
     def _over_budget(self, spend: CostBudget) -> None:
@@ -384,12 +412,19 @@ class Scheduler:
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
         self._timed(usage.put(rec), usage)
+        if completion.refusal is not None:
+            rec["refusal"] = completion.refusal
+        if completion.tool_calls is not None:
+            rec["tool_calls"] = completion.tool_calls
         if self.job.stream:
             rec["ttft_ms"] = completion.ttft_ms
         if values is not None:
             rec["values"] = values
+        if p.pii is not None:
+            p.pii.restore(rec)  # before the journal: a resumed row is already restored
         return rec
 
     def _error_record(
@@ -400,7 +435,7 @@ class Scheduler:
         attempts: int,
         started: int,
     ) -> Record:
-        return {
+        rec: Record = {
             "row": p.row,
             "id": p.id,
             "status": "error",
@@ -413,7 +448,11 @@ class Scheduler:
             "request_hash": p.request_hash or None,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
+        if p.pii is not None:
+            rec["pii_found"] = p.pii.found  # the error keeps the placeholders
+        return rec
 
     @staticmethod
     def _timed(rec: Record, row: _RowTotals) -> Record:

@@ -18,7 +18,12 @@ never share a core. Results are printed as a table and written to
 5. The cost of ``--rpm``/``--tpm`` pacing that never has to wait, in alternating pairs.
 6. Structured outputs: what parsing and validating an answer costs, and the
    triage schema against plain text end to end.
-7. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
+7. Personal data (``pii``): the tickets with a contact block each (e-mail, a
+   phone number in one of several formats, and in some a card number, an IBAN,
+   an IP address; every value distinct), the same job with and without
+   ``--pii email,phone,card,iban,ip`` end to end in alternating pairs, and the
+   scanning alone in µs per KB of prompt (needs ``batchrun[pii]``).
+8. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
    endpoint's queue vs online vs the batch alone: cost at a 50% batch discount,
    and how long before the deadline it finished.
 
@@ -26,7 +31,7 @@ Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
-``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, memory, latency, help, batchapi), ``BENCH_KEEP=1`` (keep the temp dir).
+``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help, batchapi), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -68,7 +73,17 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "1") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
-SECTIONS = ("throughput", "sdk", "pacing", "structured", "memory", "latency", "help", "batchapi")
+SECTIONS = (
+    "throughput",
+    "sdk",
+    "pacing",
+    "structured",
+    "pii",
+    "memory",
+    "latency",
+    "help",
+    "batchapi",
+)
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
 )
@@ -94,6 +109,9 @@ TARGET_RSS_MB = 300.0
 TARGET_HELP_S = 0.3
 TARGET_PACING_OVERHEAD = 0.05
 TARGET_STRUCTURED_OVERHEAD = 0.10
+TARGET_PII_RATIO = 0.4
+TARGET_PII_US_PER_KB = 100.0
+PII_KINDS = "email,phone,card,iban,ip"
 TRIAGE_SCHEMA = HERE.parent / "jobs" / "triage_schema.json"
 STRUCTURED_LATENCY_ROWS = 5000
 
@@ -687,6 +705,107 @@ def bench_structured(server: MockServer, workdir: Path, tickets: Path) -> dict[s
     return {"pairs": pairs, "parse_us": parse_us, "paced": paced}
 
 
+_PHONE_FORMATS = (
+    "+1 ({a}) 555-{n:04d}",
+    "({a}) 555-{n:04d}",
+    "{a}.555.{n:04d}",
+    "{a}-555-{n:04d}",
+    "+1 {a} 555 {n:04d}",
+    "{a}555{n:04d}",
+)
+_AREAS = (212, 303, 312, 415, 617, 206, 512, 702)
+
+
+def _luhn_complete(digits: str) -> str:
+    """``digits`` with the check digit that makes it pass the Luhn check."""
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        v = int(d) * (2 if i % 2 == 0 else 1)
+        total += v - 9 if v > 9 else v
+    return digits + str((10 - total % 10) % 10)
+
+
+def _iban(bban: str, country: str = "DE") -> str:
+    """A German IBAN with the right check digits (ISO 13616 mod 97)."""
+    moved = bban + "".join(str(ord(c) - 55) for c in country) + "00"
+    check = 98 - int(moved) % 97
+    raw = f"{country}{check:02d}{bban}"
+    return " ".join(raw[i : i + 4] for i in range(0, len(raw), 4))
+
+
+def pii_input(src: Path, dst: Path) -> Path:
+    """The tickets with a contact block each, every value distinct: an e-mail
+    address and a phone number (one of several formats) in every ticket, a card
+    number in every third, an IBAN in every fourth, an IP address in every fifth."""
+    import orjson
+
+    with src.open("rb") as fin, dst.open("wb") as out:
+        for i, line in enumerate(fin):
+            row = orjson.loads(line)
+            name = str(row["customer"]).split()[0].lower()
+            phone = _PHONE_FORMATS[i % len(_PHONE_FORMATS)].format(
+                a=_AREAS[i % len(_AREAS)], n=i % 10000
+            )
+            extra = [f"{name}.{i}@example.com", phone]
+            if i % 3 == 0:
+                card = _luhn_complete(f"4{i:014d}")
+                extra.append("card " + " ".join(card[j : j + 4] for j in range(0, 16, 4)))
+            if i % 4 == 0:
+                extra.append("IBAN " + _iban(f"37040044{i:010d}"))
+            if i % 5 == 0:
+                extra.append(f"seen from 198.51.{i // 256 % 256}.{i % 256}")
+            row["ticket"] = f"{row['ticket']}\n\n{row['customer']}\n" + "\n".join(extra)
+            out.write(orjson.dumps(row) + b"\n")
+    return dst
+
+
+def bench_pii(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Any] | str:
+    """The same job on the same tickets (with personal data) with and without
+    pii, end to end; then the scanning alone, timed over every rendered prompt."""
+    check = subprocess.run(
+        [PY, "-c", "import phonenumbers, stdnum"], capture_output=True, text=True, timeout=60
+    )
+    if check.returncode != 0:
+        return (
+            "skipped: phonenumbers or python-stdnum is not importable (pip install 'batchrun[pii]')"
+        )
+    path = pii_input(tickets, workdir / "tickets-pii.jsonl")
+    args = ("--pii", PII_KINDS)
+    pairs = alternate(
+        PAIRS,
+        lambda: run_batchrun(server, workdir, path, ROWS, 64),
+        lambda: run_batchrun(server, workdir, path, ROWS, 64, args, kind="batchrun+pii"),
+        "pii c=64",
+    )
+    run_batchrun(server, workdir, path, ROWS, 64, args, "batchrun+pii", keep_output=True)
+    import orjson
+    import pyarrow.parquet as pq
+
+    from batchrun.pii import Scanner
+
+    found = pq.read_table(workdir / "batchrun-out.parquet", columns=["pii_found"]).column(0)
+    with path.open("rb") as fh:
+        prompts = [TEMPLATE.format(ticket=orjson.loads(line)["ticket"]) for line in fh]
+    size_kb = sum(len(p.encode()) for p in prompts) / 1024
+    scanner = Scanner(PII_KINDS.split(","), {}, "US")  # fresh: nothing cached
+    started = time.perf_counter()
+    for prompt in prompts:
+        scanner.pseudonymize([{"role": "user", "content": prompt}])
+    scan_s = time.perf_counter() - started
+    us_per_kb = scan_s * 1e6 / size_kb
+    say(
+        f"pii: scanning {us_per_kb:.1f} µs per KB ({scan_s * 1e6 / len(prompts):.1f} µs per prompt "
+        f"of {size_kb * 1024 / len(prompts):,.0f} bytes), {sum(found.to_pylist()):,} values replaced"
+    )
+    return {
+        "pairs": pairs,
+        "us_per_kb": us_per_kb,
+        "us_per_prompt": scan_s * 1e6 / len(prompts),
+        "prompt_bytes": size_kb * 1024 / len(prompts),
+        "values": sum(found.to_pylist()),
+    }
+
+
 def bench_memory(server: MockServer, workdir: Path, tickets: Path) -> list[Run]:
     runs = []
     for n in MEMORY_SIZES:
@@ -1106,6 +1225,20 @@ def _render_pacing(
     )
 
 
+def _pairs_table(pairs: Pairs) -> list[str]:
+    """Both programs of alternating pairs, one line each, as a markdown table."""
+    lines = [
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        lines.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    return lines
+
+
 def _render_structured(
     report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
 ) -> None:
@@ -1120,14 +1253,8 @@ def _render_structured(
     md += [
         f"## 6. Structured outputs (`--response-schema jobs/triage_schema.json`) vs plain text (concurrency 64, {ROWS:,} rows)",
         "",
-        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
-        "|---|---|---|---|---|---|",
     ]
-    for runs in (pairs.a, pairs.b):
-        md.append(
-            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
-            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
-        )
+    md += _pairs_table(pairs)
     cpu_over = _median(cpu) - 1
     verdict = _met(cost < TARGET_STRUCTURED_OVERHEAD)
     md += [
@@ -1156,6 +1283,50 @@ def _render_structured(
             f"(50 ms latency), rows/s ratio {_median(ratios):.2f}",
             f"< {TARGET_STRUCTURED_OVERHEAD:.0%} (parse+validate)",
             verdict,
+        )
+    )
+
+
+def _render_pii(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 7. personal data
+    pii = report["pii"]
+    md += [
+        f"## 7. Personal data (`--pii {PII_KINDS}`) vs the same job without (concurrency 64, {ROWS:,} rows)",
+        "",
+    ]
+    if isinstance(pii, str):
+        md += [pii, ""]
+        summary.append(("pii c=64", pii, "—", "—"))
+        return
+    pairs: Pairs = pii["pairs"]
+    ratios, cpu = pairs.ratios(), pairs.cpu_ratios()
+    md += [
+        "Input: the benchmark tickets, each with a contact block of distinct values (an e-mail address and",
+        "a phone number in every ticket, a card number in every third, an IBAN in every fourth, an IP",
+        f"address in every fifth): {pii['values']:,} values replaced in all, prompts of "
+        f"{pii['prompt_bytes']:,.0f} bytes on average.",
+        "",
+    ]
+    md += _pairs_table(pairs)
+    met_ratio = _median(ratios) >= TARGET_PII_RATIO
+    met_scan = pii["us_per_kb"] <= TARGET_PII_US_PER_KB
+    md += [
+        "",
+        f"rows/s with pii / without: **{_median(ratios):.2f}x** ({_range(ratios)}); client CPU per row "
+        f"{_median(cpu):.2f}x ({_range(cpu)}). Scanning alone (finding, checking, replacing; timed over every",
+        f"prompt with a fresh scanner, one core): **{pii['us_per_kb']:.1f} µs per KB**, "
+        f"{pii['us_per_prompt']:.1f} µs per prompt. Targets: ≥ {TARGET_PII_RATIO}x and ≤ "
+        f"{TARGET_PII_US_PER_KB:.0f} µs per KB: {_met(met_ratio and met_scan)}.",
+        "",
+    ]
+    summary.append(
+        (
+            "pii c=64",
+            f"rows/s ratio {_median(ratios):.2f}x ({_range(ratios)}); scanning {pii['us_per_kb']:.1f} µs/KB",
+            f"≥ {TARGET_PII_RATIO}x, ≤ {TARGET_PII_US_PER_KB:.0f} µs/KB",
+            _met(met_ratio and met_scan),
         )
     )
 
@@ -1208,6 +1379,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("help", _render_help),
         ("pacing", _render_pacing),
         ("structured", _render_structured),
+        ("pii", _render_pii),
         ("batchapi", batch_api.render),
     ):
         if name in report:
@@ -1283,6 +1455,7 @@ def main() -> int:
             "sdk": bench_sdk,
             "pacing": bench_pacing,
             "structured": bench_structured,
+            "pii": bench_pii,
         }
         plain["memory"] = bench_memory
         if any(name in ONLY for name in plain):

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from batchrun.mock import (
+    ANSWER_KINDS,
     FAULT_KINDS,
     FAULT_KINDS_DEFAULT,
     INVALID_KINDS,
@@ -71,7 +72,10 @@ def test_count_tokens() -> None:
 
 def test_config_validation() -> None:
     assert "stream-cut" not in FAULT_KINDS_DEFAULT
-    assert set(FAULT_KINDS_DEFAULT) | {"stream-cut"} == set(FAULT_KINDS)
+    assert not set(ANSWER_KINDS) & set(FAULT_KINDS_DEFAULT)
+    assert set(FAULT_KINDS_DEFAULT) | {"stream-cut", *ANSWER_KINDS} == set(FAULT_KINDS)
+    with pytest.raises(ValueError, match="unknown_fields"):
+        MockConfig(unknown_fields=("messages",))
     with pytest.raises(ValueError, match="unknown fault"):
         MockConfig(faults=("418",))
     with pytest.raises(ValueError, match="unknown fault"):
@@ -473,6 +477,99 @@ async def test_stream_variants_of_body_faults() -> None:
     assert len(out["truncated"]) == len(out["ok"]) // 2 and b"[DONE]" not in out["truncated"]
     no_usage = [orjson.loads(e) for e in sse_events(out["no-usage"])[:-1]]
     assert all(c["choices"] for c in no_usage)
+
+
+async def test_answer_kinds_of_a_plain_answer() -> None:
+    """The answers real servers give besides plain text, one request each."""
+    out: dict[str, dict[str, Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in (*ANSWER_KINDS, None):
+            config = MockConfig(fail_first=1, fail_first_kind=kind or "500")
+            async with serve(config) as server:
+                url = server.base_url + "/chat/completions"
+                if kind is None:
+                    await post(session, url, request_body())  # the 500
+                _, _, data = await post(session, url, request_body())
+                out[kind or "ok"] = orjson.loads(data)
+                assert server.stats.by_outcome[kind or "ok"] == 1
+    choice = {k: v["choices"][0] for k, v in out.items()}
+    assert choice["no-content"]["message"] == {"role": "assistant", "content": None}
+    parts = choice["content-parts"]["message"]["content"]
+    assert [p["type"] for p in parts] == ["text", "text"]
+    assert "".join(p["text"] for p in parts) == SUMMARY
+    refusal = choice["refusal"]["message"]
+    assert refusal["content"] is None and refusal["refusal"].startswith("I'm sorry")
+    tool = choice["tool-calls"]
+    assert tool["finish_reason"] == "tool_calls" and tool["message"]["content"] is None
+    [call] = tool["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert orjson.loads(call["function"]["arguments"]) == {"summary": SUMMARY}
+    # Stream-only kinds answer a plain request plainly; every kind reports its usage.
+    for kind in ("early-done", "token-stream"):
+        assert choice[kind] == choice["ok"]
+    assert all(v["usage"] == out["ok"]["usage"] for v in out.values())
+
+
+async def test_answer_kinds_of_a_stream() -> None:
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    out: dict[str, list[Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in ANSWER_KINDS:
+            async with serve(MockConfig(fail_first=1, fail_first_kind=kind)) as server:
+                _, _, raw = await stream(session, server.base_url + "/chat/completions", body)
+            events = sse_events(raw)
+            assert events[-1] == b"[DONE]"
+            out[kind] = [orjson.loads(e) for e in events[:-1]]
+
+    def deltas(kind: str) -> list[dict[str, Any]]:
+        return [c["choices"][0]["delta"] for c in out[kind] if c["choices"]]
+
+    def finish(kind: str) -> list[Any]:
+        return [c["choices"][0]["finish_reason"] for c in out[kind] if c["choices"]]
+
+    def usage(kind: str) -> list[Any]:
+        return [c["usage"] for c in out[kind] if "usage" in c]
+
+    assert out["token-stream"] and all(set(e) == {"token"} for e in out["token-stream"])
+    assert "".join(e["token"] for e in out["token-stream"]) == SUMMARY
+    early = "".join(d.get("content", "") for d in deltas("early-done"))
+    assert early and SUMMARY.startswith(early) and early != SUMMARY
+    assert set(finish("early-done")) == {None} and usage("early-done") == []
+    assert all("content" not in d for d in deltas("no-content"))
+    text = "".join(p["text"] for d in deltas("content-parts") for p in d.get("content", []))
+    assert text == SUMMARY
+    refusal = "".join(d.get("refusal") or "" for d in deltas("refusal"))
+    assert refusal.startswith("I'm sorry") and all(not d.get("content") for d in deltas("refusal"))
+    calls = [c for d in deltas("tool-calls") for c in d.get("tool_calls", [])]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"]
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    assert orjson.loads(arguments) == {"summary": SUMMARY}
+    assert finish("tool-calls")[-1] == "tool_calls"
+    for kind in ("no-content", "content-parts", "refusal", "tool-calls"):
+        assert finish(kind)[-1] in ("stop", "tool_calls") and len(usage(kind)) == 1
+
+
+async def test_unknown_fields_are_refused_when_strict_else_ignored() -> None:
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    async with aiohttp.ClientSession() as session:
+        strict = MockConfig(strict=True, unknown_fields=("stream_options",))
+        async with serve(strict) as server:
+            url = server.base_url + "/chat/completions"
+            status, _, data = await post(session, url, body)
+            assert (status, server.stats.by_outcome) == (400, {"400": 1})
+            assert b"Unrecognized request argument supplied: stream_options" in data
+            del body["stream_options"]
+            status, _, raw = await stream(session, url, body)
+            assert status == 200
+        async with serve(MockConfig(unknown_fields=("stream_options",))) as server:
+            url = server.base_url + "/chat/completions"
+            status, _, ignored = await stream(
+                session, url, {**body, "stream_options": {"include_usage": True}}
+            )
+    assert status == 200
+    for events in (sse_events(raw), sse_events(ignored)):
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        assert chunks and all("usage" not in c for c in chunks)
 
 
 async def test_stream_respects_max_tokens() -> None:

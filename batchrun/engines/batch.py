@@ -48,23 +48,24 @@ from typing import Any
 import numpy as np
 
 from batchrun.batch_client import BatchClient, remove_quietly
-from batchrun.batch_lines import BATCH, BatchRow, Collector, ended_at, why
+from batchrun.batch_lines import BatchRow, Collector, ended_at, why
 from batchrun.batch_state import TERMINAL, BatchState, Part, state_folder
 from batchrun.batch_submit import PartLimits, Submitter, cancel_earlier
 from batchrun.config import Job
 from batchrun.deadline import local_text, parse_deadline, resolve
 from batchrun.engines.local import send_online
 from batchrun.engines.shell import Heartbeat, Recorder, embedded_endpoint, stop_on_signals
-from batchrun.errors import BatchrunError, JobStopped, TooManyFailures
+from batchrun.errors import BatchrunError, JobStopped
 from batchrun.lifecycle import OpenRun, RunOptions, RunResult
-from batchrun.outputs import STATUS_ERROR, STATUS_NONE, Record
+from batchrun.outputs import STATUS_ERROR, STATUS_NONE
 from batchrun.payload import Prepared
+from batchrun.prices import BATCH, ONLINE
 from batchrun.progress import Progress, duration
 from batchrun.retry import RetryPolicy
 
 log = logging.getLogger("batchrun")
 
-ONLINE, HYBRID = "online", "hybrid"
+HYBRID = "hybrid"
 CALIBRATION_ROWS = 4
 """Rows a hybrid job sends online first, to measure the online latency."""
 CANCEL_POLL_S = 1.0
@@ -78,14 +79,6 @@ def wanted(job: Job) -> bool:
     if job.mode != ONLINE:
         return True
     return job.output is not None and (state_folder(job.output) / "state.json").exists()
-
-
-class _OnlineRecorder(Recorder):
-    """The recorder of the rows sent online: each record says ``tier = "online"``."""
-
-    def record(self, rec: Record) -> TooManyFailures | None:
-        rec.setdefault("tier", ONLINE)
-        return super().record(rec)
 
 
 async def run_batch_job(
@@ -142,9 +135,8 @@ class BatchEngine:
         self.skip = run.checked.scan.skip
         # The rows --retry-failed sends again that nothing has answered in this run.
         self.retry = (self.journal.status == STATUS_ERROR) & ~self.skip & options.retry_failed
-        recorder = Recorder(self.journal, self.tally, job.max_failures)
+        recorder = Recorder(self.journal, self.tally, job.max_failures, run.prices)
         self.lines = Collector(recorder, self.retry, api, job, run.checked.structured)
-        self.online = _OnlineRecorder(self.journal, self.tally, job.max_failures)
         self.state = self._open_state()
         self.submitter = Submitter(
             self.state, api, job, limits, self._rows, self.lines, self._check_stop, self._seen
@@ -245,7 +237,7 @@ class BatchEngine:
         self._check_stop()
 
     def _rows(self) -> Iterator[Prepared]:
-        return self.checked.rows(shape=self.opened.shape)
+        return self.opened.rows()
 
     def _to_send(self) -> np.ndarray:
         """Rows without a result (or to retry) that no batch holds or has held."""
@@ -273,7 +265,6 @@ class BatchEngine:
             sleep=self.sleep,
             rows=iter(rows),
             to_send=len(rows),
-            recorder=self.online,
         )
         latencies, tokens = [], []
         for p in rows:
@@ -481,7 +472,6 @@ class BatchEngine:
             sleep=self.sleep,
             rows=(p for p in self._rows() if mask[p.row]),
             to_send=to_send,
-            recorder=self.online,
         )
 
     # ---- the summary -------------------------------------------------------------------

@@ -70,7 +70,7 @@ async def send_online(
         scheduler = Scheduler(
             sent_job,
             client,
-            recorder or Recorder(run.journal, tally, sent_job.max_failures),
+            recorder or Recorder(run.journal, tally, sent_job.max_failures, run.prices),
             tally,
             RetryPolicy.for_job(sent_job, sleep),
             limits,
@@ -79,6 +79,7 @@ async def send_online(
             currency=tally.currency,
             grace_s=GRACE_S,
             via=run.via,
+            stream_options=run.stream_options,
         )
         progress = Progress(tally, enabled=options.progress, mode=options.progress_mode)
         signals = (

@@ -267,6 +267,12 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
             "Ray actors. Leave max_cost out (a prices file still shows the spend), or run "
             "with the local engine."
         )
+    if job.pii or job.pii_patterns:
+        raise JobError(
+            "`pii` is not supported with --engine ray: each row's mapping of placeholders to "
+            "personal data would travel to the Ray workers, and it must not leave this machine. "
+            "Run the job with the local engine."
+        )
     # The same checks, journal, resume, reuse and output as a local run: only the sending differs.
     with OpenRun(job, options, engine="ray") as run:
         checked, journal, tally = run.checked, run.journal, run.tally
@@ -289,7 +295,7 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
                         sent_job,
                         rows,
                         run.to_send,
-                        Recorder(journal, tally, sent_job.max_failures),
+                        Recorder(journal, tally, sent_job.max_failures, run.prices),
                         Heartbeat(progress, journal),
                         api_key=Secret(checked.api_key) if checked.api_key else None,
                         headers=Secret(checked.headers),

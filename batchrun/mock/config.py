@@ -12,6 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+ANSWER_KINDS: tuple[str, ...] = (
+    "no-content",
+    "content-parts",
+    "refusal",
+    "tool-calls",
+    "early-done",
+    "token-stream",
+)
+"""Answers real servers give that are not a plain text completion (see
+:class:`MockConfig`): drawn only when named in ``faults``."""
+
 FAULT_KINDS: tuple[str, ...] = (
     "429",
     "429-no-retry-after",
@@ -25,11 +36,15 @@ FAULT_KINDS: tuple[str, ...] = (
     "truncated",
     "no-usage",
     "stream-cut",
+    *ANSWER_KINDS,
 )
 """Every fault the mock can inject (see :class:`MockConfig`)."""
 
-FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "stream-cut")
-"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for streams)."""
+FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(
+    k for k in FAULT_KINDS if k != "stream-cut" and k not in ANSWER_KINDS
+)
+"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for
+streams) and the :data:`ANSWER_KINDS`."""
 
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
@@ -100,6 +115,16 @@ class MockConfig:
             (before the first chunk of a stream). 0 = none.
         fault_rate: Probability in [0, 1] that a valid request gets a fault.
         faults: Kinds (from :data:`FAULT_KINDS`) a fault is drawn from, uniformly.
+            Besides errors and broken bodies, the :data:`ANSWER_KINDS` answer the
+            way some real servers do: ``"no-content"`` (``content: null``, a stream
+            with no content delta), ``"content-parts"`` (content as a list of
+            ``{"type": "text"}`` parts), ``"refusal"`` (``message.refusal``, no
+            content), ``"tool-calls"`` (only ``tool_calls``, finish reason
+            ``"tool_calls"``), and for streams only ``"early-done"`` (``data:
+            [DONE]`` halfway, with no finish reason and no usage, as llama.cpp's
+            server does when another request arrives) and ``"token-stream"``
+            (events ``{"token": ...}`` that are not OpenAI chunks); a plain request
+            drawing one of those two gets the plain answer.
         retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
         hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
             to exceed the client's timeout).
@@ -142,6 +167,19 @@ class MockConfig:
         strict: Refuse (400, naming it) a body field that is not an OpenAI chat field
             (``structured_outputs`` is one where ``schema_via`` takes it); when False,
             unknown fields are ignored.
+        unknown_fields: OpenAI chat fields this endpoint does not know, as a server
+            with fewer fields (LLMTune's guide lists no ``stream_options``): refused
+            like any unknown field when ``strict``, ignored otherwise (without
+            ``stream_options``, a stream has no usage event).
+        echo_chars: A text answer ends with ``"\nYou wrote: …"`` and the last
+            ``echo_chars`` characters of the last user message, as a model repeating a
+            customer's details (and any placeholders batchrun's ``pii`` put there). 0: off.
+        cached_share: Share in [0, 1] of each prompt's tokens the usage reports as
+            read from a cache (``usage.prompt_tokens_details.cached_tokens``, rounded
+            down), as OpenAI does. 0 with ``reasoning_tokens`` 0: no usage details.
+        reasoning_tokens: Hidden reasoning tokens each answer reports
+            (``usage.completion_tokens_details.reasoning_tokens``), counted in its
+            ``completion_tokens`` as a reasoning model's are.
         batch_rows_per_s, batch_start_s, batch_cancel_s, batch_expire_s,
             batch_fail_rate, batch_fail_validation: the simulated Batch API queue
             (``/v1/files``, ``/v1/batches``; see :mod:`.batches`).
@@ -157,7 +195,7 @@ class MockConfig:
     fault_rate: float = _flag(0.0, "Share of requests (0..1) that get a fault.")
     faults: tuple[str, ...] = _flag(
         FAULT_KINDS_DEFAULT,
-        "Fault kinds to draw from (default: all but stream-cut).",
+        "Fault kinds to draw from (default: all but stream-cut and the answer kinds).",
         parse=_fault_kinds,
     )
     retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
@@ -182,6 +220,20 @@ class MockConfig:
         "Status for a schema sent another way (0: 500 as llama.cpp for json_object_schema, else 400).",
     )
     strict: bool = _flag(False, "Refuse unknown body fields with a 400 naming the field.")
+    unknown_fields: tuple[str, ...] = _flag(
+        (),
+        "OpenAI fields it does not know (e.g. stream_options): refused with --strict, else ignored.",
+        parse=_names,
+    )
+    echo_chars: int = _flag(
+        0, "End each text answer with the prompt's last N characters, quoted (0: off)."
+    )
+    cached_share: float = _flag(
+        0.0, "Share of each prompt's tokens (0..1) reported as cached (prompt_tokens_details)."
+    )
+    reasoning_tokens: int = _flag(
+        0, "Reasoning tokens per answer, in completion_tokens (completion_tokens_details)."
+    )
     batch_rows_per_s: float = _flag(
         5.0, "Rows per second the Batch API's queue answers (all batches together)."
     )
@@ -212,13 +264,14 @@ class MockConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_tokens < 1:
             raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
-        if self.fail_first < 0:
-            raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+        for name in ("fail_first", "reasoning_tokens", "echo_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
         unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
         if unknown:
             raise ValueError(f"unknown invalid kind(s) {unknown}; expected any of {INVALID_KINDS}")
-        for name in ("invalid_rate", "fence_rate"):
+        for name in ("invalid_rate", "fence_rate", "cached_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.invalid_rate > 0.0 and not self.invalid_kinds:
@@ -227,6 +280,9 @@ class MockConfig:
             raise ValueError(
                 f"schema_via must be one of {SCHEMA_VIA_MODES}, got {self.schema_via!r}"
             )
+        object.__setattr__(self, "unknown_fields", tuple(self.unknown_fields))
+        if {"model", "messages"} & set(self.unknown_fields):
+            raise ValueError("unknown_fields cannot hold model or messages: every request has them")
         if self.batch_rows_per_s <= 0:
             raise ValueError(f"batch_rows_per_s must be > 0, got {self.batch_rows_per_s}")
         for name in ("batch_start_s", "batch_cancel_s", "batch_expire_s", "batch_fail_validation"):

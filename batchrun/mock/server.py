@@ -36,10 +36,16 @@ from aiohttp import web
 
 from batchrun.aio import run_coroutine
 from batchrun.files import write_atomic
-from batchrun.mock.answers import _TOKEN_RE, _answer, count_tokens
+from batchrun.mock.answers import (
+    _TOKEN_RE,
+    _answer,
+    count_tokens,
+    shaped_deltas,
+    shaped_message,
+)
 from batchrun.mock.batches import add_batch_api
 from batchrun.mock.config import MockConfig, MockStats
-from batchrun.mock.dialects import Refusal, requested_schema
+from batchrun.mock.dialects import Refusal, known_fields, requested_schema
 
 # Grace period (seconds) that server shutdown gives in-flight handlers before cancelling
 # them. aiohttp's default is 60 s, which would make every test that leaves a "hang"
@@ -278,6 +284,7 @@ class _Endpoint:
             except orjson.JSONDecodeError:
                 raise _BadRequest("invalid_request", "Request body is not valid JSON") from None
             model, _, prompt_tokens = _validate(body, path_model)
+            body = known_fields(body, config.unknown_fields, config.strict)
             if prompt_tokens > config.context_tokens:
                 raise _BadRequest(
                     "context_length_exceeded",
@@ -322,15 +329,22 @@ class _Endpoint:
             elif fault == "drop" or (fault == "stream-cut" and not stream):
                 return _drop(request)
 
-        completion, finish_reason, outcome = _answer(body, schema, defect, pick, fenced)
+        completion, finish_reason, outcome = _answer(
+            body, schema, defect, pick, fenced, config.echo_chars
+        )
         if not faulted:
             self._outcome(outcome)
-        completion_tokens = count_tokens(completion)
-        usage = {
+        completion_tokens = count_tokens(completion) + config.reasoning_tokens
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if config.cached_share or config.reasoning_tokens:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": int(prompt_tokens * config.cached_share)
+            }
+            usage["completion_tokens_details"] = {"reasoning_tokens": config.reasoning_tokens}
         completion_id = "chatcmpl-" + body_hash[:24]
         created = int(time.time())
         if stream:
@@ -346,18 +360,15 @@ class _Endpoint:
                 usage,
             )
 
+        answer, finish_reason = shaped_message(
+            fault, completion, finish_reason, "call_" + body_hash[:24]
+        )
         payload: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": completion},
-                    "finish_reason": finish_reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": answer, "finish_reason": finish_reason}],
             "usage": usage,
         }
         if fault == "no-usage":
@@ -379,14 +390,17 @@ class _Endpoint:
         model: str,
         completion: str,
         finish_reason: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
     ) -> web.StreamResponse:
         """Answer as server-sent events; see the module docs of the stream fault variants.
 
         Faults on streams: ``"malformed"`` sends an event whose data is not JSON (then
         ``[DONE]``); ``"truncated"`` ends the response cleanly after the first half of
         the event bytes (no ``[DONE]``); ``"stream-cut"`` sends the first event and then
-        closes the connection mid-response; ``"no-usage"`` omits the usage event.
+        closes the connection mid-response; ``"no-usage"`` omits the usage event;
+        ``"early-done"`` sends ``[DONE]`` after the first half of the content events
+        (no finish reason, no usage); ``"token-stream"`` sends ``{"token": piece}``
+        events; the other answer kinds shape the deltas (:func:`.answers.shaped_deltas`).
         """
         head = {
             "id": completion_id,
@@ -397,12 +411,19 @@ class _Endpoint:
         events: list[bytes] = []
         if fault == "malformed":
             events.append(b"data: " + _MALFORMED_BODY + b"\n\n")
+        elif fault == "token-stream":
+            events.extend(_sse({"token": piece}) for piece in _pieces(completion))
         else:
-            for i, piece in enumerate(_pieces(completion)):
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            deltas, finish_reason = shaped_deltas(
+                fault, _pieces(completion), finish_reason, "call_" + completion_id[9:]
+            )
+            if fault == "early-done":
+                deltas = deltas[: (len(deltas) + 1) // 2]
+            for delta in deltas:
                 events.append(
                     _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 )
+        if fault not in ("malformed", "token-stream", "early-done"):
             events.append(
                 _sse(
                     {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}
