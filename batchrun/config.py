@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import orjson
 
+from batchrun.deadline import check_batch_keys
 from batchrun.errors import JobError
 from batchrun.pii import check_keys as check_pii_keys
 from batchrun.wire import check_base_url, check_headers
@@ -541,7 +542,7 @@ def load_job(
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
     check_pii_keys(values, source)
-    _check_mode(values, source)
+    check_batch_keys(values, source)
     return Job(**values, job_file=job_path)
 
 
@@ -561,41 +562,6 @@ def detect_format(path: Path) -> str:
     except (OSError, orjson.JSONDecodeError):
         pass  # the input checks say what is wrong, with the line number
     return "jsonl"
-
-
-def _check_mode(values: Mapping[str, Any], source: str) -> None:
-    """``mode``, ``deadline`` and what a provider's Batch API cannot do."""
-    from batchrun.deadline import parse_deadline
-
-    if values["deadline"] is not None:
-        try:
-            parse_deadline(values["deadline"])
-        except ValueError as exc:
-            raise JobError(f"`deadline` in {source}: {exc}.") from None
-    mode = values["mode"]
-    if mode == "online":
-        return
-    if mode == "hybrid" and values["deadline"] is None:
-        raise JobError(
-            f'`mode` is "hybrid" in {source} but no `deadline` is given: set deadline = "06:00" '
-            "(or pass --deadline 45m): hybrid sends online what the batch has not answered by then."
-        )
-    if values["pii"] or values["pii_patterns"]:
-        raise JobError(
-            f'`mode` is "{mode}" in {source}, which does not take `pii` yet: the answers of a '
-            'batch come back after the run that pseudonymized them. Use mode = "online" with pii.'
-        )
-    if values["max_cost"] is not None:
-        raise JobError(
-            f'`mode` is "{mode}" in {source}, and a batch cannot keep to `max_cost`: it is '
-            'submitted whole and paid as it is answered. Leave max_cost out, or use mode = "online".'
-        )
-    if values["stream"] or values["endpoint"] != "chat":
-        what = "stream = true" if values["stream"] else f'endpoint = "{values["endpoint"]}"'
-        raise JobError(
-            f'`mode` is "{mode}" in {source}, which a Batch API cannot serve with {what}: '
-            'batches answer /v1/chat/completions whole. Leave that out, or use mode = "online".'
-        )
 
 
 def _check_params(params: Mapping[str, Any], source: str) -> None:

@@ -8,8 +8,8 @@ Three ways to write it, told apart by their shape:
   (``"…+01:00"``, ``"…Z"``);
 - a duration from the job's first start: ``"45m"``, ``"20s"``, ``"2h"``, ``"1h30m"``.
 
-``parse_deadline`` checks the text when the job is loaded (a typo is an error
-before anything is sent); ``resolve`` turns it into an instant (epoch seconds)
+``check_batch_keys`` checks it when the job is loaded (a typo is an error before
+anything is sent), with what ``mode`` asks of the other keys; ``resolve`` turns it into an instant (epoch seconds)
 once, when the job first starts. The engine keeps that instant beside the
 journal, so a rerun keeps the deadline of the first start unless the command
 gives another text.
@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from batchrun.errors import JobError
 
 _CLOCK = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
@@ -85,3 +89,37 @@ def resolve(spec: DeadlineSpec, start: float) -> float:
 def local_text(instant: float) -> str:
     """``instant`` as a local date-time for messages (``2026-11-30 06:00:00``)."""
     return dt.datetime.fromtimestamp(instant).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def check_batch_keys(values: Mapping[str, Any], source: str) -> None:
+    """JobError for a ``deadline`` that is none of its forms, a hybrid job
+    without one, and what a provider's Batch API cannot do (``load_job``)."""
+    if values["deadline"] is not None:
+        try:
+            parse_deadline(values["deadline"])
+        except ValueError as exc:
+            raise JobError(f"`deadline` in {source}: {exc}.") from None
+    mode = values["mode"]
+    if mode == "online":
+        return
+    if mode == "hybrid" and values["deadline"] is None:
+        raise JobError(
+            f'`mode` is "hybrid" in {source} but no `deadline` is given: set deadline = "06:00" '
+            "(or pass --deadline 45m): hybrid sends online what the batch has not answered by then."
+        )
+    if values["pii"] or values["pii_patterns"]:
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, which does not take `pii` yet: the answers of a '
+            'batch come back after the run that pseudonymized them. Use mode = "online" with pii.'
+        )
+    if values["max_cost"] is not None:
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, and a batch cannot keep to `max_cost`: it is '
+            'submitted whole and paid as it is answered. Leave max_cost out, or use mode = "online".'
+        )
+    if values["stream"] or values["endpoint"] != "chat":
+        what = "stream = true" if values["stream"] else f'endpoint = "{values["endpoint"]}"'
+        raise JobError(
+            f'`mode` is "{mode}" in {source}, which a Batch API cannot serve with {what}: '
+            'batches answer /v1/chat/completions whole. Leave that out, or use mode = "online".'
+        )

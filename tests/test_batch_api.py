@@ -166,6 +166,27 @@ async def test_expired_batch_in_a_hybrid_job_sends_the_rest_online(tmp_path: Pat
     assert dict(result.tiers) == {"batch": answered, "online": 30 - answered}
 
 
+async def test_batch_rows_cost_the_batch_discount(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(
+        'currency = "USD"\n[models."test-model"]\nprompt_per_million = 1.0\n'
+        "completion_per_million = 2.0\nbatch_discount = 0.5\n"
+    )
+    async with serve(MockConfig(**FAST)) as server:
+        job = job_for(server, tmp_path, 20, mode="hybrid", deadline="10m", prices=str(prices))
+        hybrid = await run_job(job, QUIET)
+        online = await run_job(replace(job, mode="online", output=tmp_path / "on.parquet"), QUIET)
+    by_id = {r["id"]: r for r in rows_of(online.output)}
+    rows = rows_of(hybrid.output)
+    assert [r["tier"] for r in rows].count("batch") == 16
+    for row in rows:
+        full = by_id[row["id"]]["cost"]
+        assert row["cost"] == pytest.approx(full / 2 if row["tier"] == "batch" else full)
+    # The summary's cost is the column's sum: the batch rows at half price.
+    assert float(hybrid.cost or 0) == pytest.approx(sum(r["cost"] for r in rows))
+    assert float(hybrid.cost or 0) < float(online.cost or 0)
+
+
 # ---- hybrid ---------------------------------------------------------------------------
 
 
