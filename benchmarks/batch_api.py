@@ -1,4 +1,4 @@
-"""Benchmark 7 of ``run.py`` (``BENCH_ONLY=batchapi``): a 20,000-row job against the
+"""Benchmark 8 of ``run.py`` (``BENCH_ONLY=batchapi``): a 20,000-row job against the
 embedded endpoint's Batch API queue, three ways.
 
 - **online**: ``mode = "online"``, concurrency 64: every row at the full price.
@@ -121,12 +121,12 @@ def run_section(
 
 
 def render(report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]) -> None:
-    """Section 7 of results.md and its summary row."""
+    """Section 8 of results.md and its summary row."""
     b = report["batchapi"]
     online, hybrid, batch = b["online"], b["hybrid"], b["batch"]
     missed = batch["wall_s"] - DEADLINE_S
     md += [
-        f"## 7. The Batch API with a deadline ({b['rows']:,} rows)",
+        f"## 8. The Batch API with a deadline ({b['rows']:,} rows)",
         "",
         f"The embedded endpoint's queue answers {QUEUE_ROWS_PER_S:g} rows/s after "
         f"{QUEUE_START_S:g} s of validation (the batch alone needs about "
