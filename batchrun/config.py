@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import orjson
 
+from batchrun.deadline import check_batch_keys
 from batchrun.errors import JobError
 from batchrun.pii import check_keys as check_pii_keys
 from batchrun.wire import check_base_url, check_headers
@@ -35,6 +36,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 SCHEMA_DIALECTS = ("json_schema", "json_object_schema", "vllm", "prompt")
 """The ways a request can carry a response schema, in the order ``schema_via = "auto"`` tries them."""
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai-batch")
+MODES = ("online", "batch", "hybrid")
 OWNED_BODY_KEYS = {
     "model": "model",
     "messages": "prompt_template or messages_column",
@@ -277,6 +279,26 @@ KEYS: tuple[Key, ...] = (
         False,
         "Allow plain http:// to a host that is not loopback (the key would travel in clear).",
     ),
+    Key(
+        "mode",
+        "str",
+        "online",
+        "`online`: one request per row now; `batch`: the provider's Batch API (OpenAI's /files and /batches, about half the price, answered within 24 h); `hybrid`: a batch first, and before `deadline` the rows it has not answered online.",
+        choices=MODES,
+    ),
+    Key(
+        "deadline",
+        "str",
+        None,
+        'When a batch or hybrid job must be done: "HH:MM" (the next such local time), an ISO 8601 date-time, or a duration from the first start ("45m"); kept for reruns.',
+    ),
+    Key(
+        "batch_poll_s",
+        "float",
+        60.0,
+        "Seconds between two looks at a batch's status.",
+        minimum=1.0,
+    ),
 )
 KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -323,6 +345,9 @@ class Job:
     api_down_after_s: float
     max_failures: float | None
     allow_insecure_http: bool
+    mode: str
+    deadline: str | None
+    batch_poll_s: float
     job_file: Path | None = None
 
     @property
@@ -517,6 +542,7 @@ def load_job(
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
     check_pii_keys(values, source)
+    check_batch_keys(values, source)
     return Job(**values, job_file=job_path)
 
 

@@ -113,6 +113,10 @@ class RunResult:
     """Rows answered in this run without usage: the token counts leave them out."""
     stream_options_refused: str | None = None
     """Why streamed requests went without ``stream_options`` (the server's refusal)."""
+    tiers: tuple[tuple[str, int], ...] = ()
+    """Rows per ``tier`` (batch, online) when a Batch API answered some (``engines.batch``)."""
+    deadline: str = ""
+    """A batch or hybrid job's deadline and how long before it the job finished."""
 
     @property
     def exit_code(self) -> int:
@@ -162,6 +166,10 @@ class RunResult:
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
+        if self.tiers:
+            lines.insert(1, "tiers       " + ", ".join(f"{t} {n:,}" for t, n in self.tiers))
+        if self.deadline:
+            lines.insert(-2, f"deadline    {self.deadline}")
         if self.schema_via_refused:
             lines.insert(
                 1,

@@ -29,6 +29,13 @@ from batchrun.files import atomic_write
 BATCH_ROWS = 8192
 
 
+def input_line(custom_id: str, body: bytes) -> bytes:
+    """One request line of a batch's input file, around a request body as encoded
+    (the very bytes an online request sends, so the same ``request_hash``)."""
+    head = b'{"custom_id":' + orjson.dumps(custom_id)
+    return head + b',"method":"POST","url":"/v1/chat/completions","body":' + body + b"}\n"
+
+
 def output_line(row: dict[str, Any]) -> dict[str, Any]:
     """One output row of ours as an OpenAI batch output line."""
     line: dict[str, Any] = {

@@ -41,6 +41,8 @@ class Tally:
     cost: Decimal | None = None
     """The sum of the ``cost`` column over the rows with a result (None: not counted)."""
     currency: str = ""
+    detail: str = ""
+    """What the progress line adds at its end (a batch's status and counts)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -94,6 +96,7 @@ def status_text(t: Tally) -> str:
         + f"tokens {_tokens(tokens, t.no_usage)}  "
         + (f"spent {t.cost:.2f} {t.currency}  " if t.cost is not None else "")
         + f"{t.rows_per_s:,.0f} rows/s  ETA {duration(t.eta_s)}"
+        + (f"  {t.detail}" if t.detail else "")
     )
 
 

@@ -27,13 +27,16 @@ never share a core. Results are printed as a table and written to
    rows/s against the fault-free run on the same rows, in alternating pairs.
 9. A rate limit the server enforces (``--rpm-limit``): the share of the limit
    batchrun gets and the 429s it takes per row.
+10. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
+   endpoint's queue vs online vs the batch alone: cost at a 50% batch discount,
+   and how long before the deadline it finished.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
 ``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
-sporadic, ratelimit), ``BENCH_KEEP=1`` (keep the temp dir).
+sporadic, ratelimit, batchapi), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import batch_api  # noqa: E402
 from make_tickets import write_files  # noqa: E402
 
 PY = sys.executable
@@ -86,6 +90,7 @@ SECTIONS = (
     "help",
     "sporadic",
     "ratelimit",
+    "batchapi",
 )
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
@@ -1576,6 +1581,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("pii", _render_pii),
         ("sporadic", _render_sporadic),
         ("ratelimit", _render_ratelimit),
+        ("batchapi", batch_api.render),
     ):
         if name in report:
             section(report, md, summary)
@@ -1665,6 +1671,11 @@ def main() -> int:
                 report["latency"] = bench_latency(server, workdir, tickets)
         if "help" in ONLY:
             report["help"] = bench_help(workdir)
+        if "batchapi" in ONLY:
+            with MockServer(workdir, flags=batch_api.SERVER_ARGS, name="batchapi") as server:
+                report["batchapi"] = batch_api.run_section(
+                    server, workdir, tickets, ROWS, run_proc, CLIENT_CPU, PY, say, BenchError
+                )
     steal1 = _steal_ticks()
     total = steal1[1] - steal0[1]
     report["steal_pct"] = 100 * (steal1[0] - steal0[0]) / total if total > 0 else 0.0

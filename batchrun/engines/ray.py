@@ -256,6 +256,11 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
     machine, else a new one started here (and shut down at the end).
     """
     options = options or RunOptions()
+    if job.mode != "online":
+        raise JobError(
+            f'mode = "{job.mode}" sends the rows through a provider\'s Batch API, which the Ray '
+            "engine does not do: leave out --engine ray (one process submits every batch)."
+        )
     ray = import_ray()
     if job.max_cost is not None:
         raise JobError(

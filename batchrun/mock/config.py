@@ -196,6 +196,9 @@ class MockConfig:
         reasoning_tokens: Hidden reasoning tokens each answer reports
             (``usage.completion_tokens_details.reasoning_tokens``), counted in its
             ``completion_tokens`` as a reasoning model's are.
+        batch_rows_per_s, batch_start_s, batch_cancel_s, batch_expire_s,
+            batch_fail_rate, batch_fail_validation: the simulated Batch API queue
+            (``/v1/files``, ``/v1/batches``; see :mod:`.batches`).
     """
 
     api_key: str | None = _flag(
@@ -254,6 +257,18 @@ class MockConfig:
     reasoning_tokens: int = _flag(
         0, "Reasoning tokens per answer, in completion_tokens (completion_tokens_details)."
     )
+    batch_rows_per_s: float = _flag(
+        5.0, "Rows per second the Batch API's queue answers (all batches together)."
+    )
+    batch_start_s: float = _flag(2.0, "Seconds a new batch spends validating before its first row.")
+    batch_cancel_s: float = _flag(0.5, "Seconds a cancelling batch takes to become cancelled.")
+    batch_expire_s: float = _flag(
+        86400.0, "Seconds a batch may run before it expires, its unanswered rows in the error file."
+    )
+    batch_fail_rate: float = _flag(
+        0.0, "Share of batch rows (0..1) answered with an error line (HTTP 500)."
+    )
+    batch_fail_validation: int = _flag(0, "The first N batches fail validation (for tests).")
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -291,6 +306,13 @@ class MockConfig:
         object.__setattr__(self, "unknown_fields", tuple(self.unknown_fields))
         if {"model", "messages"} & set(self.unknown_fields):
             raise ValueError("unknown_fields cannot hold model or messages: every request has them")
+        if self.batch_rows_per_s <= 0:
+            raise ValueError(f"batch_rows_per_s must be > 0, got {self.batch_rows_per_s}")
+        for name in ("batch_start_s", "batch_cancel_s", "batch_expire_s", "batch_fail_validation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.batch_fail_rate <= 1.0:
+            raise ValueError(f"batch_fail_rate must be within [0, 1], got {self.batch_fail_rate}")
         if self.format_error_status and not 400 <= self.format_error_status <= 599:
             raise ValueError(
                 f"format_error_status must be 0 or an error status (400-599), got {self.format_error_status}"

@@ -42,6 +42,7 @@ from batchrun.mock.answers import (
     shaped_deltas,
     shaped_message,
 )
+from batchrun.mock.batches import add_batch_api
 from batchrun.mock.config import MockConfig, MockStats
 from batchrun.mock.dialects import Refusal, known_fields, requested_schema
 from batchrun.mock.limit import JSON_HEADERS, RequestLimit, retry_after_headers
@@ -473,6 +474,7 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_post("/v1/models/{model_id:.+}/inference", endpoint.model_inference)
     app.router.add_get("/_stats", endpoint.get_stats)
     app.router.add_post("/_reset", endpoint.reset_stats)
+    add_batch_api(app, config)
     return app
 
 
