@@ -304,19 +304,21 @@ class ApiClient:
         """
         assert self._session is not None, "use ApiClient in `async with`"
         sent = time.perf_counter()
-        url, timeout = self._url, self._session.timeout
+        url = self._url
+        left: dict[str, Any] = {}
         try:
             # aiohttp would follow a redirect anywhere, dropping the key but not
             # the job's other headers: batchrun follows only its own origin's.
             for _ in range(MAX_REDIRECTS + 1):
                 async with self._session.post(
-                    url, data=body, allow_redirects=False, timeout=timeout
+                    url, data=body, allow_redirects=False, **left
                 ) as resp:
                     status = resp.status
                     if status in REDIRECT_STATUS:
                         url = self._redirect_target(resp)
-                        left = self.job.request_timeout_s - (time.perf_counter() - sent)
-                        timeout = aiohttp.ClientTimeout(total=max(left, 0.001))
+                        # The redirected request gets what is left of the attempt's time.
+                        rest = self.job.request_timeout_s - (time.perf_counter() - sent)
+                        left = {"timeout": aiohttp.ClientTimeout(total=max(rest, 0.001))}
                         continue
                     if (
                         self.job.stream

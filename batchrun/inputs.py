@@ -119,6 +119,9 @@ class InputTable:
         self.path = path
         self.skip_bad_lines = skip_bad_lines
         self.batch_requests = batch_requests
+        self._floats = True
+        """Whether JSONL rows may hold floats (integers beyond 64 bits read as
+        floats need an exact reparse): until one whole pass has found none."""
         if not path.exists():
             raise InputError(
                 f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder)."
@@ -179,14 +182,16 @@ class InputTable:
             fh = self.path.open("rb")
         except OSError as exc:
             raise InputError(f"Input {self.path} cannot be read: {exc.strerror}.") from None
+        floats = False
         with fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
                     obj = orjson.loads(line)
-                    if _has_float(obj):
+                    if self._floats and _has_float(obj):
                         obj = _exact_loads(line)
+                        floats = True
                 except orjson.JSONDecodeError as exc:
                     if self.skip_bad_lines:
                         if skipped is not None:
@@ -203,6 +208,8 @@ class InputTable:
                         'Each line must be one JSON object like {"id": "T-1", "ticket": "..."}; fix the line or pass --skip-bad-lines.'
                     )
                 yield lineno, obj
+        # A whole pass without a float: the next passes need not look for one.
+        self._floats = floats
 
     def _bad_line_message(self, lineno: int, line: bytes, exc: Exception) -> str:
         try:

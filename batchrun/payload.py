@@ -340,8 +340,20 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
     problem when a count that is present cannot be true (then all three are
     None: a count that cannot be trusted must not reach the budget or the
     report)."""
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return None, None, None, None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    total = usage.get("total_tokens")
+    if (
+        type(prompt) is int
+        and type(completion) is int
+        and type(total) is int
+        and 0 <= prompt <= MAX_USAGE_TOKENS
+        and 0 <= completion <= MAX_USAGE_TOKENS
+        and 0 <= total <= MAX_USAGE_TOKENS
+    ):
+        return prompt, completion, total, None  # what nearly every answer says
     counts: list[int | None] = []
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         value = usage.get(name)
@@ -393,6 +405,10 @@ _CACHED_AT = (("prompt_tokens_details", "cached_tokens"), (None, "cache_read_inp
 """Where a usage object holds the cached prompt tokens: OpenAI's shape first, then
 the ``cache_read_input_tokens`` some OpenAI-compatible proxies send beside it."""
 _REASONING_AT = (("completion_tokens_details", "reasoning_tokens"),)
+_DETAIL_KEYS = frozenset(
+    parent or key for places in (_CACHED_AT, _REASONING_AT) for parent, key in places
+)
+"""The keys of a usage object under which a detail may be."""
 
 
 def _usage_details(
@@ -404,6 +420,8 @@ def _usage_details(
     completion) tokens it is part of. Such a detail is None, as if not reported
     (then every cached token costs the prompt rate: a cost is never
     under-reported); the other counts stay."""
+    if type(usage) is not dict or not _DETAIL_KEYS.intersection(usage):
+        return None, None, None
     found: list[int | None] = []
     problems: list[str] = []
     for places, whole, whole_name in (

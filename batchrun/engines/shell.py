@@ -171,13 +171,15 @@ class Recorder:
         self.journal.append(rec)
         if before == STATUS_ERROR:
             t.failed -= 1  # --retry-failed: the new result replaces the old one
-        t.prompt_tokens += rec.get("prompt_tokens") or 0
-        t.completion_tokens += rec.get("completion_tokens") or 0
+        prompt, completion = rec.get("prompt_tokens"), rec.get("completion_tokens")
+        t.prompt_tokens += prompt or 0
+        t.completion_tokens += completion or 0
         t.cached_tokens += rec.get("cached_tokens") or 0
         t.reasoning_tokens += rec.get("reasoning_tokens") or 0
         status = rec["status"]
-        if status != "error" and rec.get("attempts") and _no_usage(rec):
-            t.no_usage += 1
+        no_usage = prompt is None and completion is None and rec.get("total_tokens") is None
+        if no_usage and status != "error" and rec.get("attempts"):
+            t.no_usage += 1  # an answer that reported no usage at all
         if status == "ok":
             t.ok += 1
             return None
@@ -194,11 +196,6 @@ class Recorder:
                 "command again to resume (add --retry-failed to resend the failed rows)."
             )
         return None
-
-
-def _no_usage(rec: Record) -> bool:
-    """An answer that reported no usage at all (what the report counts as no_usage)."""
-    return all(rec.get(k) is None for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
 
 
 def failure_limit(max_failures: float | None, total: int) -> float | None:
