@@ -48,6 +48,9 @@ class Plan:
     currency: str
     pace_rows_per_s: float | None
     concurrency: int | str
+    batch_discount: Decimal = Decimal(0)
+    """The fraction off rows a provider batch answers (the prices file's)."""
+    mode: str = "online"
     done: int = 0
     """Rows with a result from an earlier run of this output."""
     failed: int = 0
@@ -90,7 +93,17 @@ class Plan:
             lines.append(
                 f"cost          {self.cost_low:.4f} .. {self.cost_high:.4f} {self.currency} "
                 "(prompt only .. prompt + max_tokens per row)"
+                + (" online" if self.batch_discount or self.mode != "online" else "")
             )
+            if self.batch_discount:
+                off = 1 - self.batch_discount
+                lines.append(
+                    f"              {self.cost_low * off:.4f} .. {self.cost_high * off:.4f} "
+                    f"{self.currency} by a provider batch (batch_discount {self.batch_discount:.0%}); "
+                    "hybrid falls between, as the batch answers before the deadline"
+                )
+            if self.mode != "online":
+                lines.append(f"mode          {self.mode}")
         else:
             lines.append("cost          unpriced (pass --prices FILE with this model)")
         pace = f"; rpm/tpm allow {self.pace_rows_per_s:,.1f} rows/s" if self.pace_rows_per_s else ""
@@ -147,6 +160,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         prompt_tokens += p.prompt_tokens
         completion_cap += p.max_tokens
     cost_low = cost_high = None
+    batch_discount = Decimal(0)
     currency = ""
     if job.prices is not None:
         prices = load_prices(job.prices)
@@ -156,6 +170,7 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
             rates = price.rates()  # in force today
             cost_low = rates.cost(prompt_tokens, 0)
             cost_high = rates.worst_case(prompt_tokens, completion_cap)
+            batch_discount = rates.batch_discount
     pace = None
     if job.rpm:
         pace = job.rpm / 60
@@ -172,6 +187,8 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         max_completion_tokens=completion_cap,
         cost_low=cost_low,
         cost_high=cost_high,
+        batch_discount=batch_discount,
+        mode=job.mode,
         currency=currency,
         pace_rows_per_s=pace,
         concurrency=job.concurrency,
