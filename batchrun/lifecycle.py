@@ -114,6 +114,8 @@ class RunResult:
     stream_options_refused: str | None = None
     """Why streamed requests went without ``stream_options`` (the server's refusal)."""
     tiers: tuple[tuple[str, int], ...] = ()
+    batch_saved: Decimal | None = None
+    """What the rows a provider batch answered cost less than online would have."""
     """Rows per ``tier`` (batch, online) when a Batch API answered some (``engines.batch``)."""
     deadline: str = ""
     """A batch or hybrid job's deadline and how long before it the job finished."""
@@ -159,7 +161,14 @@ class RunResult:
             ),
             f"requests    {self.requests:,}  (retries {self.retries:,})",
             *(
-                [f"cost        {self.cost:.4f} {self.currency} (this job, all runs)"]
+                [
+                    f"cost        {self.cost:.4f} {self.currency} (this job, all runs"
+                    + (
+                        f"; the batch saved {self.batch_saved:.4f} against online)"
+                        if self.batch_saved is not None
+                        else ")"
+                    )
+                ]
                 if self.cost is not None
                 else []
             ),

@@ -185,6 +185,10 @@ async def test_batch_rows_cost_the_batch_discount(tmp_path: Path) -> None:
     # The summary's cost is the column's sum: the batch rows at half price.
     assert float(hybrid.cost or 0) == pytest.approx(sum(r["cost"] for r in rows))
     assert float(hybrid.cost or 0) < float(online.cost or 0)
+    # What the batch saved: its rows' online cost, less what they cost as batch rows.
+    saved = sum(r["cost"] for r in rows if r["tier"] == "batch")
+    assert float(hybrid.batch_saved or 0) == pytest.approx(saved)
+    assert "the batch saved" in hybrid.summary()
 
 
 # ---- hybrid ---------------------------------------------------------------------------

@@ -533,7 +533,15 @@ def test_an_empty_output(tmp_path: Path) -> None:
 def test_json_schema_is_exact(tmp_path: Path) -> None:
     path = write_output(tmp_path / "out.parquet", mixed_rows())
     data = report_json(str(path), "--prices", str(prices_file(tmp_path)), "--by", "priority")
-    assert list(data) == ["total", "groups", "duplicates_skipped", "compare", "checks"]
+    assert list(data) == [
+        "total",
+        "groups",
+        "duplicates_skipped",
+        "batch_saved",
+        "compare",
+        "checks",
+    ]
+    assert data["batch_saved"] is None  # no row here was answered by a provider batch
     assert data["compare"] is None and data["checks"] == []
     assert list(data["total"]) == JSON_STATS
     assert list(JSON_STATS) == [*STAT_NAMES[:16], "currency", *STAT_NAMES[16:]]

@@ -157,6 +157,12 @@ def test_a_month_is_priced_at_each_days_rates_with_cache_reasoning_and_batch(
             if r["tier"] == g["tier"] and r["finished_at"].date().isoformat() == g["day"]
         ]
         assert g["cost"] == total_cost(mine)
+    # What the batch saved: its rows priced online, less what they cost as batch rows.
+    batch = [r for r in rows if r["tier"] == "batch"]
+    as_online = total_cost([{**r, "tier": "online"} for r in batch])
+    assert data["batch_saved"] == as_online - total_cost(batch) > 0
+    table = report(str(path), "--prices", prices_file(tmp_path)).output
+    assert f"that saved {data['batch_saved']:.4f} USD against sending them online" in table
 
 
 def test_the_price_change_and_the_batch_discount_both_matter(tmp_path: Path) -> None:

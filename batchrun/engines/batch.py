@@ -502,4 +502,11 @@ class BatchEngine:
                 "before_deadline_s": margin,
             },
         )
-        return replace(result, tiers=((BATCH, batch), (ONLINE, online)), deadline=deadline)
+        saved = None
+        if batch and self.opened.prices is not None:
+            from batchrun.report import build_report  # priced as report prices it
+
+            saved = build_report([result.output], prices=self.opened.prices).batch_saved
+        return replace(
+            result, tiers=((BATCH, batch), (ONLINE, online)), deadline=deadline, batch_saved=saved
+        )

@@ -60,7 +60,7 @@ import pandas as pd
 
 from batchrun.errors import JobError
 from batchrun.outputs import output_files
-from batchrun.prices import ONLINE, Prices, load_prices
+from batchrun.prices import BATCH, ONLINE, Prices, load_prices
 from batchrun.report.read import read_outputs, utc_dates, utc_day
 
 if TYPE_CHECKING:
@@ -163,6 +163,9 @@ class Report:
     their merged file, a copy)."""
     tiers: tuple[tuple[str, Stats], ...] = ()
     """The figures per ``tier`` (online, batch)."""
+    batch_saved: Decimal | None = None
+    """What the rows a provider batch answered would have cost more online (None:
+    no priced batch row)."""
     comparison: Comparison | None = None
     """Against ``--compare``'s outputs, and the ``--fail-if`` checks."""
 
@@ -265,6 +268,7 @@ def compute_report(
         tiers=tuple(
             (_key_label(g.key), g.stats) for g in _aggregate(frame, rows, ("tier",), prices)
         ),
+        batch_saved=_batch_saved(frame, rows, prices),
     )
 
 
@@ -466,6 +470,36 @@ def _costs(
                 )
         out[key] = (priced, unpriced_rows, unpriced_tokens)
     return out
+
+
+def _batch_saved(frame: pd.DataFrame, rows: _Rows, prices: Prices | None) -> Decimal | None:
+    """The online price of the priced batch rows less what they cost as batch rows
+    (the same pricing as every cost here); None when there is none."""
+    if prices is None or len(frame) == 0:
+        return None
+    per_price = _groupby(rows.usage, [*_groupers(frame, ()), *rows.pricing]).sum()
+    saved: Decimal | None = None
+    for full_key, prompt, completion, cached, reasoning, sent in zip(
+        _key_tuples(per_price.index),
+        per_price["prompt"].tolist(),
+        per_price["completion"].tolist(),
+        per_price["cached"].tolist(),
+        per_price["reasoning"].tolist(),
+        per_price["sent"].tolist(),
+        strict=True,
+    ):
+        model, period, tier = full_key[-3:]
+        price = prices.price(model)
+        if not sent or tier != BATCH or price is None:
+            continue
+        rates = price.periods[period]
+        counts = (prompt, completion, cached, reasoning)
+        saved = (
+            (saved or Decimal(0))
+            + rates.cost(*counts, tier=ONLINE)
+            - rates.cost(*counts, tier=BATCH)
+        )
+    return saved
 
 
 def _sorted(groups: list[Group]) -> list[Group]:

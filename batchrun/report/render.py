@@ -42,7 +42,8 @@ def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
 
 def report_dict(report: Report) -> dict[str, Any]:
     """``{"total": {...}, "groups": [{by columns..., figures...}, ...],
-    "duplicates_skipped": N, "compare": {...} or None, "checks": [...]}``; costs
+    "duplicates_skipped": N, "batch_saved": ..., "compare": {...} or None, "checks":
+    [...]}``; costs
     stay Decimal."""
     comparison = report.comparison
     return {
@@ -55,6 +56,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             for group in report.groups
         ],
         "duplicates_skipped": report.duplicates,
+        "batch_saved": report.batch_saved,
         "compare": _compare_dict(comparison) if comparison and comparison.baseline else None,
         "checks": [
             {"check": check.text, "crossed": reason is not None, "reason": reason}
@@ -295,9 +297,14 @@ def report_notes(report: Report) -> list[str]:
         )
     batch = dict(report.tiers).get("batch")
     if batch is not None and report.prices is not None:
+        saved = (
+            f"; that saved {report.batch_saved:.4f} {report.currency} against sending them online"
+            if report.batch_saved is not None
+            else ""
+        )
         notes.append(
             f"Batch: {batch.rows:,} rows were answered by a provider batch and are priced with "
-            "their batch_discount."
+            f"their batch_discount{saved}."
         )
     if report.duplicates:
         notes.append(
