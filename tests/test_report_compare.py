@@ -163,6 +163,9 @@ def test_a_month_is_priced_at_each_days_rates_with_cache_reasoning_and_batch(
     assert data["batch_saved"] == as_online - total_cost(batch) > 0
     table = report(str(path), "--prices", prices_file(tmp_path)).output
     assert f"that saved {data['batch_saved']:.4f} USD against sending them online" in table
+    page = tmp_path / "march.html"
+    report(str(path), "--prices", prices_file(tmp_path), "--html", str(page))
+    assert "the batch saved" in page.read_text()
 
 
 def test_the_price_change_and_the_batch_discount_both_matter(tmp_path: Path) -> None:

@@ -129,7 +129,12 @@ def render_html(report: Report) -> str:
             "Tiers",
             " · ".join(f"{tier} {s.rows:,}" for tier, s in report.tiers) or "-",
             " · ".join(f"{tier} {fmt_money(s.cost)}" for tier, s in report.tiers)
-            + (f" {report.currency}" if report.currency and report.tiers else ""),
+            + (f" {report.currency}" if report.currency and report.tiers else "")
+            + (
+                f"; the batch saved {fmt_money(report.batch_saved)} against online"
+                if report.batch_saved is not None
+                else ""
+            ),
         ),
     ]
     grouping = ", ".join(report.by) if report.by else "model"
