@@ -8,20 +8,22 @@ each shard keeps the global row numbers of the input).
 What is checked, and what a failed check does (InputError, exit 2, nothing written):
 
 - Every file has the same columns with the same types (the error names the two
-  files and the columns that differ).
-- Every id appears once. An id in several rows (the same job run twice, a shard
-  given twice) is an error listing the first ids and their files, unless
-  ``prefer_ok`` (``--prefer-ok``) resolves it with one rule: keep the row whose
-  status is ``ok``; among several ok rows, or when none is ok, the one that
-  finished last (``finished_at``; a null counts as oldest); on a tie, the one from
-  the file named later. So merging a run with its rerun of the failed rows keeps
-  every success, and the newest answer when both succeeded.
+  files and the columns that differ), and is in row order, as batchrun writes it.
+- Every id appears once. An id in several rows of one row number (the same job
+  run twice, a shard given twice) is an error listing the first ids and their
+  files, unless ``prefer_ok`` (``--prefer-ok``) resolves it with one rule: keep
+  the row whose status is ``ok``; among several ok rows, or when none is ok, the
+  one that finished last (``finished_at``; a null counts as oldest); on a tie,
+  the one from the file named later. So merging a run with its rerun of the
+  failed rows keeps every success, and the newest answer when both succeeded.
 - Every file comes from the same job: the same model, prompts, parameters and
   input row count (the shard aside). Files that differ are an error naming the
   keys that differ, unless ``allow_mixed`` (``--allow-mixed``), which merges them
   and notes each in the summary.
-- Two ids never claim the same ``row`` (they would when the outputs come from
-  different inputs, or the input changed between runs).
+- Two ids never claim the same ``row``, and one id never sits on two row numbers
+  (either happens when the outputs come from different inputs, or the input
+  changed between runs; ``prefer_ok`` does not choose between rows of different
+  inputs).
 - No row is missing. With ``input``: every id of the input has a row, and every
   row's id is in the input. Without it: every row number below the input's row
   count (recorded in the first file's metadata) has a row — which catches a
@@ -36,26 +38,28 @@ shard) and ``merged_from`` added: one ``{"file", "run_id", "rows", "shard"}`` pe
 file. It is written like every batchrun output: to a temporary name in the same
 folder, zstd-compressed, fsynced, then ``os.replace``d onto the path, so a
 half-written file is never taken for a merged one. The output may be one of the
-files merged (everything is read before anything is written); a file that merely
+files merged (it is replaced only once everything is read); a file that merely
 turns up in a folder or glob being merged is left out when it is the output.
 
-Memory: v1 reads every file whole with pyarrow, so it needs the merged table at
-its in-memory Arrow size (about 1.4 GB for 3 million rows of 300-character
-completions), plus a few bytes a row of numpy arrays (row numbers, a keep mask,
-the write order) and, with ``input``, the input's ids. Nothing is copied whole:
-the checks read zero-copy views of the ``id``, ``row``, ``status`` and
-``finished_at`` columns, and rows are gathered in write order 65,536 at a time
-(one take per file, then one reorder of the slice). Since each file is in row
-order already, a streaming k-way merge could get by with a row group per file;
-v1 does not. Ids are checked with pyarrow compute (``value_counts``, ``is_in``)
-and numpy, never a Python loop over the rows; only the examples an error or the
-summary names (at most ``MAX_LISTED``) become Python objects.
+Memory does not grow with the rows: the files are read side by side in row
+order, a window of rows at a time (``rowmerge.py``; ``WINDOW_ROWS`` over all the
+files), in two passes. The first reads ``id``, ``row``, ``status`` and
+``finished_at`` and makes the checks; the second reads every column, resolves
+doubled ids the same way and writes row groups of ``WRITE_ROWS``. The checks
+that span every row — an id on two row numbers, ids missing from the input or
+the outputs — go through ``IdCheck`` (``idcheck.py``), which keeps the ids'
+hashes on disk beside the output (16 bytes an id, removed at the end). Only the
+examples an error or the summary names (at most ``MAX_LISTED``) become Python
+objects beyond a window.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,13 +72,31 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, OutputError
 from batchrun.files import atomic_write, require_folder
+from batchrun.idcheck import INPUT, MERGED, Findings, IdCheck
 from batchrun.outputs import output_files
+from batchrun.rowmerge import (
+    RowGaps,
+    Window,
+    gather,
+    ids_at,
+    kept_rows,
+    null_in,
+    ranked,
+    unreadable,
+    windows,
+)
 
 MAX_LISTED = 5
 """How many duplicate or missing ids an error or summary names."""
 
-WRITE_ROWS = 65_536
-"""Rows taken, in write order, per Parquet row group of the merged file."""
+WRITE_ROWS = 16_384
+"""Rows per Parquet row group of the merged file."""
+
+WINDOW_ROWS = 16_384
+"""Rows read at a time over all the files: each file is read this many divided by
+the number of files at a time (at least MIN_BATCH_ROWS)."""
+
+MIN_BATCH_ROWS = 1024
 
 NEEDED_COLUMNS = ("id", "row", "status", "finished_at")
 """The columns a file must have to be merged (every batchrun output has them)."""
@@ -150,14 +172,17 @@ def merge_outputs(
     prefer_ok: bool = False,
     allow_missing: bool = False,
     allow_mixed: bool = False,
+    batch_rows: int | None = None,
 ) -> MergeResult:
     """Merge batchrun outputs ``paths`` (files, folders, globs) into ``output``.
 
     ``input`` (JSONL, Parquet file or folder): check that every id of the input has
     a row. ``id_column``: the input's id column (default: the job's ``id_column``
     from the outputs' metadata, else ``id``). ``prefer_ok``, ``allow_missing`` and
-    ``allow_mixed``: see the module docstring. Raises InputError (exit 2, nothing written) when the
-    files cannot be merged, OutputError when the output cannot be written.
+    ``allow_mixed``: see the module docstring. ``batch_rows``: rows read from each
+    file at a time (default: ``WINDOW_ROWS`` shared among the files); the merged
+    file is the same whatever it is. Raises InputError (exit 2, nothing written)
+    when the files cannot be merged, OutputError when the output cannot be written.
     """
     started = time.monotonic()
     output = Path(output)
@@ -166,8 +191,7 @@ def merge_outputs(
         raise InputError(
             "No output file given. Name the files `batchrun run` wrote, folders or globs."
         )
-    read = [_read(path) for path in files]
-    metas = [meta for _, meta in read]
+    metas = [_read_meta(path) for path in files]
     other_jobs = _other_jobs(files, metas)
     if other_jobs and not allow_mixed:
         listed = "; ".join(other_jobs[:MAX_LISTED])
@@ -179,27 +203,18 @@ def merge_outputs(
             "their own, or pass --allow-mixed to merge them anyway."
         )
     schema = _common_schema(files, [m["schema"] for m in metas])
-    tables = [t.select(schema.names) for t, _ in read]
-    del read
-    offsets = np.cumsum([0, *(t.num_rows for t in tables)])
-    # The columns the checks read, all files end to end (zero-copy: chunks of the parts).
-    needed = pa.schema([schema.field(c) for c in NEEDED_COLUMNS])
-    table = pa.concat_tables(t.select(list(NEEDED_COLUMNS)).cast(needed) for t in tables)
-
-    keep, dup_ids, dropped_status = _resolve_duplicates(table, files, offsets, prefer_ok)
-    rows = table.column("row").to_numpy()
-    order = keep[np.argsort(rows[keep], kind="stable")]
-    _check_rows(table, files, offsets, rows, order)
-
+    require_folder(output, "-o")
+    batch = batch_rows or max(MIN_BATCH_ROWS, WINDOW_ROWS // len(files))
     first = metas[0]["batchrun"]
-    if input is not None:
-        ids = table.column("id").take(pa.array(order))
-        missing, examples = _missing_ids(ids, input, id_column or _job_id_column(first))
-        checked_by = "ids"
-    else:
-        total = (first.get("identity") or {}).get("rows")
-        missing, examples = _missing_rows(rows[order], total)
-        checked_by = "rows" if isinstance(total, int) else "none"
+    check = _Check(files, prefer_ok, (first.get("identity") or {}).get("rows"))
+    with _scratch(output) as scratch:
+        expected = sum(m["num_rows"] for m in metas) * (2 if input is not None else 1)
+        missing, examples, checked_by = check.everything(
+            IdCheck(scratch, expected, MAX_LISTED),
+            batch,
+            input,
+            id_column or _job_id_column(first),
+        )
     if missing and not allow_missing:
         what = "ids of the input" if checked_by == "ids" else "row numbers of the input"
         raise InputError(
@@ -209,22 +224,18 @@ def merge_outputs(
             "or pass --allow-missing to write the merged file without them."
         )
 
-    metadata = _merged_metadata(first, files, metas, len(order))
-    _write(
-        tables, offsets, order, schema.with_metadata({b"batchrun": orjson.dumps(metadata)}), output
-    )
-
-    status_all = _status_counts(table.column("status"))
-    ok, failed, invalid = (status_all[s] - dropped_status[s] for s in ("ok", "error", "invalid"))
+    metadata = _merged_metadata(first, files, metas, check.rows)
+    meta_schema = schema.with_metadata({b"batchrun": orjson.dumps(metadata)})
+    written = _write(files, meta_schema, batch, prefer_ok, output, check.rows)
     return MergeResult(
         output=output,
         files=list(files),
-        rows=len(order),
-        ok=ok,
-        failed=failed,
-        invalid=invalid,
-        duplicate_ids=dup_ids,
-        duplicates_dropped=table.num_rows - len(order),
+        rows=written,
+        ok=check.status["ok"],
+        failed=check.status["error"],
+        invalid=check.status["invalid"],
+        duplicate_ids=check.doubled,
+        duplicates_dropped=check.dropped,
         missing=missing,
         missing_examples=examples,
         checked_by=checked_by,
@@ -236,37 +247,29 @@ def merge_outputs(
 # ---- reading -----------------------------------------------------------------------------
 
 
-def _read(path: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """The whole file, and ``{"batchrun": its metadata, "schema": its Arrow schema}``
-    (the schema as written: the table may hold ``large_string`` where it says string)."""
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``{"batchrun": the file's metadata, "num_rows": …, "schema": its Arrow schema}``,
+    read from the footer alone."""
     try:
-        # ParquetFile rather than pq.read_table: the latter imports pyarrow.dataset (0.5 s).
-        file = pq.ParquetFile(path)
-        schema = file.schema_arrow
-        table = _one_chunk(file.read())
+        schema = pq.read_schema(path)
+        footer = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(
-            f"{path} is not a readable Parquet file ({exc}). Give the files `batchrun run` wrote."
-        ) from None
-    lacking = [c for c in NEEDED_COLUMNS if c not in table.column_names]
+        raise unreadable(path, exc) from None
+    lacking = [c for c in NEEDED_COLUMNS if c not in schema.names]
     if lacking:
         raise InputError(
             f"{path} is not a batchrun output: it has no {', '.join(f'`{c}`' for c in lacking)} column. "
             "Give the files `batchrun run` wrote."
         )
-    nulls = [c for c in ("id", "row") if table.column(c).null_count]
-    if nulls:
-        raise InputError(
-            f"{path} has rows without {' or '.join(f'`{c}`' for c in nulls)}: not a batchrun output. "
-            "Give the files `batchrun run` wrote."
-        )
+    # Null ids or rows, as far as the footer's statistics tell (the reading checks the rest).
+    null_in(path, footer)
     try:
         meta = orjson.loads((schema.metadata or {})[b"batchrun"])
     except (KeyError, orjson.JSONDecodeError):
         meta = {}
-    return table.replace_schema_metadata(None), {
+    return {
         "batchrun": meta if isinstance(meta, dict) else {},
-        "num_rows": table.num_rows,
+        "num_rows": footer.num_rows,
         "schema": schema.remove_metadata(),
     }
 
@@ -297,149 +300,185 @@ def _common_schema(files: Sequence[Path], schemas: Sequence[pa.Schema]) -> pa.Sc
     return pa.schema([f.with_nullable(True) if f.name not in ("id", "row") else f for f in first])
 
 
-def _one_chunk(table: pa.Table) -> pa.Table:
-    """``table`` with each column one contiguous array.
-
-    Taking rows from a chunked column concatenates its chunks on every call, so
-    writing in slices would copy the whole column once per slice. A Parquet file
-    read whole is one chunk a column already (nothing is copied then) unless a
-    column holds over 2 GiB of text: that one is joined with 64-bit offsets
-    (``large_string``), and ``_write`` casts each slice back to the schema's type.
-    """
-    if all(column.num_chunks <= 1 for column in table.columns):
-        return table
-    columns = []
-    for f in table.schema:
-        chunks = table.column(f.name).chunks
-        try:
-            columns.append(pa.concat_arrays(chunks))
-        except (pa.ArrowInvalid, pa.ArrowCapacityError):
-            large = _large(f.type)
-            columns.append(pa.concat_arrays([c.cast(large) for c in chunks]))
-    return pa.Table.from_arrays(columns, names=table.schema.names).replace_schema_metadata(
-        table.schema.metadata
-    )
-
-
-def _large(type_: pa.DataType) -> pa.DataType:
-    """``type_`` with 64-bit offsets wherever it has 32-bit ones."""
-    if pa.types.is_string(type_):
-        return pa.large_string()
-    if pa.types.is_binary(type_):
-        return pa.large_binary()
-    if pa.types.is_list(type_):
-        return pa.large_list(_large(type_.value_type))
-    if pa.types.is_struct(type_):
-        return pa.struct(
-            [type_.field(i).with_type(_large(type_.field(i).type)) for i in range(type_.num_fields)]
-        )
-    return type_
-
-
 # ---- checking ----------------------------------------------------------------------------
 
 
-def _resolve_duplicates(
-    table: pa.Table, files: Sequence[Path], offsets: np.ndarray, prefer_ok: bool
-) -> tuple[np.ndarray, int, dict[str, int]]:
-    """The positions (in the concatenated table) of the rows to keep, how many ids
-    were doubled, and the status counts of the rows dropped."""
-    n = table.num_rows
-    ids = table.column("id")
-    counts = pc.value_counts(ids)
-    doubled = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-    if len(doubled) == 0:
-        return np.arange(n), 0, {"ok": 0, "error": 0, "invalid": 0}
-    positions = np.flatnonzero(_bools(pc.is_in(ids, value_set=doubled)))
-    rows = table.select(["id", "status", "finished_at"]).take(pa.array(positions))
-    codes = _codes(rows.column("id"))
-    if not prefer_ok:
-        listed = []
-        for value in doubled[:MAX_LISTED].to_pylist():
-            at = positions[_bools(pc.equal(rows.column("id"), value))]
-            where = [str(files[i]) for i in np.searchsorted(offsets, at, side="right") - 1]
-            listed.append(f"{value!r} ({', '.join(where)})")
-        more = f" and {len(doubled) - MAX_LISTED:,} more" if len(doubled) > MAX_LISTED else ""
+class _Check:
+    """What the first pass finds, a window at a time: doubled ids, clashing rows,
+    the status counts and the row numbers missing; each kept row's id goes to
+    ``ids`` for the checks that span every row."""
+
+    def __init__(self, files: Sequence[Path], prefer_ok: bool, total: Any) -> None:
+        self.files = files
+        self.prefer_ok = prefer_ok
+        self.gaps = RowGaps(total, MAX_LISTED)
+        self.rows = 0
+        self.doubled = 0
+        """Ids in more than one row of one row number."""
+        self.dropped = 0
+        self.doubled_listed: list[str] = []
+        self.clashes = 0
+        self.clashes_listed: list[str] = []
+        self.status = {"ok": 0, "error": 0, "invalid": 0}
+
+    def everything(
+        self, ids: IdCheck, batch_rows: int, input: Path | None, id_column: str
+    ) -> tuple[int, list[str], str]:
+        """Every check, raising the first error found, in this order: doubled ids,
+        clashing rows, ids on two rows, strangers to the input, rows missing
+        (unless allowed). Returns the missing rows: how many, the first few, and
+        whether by id or by row number."""
+        self.ids = ids
+        try:
+            for window in windows(self.files, NEEDED_COLUMNS, batch_rows):
+                self.add(window)
+            self.gaps.close()
+            self.raise_doubled_or_clashing()
+            by_id = self.add_input(input, id_column) if input is not None else False
+            found = ids.findings(with_input=input is not None)
+        finally:
+            ids.close()
+        self.raise_repeated(found.repeated.count, found.repeated.rows)
+        if input is None:
+            checked_by = "rows" if self.gaps.total is not None else "none"
+            return self.gaps.count, [f"row {r}" for r in self.gaps.examples], checked_by
+        examples = self.strangers_and_missing(input, id_column, found, by_id)
+        return found.missing.count, examples, "ids"
+
+    def add(self, window: Window) -> None:
+        order, first, ids = ranked(window, self.prefer_ok)
+        group = np.cumsum(first) - 1
+        sizes = np.bincount(group)
+        doubled = np.flatnonzero(sizes > 1)
+        self.doubled += len(doubled)
+        self.dropped += len(order) - len(sizes)
+        for g in doubled[: MAX_LISTED - len(self.doubled_listed)].tolist():
+            members = order[group == g]
+            where = ", ".join(str(self.files[f]) for f in np.sort(window.files[members]).tolist())
+            self.doubled_listed.append(f"{ids[int(members[0])].as_py()!r} ({where})")
+        kept = kept_rows(window, order, first)
+        rows = window.rows[kept]
+        clash = np.flatnonzero(rows[1:] == rows[:-1])
+        self.clashes += len(clash)
+        for i in clash[: MAX_LISTED - len(self.clashes_listed)].tolist():
+            a, b = int(kept[i]), int(kept[i + 1])
+            fa, fb = (self.files[int(window.files[p])] for p in (a, b))
+            self.clashes_listed.append(
+                f"row {int(rows[i])} is {ids[a].as_py()!r} in {fa} but {ids[b].as_py()!r} in {fb}"
+            )
+        taken = pa.array(kept)
+        for status, count in _status_counts(window.column("status").take(taken)).items():
+            self.status[status] += count
+        self.ids.add(MERGED, ids.take(taken).to_pylist(), rows)
+        self.gaps.add(np.unique(rows))
+        self.rows += len(kept)
+
+    def raise_doubled_or_clashing(self) -> None:
+        """InputError for ids doubled on one row number (unless ``prefer_ok``), then
+        for row numbers of more than one id."""
+        if self.doubled and not self.prefer_ok:
+            more = f" and {self.doubled - MAX_LISTED:,} more" if self.doubled > MAX_LISTED else ""
+            raise InputError(
+                f"{self.doubled:,} ids have more than one row: {'; '.join(self.doubled_listed)}{more}. "
+                "Leave out the extra file (a shard given twice?), or pass --prefer-ok to keep, for "
+                "each id, its ok row, else the one that finished last."
+            )
+        if self.clashes:
+            raise InputError(
+                f"{self.clashes:,} row numbers belong to more than one id: {'; '.join(self.clashes_listed)}. "
+                f"{DIFFERENT_INPUTS}"
+            )
+
+    def raise_repeated(self, count: int, rows: list[int]) -> None:
+        """InputError for ids on more than one row number, once their ids are read
+        (hashes alone could be two ids that share one)."""
+        if not count:
+            return
+        at = ids_at(self.files, rows)
+        by_id: dict[str, list[int]] = {}
+        for row in sorted(at):
+            by_id.setdefault(at[row][0], []).append(row)
+        listed = [
+            f"{id_!r} is " + " and ".join(f"row {r} in {self.files[at[r][1][0]]}" for r in on)
+            for id_, on in by_id.items()
+            if len(on) > 1
+        ]
+        if not listed:
+            return
+        more = f" and {count - len(listed):,} more" if count > len(listed) else ""
         raise InputError(
-            f"{len(doubled):,} ids have more than one row: {'; '.join(listed)}{more}. "
-            "Leave out the extra file (a shard given twice?), or pass --prefer-ok to keep, for "
-            "each id, its ok row, else the one that finished last."
+            f"{count:,} ids are on more than one row number: {'; '.join(listed)}{more}. "
+            f"{DIFFERENT_INPUTS}"
         )
-    not_ok = _bools(pc.not_equal(pc.fill_null(rows.column("status"), ""), "ok")).astype(np.int8)
-    finished = pc.fill_null(rows.column("finished_at").cast(pa.int64()), -(2**62)).to_numpy()
-    # Best first within each id: ok, then latest finished_at, then the later file.
-    order = np.lexsort((-positions, -finished, not_ok, codes))
-    sorted_codes = codes[order]
-    best = np.empty(len(order), dtype=bool)
-    best[0] = True
-    best[1:] = sorted_codes[1:] != sorted_codes[:-1]
-    drop = positions[order[~best]]
-    keep = np.ones(n, dtype=bool)
-    keep[drop] = False
-    dropped = _status_counts(rows.column("status").take(pa.array(order[~best])))
-    return np.flatnonzero(keep), len(doubled), dropped
+
+    def add_input(self, input: Path, id_column: str) -> bool:
+        """Add the ids of ``input``; whether it has ``id_column`` (else its ids are
+        row numbers)."""
+        by_id = False
+        for start, ids, named in _input_ids(input, id_column):
+            self.ids.add(INPUT, ids, np.arange(start, start + len(ids), dtype=np.int64))
+            by_id = named
+        return by_id
+
+    def strangers_and_missing(
+        self, input: Path, id_column: str, found: Findings, by_id: bool
+    ) -> list[str]:
+        """InputError for ids of the outputs that are not in the input; else the
+        first few input ids without a row."""
+        if found.strangers.count:
+            at = ids_at(self.files, found.strangers.rows)
+            examples = [at[r][0] for r in found.strangers.rows if r in at]
+            raise InputError(
+                f"{found.strangers.count:,} ids of the outputs are not in input {input}: "
+                f"{', '.join(map(repr, examples))}. Give the input the job ran on"
+                + (
+                    f" (and its id column: --id-column; `{id_column}` was used)."
+                    if not by_id
+                    else "."
+                )
+            )
+        wanted = set(found.missing.rows)
+        named: dict[int, str] = {}
+        for start, ids, _ in _input_ids(input, id_column) if wanted else ():
+            named.update((r, ids[r - start]) for r in wanted if start <= r < start + len(ids))
+            if len(named) == len(wanted):
+                break
+        return [repr(named[r]) for r in sorted(named)]
 
 
-def _check_rows(
-    table: pa.Table, files: Sequence[Path], offsets: np.ndarray, rows: np.ndarray, order: np.ndarray
-) -> None:
-    """InputError when two ids claim one row number: the outputs come from different inputs."""
-    ordered = rows[order]
-    clash = np.flatnonzero(ordered[1:] == ordered[:-1])
-    if len(clash) == 0:
-        return
-    listed = []
-    for i in clash[:MAX_LISTED]:
-        a, b = order[i], order[i + 1]
-        fa, fb = (files[j] for j in np.searchsorted(offsets, [a, b], side="right") - 1)
-        ida, idb = (table.column("id")[int(p)].as_py() for p in (a, b))
-        listed.append(f"row {int(ordered[i])} is {ida!r} in {fa} but {idb!r} in {fb}")
-    raise InputError(
-        f"{len(clash):,} row numbers belong to more than one id: {'; '.join(listed)}. These outputs come "
-        "from different inputs (or the input changed between runs): merge only outputs of one input."
-    )
+DIFFERENT_INPUTS = (
+    "These outputs come from different inputs (or the input changed between runs): merge only "
+    "outputs of one input."
+)
 
 
-def _missing_ids(ids: pa.ChunkedArray, input: Path, id_column: str) -> tuple[int, list[str]]:
-    """Input ids with no row (count, first few in input order). InputError when a
-    row's id is not in the input at all: the outputs belong to another input."""
+def _input_ids(input: Path, id_column: str) -> Iterator[tuple[int, list[str], bool]]:
+    """(first row number, ids, whether they are ``id_column``'s) for each batch of
+    ``input``: its ``id_column`` as text, or without that column the row numbers.
+    Bad lines are skipped (the run may have skipped them)."""
     from batchrun.inputs import InputTable
 
     table = InputTable(input, skip_bad_lines=True)
-    # dedupe: a run with --dedupe left later duplicates out; their id is there once.
-    scan = table.scan(id_column, id_required=False, keep_columns=(), dedupe=True)
-    chunks = [
-        pa.array(batch.ids, pa.string())
-        for batch in table.batches([], id_column if scan.has_id_column else None, 65_536)
-    ]
-    input_ids = pa.chunked_array(chunks, pa.string()).combine_chunks()
-    merged = ids.combine_chunks()
-    strangers = pc.invert(pc.is_in(merged, value_set=input_ids))
-    stranger_count = pc.sum(strangers).as_py() or 0
-    if stranger_count:
-        examples = pc.filter(merged, strangers)[:MAX_LISTED].to_pylist()
-        raise InputError(
-            f"{stranger_count:,} ids of the outputs are not in input {input}: "
-            f"{', '.join(map(repr, examples))}. Give the input the job ran on"
-            + (
-                f" (and its id column: --id-column; `{id_column}` was used)."
-                if not scan.has_id_column
-                else "."
+    by_id: bool | None = None
+    for batch in table.batches([id_column], None, 65_536):
+        if by_id is None:
+            by_id = id_column in batch.rows[0]
+        having = sum(1 for row in batch.rows if id_column in row)
+        if having != (len(batch.rows) if by_id else 0):
+            raise InputError(
+                f"Input {input}: some rows have `{id_column}` and others do not, so the rows "
+                "cannot be matched by id. Give --id-column a column every row has."
             )
-        )
-    absent = pc.invert(pc.is_in(input_ids, value_set=merged))
-    count = pc.sum(absent).as_py() or 0
-    return count, [repr(i) for i in pc.filter(input_ids, absent)[:MAX_LISTED].to_pylist()]
-
-
-def _missing_rows(rows: np.ndarray, total: Any) -> tuple[int, list[str]]:
-    """Row numbers below ``total`` (the input's row count) with no row."""
-    if not isinstance(total, int) or total <= 0:
-        return 0, []
-    present = np.zeros(total, dtype=bool)
-    present[rows[(rows >= 0) & (rows < total)]] = True
-    absent = np.flatnonzero(~present)
-    return len(absent), [f"row {r}" for r in absent[:MAX_LISTED].tolist()]
+        if not by_id:
+            yield batch.start, batch.ids, False
+            continue
+        values = [row[id_column] for row in batch.rows]
+        if None in values:
+            raise InputError(
+                f"Input {input}, row {batch.start + values.index(None)}: `{id_column}` is null. "
+                "Give --id-column a column every row has a value in."
+            )
+        yield batch.start, [v if isinstance(v, str) else str(v) for v in values], True
 
 
 def _job_id_column(meta: dict[str, Any]) -> str:
@@ -485,60 +524,67 @@ def _merged_metadata(
 
 
 def _write(
-    tables: Sequence[pa.Table],
-    offsets: np.ndarray,
-    order: np.ndarray,
+    files: Sequence[Path],
     schema: pa.Schema,
+    batch_rows: int,
+    prefer_ok: bool,
     output: Path,
-) -> None:
-    """Rows ``order`` (positions in ``tables`` end to end) to ``output``: temporary
-    name, fsync, os.replace."""
-    require_folder(output, "-o")
+    expected: int,
+) -> int:
+    """The second pass: every column of the rows the first pass kept, resolved the
+    same way, to ``output`` (temporary name, fsync, os.replace). Returns the rows
+    written."""
+    written = 0
     try:
         with (
             atomic_write(output) as tmp,
             pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
         ):
-            for start in range(0, len(order), WRITE_ROWS):
-                part = _gather(tables, offsets, order[start : start + WRITE_ROWS], schema)
-                writer.write_table(part, row_group_size=WRITE_ROWS)
+            waiting: list[pa.Table] = []
+            held = 0
+            for window in windows(files, schema.names, batch_rows):
+                order, first, _ = ranked(window, prefer_ok)
+                part = gather(window, kept_rows(window, order, first), schema)
+                waiting.append(part)
+                held += part.num_rows
+                if held >= WRITE_ROWS:
+                    table = pa.concat_tables(waiting)
+                    whole = held - held % WRITE_ROWS
+                    writer.write_table(table.slice(0, whole), row_group_size=WRITE_ROWS)
+                    written += whole
+                    waiting, held = [table.slice(whole)], held - whole
+            if held:
+                writer.write_table(pa.concat_tables(waiting), row_group_size=WRITE_ROWS)
+                written += held
+            if written != expected:
+                raise InputError(
+                    f"The outputs changed while they were merged ({expected:,} rows checked, "
+                    f"{written:,} read to write): merge them again once no run writes them."
+                )
     except OSError as exc:
         raise OutputError(
             f"Cannot write {output}: {exc.strerror or exc}. Free space (or fix the folder) and merge again."
         ) from None
+    return written
 
 
-def _gather(
-    tables: Sequence[pa.Table], offsets: np.ndarray, positions: np.ndarray, schema: pa.Schema
-) -> pa.Table:
-    """The rows at ``positions`` (in ``tables`` end to end), in that order, typed by
-    ``schema``: one take per file from its contiguous columns, then one reorder."""
-    file_of = np.searchsorted(offsets, positions, side="right") - 1
-    by_file = np.argsort(file_of, kind="stable")
-    groups = np.split(by_file, np.flatnonzero(np.diff(file_of[by_file])) + 1)
-    pieces = [
-        tables[file_of[g[0]]].take(pa.array(positions[g] - offsets[file_of[g[0]]])).cast(schema)
-        for g in groups
-    ]
-    if len(pieces) == 1:
-        return pieces[0]
-    back = np.empty_like(by_file)
-    back[by_file] = np.arange(len(by_file))
-    return pa.concat_tables(pieces).combine_chunks().take(pa.array(back))
+@contextlib.contextmanager
+def _scratch(output: Path) -> Iterator[Path]:
+    """A hidden folder beside ``output`` for the ids being checked, removed at the
+    end (named as a run's leftovers are: a run on ``output`` removes one a killed
+    merge left)."""
+    folder = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        raise OutputError(f"Cannot write in {output.parent}: {exc.strerror or exc}.") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- small vectorized pieces -------------------------------------------------------------
-
-
-def _bools(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A pyarrow boolean mask as numpy (a null counts as False)."""
-    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def _codes(values: pa.ChunkedArray) -> np.ndarray:
-    """An integer per distinct value (equal values, equal codes)."""
-    encoded = pc.dictionary_encode(values.combine_chunks())
-    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _status_counts(status: pa.ChunkedArray | pa.Array) -> dict[str, int]:

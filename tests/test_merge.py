@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
+import batchrun.idcheck
+import batchrun.rowmerge
 from batchrun.cli import main
 from batchrun.errors import InputError, OutputError
 from batchrun.merge import merge_outputs
@@ -419,30 +421,28 @@ def test_merge_raises_input_error_for_the_python_api(work: dict[str, Path], tmp_
     assert list(tmp_path.iterdir()) == [work["part-0"].parent]
 
 
-def test_a_text_column_over_2_gib_gets_64_bit_offsets(
+def test_a_window_over_2_gib_of_text_is_gathered_in_halves(
     work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file with over 2 GiB of text in a column reads as several chunks, and joining
-    them overflows 32-bit offsets; pretend so, with small files."""
+    """Rows of tens of kilobytes could put over 2 GiB of text in one column of a
+    window, which one take cannot hold; pretend so, with small files."""
     want = tmp_path / "want.parquet"
     assert cli("merge", *parts(work), "-o", want).exit_code == 0
-    real_read, real_concat = pq.ParquetFile.read, pa.concat_arrays
+    real_take = batchrun.rowmerge._take
+    sizes = []
 
-    def chunked_read(self: pq.ParquetFile, *args: object, **kwargs: object) -> pa.Table:
-        table = real_read(self, *args, **kwargs)
-        return pa.Table.from_batches(table.to_batches(max_chunksize=7), table.schema)
-
-    def overflowing(arrays: list[pa.Array]) -> pa.Array:
-        if arrays and arrays[0].type == pa.string():
+    def overflowing(table: pa.Table, indices: object) -> pa.Table:
+        sizes.append(len(indices))  # type: ignore[arg-type]
+        if len(indices) > 7:  # type: ignore[arg-type]
             raise pa.ArrowCapacityError("array cannot contain more than 2147483646 bytes")
-        return real_concat(arrays)
+        return real_take(table, indices)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pq.ParquetFile, "read", chunked_read)
-    monkeypatch.setattr(pa, "concat_arrays", overflowing)
+    monkeypatch.setattr(batchrun.rowmerge, "_take", overflowing)
     merged = tmp_path / "m.parquet"
     assert cli("merge", *parts(work), "-o", merged).exit_code == 0
     monkeypatch.undo()
-    assert pq.read_schema(merged).remove_metadata().equals(pq.read_schema(want).remove_metadata())
+    assert max(sizes) > 7, "the halving was not exercised"
+    assert pq.read_schema(merged).equals(pq.read_schema(want), check_metadata=True)
     assert pq.read_table(merged).equals(pq.read_table(want))
 
 
@@ -455,3 +455,74 @@ def test_null_ids_are_not_a_batchrun_output(work: dict[str, Path], tmp_path: Pat
     result = cli("merge", *parts(work), "-o", tmp_path / "m.parquet")
     assert result.exit_code == 2
     assert f"{work['part-1']} has rows without `id`" in result.output
+
+
+# ---- memory: a window at a time --------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefer_ok", [False, True])
+def test_a_small_batch_gives_the_same_file(
+    work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefer_ok: bool
+) -> None:
+    """Files read 7 rows at a time, ids checked in 16 partitions: memory holds a few
+    rows per file, and the merged file is the same, row for row and in its metadata."""
+    files = [*parts(work), work["full"]] if prefer_ok else parts(work)
+    want = merge_outputs(files, tmp_path / "want.parquet", prefer_ok=prefer_ok)
+    monkeypatch.setattr(batchrun.idcheck, "PARTITION_IDS", 16)
+    got = merge_outputs(files, tmp_path / "got.parquet", prefer_ok=prefer_ok, batch_rows=7)
+    assert got.rows == want.rows == SAMPLE_ROWS
+    assert (got.ok, got.failed, got.duplicate_ids, got.duplicates_dropped) == (
+        want.ok,
+        want.failed,
+        want.duplicate_ids,
+        want.duplicates_dropped,
+    )
+    assert got.duplicates_dropped == (SAMPLE_ROWS if prefer_ok else 0)
+    a, b = pq.ParquetFile(tmp_path / "want.parquet"), pq.ParquetFile(tmp_path / "got.parquet")
+    assert a.schema_arrow.equals(b.schema_arrow, check_metadata=True)
+    assert a.read().equals(b.read())
+
+
+def test_the_checks_hold_across_partitions(
+    work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the ids spread over 64 partitions of a few ids each, the checks by id
+    find what they find in one."""
+    monkeypatch.setattr(batchrun.idcheck, "PARTITION_IDS", 8)
+    test_a_missing_shard_is_found_by_id(work, tmp_path, SAMPLE_JSONL)
+    test_ids_not_in_the_input_are_an_error(work, tmp_path)
+
+
+def test_one_id_on_two_row_numbers_means_different_inputs(
+    work: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rows 0 and 1 swapped in one run's input: --prefer-ok cannot choose between
+    rows of different inputs."""
+    moved = Path(shutil.copy(work["full"], tmp_path / "moved.parquet"))
+    ids = pq.read_table(moved).column("id").to_pylist()
+    rewrite(moved, id=pa.array([ids[1], ids[0], *ids[2:]]))
+    result = cli("merge", work["full"], moved, "-o", tmp_path / "m.parquet", "--prefer-ok")
+    assert result.exit_code == 2
+    assert "2 row numbers belong to more than one id" in result.output
+    # The same when no row number is shared: shard 0 on row 0, the moved id on row 1.
+    lone = tmp_path / "lone.parquet"
+    table = pq.read_table(work["full"])
+    pq.write_table(table.slice(0, 1), work["part-0"])
+    pq.write_table(table.slice(0, 1).set_column(1, "row", pa.array([1])), lone)
+    result = cli("merge", work["part-0"], lone, "-o", tmp_path / "m.parquet", "--allow-missing")
+    assert result.exit_code == 2
+    assert (
+        f"1 ids are on more than one row number: {ids[0]!r} is row 0 in {work['part-0']} "
+        f"and row 1 in {lone}"
+    ) in result.output
+    assert "come from different inputs" in result.output
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_a_file_out_of_row_order_is_refused(work: dict[str, Path], tmp_path: Path) -> None:
+    table = pq.read_table(work["part-1"])
+    pq.write_table(table.take(pa.array(range(table.num_rows - 1, -1, -1))), work["part-1"])
+    result = cli("merge", *parts(work), "-o", tmp_path / "m.parquet")
+    assert result.exit_code == 2
+    assert f"{work['part-1']} is not in row order" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
