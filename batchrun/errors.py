@@ -44,7 +44,7 @@ from __future__ import annotations
 import errno
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batchrun.payload import Completion
@@ -272,3 +272,21 @@ class SchemaRejected(FatalRequestError):
     """The server refused the way a request carried its response schema (a 400,
     422 or 500 naming the format, while ``schema_via = "auto"`` is still
     searching): not retried as it is; the row is sent again the next way."""
+
+
+def first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error to surface from a task group: ours first, then anything else."""
+    flat: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[Any]) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                flat.append(e)
+
+    walk(group)
+    for e in flat:
+        if isinstance(e, BatchrunError):
+            return e
+    return flat[0]

@@ -29,7 +29,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +48,7 @@ from batchrun.errors import (
     write_failed,
 )
 from batchrun.files import atomic_write, fsync_path, require_folder, write_atomic
+from batchrun.journal_io import read_lines, remove_leftovers, temporary, write_all
 from batchrun.lock import OutputLock
 from batchrun.outputs import (
     FIXED_COLUMNS,
@@ -167,7 +167,7 @@ class Journal:
     def _open(self, identity: dict[str, Any], restart: bool, keep_columns: Sequence[str]) -> None:
         finished_run = None
         try:
-            _remove_leftovers(self.output)
+            remove_leftovers(self.output)
             if restart and self.folder.exists():
                 shutil.rmtree(self.folder)
             finished_run = None if restart else self._finished_run(identity)
@@ -274,7 +274,7 @@ class Journal:
         disk) leaves a finished job, never a partial journal whose missing rows the
         next run would send again.
         """
-        tmp = _temporary(self.folder)
+        tmp = temporary(self.folder)
         tmp.mkdir()
         try:
             self._write_job_json(tmp, identity)
@@ -347,7 +347,7 @@ class Journal:
                 if values:
                     rec["values"] = values
                 lines.append(orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE))
-            _write_all(fd, b"".join(lines))
+            write_all(fd, b"".join(lines))
             copied += len(lines)
         return copied
 
@@ -520,7 +520,7 @@ class Journal:
                         if any_skipped
                         else range(start, stop)
                     )
-                    lines = _read_lines(fd, offsets, lengths, rows)
+                    lines = read_lines(fd, offsets, lengths, rows)
                     if not lines:
                         continue
                     if keep is not None and any_skipped:
@@ -535,7 +535,7 @@ class Journal:
         self._close_files()
         # The journal goes in one rename, then its files: a run stopped meanwhile
         # never leaves a journal with part of its records beside the finished file.
-        trash = _temporary(self.folder)
+        trash = temporary(self.folder)
         try:
             os.rename(self.folder, trash)
         except OSError:
@@ -570,53 +570,3 @@ def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:
         return int(rec["row"]), rec
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
-
-
-def _temporary(path: Path) -> Path:
-    """A hidden name beside ``path`` for a file or folder on its way in or out."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _remove_leftovers(output: Path) -> None:
-    """Remove what a run killed mid-write left beside ``output``: a temporary output
-    file (``files.atomic_write``), a take-back copy or a journal being removed
-    (``_temporary``). Called under the lock: no other run is writing them."""
-    pattern = re.compile(rf"\.{re.escape(output.name)}(?:\.partial)?\.[0-9a-f]+\.tmp")
-    with os.scandir(output.parent) as entries:
-        for entry in entries:
-            if not pattern.fullmatch(entry.name):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
-def _read_lines(fd: int, offsets: Any, lengths: Any, rows: Sequence[int]) -> list[bytes]:
-    """The journal lines of ``rows``. Rows finish roughly in input order, so a
-    batch's lines usually sit close together: one read of their span then
-    serves them all; lines scattered over the journal (a resume, retried rows)
-    are read one by one, so memory never holds more than a batch's worth."""
-    if not len(rows):
-        return []
-    index = np.asarray(rows, dtype=np.int64)
-    starts = offsets[index]
-    sizes = lengths[index].astype(np.int64)
-    low = int(starts.min())
-    high = int((starts + sizes).max())
-    if high - low > 2 * int(sizes.sum()) + 65536:
-        return [os.pread(fd, int(n), int(o)) for o, n in zip(starts, sizes, strict=True)]
-    span = os.pread(fd, high - low, low)
-    return [
-        span[o - low : o - low + n] for o, n in zip((starts).tolist(), sizes.tolist(), strict=True)
-    ]

@@ -23,7 +23,6 @@ from batchrun.config import Job
 from batchrun.errors import (
     Abandoned,
     ApiDown,
-    BatchrunError,
     BudgetReached,
     EmptyAnswer,
     JobStopped,
@@ -31,6 +30,7 @@ from batchrun.errors import (
     RateLimited,
     RequestError,
     RequestTimeout,
+    first_batchrun_error,
 )
 from batchrun.failures import AUTH_STATUSES, FailureWatch
 from batchrun.limits import SPENT_STREAK, CostBudget, Limits
@@ -98,6 +98,9 @@ class _RowTotals:
             self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
 
     def put(self, rec: Record) -> Record:
+        """``rec`` with the row's usage, its API time and its wait for the job's own limits."""
+        rec["latency_ms"] = self.api_s * 1000
+        rec["queued_ms"] = self.queued_s * 1000
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
@@ -175,7 +178,7 @@ class Scheduler:
                 self._producer = tg.create_task(self._produce(rows))
                 self.workers.start(tg)
         except BaseExceptionGroup as group:
-            raise _first_batchrun_error(group) from None
+            raise first_batchrun_error(group) from None
         if self._stop is not None:
             raise self._stop
 
@@ -270,7 +273,7 @@ class Scheduler:
                     return
                 rec = self._error_record(p, str(exc), exc.status, requests + exc.attempts, started)
                 # usage.put: what earlier answers of the row cost (an ignored schema way too)
-                self._record(self._timed(usage.put(rec), usage), exc)
+                self._record(usage.put(rec), exc)
                 self._systematic(self.watch.row_failed(exc))
                 return
             requests += attempts
@@ -431,7 +434,7 @@ class Scheduler:
             "finished_at": _now_us(),
             "tier": ONLINE,
         }
-        self._timed(usage.put(rec), usage)
+        usage.put(rec)
         if completion.refusal is not None:
             rec["refusal"] = completion.refusal
         if completion.tool_calls is not None:
@@ -469,13 +472,6 @@ class Scheduler:
         }
         if p.pii is not None:
             rec["pii_found"] = p.pii.found  # the error keeps the placeholders
-        return rec
-
-    @staticmethod
-    def _timed(rec: Record, row: _RowTotals) -> Record:
-        """``rec`` with the row's API time and its wait for the job's own limits."""
-        rec["latency_ms"] = row.api_s * 1000
-        rec["queued_ms"] = row.queued_s * 1000
         return rec
 
     def _on_retry(self, p: Prepared, exc: RequestError, attempt: int, wait_s: float) -> None:
@@ -601,21 +597,3 @@ class Scheduler:
         """After the run: journal what is still held (a job that ended before
         any answer and before the watch could tell a cause)."""
         self._write_held()
-
-
-def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error to surface from a task group: ours first, then anything else."""
-    flat: list[BaseException] = []
-
-    def walk(g: BaseExceptionGroup[Any]) -> None:
-        for e in g.exceptions:
-            if isinstance(e, BaseExceptionGroup):
-                walk(e)
-            else:
-                flat.append(e)
-
-    walk(group)
-    for e in flat:
-        if isinstance(e, BatchrunError):
-            return e
-    return flat[0]

@@ -48,8 +48,7 @@ counted once (:mod:`batchrun.report.read`).
 from __future__ import annotations
 
 import datetime as dt
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
@@ -62,6 +61,7 @@ from batchrun.errors import JobError
 from batchrun.outputs import output_files
 from batchrun.prices import BATCH, ONLINE, Prices, load_prices
 from batchrun.report.read import read_outputs, utc_dates, utc_day
+from batchrun.report.values import _float, _key_label, _plain, nice_ceil
 
 if TYPE_CHECKING:
     from batchrun.report.compare import Comparison
@@ -439,35 +439,37 @@ def _pricing(frame: pd.DataFrame, prices: Prices | None) -> list[pd.Series]:
     ]
 
 
-def _costs(
-    rows: _Rows, groupers: list[pd.Series], prices: Prices | None
-) -> dict[tuple[Any, ...], tuple[Decimal, int, int]]:
-    """Per group key: (cost of the priced sent rows, unpriced sent rows, their tokens).
-
-    Tokens are summed per group, model, price period and tier first (exact
-    integers), then priced."""
+def _token_sums(
+    rows: _Rows, groupers: list[pd.Series]
+) -> Iterator[tuple[tuple[Any, ...], str, int, str, tuple[int, int, int, int], int]]:
+    """Per group key, model, price period and tier: (key, model, period, tier,
+    (prompt, completion, cached, reasoning) tokens, rows sent), summed as exact
+    integers before anything is priced."""
     per_price = _groupby(rows.usage, [*groupers, *rows.pricing]).sum()
-    out: dict[tuple[Any, ...], tuple[Decimal, int, int]] = {}
     for full_key, prompt, completion, cached, reasoning, sent in zip(
         _key_tuples(per_price.index),
-        per_price["prompt"].tolist(),
-        per_price["completion"].tolist(),
-        per_price["cached"].tolist(),
-        per_price["reasoning"].tolist(),
+        *(per_price[name].tolist() for name in ("prompt", "completion", "cached", "reasoning")),
         per_price["sent"].tolist(),
         strict=True,
     ):
-        key, (model, period, tier) = full_key[:-3], full_key[-3:]
+        model, period, tier = full_key[-3:]
+        yield full_key[:-3], model, period, tier, (prompt, completion, cached, reasoning), sent
+
+
+def _costs(
+    rows: _Rows, groupers: list[pd.Series], prices: Prices | None
+) -> dict[tuple[Any, ...], tuple[Decimal, int, int]]:
+    """Per group key: (cost of the priced sent rows, unpriced sent rows, their tokens)."""
+    out: dict[tuple[Any, ...], tuple[Decimal, int, int]] = {}
+    for key, model, period, tier, tokens, sent in _token_sums(rows, groupers):
         priced, unpriced_rows, unpriced_tokens = out.get(key, (Decimal(0), 0, 0))
         if sent:
             price = prices.price(model) if prices is not None else None
             if price is None:
                 unpriced_rows += sent
-                unpriced_tokens += prompt + completion
+                unpriced_tokens += tokens[0] + tokens[1]
             else:
-                priced += price.periods[period].cost(
-                    prompt, completion, cached, reasoning, tier=tier
-                )
+                priced += price.periods[period].cost(*tokens, tier=tier)
         out[key] = (priced, unpriced_rows, unpriced_tokens)
     return out
 
@@ -477,28 +479,13 @@ def _batch_saved(frame: pd.DataFrame, rows: _Rows, prices: Prices | None) -> Dec
     (the same pricing as every cost here); None when there is none."""
     if prices is None or len(frame) == 0:
         return None
-    per_price = _groupby(rows.usage, [*_groupers(frame, ()), *rows.pricing]).sum()
     saved: Decimal | None = None
-    for full_key, prompt, completion, cached, reasoning, sent in zip(
-        _key_tuples(per_price.index),
-        per_price["prompt"].tolist(),
-        per_price["completion"].tolist(),
-        per_price["cached"].tolist(),
-        per_price["reasoning"].tolist(),
-        per_price["sent"].tolist(),
-        strict=True,
-    ):
-        model, period, tier = full_key[-3:]
+    for _, model, period, tier, tokens, sent in _token_sums(rows, _groupers(frame, ())):
         price = prices.price(model)
-        if not sent or tier != BATCH or price is None:
-            continue
-        rates = price.periods[period]
-        counts = (prompt, completion, cached, reasoning)
-        saved = (
-            (saved or Decimal(0))
-            + rates.cost(*counts, tier=ONLINE)
-            - rates.cost(*counts, tier=BATCH)
-        )
+        if sent and tier == BATCH and price is not None:
+            rates = price.periods[period]
+            online = rates.cost(*tokens, tier=ONLINE)
+            saved = (saved or Decimal(0)) + online - rates.cost(*tokens, tier=BATCH)
     return saved
 
 
@@ -573,46 +560,3 @@ def _days(frame: pd.DataFrame, rows: _Rows) -> list[Day]:
     if None in by_day:
         days.append(Day(None, *by_day[None]))
     return days
-
-
-# ---- values -----------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A key value as a plain Python value: numpy scalars unwrapped, nulls as None,
-    dates and timestamps as ISO text."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, pd.Timestamp | dt.datetime | dt.date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
-
-
-def _float(value: Any) -> float | None:
-    value = _plain(value)
-    return None if value is None else float(value)
-
-
-def _key_label(key: tuple[Any, ...]) -> str:
-    return " / ".join(_text(v) for v in key) if key else "total"
-
-
-def _text(value: Any) -> str:
-    return "(null)" if value is None else str(value)
-
-
-def nice_ceil(value: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 times 10**k at least ``value`` (for axis steps and bin widths)."""
-    if value <= 0:
-        return 1.0
-    power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if step * power >= value - 1e-12:
-            return step * power
-    return 10 * power

@@ -17,7 +17,7 @@ from typing import Any
 
 from batchrun.errors import OutputError
 from batchrun.files import write_atomic
-from batchrun.report.compute import Report, Stats, nice_ceil
+from batchrun.report.compute import Report, Stats
 from batchrun.report.render import (
     ROW_COLUMNS,
     USAGE_COLUMNS,
@@ -32,6 +32,7 @@ from batchrun.report.render import (
     report_title,
     table_rows,
 )
+from batchrun.report.values import nice_ceil
 
 MAX_CHART_BARS = 40
 """The cost chart shows the groups that cost most, at most this many."""

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from batchrun.errors import JobError
 from batchrun.report.compare import Comparison, fmt_percent, fmt_value
-from batchrun.report.compute import STAT_NAMES, Report, Stats, _plain, _text
+from batchrun.report.compute import STAT_NAMES, Report, Stats
+from batchrun.report.values import _plain, _text
 
 Format = Literal["table", "csv", "json", "markdown"]
 FORMATS: tuple[Format, ...] = ("table", "csv", "json", "markdown")
