@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, Protocol
 
 from batchrun.client import ApiClient
@@ -144,9 +144,10 @@ class Scheduler:
 
     # ---- the run ---------------------------------------------------------
 
-    async def run(self, rows: Iterator[Prepared], to_send: int) -> None:
-        """Send every one of ``rows`` until done or stopped.
-        ``to_send`` is how many of them need a request, for the key probe."""
+    async def run(self, rows: Iterator[Prepared] | AsyncIterator[Prepared], to_send: int) -> None:
+        """Send every one of ``rows`` until done or stopped (an async iterator:
+        rows that arrive as the run goes, as on Ray). ``to_send`` is how many of
+        them need a request, for the key probe."""
         self._probe_size = max(1, min(AUTH_PROBE_ROWS, to_send))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -184,8 +185,8 @@ class Scheduler:
         for task in self._workers:
             task.cancel()
 
-    async def _produce(self, rows: Iterator[Prepared]) -> None:
-        for p in rows:
+    async def _produce(self, rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> None:
+        async for p in _each(rows):
             if self._stop is not None:
                 return
             if p.error is not None:
@@ -531,6 +532,15 @@ class Scheduler:
         """After the run: journal what is still held (a job that ended before
         any answer and before the watch could tell a cause)."""
         self._write_held()
+
+
+async def _each(rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> AsyncIterator[Prepared]:
+    if isinstance(rows, AsyncIterator):
+        async for p in rows:
+            yield p
+    else:
+        for p in rows:
+            yield p
 
 
 def _first_batchrun_error(group: BaseExceptionGroup[Any]) -> BaseException:
