@@ -72,16 +72,11 @@ class Link:
     """What one sender has to tell the coordinator, and what it was told."""
 
     def __init__(
-        self,
-        remote: Remote,
-        api_down_after_s: float,
-        clock: Clock = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        self, remote: Remote, api_down_after_s: float, clock: Clock = time.monotonic
     ) -> None:
         self.remote = remote
         self.api_down_after_s = api_down_after_s
         self.clock = clock
-        self.wall = wall
         self.tokens_delta = 0.0
         self.latencies: list[float] = []
         self.consumed = Decimal(0)
@@ -153,7 +148,7 @@ class Link:
     def succeeded(self) -> None:
         """An attempt was answered."""
         self.last_success = self.clock()
-        self.last_success_wall = self.wall()
+        self.last_success_wall = time.time()
         self.key_settled = self.answered = True
 
     def failed(self, exc: RequestError) -> None:
@@ -346,11 +341,12 @@ class LeasedCost(CostBudget):
             self.largest = worst
 
     def reserve(self, prompt_bound: int) -> Decimal | None:
+        """Reserve one attempt's worst case from this sender's allowance; None when
+        it does not fit (``ready`` found no more room: the budget is reached)."""
         worst = self.worst_case(prompt_bound)
-        if self.reserved + worst > self.allowance:
-            return None
-        self.reserved += worst
-        return worst
+        fits = self.reserved + worst <= self.allowance
+        self.reserved += worst if fits else 0
+        return worst if fits else None
 
     def settle(
         self, reservation: Decimal, prompt_tokens: int | None, completion_tokens: int | None

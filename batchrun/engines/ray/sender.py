@@ -75,24 +75,25 @@ class Secret:
 
 @dataclass(frozen=True)
 class Setup:
-    """What a sender needs beyond its share of the job."""
+    """What a sender needs beyond its share of the job: its index, the
+    coordinator's actor handle, the rows the whole run sends (the key probe's
+    size), the job's circuit breaker, the lowest level the driver's log wants
+    (records below it are not sent back), the units of one rpm and tpm lease
+    and the job's rpm and tpm, the sender's first share of the job-wide limit
+    (``concurrency = "auto"``), max_cost and the model's price."""
 
     index: int
     coordinator: Any
-    """The coordinator's actor handle."""
     to_send: int
-    """Rows the whole run sends (the key probe's size)."""
     api_down_after_s: float
-    rpm: float | None = None
+    log_level: int = logging.WARNING
     rpm_chunk: float = 1.0
-    tpm: float | None = None
     tpm_chunk: float = 1.0
+    rpm: float | None = None
+    tpm: float | None = None
     start_limit: int | None = None
-    """This sender's first share of the job-wide limit (concurrency = "auto")."""
     max_cost: Decimal | None = None
     price: ModelPrice | None = None
-    log_level: int = logging.WARNING
-    """The lowest level the driver's log wants: records below it are not sent back."""
 
 
 @dataclass
