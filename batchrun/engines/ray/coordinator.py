@@ -95,6 +95,20 @@ class Status:
     """Worst cases held for the job's requests in flight, as last reported."""
 
 
+class Schedule(Budget):
+    """The job's rpm or tpm GCRA schedule, leased in chunks."""
+
+    def lease(self, amount: float) -> float:
+        """Reserve ``amount`` units as ``reserve`` would one by one; return the
+        seconds from now to the time of the first unit, before which unit k of
+        the chunk may not go k / rate seconds later (negative: that time has
+        passed, within the allowance of BURST_S seconds' worth at once)."""
+        now = self.clock()
+        tat = max(self._tat, now)
+        self._tat = tat + amount / self.rate
+        return tat - self.burst_s - now
+
+
 class _Sender:
     __slots__ = ("alive", "granted", "reserved")
 
@@ -116,8 +130,8 @@ class Coordinator:
         self.plan = plan
         self.clock = clock
         self.wall = wall
-        self.rpm = Budget(plan.rpm, clock) if plan.rpm else None
-        self.tpm = Budget(plan.tpm, clock) if plan.tpm else None
+        self.rpm = Schedule(plan.rpm, clock) if plan.rpm else None
+        self.tpm = Schedule(plan.tpm, clock) if plan.tpm else None
         self.pause = Pause(clock)
         self.concurrency = AdaptiveLimit(
             plan.start_concurrency, plan.max_concurrency, plan.auto, clock
@@ -163,12 +177,12 @@ class Coordinator:
         self, sender: int, kind: str, amount: float, report: Report
     ) -> tuple[float, Status]:
         """Reserve ``amount`` requests (``kind`` "rpm") or tokens ("tpm") of the
-        job's budget for one sender. Returns the seconds until the chunk may
-        start, and the status."""
+        job's budget for one sender. Returns the seconds from now to the time of
+        the chunk's first unit (``Schedule.lease``), and the status."""
         self._take(sender, report)
         budget = self.rpm if kind == "rpm" else self.tpm
-        wait = budget.reserve(amount) if budget is not None else 0.0
-        return wait, self._status(sender)
+        offset = budget.lease(amount) if budget is not None else -math.inf
+        return offset, self._status(sender)
 
     # ---- the 429 pause and auto concurrency --------------------------------------
 

@@ -216,7 +216,7 @@ class SharedLimit(AdaptiveLimit):
 class _Chunk:
     start: float  # position of its first unit in the sender's supply
     end: float
-    at: float  # local monotonic time its first unit may be spent
+    at: float  # local monotonic time of its first unit (unit k: k / rate seconds later)
 
 
 class LeasedBudget(Budget):
@@ -224,9 +224,11 @@ class LeasedBudget(Budget):
     from the coordinator in chunks of ``chunk`` units.
 
     The coordinator reserves a chunk of n units in its GCRA schedule as n units
-    one by one, and says when the chunk may start; within it, unit k may be
-    spent k / rate seconds later. So every sender together keeps to the job's
-    rate, with the same allowance of about a second's worth at once.
+    one by one, and says the time of its first unit; unit k may be spent k /
+    rate seconds later (at once, when that time has passed). So every sender
+    together keeps to the job's rate, with the same allowance of about a
+    second's worth at once. The time is taken when the answer arrives, a little
+    after the coordinator gave it: never early.
     """
 
     def __init__(
@@ -298,9 +300,11 @@ class LeasedBudget(Budget):
 
     async def _lease_more(self, amount: float) -> None:
         try:
-            wait, status = await self.link.remote.lease_rate(self.kind, amount, self.link.report())
+            offset, status = await self.link.remote.lease_rate(
+                self.kind, amount, self.link.report()
+            )
             start = self._leased
-            self._chunks.append(_Chunk(start, start + amount, self.clock() + wait))
+            self._chunks.append(_Chunk(start, start + amount, self.clock() + offset))
             self._leased = start + amount
             self.link.apply(status)
         finally:
