@@ -47,15 +47,6 @@ JOB_KEYS: dict[str, Any] = {"model": MODEL, "keep_columns": ["customer"], "concu
 # ---- helpers -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[Any]:
-    """Ray on this machine, two CPUs, for the whole module (it takes ~10 s to start)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-
-
 @contextmanager
 def endpoint(config: MockConfig, port: int = 0) -> Iterator[tuple[str, MockStats]]:
     """The embedded endpoint on 127.0.0.1 (``port``, 0: any), served from a thread:

@@ -56,6 +56,9 @@ TICK_S = 0.1
 STOP_WAIT_S = 10.0
 """After a stop, the senders get this long beyond GRACE_S (GRACE_S after a
 second signal: none) to bring back their last results before the driver leaves."""
+STARTUP_S = 300.0
+"""The job stops when no sender has started (answered its first call) by then:
+the cluster has no CPU free for one."""
 STOP_AT_ONCE = (KeyRejected, EveryRequestFails, TooManyFailures)
 """Stops that abandon the requests in flight at once, as a local run does."""
 
@@ -220,6 +223,8 @@ class _Sender:
     """Rows handed to it whose result has not come back."""
     requests: int = 0
     retries: int = 0
+    started: bool = False
+    """It has answered a call: Ray placed it and it runs."""
     finished: bool = False
     closed: bool = False
 
@@ -272,6 +277,7 @@ class Dispatch:
         ray = self.ray
         for s in self.senders:
             self._call(s)
+        startup = time.monotonic() + STARTUP_S
         while True:
             refs = {s.ref: s for s in self.senders if s.ref is not None}
             if not refs:
@@ -287,6 +293,11 @@ class Dispatch:
             if self.deadline is not None and time.monotonic() > self.deadline:
                 log.warning("the Ray actors did not bring back their last results in time")
                 break
+            if not any(s.started for s in self.senders) and time.monotonic() > startup:
+                raise JobStopped(
+                    f"No Ray actor started within {STARTUP_S:g}s: the cluster has no CPU free for "
+                    "one (see ray status). Nothing was sent: run the same command again once it has."
+                )
         if self.stop is not None:
             raise self.stop
         left = sum(len(s.given) for s in self.senders) + len(self.pending)
@@ -309,6 +320,7 @@ class Dispatch:
             s.finished = True
             self._halt(self._failed(exc), now=True)
             return
+        s.started = True
         self._journal(s, reply)
         if reply.finished:
             s.finished = True
@@ -370,7 +382,10 @@ class Dispatch:
         if any(s.given for s in self.senders):
             return
         for s in self.senders:
-            if not s.finished and not s.closed:
+            if not s.started:
+                s.finished = True  # never placed by Ray, never given a row: nothing to wait for
+                s.ref = None
+            elif not s.finished and not s.closed:
                 s.handle.close.remote()
                 s.closed = True
 
@@ -386,7 +401,9 @@ class Dispatch:
         self.deadline = time.monotonic() + (STOP_WAIT_S if now else GRACE_S + STOP_WAIT_S)
         kind, message = type(error).__name__, str(error)
         for s in self.senders:
-            if not s.finished:
+            if not s.started:
+                s.finished, s.ref = True, None  # never placed by Ray: it holds nothing
+            elif not s.finished:
                 s.handle.stop.remote(kind, message, now)
 
     def _on_signals(self) -> None:

@@ -279,14 +279,13 @@ class RowSender:
         logger.handlers[:] = [self.shipper]
         logger.setLevel(setup.log_level)
         logger.propagate = False  # Ray would print them on the driver's stderr too
-        self.scheduler: Scheduler | None = None
         self.unacked = 0
         self.stopped: JobStopped | None = None
         self.failure: str | None = None
         self.finished = False
         self.cost: LeasedCost | None = None
-        self._stop_first: tuple[JobStopped, bool] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.scheduler = self._build()
 
     # ---- the driver's calls ---------------------------------------------------
 
@@ -295,9 +294,7 @@ class RowSender:
         since the last call, once there is one, or the sender wants rows and the
         driver has ``more``, or POLL_S passed. ``answered``: some sender has had
         an answer (the failure watch then judges by its window)."""
-        if self._task is None:
-            self._start()
-        assert self.scheduler is not None
+        self._start()
         # The driver journaled what the last call took: those places are free.
         self.inbox.release(self.unacked)
         self.unacked = 0
@@ -326,16 +323,14 @@ class RowSender:
 
     async def close(self) -> None:
         """No more rows will come: the scheduler ends once those given are done."""
-        if self._task is not None:
-            self.inbox.close()
+        self._start()  # Ray may run this before the first exchange: an async actor keeps no order
+        self.inbox.close()
 
     async def stop(self, kind: str, message: str, now: bool) -> None:
         """Stop as the job stops (another sender's stop, max_failures, a signal):
         no new request; ``now``: those in flight abandoned, else given GRACE_S."""
         error = stop_error(kind, message)
-        if self.scheduler is None or self._task is None:
-            self._stop_first = (error, now)
-            return
+        self._start()
         if now:
             self.scheduler.stop_now(error)
         else:
@@ -361,6 +356,14 @@ class RowSender:
     # ---- inside ---------------------------------------------------------------
 
     def _start(self) -> None:
+        """Start the scheduler's run on Ray's event loop, on the first call that
+        arrives (whichever it is)."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    def _build(self) -> Scheduler:
+        """The sender's inbox, outbox, link to the coordinator, client, limits and
+        scheduler (nothing bound to an event loop until the run starts)."""
         job, setup = self.job, self.setup
         self._changed = asyncio.Event()
         self.inbox = _Inbox(job.workers, self._changed)
@@ -392,7 +395,7 @@ class RowSender:
             )
             limits.cost = self.cost
         self.tally = Tally(total=setup.to_send)
-        self.scheduler = Scheduler(
+        scheduler = Scheduler(
             job,
             self.client,
             self.outbox,
@@ -403,19 +406,10 @@ class RowSender:
             spend=self.cost,
             grace_s=GRACE_S,
         )
-        scheduler = self.scheduler
         link.on_api_down = lambda message: scheduler.stop_now(ApiDown(message))
-        self._task = asyncio.ensure_future(self._run())
-        if self._stop_first is not None:
-            error, now = self._stop_first
-            if now:
-                scheduler.stop_now(error)
-            else:
-                scheduler.stop(error, GRACE_S)
-            self.inbox.close()
+        return scheduler
 
     async def _run(self) -> None:
-        assert self.scheduler is not None
         scheduler = self.scheduler
         reports = asyncio.ensure_future(self.link.run())
         reports.add_done_callback(self._link_ended)
@@ -435,7 +429,7 @@ class RowSender:
 
     def _link_ended(self, task: asyncio.Future[None]) -> None:
         """The reports to the coordinator failed: the job cannot keep its limits."""
-        if task.cancelled() or task.exception() is None or self.scheduler is None:
+        if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
         self.scheduler.stop_now(
