@@ -351,7 +351,7 @@ class Dispatch:
     def _call(self, s: _Sender) -> None:
         """Send ``s`` its next exchange, with the rows it wants (if it may have any)."""
         rows: list[Prepared] = []
-        may = self.stop is None and (self.key_settled or s is self._prober())
+        may = self.stop is None and not s.closed and (self.key_settled or s is self._prober())
         if may:
             while len(rows) < s.want and self._refill():
                 rows.append(self.pending.popleft())
@@ -372,8 +372,9 @@ class Dispatch:
         return bool(self.pending)
 
     def _prober(self) -> _Sender | None:
-        """The sender that probes the key: the first one alive."""
-        return next((s for s in self.senders if not s.finished), None)
+        """The sender that probes the key: the first one running (Ray may place
+        them in any order, or not all)."""
+        return next((s for s in self.senders if s.started and not s.finished), None)
 
     def _close_when_done(self) -> None:
         """Every row given and every result back: the senders may end."""
