@@ -158,6 +158,11 @@ class Scheduler:
         if self._stop is not None:
             raise self._stop
 
+    @property
+    def held(self) -> int:
+        """Failed rows held back while no answer has come (not given to the results yet)."""
+        return len(self._held)
+
     def stop(self, error: JobStopped, grace_s: float) -> None:
         """Send no new request (rows waiting to retry are abandoned); cancel what is
         still in flight after ``grace_s`` seconds."""

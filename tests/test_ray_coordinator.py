@@ -222,6 +222,7 @@ def test_the_circuit_breaker_looks_at_the_whole_job() -> None:
     clock = Clock()
     wall = Clock()
     coordinator = Coordinator(Plan(senders=2, api_down_after_s=60), clock=clock, wall=wall)
+    coordinator.sync(0, Report())  # the sending begins
     wall.now += 61
     # Sender 1 answered 10 s ago: the API is up, whatever sender 0 sees.
     assert coordinator.api_down(1, Report(last_success=wall.now - 10), "HTTP 500") is None
@@ -240,8 +241,9 @@ async def test_link_asks_the_coordinator_before_calling_the_api_down() -> None:
     link.failed(ServerError("HTTP 500", 500))
     await asyncio.sleep(0)
     assert stops == [] and link.key_settled
+    coordinator.sync(0, Report())  # the sending begins
     clock.now += 61
-    coordinator.last_success -= 61
+    coordinator.last_success -= 61  # type: ignore[operator]
     link.failed(ServerError("HTTP 500", 500))
     await asyncio.sleep(0)
     assert len(stops) == 1 and "HTTP 500" in stops[0]

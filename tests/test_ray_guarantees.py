@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 
 from batchrun.engines.local import run_job
-from batchrun.errors import BudgetReached, TooManyFailures
+from batchrun.errors import ApiDown, BudgetReached, KeyRejected, TooManyFailures
 from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig
 from batchrun.prices import load_prices
@@ -155,6 +155,103 @@ def test_kill9_of_the_ray_driver_then_rerun(tmp_path: Path, procs: Procs) -> Non
     assert all(r["attempts"] == 1 for r in out_rows)
     assert server.requests() == len(rows) + sum(resent)
     print(f"\nRay driver kill -9: answered but not journaled at each kill: {resent} (16 in flight)")
+
+
+def test_failed_rows_held_before_any_answer_do_not_stall_a_sender(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """The first 12 requests fail, each with its own cause, before any answer:
+    the scheduler holds those rows back (no verdict yet), and a sender's places
+    (2 here) must not wait for their results: the job goes on and ends with
+    them as error rows."""
+    from batchrun.engines.ray import run_on_ray
+
+    def decide(n: int, now: float) -> web.Response | None:
+        if n < 12:
+            cause = "".join(chr(97 + (n * 7 + k) % 26) for k in range(6))
+            return web.Response(status=500, text=f'{{"error": "broken {cause}"}}')
+        return None
+
+    server = Arrivals(decide, latency_s=0.01)
+    url = threaded(lambda: run_app(server.app()))
+    inp = write_jsonl(tmp_path / "in.jsonl", tickets(60))
+    job = make_job(
+        url, inp, tmp_path / "out.parquet", **(JOB_KEYS | {"concurrency": 4, "max_attempts": 1})
+    )
+    result = run_on_ray(job, RunOptions(progress=False))
+    assert (result.ok, result.failed) == (48, 12)
+
+
+def test_sigterm_lets_the_ray_senders_finish_what_is_in_flight(
+    tmp_path: Path,
+    procs: Procs,  # noqa: F811
+) -> None:
+    """SIGTERM to the Ray driver: no new request, the requests in flight come
+    back and are journaled (nothing answered is lost), exit 143, resumable."""
+    server = start_mock(procs, "--latency-ms", "50")
+    rows = tickets(400)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    cmd = run_cmd(inp, out, server.base_url, "--concurrency", "16", "-q", "--engine", "ray")
+    err = tmp_path / "driver.err"
+    driver = subprocess.Popen(
+        cmd,
+        env=ray_env(),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err.open("wb"),
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _journal_lines(out) >= 80, 120, "80 rows journaled")
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143, err.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    records = journal_records(out, ids)
+    assert len(records) < len(rows)
+    assert server.requests() == len(records)  # every request answered was journaled
+    assert "SIGTERM" in err.read_text()
+    assert not out.exists()
+
+
+def test_api_down_stops_the_ray_job(local_ray: Any, tmp_path: Path) -> None:
+    """Every request fails (503, retried without end) for api_down_after_s over
+    the whole job: the job stops (exit 3), nothing recorded for the rows."""
+    from batchrun.engines.ray import run_on_ray
+
+    inp = write_jsonl(tmp_path / "in.jsonl", tickets(100))
+    out = tmp_path / "out.parquet"
+    keys = {"max_attempts": 1000, "api_down_after_s": 1.0}
+    with endpoint(MockConfig(fail_first=10**9, fail_first_kind="503")) as (url, _):
+        job = make_job(url, inp, out, **(JOB_KEYS | keys))
+        started = time.monotonic()
+        with pytest.raises(ApiDown, match="no request has succeeded") as stopped:
+            run_on_ray(job, RunOptions(progress=False))
+    assert stopped.value.exit_code == 3
+    assert time.monotonic() - started < 30
+    assert _journal_lines(out) == 0
+
+
+def test_the_key_is_probed_once_for_the_whole_ray_job(
+    local_ray: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused key: one sender probes it, one request at a time, and the job
+    stops after the probe's 5 requests (not 5 per sender), nothing recorded."""
+    from batchrun.engines.ray import run_on_ray
+
+    monkeypatch.setenv("PROBE_API_KEY", "sk-wrong")
+    inp = write_jsonl(tmp_path / "in.jsonl", tickets(100))
+    out = tmp_path / "out.parquet"
+    with endpoint(MockConfig(api_key="sk-right")) as (url, stats):
+        job = make_job(url, inp, out, **(JOB_KEYS | {"api_key_env": "PROBE_API_KEY"}))
+        with pytest.raises(KeyRejected):
+            run_on_ray(job, RunOptions(progress=False))
+        assert stats.requests == 5
+    assert _journal_lines(out) == 0
 
 
 def _journal_lines(out: Path) -> int:

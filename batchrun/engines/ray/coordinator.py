@@ -139,7 +139,9 @@ class Coordinator:
         self.spent = plan.spent
         self.senders = [_Sender() for _ in range(plan.senders)]
         self.handles: Sequence[Any] = ()
-        self.last_success = wall()
+        self.last_success: float | None = None
+        """Wall-clock time of the job's last answer (at first: when the first sender
+        spoke, its sending begun)."""
         self._shares = self._split()
 
     def register(self, handles: Sequence[Any]) -> None:
@@ -155,6 +157,8 @@ class Coordinator:
 
     def _take(self, sender: int, report: Report) -> None:
         s = self.senders[sender]
+        if self.last_success is None:
+            self.last_success = self.wall()
         if report.tokens_delta and self.tpm is not None:
             self.tpm.correct(report.tokens_delta)
         if report.latencies:
@@ -257,6 +261,7 @@ class Coordinator:
         failed with ``error``: the message to stop the job with when the whole
         job has had none either, else None."""
         self._take(sender, report)
+        assert self.last_success is not None  # _take sets it
         down_s = self.wall() - self.last_success
         limit = self.plan.api_down_after_s
         if down_s < limit:

@@ -137,7 +137,9 @@ class Link:
         self.apply(await self.remote.sync(self.report()))
 
     async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """Report about every SYNC_S seconds, until cancelled."""
+        """Report about every SYNC_S seconds, from the start of the sending until
+        cancelled (the circuit breaker counts from that start, as locally)."""
+        self.last_success = self.clock()
         while True:
             await sleep(SYNC_S)
             if self.due():

@@ -27,6 +27,7 @@ import logging
 import pickle
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -154,15 +155,18 @@ class _RemoteCoordinator:
 
 class _WatchedClient(ApiClient):
     """The job's client, telling the link how each attempt came back (the key
-    probe's verdict, the last success for the circuit breaker)."""
+    probe's verdict, the last success for the circuit breaker), and the inbox
+    of each failure (its row may be held back)."""
 
     link: Link
+    inbox: _Inbox
 
     async def complete(self, body: bytes) -> Completion:
         try:
             answer = await super().complete(body)
         except RequestError as exc:
             self.link.failed(exc)
+            self.inbox.wake()
             raise
         self.link.succeeded()
         return answer
@@ -171,12 +175,14 @@ class _WatchedClient(ApiClient):
 class _Inbox:
     """The rows given to this sender, as the scheduler takes them: a row is taken
     only while a place is free, and its place comes back when the driver has
-    journaled its result."""
+    journaled its result. A failed row the scheduler holds back while no answer
+    has come (``Scheduler.held``) has no answer to lose: its place counts as free."""
 
     def __init__(self, places: int, changed: asyncio.Event) -> None:
         self.rows: deque[Prepared] = deque()
         self.places = places
         self.closed = False
+        self.held: Callable[[], int] = lambda: 0
         self._arrived = asyncio.Event()
         self._changed = changed
 
@@ -184,7 +190,7 @@ class _Inbox:
         return self
 
     async def __anext__(self) -> Prepared:
-        while not self.rows or self.places <= 0:
+        while not self.rows or self.places + self.held() <= 0:
             if self.closed and not self.rows:
                 raise StopAsyncIteration
             self._arrived.clear()
@@ -204,6 +210,10 @@ class _Inbox:
 
     def close(self) -> None:
         self.closed = True
+        self._arrived.set()
+
+    def wake(self) -> None:
+        """Look again (a row may have been held back)."""
         self._arrived.set()
 
 
@@ -378,6 +388,7 @@ class RowSender:
             job, api_key.value if api_key else None, headers.value, secrets.value
         )
         self.client.link = link
+        self.client.inbox = self.inbox
         concurrency = (
             SharedLimit(setup.start_limit, link)
             if setup.start_limit is not None
@@ -407,6 +418,7 @@ class RowSender:
             grace_s=GRACE_S,
         )
         link.on_api_down = lambda message: scheduler.stop_now(ApiDown(message))
+        self.inbox.held = lambda: scheduler.held
         return scheduler
 
     async def _run(self) -> None:
