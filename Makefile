@@ -37,7 +37,7 @@ format:
 	ruff format .
 	ruff check --fix .
 
-bench:              ## benchmarks/results.md: throughput, latency-bound rate, memory, start-up
+bench:              ## benchmarks/results.md: throughput, latency-bound rate, memory, start-up, the Batch API with a deadline
 	$(PIP) install -q -e '.[test,bench]'
 	$(PYTHON) benchmarks/run.py
 

@@ -269,6 +269,11 @@ def run(job_file: Path | None, **flags: Any) -> None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @job_options
 @send_options
+@click.option(
+    "--show-pii-map",
+    is_flag=True,
+    help="Jobs with pii: also print the first rows' placeholders and the values they stand for (an audit on the terminal; never logged).",
+)
 def plan(job_file: Path | None, **flags: Any) -> None:
     """What `batchrun run` with the same job and flags would do, without
     sending anything: its checks (a changed job is refused alike), the rows it
@@ -279,12 +284,24 @@ def plan(job_file: Path | None, **flags: Any) -> None:
 
     try:
         job = load_job(job_file, _overrides(flags))
-        click.echo(plan_job(job, _run_options(flags)).text())
+        planned = plan_job(job, _run_options(flags))
+        click.echo(planned.text())
+        if flags["show_pii_map"] and planned.pii is not None:
+            click.echo(planned.pii.map_text())
     except BatchrunError as exc:
         fail(exc)
 
 
-@main.command()
+COMPARE_HELP = "Outputs to compare with (last night's; repeatable): figures side by side with the change in percent."
+FAIL_IF_HELP = (
+    "Exit 5 when a figure crosses a bound (repeatable): 'cost_per_row>+20%' (the change from "
+    "--compare's outputs), 'failure_rate>0.05' (the value)."
+)
+
+
+@main.command(
+    epilog="Exit codes: 0 reported; 2 bad outputs, prices or flags; 5 a --fail-if check is crossed."
+)
 @click.argument("outputs", nargs=-1, required=True, metavar="OUTPUT...")
 @file_option(
     "--prices", help="Prices file (TOML, see jobs/prices.toml). Without it every cost is unpriced."
@@ -304,8 +321,16 @@ def plan(job_file: Path | None, **flags: Any) -> None:
 @file_option(
     "--html", help="Also write a self-contained HTML page (tables and charts) to this file."
 )
+@click.option("--compare", multiple=True, metavar="OUTPUT", help=COMPARE_HELP)
+@click.option("--fail-if", "fail_if", multiple=True, metavar="CHECK", help=FAIL_IF_HELP)
 def report(
-    outputs: tuple[str, ...], prices: Path | None, by: tuple[str, ...], fmt: str, html: Path | None
+    outputs: tuple[str, ...],
+    prices: Path | None,
+    by: tuple[str, ...],
+    fmt: str,
+    html: Path | None,
+    compare: tuple[str, ...],
+    fail_if: tuple[str, ...],
 ) -> None:
     """Rows, tokens and cost of finished jobs, from their OUTPUT files (files,
     folders of *.parquet, globs), in total and per --by group.
@@ -313,15 +338,20 @@ def report(
     \b
     batchrun report out/summaries.parquet --prices jobs/prices.toml --by priority
     batchrun report 'out/nightly/*.parquet' --by day --by model --format csv
+    batchrun report out/tonight.parquet --compare out/last-night.parquet \\
+        --prices jobs/prices.toml --fail-if 'cost_per_row>+20%' --fail-if 'failure_rate>0.05'
 
     Reused rows (attempts 0) are shown but not costed; a group with a model the
-    prices file lacks is unpriced, never 0. Exit 2 on bad input.
+    prices file lacks is unpriced, never 0; an answer found in several files
+    (shard parts and their merged file) is counted once.
     """
     from batchrun.report import build_report, render, write_html
 
     try:
         columns = [c for b in by for c in _comma_list(b)]
-        result = build_report(outputs, by=columns, prices=prices)
+        result = build_report(
+            outputs, by=columns, prices=prices, compare=compare or None, fail_if=fail_if
+        )
         text = render(result, fmt)
         if html is not None:
             write_html(result, html)
@@ -330,6 +360,11 @@ def report(
     click.echo(text, nl=False)
     if html is not None:
         click.echo(f"wrote {html}", err=True)
+    comparison = result.comparison
+    if comparison is not None and comparison.crossed:
+        for reason in comparison.crossed:
+            click.echo(f"batchrun report: --fail-if {reason}", err=True)
+        sys.exit(comparison.exit_code)
 
 
 @main.command(

@@ -45,7 +45,7 @@ from batchrun.errors import (
     RequestTimeout,
     ServerError,
 )
-from batchrun.payload import Completion, parse_completion
+from batchrun.payload import Completion, content_text, parse_completion
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_ERROR_TEXT = 300
@@ -81,6 +81,34 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def wait_asked(headers: Mapping[str, str]) -> float | None:
+    """The wait in seconds an error answer asks for: ``retry-after-ms`` (OpenAI's
+    and Azure's, in milliseconds, more precise than whole seconds) when it is
+    readable, else ``Retry-After``. None when neither is; never negative.
+    ``headers`` must match names in any case (aiohttp's do)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms.strip())
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value):
+                return max(0.0, value / 1000)
+    return parse_retry_after(headers.get("Retry-After"))
+
+
+def _count(value: str | None) -> int | None:
+    """A whole count from a header (``x-ratelimit-remaining-requests: 0``); None
+    when absent or unreadable, so a missing header never reads as "spent"."""
+    if value is None:
+        return None
+    try:
+        return max(0, int(value.strip()))
+    except ValueError:
+        return None
 
 
 REDACTED = "[redacted]"
@@ -132,6 +160,26 @@ def secrets_pattern(secrets: Sequence[str]) -> re.Pattern[str] | None:
     if not ordered:
         return None
     return re.compile("|".join("".join(map(_char_pattern, s)) for s in ordered))
+
+
+def _add_tool_calls(calls: dict[int, dict[str, Any]], pieces: list[Any]) -> None:
+    """Add a stream delta's ``tool_calls`` pieces to ``calls`` (by ``index``): the
+    id, type and function name as they come, the arguments text appended."""
+    for position, piece in enumerate(pieces):
+        if not isinstance(piece, dict):
+            continue
+        index = piece.get("index")
+        call = calls.setdefault(index if isinstance(index, int) else position, {})
+        for key in ("id", "type"):
+            if isinstance(piece.get(key), str):
+                call[key] = piece[key]
+        function = piece.get("function")
+        if isinstance(function, dict):
+            target = call.setdefault("function", {"name": None, "arguments": ""})
+            if isinstance(function.get("name"), str):
+                target["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                target["arguments"] += function["arguments"]
 
 
 def _error_text(raw: bytes) -> str:
@@ -226,7 +274,14 @@ class ApiClient:
         """The answer with every text the server wrote in it redacted."""
         if self._secrets_re is None:
             return answer
-        texts = (answer.text, answer.finish_reason, answer.response_id, answer.response_model)
+        texts = (
+            answer.text,
+            answer.finish_reason,
+            answer.response_id,
+            answer.response_model,
+            answer.refusal,
+            answer.tool_calls,
+        )
         clean = tuple(None if t is None else self._redact(t) for t in texts)
         if clean == texts:
             return answer
@@ -236,6 +291,8 @@ class ApiClient:
             finish_reason=clean[1],
             response_id=clean[2],
             response_model=clean[3],
+            refusal=clean[4],
+            tool_calls=clean[5],
         )
 
     async def complete(self, body: bytes) -> Completion:
@@ -247,19 +304,21 @@ class ApiClient:
         """
         assert self._session is not None, "use ApiClient in `async with`"
         sent = time.perf_counter()
-        url, timeout = self._url, self._session.timeout
+        url = self._url
+        left: dict[str, Any] = {}
         try:
             # aiohttp would follow a redirect anywhere, dropping the key but not
             # the job's other headers: batchrun follows only its own origin's.
             for _ in range(MAX_REDIRECTS + 1):
                 async with self._session.post(
-                    url, data=body, allow_redirects=False, timeout=timeout
+                    url, data=body, allow_redirects=False, **left
                 ) as resp:
                     status = resp.status
                     if status in REDIRECT_STATUS:
                         url = self._redirect_target(resp)
-                        left = self.job.request_timeout_s - (time.perf_counter() - sent)
-                        timeout = aiohttp.ClientTimeout(total=max(left, 0.001))
+                        # The redirected request gets what is left of the attempt's time.
+                        rest = self.job.request_timeout_s - (time.perf_counter() - sent)
+                        left = {"timeout": aiohttp.ClientTimeout(total=max(rest, 0.001))}
                         continue
                     if (
                         self.job.stream
@@ -268,7 +327,7 @@ class ApiClient:
                     ):
                         return self._redact_answer(await self._read_stream(resp, sent))
                     raw = await self._read_body(resp)
-                    retry_after = resp.headers.get("Retry-After") if status >= 300 else None
+                    headers = resp.headers if status >= 300 else None
                     break
             else:
                 raise FatalRequestError(
@@ -290,7 +349,7 @@ class ApiClient:
             ) from exc
         if 200 <= status < 300:
             return self._redact_answer(self._read_answer(raw, status))
-        raise self._status_error(status, raw, retry_after)
+        raise self._status_error(status, raw, headers)
 
     def _redirect_target(self, resp: aiohttp.ClientResponse) -> URL:
         """Where a redirect points, when batchrun follows it: a 307 or 308 within
@@ -325,15 +384,24 @@ class ApiClient:
         return target
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, sent: float) -> Completion:
-        """Assemble a completion from SSE chunks until ``data: [DONE]``.
+        """Assemble a completion from SSE chunks until ``data: [DONE]``: the text,
+        refusal and tool-call pieces of every delta, the last finish reason and
+        the usage of the final chunk.
 
-        A stream that ends before [DONE] or carries an unreadable chunk raises
-        (and is retried whole): a half answer is never returned.
+        A half answer is never returned: a stream that ends before [DONE], or at
+        [DONE] without a finish reason (llama.cpp's server ends a running stream
+        so when another request arrives), carries an unreadable chunk, or has no
+        OpenAI chat chunk at all raises, and is retried whole.
         """
+        status = resp.status
         ttft_ms: float | None = None
         parts: list[str] = []
+        refusal: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
         finish_reason = response_id = response_model = None
         usage: Any = None
+        chat = False  # whether any event was an OpenAI chat chunk (a choice in `choices`)
+        first: bytes | None = None
         async with contextlib.aclosing(self._lines(resp)) as lines:
             async for line in lines:
                 if not line.startswith(b"data:"):
@@ -341,56 +409,81 @@ class ApiClient:
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     break
+                first = first or data
                 try:
                     chunk = orjson.loads(data)
                 except orjson.JSONDecodeError as exc:
                     # Redact the whole chunk before cutting: a cut secret would not match.
                     shown = self._redact(data.decode("utf-8", "replace"))[:80]
-                    raise BadResponse(f"stream chunk is not JSON: {shown!r}", resp.status) from exc
+                    raise BadResponse(f"stream chunk is not JSON: {shown!r}", status) from exc
                 if not isinstance(chunk, dict):
-                    raise BadResponse("stream chunk is not a JSON object", resp.status)
+                    raise BadResponse("stream chunk is not a JSON object", status)
                 if chunk.get("error"):
                     # Servers (vLLM among them) report a failure mid-generation as an error event.
                     error = chunk["error"]
                     detail = error.get("message") if isinstance(error, dict) else error
-                    raise ServerError(
-                        self._redact(f"error event in the stream: {detail}"), resp.status
-                    )
+                    raise ServerError(self._redact(f"error event in the stream: {detail}"), status)
                 response_id = response_id or chunk.get("id")
                 response_model = response_model or chunk.get("model")
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 choices = chunk.get("choices") or []
                 if not isinstance(choices, list):
-                    raise BadResponse("stream chunk's `choices` is not a list", resp.status)
+                    raise BadResponse("stream chunk's `choices` is not a list", status)
                 for choice in choices:
                     if not isinstance(choice, dict):
-                        raise BadResponse("stream chunk's choice is not an object", resp.status)
+                        raise BadResponse("stream chunk's choice is not an object", status)
+                    chat = True
                     delta = choice.get("delta") or {}
                     if not isinstance(delta, dict):
-                        raise BadResponse("stream chunk's delta is not an object", resp.status)
+                        raise BadResponse("stream chunk's delta is not an object", status)
                     piece = delta.get("content")
-                    if piece is not None and not isinstance(piece, str):
-                        raise BadResponse("stream chunk's content is not text", resp.status)
-                    if piece:
-                        if ttft_ms is None:
-                            ttft_ms = (time.perf_counter() - sent) * 1000
-                        parts.append(piece)
+                    if piece is not None and not isinstance(piece, str | list):
+                        raise BadResponse("stream chunk's content is not text", status)
+                    text, refused = content_text(piece)
+                    refused = (
+                        delta.get("refusal") if isinstance(delta.get("refusal"), str) else refused
+                    )
+                    if text:
+                        parts.append(text)
+                    if refused:
+                        refusal.append(refused)
+                    if isinstance(delta.get("tool_calls"), list):
+                        _add_tool_calls(calls, delta["tool_calls"])
+                    if ttft_ms is None and (text or refused or delta.get("tool_calls")):
+                        ttft_ms = (time.perf_counter() - sent) * 1000
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
             else:
-                raise ConnectionDropped("the stream ended before data: [DONE]", resp.status)
-        answer = parse_completion(
-            {
-                "id": response_id,
-                "model": response_model,
-                "choices": [
-                    {"message": {"content": "".join(parts)}, "finish_reason": finish_reason}
-                ],
-                "usage": usage,
-            }
-        )
-        return replace(answer, ttft_ms=ttft_ms, http_status=resp.status)
+                raise ConnectionDropped("the stream ended before data: [DONE]", status)
+        if not chat:
+            opening = self._redact(first.decode("utf-8", "replace"))[:80] if first else None
+            raise BadResponse(
+                "the stream's events are not OpenAI chat chunks (no choice in any; "
+                + (f"the first: {opening!r}" if opening else "no event before data: [DONE]")
+                + "): if the server streams another format, set stream = false",
+                status,
+            )
+        if finish_reason is None:
+            raise BadResponse(
+                "the stream ended (data: [DONE]) without a finish_reason: the server cut the "
+                "answer short",
+                status,
+            )
+        message: dict[str, Any] = {"content": "".join(parts) if parts else None}
+        if refusal:
+            message["refusal"] = "".join(refusal)
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        choice = {"message": message, "finish_reason": finish_reason}
+        try:
+            answer = parse_completion(
+                {"id": response_id, "model": response_model, "choices": [choice], "usage": usage}
+            )
+        except BadResponse as exc:
+            exc.status = status
+            raise
+        return replace(answer, ttft_ms=ttft_ms, http_status=status)
 
     async def _lines(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """The body's lines (without their newline) as they arrive. Raises
@@ -465,12 +558,24 @@ class ApiClient:
             raise
         return answer if status == 200 else replace(answer, http_status=status)
 
-    def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> RequestError:
+    def _status_error(
+        self, status: int, raw: bytes, headers: Mapping[str, str] | None
+    ) -> RequestError:
+        """Our error for an error answer, classified by its status; a 429 or 5xx
+        also carries the wait it asked for, and a 429 what it says is left of
+        the API's budgets (``x-ratelimit-remaining-*``)."""
         # Redact before cutting: a key split by the cut would no longer match.
         text = self._redact(_error_text(raw))[:MAX_ERROR_TEXT]
         message = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+        headers = headers or {}
         if status == 429:
-            return RateLimited(message, status, parse_retry_after(retry_after))
+            return RateLimited(
+                message,
+                status,
+                wait_asked(headers),
+                remaining_requests=_count(headers.get("x-ratelimit-remaining-requests")),
+                remaining_tokens=_count(headers.get("x-ratelimit-remaining-tokens")),
+            )
         if status in RETRYABLE_STATUS or status >= 500:
-            return ServerError(message, status, parse_retry_after(retry_after))
+            return ServerError(message, status, wait_asked(headers))
         return FatalRequestError(message, status)

@@ -21,10 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
+from batchrun.deadline import check_batch_keys
 from batchrun.errors import JobError
+from batchrun.pii import check_keys as check_pii_keys
 from batchrun.wire import check_base_url, check_headers
 
 DEFAULT_BASE_URL = "https://api.llmtune.io/v1"
@@ -33,6 +36,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 SCHEMA_DIALECTS = ("json_schema", "json_object_schema", "vllm", "prompt")
 """The ways a request can carry a response schema, in the order ``schema_via = "auto"`` tries them."""
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai-batch")
+MODES = ("online", "batch", "hybrid")
 OWNED_BODY_KEYS = {
     "model": "model",
     "messages": "prompt_template or messages_column",
@@ -86,7 +90,7 @@ KEYS: tuple[Key, ...] = (
         "endpoint",
         "str",
         "chat",
-        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference.",
+        "`chat`: POST {base_url}/chat/completions; `inference`: POST {base_url}/models/{model}/inference (the model id percent-encoded, `/` kept).",
         choices=ENDPOINTS,
     ),
     Key(
@@ -123,6 +127,20 @@ KEYS: tuple[Key, ...] = (
         {},
         "Table sent as `metadata` with every request (the row id is added as `row_id`).",
     ),
+    Key(
+        "pii",
+        "list",
+        (),
+        "Personal data replaced by placeholders before sending and put back in the answers: any of email, phone, card (Luhn-checked), iban (checksum-checked), ip (flag: a,b).",
+    ),
+    Key(
+        "pii_patterns",
+        "table",
+        {},
+        "Your own identifiers to pseudonymize too: name = regular expression (a customer number, an order id); <NAME_1> stands for each.",
+        alias="--pii-pattern",
+    ),
+    Key("pii_region", "str", "US", "Region of phone numbers written without a country code."),
     Key(
         "concurrency",
         "int_or_auto",
@@ -261,6 +279,26 @@ KEYS: tuple[Key, ...] = (
         False,
         "Allow plain http:// to a host that is not loopback (the key would travel in clear).",
     ),
+    Key(
+        "mode",
+        "str",
+        "online",
+        "`online`: one request per row now; `batch`: the provider's Batch API (OpenAI's /files and /batches, about half the price, answered within 24 h); `hybrid`: a batch first, and before `deadline` the rows it has not answered online.",
+        choices=MODES,
+    ),
+    Key(
+        "deadline",
+        "str",
+        None,
+        'When a batch or hybrid job must be done: "HH:MM" (the next such local time), an ISO 8601 date-time, or a duration from the first start ("45m"); kept for reruns.',
+    ),
+    Key(
+        "batch_poll_s",
+        "float",
+        60.0,
+        "Seconds between two looks at a batch's status.",
+        minimum=1.0,
+    ),
 )
 KEYS_BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -284,6 +322,9 @@ class Job:
     temperature: float
     max_tokens: int
     metadata: Mapping[str, Any]
+    pii: tuple[str, ...]
+    pii_patterns: Mapping[str, Any]
+    pii_region: str
     concurrency: int | str
     max_concurrency: int
     rpm: float | None
@@ -304,6 +345,9 @@ class Job:
     api_down_after_s: float
     max_failures: float | None
     allow_insecure_http: bool
+    mode: str
+    deadline: str | None
+    batch_poll_s: float
     job_file: Path | None = None
 
     @property
@@ -313,10 +357,11 @@ class Job:
 
     @property
     def url(self) -> str:
-        """The URL every request is posted to."""
+        """The URL every request is posted to; the inference path's model id
+        percent-encoded, `/` kept (`x?y` would post to /models/x with a query)."""
         base = self.base_url.rstrip("/")
         if self.endpoint == "inference":
-            return f"{base}/models/{self.model}/inference"
+            return f"{base}/models/{quote(self.model, safe='/')}/inference"
         return f"{base}/chat/completions"
 
     def settings(self) -> dict[str, Any]:
@@ -496,6 +541,8 @@ def load_job(
         )
     _check_params(values["params"], source)
     check_headers(values["headers"], source)
+    check_pii_keys(values, source)
+    check_batch_keys(values, source)
     return Job(**values, job_file=job_path)
 
 

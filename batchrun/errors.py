@@ -23,12 +23,13 @@ the text of a message. The tree::
     │   └── Interrupted           Ctrl-C (130) or SIGTERM (143)
     └── RequestError              one request failed; becomes a row's ``error``
         ├── RetryableError        worth another attempt
-        │   ├── RateLimited       429 (``retry_after`` seconds when the API said so)
+        │   ├── RateLimited       429 (``retry_after``, remaining budgets: what its headers said)
         │   ├── ServerError       408, 409, 5xx
         │   ├── RequestTimeout    no answer within request_timeout_s
         │   ├── ConnectionDropped the connection failed or closed mid-answer
     │   │   └── CannotConnect no connection at all: refused, DNS, TLS
         │   └── BadResponse       a 2xx answer whose body cannot be read
+        │       └── EmptyAnswer   a choice with no text, no tool call and no refusal (its usage kept)
         └── FatalRequestError     not worth another attempt: 400, 401, 403, 404, 422, …,
             │                     a redirect to another origin
             ├── AnswerTooLarge    an answer larger than max_response_bytes
@@ -43,6 +44,10 @@ from __future__ import annotations
 import errno
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchrun.payload import Completion
 
 
 class BatchrunError(Exception):
@@ -185,13 +190,38 @@ class RetryableError(RequestError):
 
 
 class RateLimited(RetryableError):
-    """429. ``retry_after`` is the wait in seconds the API asked for, if any."""
+    """429. What the answer's headers said (None: not said):
+
+    - ``retry_after``: the wait in seconds the API asked for (``retry-after-ms``,
+      else ``Retry-After``);
+    - ``remaining_requests``, ``remaining_tokens``: what is left of the API's
+      budgets (``x-ratelimit-remaining-requests``, ``-tokens``); a 0 says the
+      budget is spent, so every request would get a 429 (``exhausted``);
+    - ``sent_at``: when the request left, on the job's limits clock (set by the
+      scheduler): a 429 for a request sent before a pause began is part of
+      that pause's episode.
+    """
 
     def __init__(
-        self, message: str, status: int | None = 429, retry_after: float | None = None
+        self,
+        message: str,
+        status: int | None = 429,
+        retry_after: float | None = None,
+        *,
+        remaining_requests: int | None = None,
+        remaining_tokens: int | None = None,
     ) -> None:
         super().__init__(message, status)
         self.retry_after = retry_after
+        self.remaining_requests = remaining_requests
+        self.remaining_tokens = remaining_tokens
+        self.sent_at: float | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        """The answer says a budget is spent (a remaining count of 0), not only
+        that this one request was refused."""
+        return self.remaining_requests == 0 or self.remaining_tokens == 0
 
 
 class ServerError(RetryableError):
@@ -218,6 +248,16 @@ class CannotConnect(ConnectionDropped):
 
 class BadResponse(RetryableError):
     """A 2xx answer whose body is not the JSON (or SSE) a chat completion should be."""
+
+
+class EmptyAnswer(BadResponse):
+    """A 2xx answer whose choice says nothing: no text, no tool call, no refusal.
+    Retried like an unreadable body; ``answer`` is what it did report (its usage
+    was paid, and goes into the row's)."""
+
+    def __init__(self, message: str, answer: Completion, status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.answer = answer
 
 
 class FatalRequestError(RequestError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,8 +71,6 @@ class Scan:
         return self.num_rows - int(self.skip.sum())
 
 
-_LONG_DIGITS = re.compile(rb"\d{19}")
-"""19 digits in a row: perhaps an integer orjson would turn into a float."""
 _U64_MAX = 2**64 - 1
 
 
@@ -86,8 +83,25 @@ def _exact_int(digits: str) -> int | str:
 
 def _exact_loads(line: bytes) -> Any:
     """The line parsed like orjson.loads, but with integers beyond 64 bits kept
-    exact as text. Only lines holding 19 digits in a row come here."""
+    exact as text. Only lines holding a float come here."""
     return json.loads(line, parse_int=_exact_int)
+
+
+def _has_float(value: Any) -> bool:
+    """Whether a parsed value holds a float anywhere: orjson reads an integer
+    beyond 64 bits as one, so a line without floats lost no digit. (Checking the
+    parsed values costs a fraction of scanning the line's bytes for digits.)"""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is float:
+            return True
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
 
 
 def _id_text(value: Any) -> str:
@@ -105,6 +119,9 @@ class InputTable:
         self.path = path
         self.skip_bad_lines = skip_bad_lines
         self.batch_requests = batch_requests
+        self._floats = True
+        """Whether JSONL rows may hold floats (integers beyond 64 bits read as
+        floats need an exact reparse): until one whole pass has found none."""
         if not path.exists():
             raise InputError(
                 f"Input {path} does not exist. Check the `input` path (paths in a job file are relative to the job file's folder)."
@@ -165,14 +182,16 @@ class InputTable:
             fh = self.path.open("rb")
         except OSError as exc:
             raise InputError(f"Input {self.path} cannot be read: {exc.strerror}.") from None
+        floats = False
         with fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
                     obj = orjson.loads(line)
-                    if _LONG_DIGITS.search(line):
+                    if self._floats and _has_float(obj):
                         obj = _exact_loads(line)
+                        floats = True
                 except orjson.JSONDecodeError as exc:
                     if self.skip_bad_lines:
                         if skipped is not None:
@@ -189,6 +208,8 @@ class InputTable:
                         'Each line must be one JSON object like {"id": "T-1", "ticket": "..."}; fix the line or pass --skip-bad-lines.'
                     )
                 yield lineno, obj
+        # A whole pass without a float: the next passes need not look for one.
+        self._floats = floats
 
     def _bad_line_message(self, lineno: int, line: bytes, exc: Exception) -> str:
         try:

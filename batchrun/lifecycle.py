@@ -13,37 +13,33 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from batchrun._version import __version__
+from batchrun.checks import CheckedJob, check_job
 from batchrun.config import Job
-from batchrun.errors import InputError, JobError, JobStopped, ResumeConflict
-from batchrun.inputs import InputTable, Scan
+from batchrun.errors import JobError, JobStopped, ResumeConflict
 from batchrun.journal import Journal, partial_dir
 from batchrun.limits import CostBudget
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
-    FIXED_COLUMNS,
     STATUS_ERROR,
     STATUS_NONE,
-    TTFT_FIELD,
 )
-from batchrun.payload import Prepared, Shape, check_template_specs, prepare_rows, prompt_columns
-from batchrun.prices import load_prices
-from batchrun.progress import Tally, progress_fields, status_text
+from batchrun.payload import Prepared, Shape
+from batchrun.pii import enabled as pii_enabled
+from batchrun.pii import settings as pii_settings
+from batchrun.prices import Prices, load_prices
+from batchrun.progress import Tally, missing_usage, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
-from batchrun.structured import Structured, load_structured
-from batchrun.wire import check_header_value, clean_api_key, clean_secret
+from batchrun.stream_options import StreamOptions
 
 log = logging.getLogger("batchrun")
 
@@ -95,6 +91,8 @@ class RunResult:
     resumed: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of the prompt tokens, those read from the server's cache
+    reasoning_tokens: int  # of the completion tokens, those of hidden reasoning
     requests: int
     retries: int
     wall_s: float
@@ -111,6 +109,16 @@ class RunResult:
     """How the requests carried the response schema (structured jobs)."""
     schema_via_refused: tuple[str, ...] = ()
     """The ways ``schema_via = "auto"`` found the server does not take, in the order tried."""
+    no_usage: int = 0
+    """Rows answered in this run without usage: the token counts leave them out."""
+    stream_options_refused: str | None = None
+    """Why streamed requests went without ``stream_options`` (the server's refusal)."""
+    tiers: tuple[tuple[str, int], ...] = ()
+    batch_saved: Decimal | None = None
+    """What the rows a provider batch answered cost less than online would have."""
+    """Rows per ``tier`` (batch, online) when a Batch API answered some (``engines.batch``)."""
+    deadline: str = ""
+    """A batch or hybrid job's deadline and how long before it the job finished."""
 
     @property
     def exit_code(self) -> int:
@@ -124,22 +132,53 @@ class RunResult:
         data["cost"] = float(self.cost) if self.cost is not None else None
         return data
 
+    def _tokens(self) -> str:
+        """Tokens as the answers reported them; never 0 for rows that reported none."""
+        total = self.prompt_tokens + self.completion_tokens
+        counts = (
+            f"prompt {self.prompt_tokens:,}"
+            + (f" (cached {self.cached_tokens:,})" if self.cached_tokens else "")
+            + f"  completion {self.completion_tokens:,}"
+            + (f" (reasoning {self.reasoning_tokens:,})" if self.reasoning_tokens else "")
+            + f"  total {total:,}"
+        )
+        if not self.no_usage:
+            return counts
+        missing = missing_usage(self.no_usage)
+        return f"{counts}  (partial: {missing})" if total else missing
+
     def summary(self) -> str:
         lines = [
             f"rows        {self.rows:,}  (ok {self.ok:,}, failed {self.failed:,}"
             + (f", invalid {self.invalid:,}" if self.invalid else "")
             + (f", from an earlier run {self.resumed:,}" if self.resumed else "")
             + ")",
-            f"tokens      prompt {self.prompt_tokens:,}  completion {self.completion_tokens:,}  total {self.prompt_tokens + self.completion_tokens:,}",
+            f"tokens      {self._tokens()}",
+            *(
+                [f"            stream_options not sent: the server refused it ({refused})"]
+                if (refused := self.stream_options_refused)
+                else []
+            ),
             f"requests    {self.requests:,}  (retries {self.retries:,})",
             *(
-                [f"cost        {self.cost:.4f} {self.currency} (this job, all runs)"]
+                [
+                    f"cost        {self.cost:.4f} {self.currency} (this job, all runs"
+                    + (
+                        f"; the batch saved {self.batch_saved:.4f} against online)"
+                        if self.batch_saved is not None
+                        else ")"
+                    )
+                ]
                 if self.cost is not None
                 else []
             ),
             f"wall time   {self.wall_s:.1f}s",
             f"output      {self.output}",
         ]
+        if self.tiers:
+            lines.insert(1, "tiers       " + ", ".join(f"{t} {n:,}" for t, n in self.tiers))
+        if self.deadline:
+            lines.insert(-2, f"deadline    {self.deadline}")
         if self.schema_via_refused:
             lines.insert(
                 1,
@@ -163,128 +202,6 @@ class RunResult:
         return "\n".join(lines)
 
 
-def api_key_for(job: Job) -> str | None:
-    """The key from the job's environment variable; JobError when it is unset."""
-    if not job.api_key_env:
-        return None
-    key = os.environ.get(job.api_key_env)
-    if not key:
-        raise JobError(
-            f"No API key: the environment variable {job.api_key_env} is not set. "
-            f"Export it (export {job.api_key_env}=...), set `api_key_env` to the variable that holds "
-            'your key, or set api_key_env = "" for a server that needs none.'
-        )
-    return clean_api_key(job.api_key_env, key)
-
-
-def expand_headers(job: Job) -> tuple[dict[str, str], list[str]]:
-    """The job's extra headers with ${VAR} replaced from the environment, and the
-    values that came from it (secrets: the client redacts them from every message)."""
-    headers: dict[str, str] = {}
-    secrets: list[str] = []
-
-    def value_of(match: re.Match[str]) -> str:
-        name = match.group(1)
-        value = os.environ.get(name)
-        if value is None:
-            raise JobError(
-                f"Header `{header}` uses ${{{name}}}, but the environment variable {name} is not set. Export it, or change `headers`."
-            )
-        value = clean_secret(value, f"The value of ${name} (header `{header}`)")
-        if value:
-            secrets.append(value)
-        return value
-
-    for header, template in job.headers.items():
-        value = _ENV_REF.sub(value_of, str(template))
-        headers[header] = check_header_value(header, value, "`headers` (${VAR} filled in)")
-    return headers, secrets
-
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def check_columns(job: Job, table: InputTable, scan: Scan) -> None:
-    """Every column the job names must be in the input (JobError otherwise)."""
-    present = ", ".join(scan.columns)
-    for column in prompt_columns(job):
-        if column not in scan.columns:
-            key = "messages_column" if job.messages_column else "prompt_template"
-            raise InputError(
-                f"`{key}` uses column `{column}`, which input {table.path} lacks. Columns present: {present}. "
-                f"Fix the {key} or the input."
-            )
-    clash = [c for c in job.keep_columns if c in FIXED_COLUMNS]
-    if clash:
-        raise JobError(
-            f"`keep_columns` names {', '.join(clash)}, which the output already has as its own column. "
-            "Rename that input column or leave it out of keep_columns."
-        )
-
-
-@dataclass(frozen=True)
-class CheckedJob:
-    """A job with everything checked that can be checked before a request is sent."""
-
-    job: Job
-    table: InputTable
-    scan: Scan
-    id_column: str | None
-    structured: Structured | None
-    api_key: str | None
-    headers: dict[str, str]
-    secrets: list[str]
-
-    @property
-    def extra_fields(self) -> list[pa.Field]:
-        """Output columns after the fixed ones: ttft_ms when streamed, the schema's."""
-        ttft = [TTFT_FIELD] if self.job.stream else []
-        return ttft + list(self.structured.fields if self.structured else ())
-
-    def rows(self, estimates: bool | None = None, shape: Shape | None = None) -> Iterator[Prepared]:
-        """The rows of this run (skipped ones left out) as requests, in input order;
-        a structured job's schema put in as ``shape`` says (by default the job's
-        ``schema_via``, ``auto`` starting with ``json_schema``)."""
-        if shape is None and self.structured is not None:
-            shape = SchemaVia(self.structured, self.job.schema_via).shape
-        return prepare_rows(
-            self.job,
-            self.table.batches(prompt_columns(self.job), self.id_column),
-            self.scan.skip,
-            shape,
-            estimates,
-        )
-
-
-def check_job(job: Job, options: RunOptions) -> CheckedJob:
-    """Every check ``run`` makes before its first request: the output, the key
-    variable, the headers, the whole input, its columns, the shard and the schema.
-    Raises a BatchrunError saying what to fix."""
-    if job.output is None:
-        raise JobError(
-            'No `output` given: set output = "....parquet" in the job file or pass --output.'
-        )
-    api_key = None if options.mock else api_key_for(job)
-    headers, secrets = expand_headers(job)
-    batch_requests = job.input_format == "openai-batch"
-    if batch_requests:
-        job = replace(job, id_column="custom_id")
-    if "id" in job.keep_columns and job.id_column == "id":
-        # The id column is in the output already, as `id`.
-        job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
-    table = InputTable(
-        job.input, skip_bad_lines=options.skip_bad_lines, batch_requests=batch_requests
-    )
-    scan = table.scan(job.id_column, job.id_column != "id", job.keep_columns, dedupe=options.dedupe)
-    check_columns(job, table, scan)
-    check_template_specs(job, next(table.batches(prompt_columns(job), None, 256)).rows)
-    id_column = job.id_column if scan.has_id_column else None
-    if options.shard is not None:
-        table.keep_shard(scan, id_column, *options.shard)
-    structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
-    return CheckedJob(job, table, scan, id_column, structured, api_key, headers, secrets)
-
-
 def run_identity(job: Job, options: RunOptions, rows: int) -> dict[str, Any]:
     """What must not change for a run to resume another: the keys that decide
     what is sent, the input's size, the shard, and the endpoint that answers
@@ -296,6 +213,8 @@ def run_identity(job: Job, options: RunOptions, rows: int) -> dict[str, Any]:
     }
     if options.shard is not None:
         identity["shard"] = "{}/{}".format(*options.shard)
+    if pii_enabled(job):
+        identity |= pii_settings(job)
     return identity
 
 
@@ -306,8 +225,16 @@ def open_schema_via(checked: CheckedJob, options: RunOptions) -> SchemaVia | Non
         return None
     job = checked.job
     assert job.output is not None  # check_job makes sure
-    earlier = ((job.output,) if not options.restart else ()) + options.reuse
-    return SchemaVia.open(checked.structured, job, partial_dir(job.output), earlier)
+    return SchemaVia.open(
+        checked.structured, job, partial_dir(job.output), earlier_outputs(job, options)
+    )
+
+
+def earlier_outputs(job: Job, options: RunOptions) -> tuple[Path, ...]:
+    """The outputs whose metadata may say what earlier runs learned about the
+    server (this output when finished, unless --restart; the --reuse ones)."""
+    assert job.output is not None  # check_job makes sure
+    return ((job.output,) if not options.restart else ()) + options.reuse
 
 
 class OpenRun:
@@ -334,9 +261,13 @@ class OpenRun:
             keep_columns=job.keep_columns,
         )
         try:
+            # What earlier runs learned about the server, so the same bytes are sent.
             self.via = open_schema_via(self.checked, options)
+            self.stream_options = StreamOptions.open(
+                job, journal.folder, earlier_outputs(job, options)
+            )
             # One pass over the input serves both the resume check and --reuse.
-            rows = self.checked.rows(shape=self.shape)
+            rows = self.rows()
             if journal.resumed is not None:
                 rows = resume_checked(journal, rows, self.via)
             self.reused = self.reused_tokens = 0
@@ -358,9 +289,10 @@ class OpenRun:
             tally.ok, tally.failed, tally.invalid = journal.counts()
             tally.resumed = tally.done
             self.prices = load_prices(job.prices) if job.prices else None
-            self.spend = self.spend_so_far()
+            self.spend = self.spend_so_far(reprice=True)
             if self.spend is not None:
-                tally.cost = self.spend.spent
+                # The rows --retry-failed sends again get a new record, and a new cost.
+                tally.cost = self.spend.spent - self._resent_cost
             tally.currency = self.prices.currency if self.prices else ""
             self.to_send = journal.missing_rows(scan.skip) + (
                 tally.failed if options.retry_failed else 0
@@ -395,46 +327,63 @@ class OpenRun:
     def close(self) -> None:
         self.journal.close()  # also after finish: it releases the output's lock
 
-    def spend_so_far(self) -> CostBudget | None:
-        """The job's spend so far (earlier runs' answers included) and its budget,
-        when the job names a prices file; read again from the journal after an
-        engine whose spend is not counted as it goes (Ray)."""
+    def spend_so_far(self, reprice: bool = False) -> CostBudget | None:
+        """The job's spend so far (the ``cost`` of every row with a result, earlier
+        runs' included) and its budget, when the prices file prices the job's
+        model; read again after an engine that does not count it as it goes (Ray).
+        ``reprice``: journal again every record whose ``cost`` the prices now make
+        different (a run without prices, or other prices), so the column, the
+        summary and ``batchrun report`` agree."""
         job, prices = self.job, self.prices
         if prices is None:
             return None
         price = prices.price(job.model)
+        if price is None and job.max_cost is not None:
+            raise JobError(
+                f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
+                f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
+            )
+        spent = self._journal_cost(prices, reprice)
         if price is None:
-            if job.max_cost is not None:
-                raise JobError(
-                    f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
-                    f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
-                )
             log.warning(
                 "model %s is not in prices file %s: its spend is not shown", job.model, job.prices
             )
             return None
-        journal = self.journal
-        spent = Decimal(0)
-        for row in np.nonzero(journal.status != STATUS_NONE)[0]:
-            rec = journal.record(int(row))
-            if rec and rec.get("attempts"):
-                spent += price.cost(
-                    rec.get("prompt_tokens") or 0, rec.get("completion_tokens") or 0
-                )
         max_cost = Decimal(str(job.max_cost)) if job.max_cost is not None else None
         return CostBudget(max_cost, price, job.max_tokens, spent)
+
+    def _journal_cost(self, prices: Prices, reprice: bool) -> Decimal:
+        """The cost of the journal's rows (``Prices.row_cost`` of each row's last
+        record); ``_resent_cost`` the part of it --retry-failed sends again."""
+        journal = self.journal
+        spent = self._resent_cost = Decimal(0)
+        resent = self.options.retry_failed
+        for row in np.nonzero(journal.status != STATUS_NONE)[0]:
+            rec = journal.record(int(row))
+            if not rec:
+                continue
+            cost = prices.row_cost(rec)
+            if reprice and rec.get("cost") != (None if cost is None else float(cost)):
+                journal.append({**rec, "cost": None if cost is None else float(cost)})
+            if cost is not None:
+                spent += cost
+                if resent and journal.status[row] == STATUS_ERROR:
+                    self._resent_cost += cost
+        return spent
 
     @property
     def shape(self) -> Shape | None:
         """How this run puts the schema into each request (the way ``via`` says when asked)."""
         return self.via.shape if self.via is not None else None
 
+    def rows(self) -> Iterator[Prepared]:
+        """Every row of this run as a request, as it is sent now."""
+        return self.stream_options.rendered(self.checked.rows(shape=self.shape))
+
     def rows_to_send(self) -> Iterator[Prepared]:
         """The rows without a result (and, with --retry-failed, those that
         failed), as requests, in input order."""
-        return rows_to_send(
-            self.checked.rows(shape=self.shape), self.journal.status, self.options.retry_failed
-        )
+        return rows_to_send(self.rows(), self.journal.status, self.options.retry_failed)
 
     def finish(self) -> RunResult:
         """Write the output (every row has a result by now, else JobStopped) and
@@ -458,6 +407,8 @@ class OpenRun:
         via = self.via
         if via is not None and via.auto:
             metadata["schema_via"] = via.state()  # a --retry-failed or --reuse run starts from it
+        if self.stream_options.refused is not None:
+            metadata["stream_options"] = self.stream_options.state()
         output = journal.finish(
             scan.keep_schema,
             keep_batches,
@@ -481,6 +432,8 @@ class OpenRun:
             resumed=tally.resumed - self.reused,
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
+            cached_tokens=tally.cached_tokens,
+            reasoning_tokens=tally.reasoning_tokens,
             requests=tally.requests,
             retries=tally.retries,
             wall_s=time.monotonic() - self.started,
@@ -493,6 +446,8 @@ class OpenRun:
             causes=tuple(_failure_causes(output)) if tally.failed else (),
             schema_via=via.current if via is not None else None,
             schema_via_refused=tuple(via.refused) if via is not None else (),
+            no_usage=tally.no_usage,
+            stream_options_refused=self.stream_options.refused,
         )
         log.info(
             "job finished: %s",

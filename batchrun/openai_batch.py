@@ -29,6 +29,13 @@ from batchrun.files import atomic_write
 BATCH_ROWS = 8192
 
 
+def input_line(custom_id: str, body: bytes) -> bytes:
+    """One request line of a batch's input file, around a request body as encoded
+    (the very bytes an online request sends, so the same ``request_hash``)."""
+    head = b'{"custom_id":' + orjson.dumps(custom_id)
+    return head + b',"method":"POST","url":"/v1/chat/completions","body":' + body + b"}\n"
+
+
 def output_line(row: dict[str, Any]) -> dict[str, Any]:
     """One output row of ours as an OpenAI batch output line."""
     line: dict[str, Any] = {
@@ -46,6 +53,11 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
                 "completion_tokens": row.get("completion_tokens"),
                 "total_tokens": row.get("total_tokens"),
             }
+        message: dict[str, Any] = {"role": "assistant", "content": row.get("completion")}
+        if row.get("refusal") is not None:
+            message["refusal"] = row["refusal"]
+        if row.get("tool_calls") is not None:
+            message["tool_calls"] = orjson.loads(row["tool_calls"])
         finished = row.get("finished_at")
         body: dict[str, Any] = {
             "id": row.get("response_id"),
@@ -55,7 +67,7 @@ def output_line(row: dict[str, Any]) -> dict[str, Any]:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": row.get("completion")},
+                    "message": message,
                     "finish_reason": row.get("finish_reason"),
                 }
             ],

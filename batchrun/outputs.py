@@ -39,9 +39,13 @@ RESULT_FIELDS = [
     pa.field("response_model", pa.string()),
     pa.field("completion", pa.string()),
     pa.field("finish_reason", pa.string()),
+    pa.field("refusal", pa.string()),
+    pa.field("tool_calls", pa.string()),
     pa.field("prompt_tokens", pa.int64()),
     pa.field("completion_tokens", pa.int64()),
     pa.field("total_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("reasoning_tokens", pa.int64()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("http_status", pa.int32()),
@@ -52,9 +56,17 @@ RESULT_FIELDS = [
     pa.field("request_hash", pa.string()),
     pa.field("started_at", TIMESTAMP),
     pa.field("finished_at", TIMESTAMP),
+    pa.field("tier", pa.string()),
 ]
 TTFT_FIELD = pa.field("ttft_ms", pa.float64())
-FIXED_COLUMNS = frozenset(f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD])
+PII_FIELDS = [pa.field("pii_found", pa.int32()), pa.field("pii_unrestored", pa.int32())]
+"""Jobs with ``pii``: values replaced in the row's request, and placeholders in
+its answer that stand for none of them."""
+COST_FIELD = pa.field("cost", pa.float64())
+"""The row's cost in the prices' currency (jobs with a prices file only)."""
+FIXED_COLUMNS = frozenset(
+    f.name for f in [*HEAD_FIELDS, *RESULT_FIELDS, TTFT_FIELD, COST_FIELD, *PII_FIELDS]
+)
 
 
 class Record(TypedDict):
@@ -70,9 +82,16 @@ class Record(TypedDict):
     response_model: NotRequired[str | None]
     completion: NotRequired[str | None]
     finish_reason: NotRequired[str | None]
+    refusal: NotRequired[str | None]
+    tool_calls: NotRequired[str | None]
+    """The answer's tool calls, as JSON text."""
     prompt_tokens: NotRequired[int | None]
     completion_tokens: NotRequired[int | None]
     total_tokens: NotRequired[int | None]
+    cached_tokens: NotRequired[int | None]
+    """Prompt tokens read from the server's cache (part of prompt_tokens)."""
+    reasoning_tokens: NotRequired[int | None]
+    """Completion tokens of hidden reasoning (part of completion_tokens)."""
     error: NotRequired[str | None]
     http_status: NotRequired[int | None]
     attempts: NotRequired[int]
@@ -84,7 +103,16 @@ class Record(TypedDict):
     request_hash: NotRequired[str | None]
     started_at: NotRequired[int]
     finished_at: NotRequired[int]
+    tier: NotRequired[str | None]
+    """How the row was answered: ``online`` (one request at a time) or ``batch``
+    (a provider's Batch API, at its discount)."""
+    cost: NotRequired[float | None]
+    """``prices.Prices.row_cost`` of the record, set as it is journaled."""
     ttft_ms: NotRequired[float | None]
+    pii_found: NotRequired[int]
+    """Distinct values pseudonymized in the row's request (jobs with ``pii``)."""
+    pii_unrestored: NotRequired[int]
+    """Placeholders in the answer that stand for none of them."""
     values: NotRequired[dict[str, Any]]
     """The typed columns of a structured answer."""
 

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchrun.config import Job
-from batchrun.errors import BadResponse, JobError, RowError
+from batchrun.errors import BadResponse, EmptyAnswer, JobError, RowError
+from batchrun.pii import scanner_for
 
 if TYPE_CHECKING:
     from batchrun.inputs import RowBatch
+    from batchrun.pii import RowPii
 
 _TEXT_SCALARS = (str, int, float)
 
@@ -191,9 +193,14 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
     return orjson.dumps(body)
 
 
-def request_hash(body: bytes) -> str:
-    """Identifies the exact request: same bytes, same hash (for resume and reuse)."""
-    return hashlib.sha256(body).hexdigest()[:32]
+def request_hash(body: bytes, pii: bytes = b"") -> str:
+    """Identifies the exact request: same bytes, same hash (for resume and reuse).
+    ``pii``: the values a pseudonymized body's placeholders stand for
+    (``pii.RowPii.key``), so rows whose bodies differ only in them differ."""
+    digest = hashlib.sha256(body)
+    if pii:
+        digest.update(pii)
+    return digest.hexdigest()[:32]
 
 
 @dataclass(slots=True)
@@ -217,6 +224,13 @@ class Prepared:
     schema_via: str | None = None
     """How ``body`` carries the job's response schema (a ``schema_via`` dialect);
     None when the job has no dialect to choose."""
+    pii: RowPii | None = None
+    """The row's placeholders and their values (jobs with ``pii``): kept only
+    while the row is in flight, to restore its answer."""
+
+    def rehash(self, body: bytes) -> str:
+        """``request_hash`` of ``body`` as this row's request (its pii values included)."""
+        return request_hash(body, self.pii.key if self.pii is not None else b"")
 
     @property
     def est_tokens(self) -> int:
@@ -239,17 +253,20 @@ def prepare_rows(
     if estimates is None:
         estimates = bool(job.tpm or job.prices)
     batch_requests = job.input_format == "openai-batch"
+    scanner = scanner_for(job)
     for batch in batches:
         for i, row in enumerate(batch.rows):
             number = batch.start + i
             if any_skipped and skip[number]:
                 continue
             row_id = batch.ids[i]
-            model = via = None
+            model = via = row_pii = None
             max_tokens = job.max_tokens
             if batch_requests:
                 # An OpenAI batch request line: its body goes as it is.
                 request = row["body"]
+                if scanner is not None:
+                    request, row_pii = scanner.pseudonymize_body(request)
                 messages = [m for m in request["messages"] if isinstance(m, dict)]
                 model = request.get("model")
                 if isinstance(request.get("max_tokens"), int):
@@ -258,14 +275,16 @@ def prepare_rows(
                 try:
                     messages = build_messages(job, row)
                 except RowError as exc:
-                    yield Prepared(number, row_id, b"", "", error=str(exc))
+                    error = str(exc) if scanner is None else scanner.scrub(str(exc))
+                    yield Prepared(number, row_id, b"", "", error=error)
                     continue
+                if scanner is not None:
+                    messages, row_pii = scanner.pseudonymize(messages)
                 request, via = _body(job, messages, row_id, shape)
                 messages = request["messages"]  # the schema may have joined the system prompt
             body = encode_body(request)
-            prepared = Prepared(
-                number, row_id, body, request_hash(body), model=model, schema_via=via
-            )
+            prepared = Prepared(number, row_id, body, "", model=model, schema_via=via, pii=row_pii)
+            prepared.request_hash = prepared.rehash(body)
             if estimates or batch_requests:
                 prepared.prompt_tokens = estimate_prompt_tokens(messages)
                 prepared.max_tokens = max_tokens
@@ -296,11 +315,20 @@ class Completion:
     total_tokens: int | None
     response_id: str | None
     response_model: str | None
+    refusal: str | None = None
+    """What the model said instead of answering (``message.refusal``)."""
+    tool_calls: str | None = None
+    """The answer's ``tool_calls``, as JSON text."""
     ttft_ms: float | None = None
     http_status: int = 200
     usage_problem: str | None = None
     """Why usage the server sent was dropped as impossible (negative, not an
-    integer, absurdly large); the token columns are then null."""
+    integer, absurdly large); the token columns are then null (or, for a
+    detail count that cannot be true, that detail's column only)."""
+    cached_tokens: int | None = None
+    """Prompt tokens the server read from its cache (part of ``prompt_tokens``)."""
+    reasoning_tokens: int | None = None
+    """Completion tokens spent on hidden reasoning (part of ``completion_tokens``)."""
 
 
 MAX_USAGE_TOKENS = 100_000_000
@@ -312,18 +340,24 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
     problem when a count that is present cannot be true (then all three are
     None: a count that cannot be trusted must not reach the budget or the
     report)."""
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return None, None, None, None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    total = usage.get("total_tokens")
+    if (
+        type(prompt) is int
+        and type(completion) is int
+        and type(total) is int
+        and 0 <= prompt <= MAX_USAGE_TOKENS
+        and 0 <= completion <= MAX_USAGE_TOKENS
+        and 0 <= total <= MAX_USAGE_TOKENS
+    ):
+        return prompt, completion, total, None  # what nearly every answer says
     counts: list[int | None] = []
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         value = usage.get(name)
-        if value is None:
-            counts.append(None)
-        elif (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and 0 <= value <= MAX_USAGE_TOKENS
-        ):
+        if value is None or _count(value) is not None:
             counts.append(value)
         else:
             return None, None, None, f"usage.{name} = {str(value)[:40]} is not a possible count"
@@ -333,26 +367,181 @@ def _usage(usage: Any) -> tuple[int | None, int | None, int | None, str | None]:
     return prompt, completion, total, None
 
 
+def content_text(content: Any) -> tuple[str | None, str | None]:
+    """The text and the refusal of a message's (or a stream delta's) ``content``:
+    a string is the text; a list of content parts gives its ``text`` parts joined
+    and its ``refusal`` parts joined (other parts, such as images, are not text).
+    None for what is absent."""
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        return None, None
+    texts: list[str] = []
+    refusals: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+            refusals.append(part["refusal"])
+    return ("".join(texts) if texts else None), ("".join(refusals) or None)
+
+
+_FINISH_HINTS = {
+    "length": "max_tokens ran out before any text (a model that reasons first?): raise max_tokens",
+    "content_filter": "the server's content filter withheld the answer",
+}
+
+
+def _count(value: Any) -> int | None:
+    """A usage count that can be true, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USAGE_TOKENS:
+        return value
+    return None
+
+
+_CACHED_AT = (("prompt_tokens_details", "cached_tokens"), (None, "cache_read_input_tokens"))
+"""Where a usage object holds the cached prompt tokens: OpenAI's shape first, then
+the ``cache_read_input_tokens`` some OpenAI-compatible proxies send beside it."""
+_REASONING_AT = (("completion_tokens_details", "reasoning_tokens"),)
+_DETAIL_KEYS = frozenset(
+    parent or key for places in (_CACHED_AT, _REASONING_AT) for parent, key in places
+)
+"""The keys of a usage object under which a detail may be."""
+
+
+def _usage_details(
+    usage: Any, prompt: int | None, completion: int | None
+) -> tuple[int | None, int | None, str | None]:
+    """Cached prompt tokens and reasoning tokens from a ``usage`` object (None
+    where it does not say), and the problem when one it gives cannot be true:
+    negative, not an integer, over MAX_USAGE_TOKENS, or more than the prompt (or
+    completion) tokens it is part of. Such a detail is None, as if not reported
+    (then every cached token costs the prompt rate: a cost is never
+    under-reported); the other counts stay."""
+    if type(usage) is not dict or not _DETAIL_KEYS.intersection(usage):
+        return None, None, None
+    found: list[int | None] = []
+    problems: list[str] = []
+    for places, whole, whole_name in (
+        (_CACHED_AT, prompt, "prompt_tokens"),
+        (_REASONING_AT, completion, "completion_tokens"),
+    ):
+        value, name = _detail(usage, places)
+        count = _count(value)
+        if value is not None and (count is None or whole is None or count > whole):
+            shown = f"usage.{name} = {str(value)[:40]}"
+            problems.append(
+                f"{shown} is not a possible count"
+                if count is None
+                else f"{shown} comes without usage.{whole_name}"
+                if whole is None
+                else f"{shown} is more than usage.{whole_name} = {whole}"
+            )
+            count = None
+        found.append(count)
+    return found[0], found[1], "; ".join(problems) or None
+
+
+def _detail(usage: Any, places: tuple[tuple[str | None, str], ...]) -> tuple[Any, str]:
+    """The first value found at ``places`` (``(object, key)``, None: usage itself) and its name."""
+    if not isinstance(usage, dict):
+        return None, ""
+    for parent, key in places:
+        holder = usage.get(parent) if parent else usage
+        if isinstance(holder, dict) and holder.get(key) is not None:
+            return holder[key], f"{parent}.{key}" if parent else key
+    return None, ""
+
+
 def parse_completion(data: Any) -> Completion:
-    """Read a chat-completion answer. Raises BadResponse when it has no choice."""
+    """Read a chat-completion answer: its first choice's text (a string, or its
+    text parts joined), refusal and tool calls (as JSON text), finish reason and
+    usage. Raises BadResponse when it has no choice, and EmptyAnswer when the
+    choice says nothing (no text, no tool call, no refusal): both are retried
+    like an unreadable body."""
     if not isinstance(data, dict):
         raise BadResponse(f"answer is a JSON {type(data).__name__}, not an object")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise BadResponse("answer has no `choices`")
     choice = choices[0]
-    message = choice.get("message") or {}
-    text = message.get("content") if isinstance(message, dict) else None
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        message = {}
+    text, refusal = content_text(message.get("content"))
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
+        refusal = message["refusal"]
+    calls = message.get("tool_calls")
+    finish_reason = choice.get("finish_reason")
     prompt, completion, total, problem = _usage(data.get("usage"))
-    return Completion(
-        text=text if isinstance(text, str) else None,
-        finish_reason=choice.get("finish_reason")
-        if isinstance(choice.get("finish_reason"), str)
-        else None,
+    cached, reasoning, detail_problem = _usage_details(data.get("usage"), prompt, completion)
+    answer = Completion(
+        text=text,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=total,
         response_id=data.get("id") if isinstance(data.get("id"), str) else None,
         response_model=data.get("model") if isinstance(data.get("model"), str) else None,
-        usage_problem=problem,
+        refusal=refusal,
+        tool_calls=orjson.dumps(calls).decode() if isinstance(calls, list) and calls else None,
+        usage_problem=problem or detail_problem,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
     )
+    if not text and refusal is None and answer.tool_calls is None:
+        said = _nothing_said(choice)
+        hint = _FINISH_HINTS.get(answer.finish_reason or "")
+        raise EmptyAnswer(
+            f"the answer has no text, no tool call and no refusal ({said}"
+            + (f"; finish_reason {answer.finish_reason}: {hint}" if hint else "")
+            + ")",
+            answer,
+        )
+    return answer
+
+
+def _nothing_said(choice: dict[str, Any]) -> str:
+    """What the choice of an answer that says nothing held, for its error."""
+    message = choice.get("message")
+    if message is None:
+        return "no message"
+    if not isinstance(message, dict):
+        return "its message is not an object"
+    if "content" not in message:
+        return "no message.content"
+    content = message["content"]
+    if content is None:
+        return "message.content is null"
+    if content == "":
+        return "message.content is empty"
+    if isinstance(content, list):
+        return f"message.content holds {len(content)} parts, none of them text"
+    return f"message.content is a {type(content).__name__}, not text"
+
+
+def unwanted(answer: Completion, body: bytes) -> str | None:
+    """Why an answer that says something is still not the one the job asked for
+    (the row is then ``invalid``): a refusal, or tool calls the request (its
+    ``body``) did not offer. None for an answer to keep."""
+    if answer.refusal is not None:
+        refusal = answer.refusal
+        return "the model refused: " + (refusal if len(refusal) <= 300 else refusal[:300] + "…")
+    if answer.tool_calls is not None and not _offers_tools(body):
+        calls = orjson.loads(answer.tool_calls)
+        names = [c.get("function", {}).get("name") if isinstance(c, dict) else None for c in calls]
+        named = ", ".join(str(n)[:60] for n in names if isinstance(n, str)) or "unnamed"
+        return (
+            f"the model answered with a tool call ({named}) though the request offered no tools; "
+            "its calls are in `tool_calls`"
+        )
+    return None
+
+
+def _offers_tools(body: bytes) -> bool:
+    if b'"tools"' not in body and b'"functions"' not in body:
+        return False
+    request = orjson.loads(body)
+    return isinstance(request, dict) and bool(request.get("tools") or request.get("functions"))

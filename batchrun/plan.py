@@ -14,19 +14,23 @@ from typing import Any
 
 import orjson
 
+from batchrun.checks import check_job
 from batchrun.config import Job
 from batchrun.files import require_folder
-from batchrun.journal import Journal
+from batchrun.journal import Journal, partial_dir
 from batchrun.lifecycle import (
     RunOptions,
-    check_job,
+    earlier_outputs,
     open_schema_via,
     resume_checked,
     rows_to_send,
     run_identity,
 )
 from batchrun.outputs import STATUS_NONE
+from batchrun.pii import PiiCount
+from batchrun.pii import enabled as pii_enabled
 from batchrun.prices import load_prices
+from batchrun.stream_options import StreamOptions
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ class Plan:
     currency: str
     pace_rows_per_s: float | None
     concurrency: int | str
+    batch_discount: Decimal = Decimal(0)
+    """The fraction off rows a provider batch answers (the prices file's)."""
+    mode: str = "online"
     done: int = 0
     """Rows with a result from an earlier run of this output."""
     failed: int = 0
@@ -51,6 +58,8 @@ class Plan:
     reused: int = 0
     """Rows --reuse would copy from earlier outputs instead of sending."""
     retry_failed: bool = False
+    pii: PiiCount | None = None
+    """Jobs with ``pii``: what the whole input would have replaced."""
 
     def seconds_at(self, latency_s: float) -> float:
         """How long sending takes when each answer takes ``latency_s`` seconds."""
@@ -84,7 +93,17 @@ class Plan:
             lines.append(
                 f"cost          {self.cost_low:.4f} .. {self.cost_high:.4f} {self.currency} "
                 "(prompt only .. prompt + max_tokens per row)"
+                + (" online" if self.batch_discount or self.mode != "online" else "")
             )
+            if self.batch_discount:
+                off = 1 - self.batch_discount
+                lines.append(
+                    f"              {self.cost_low * off:.4f} .. {self.cost_high * off:.4f} "
+                    f"{self.currency} by a provider batch (batch_discount {self.batch_discount:.0%}); "
+                    "hybrid falls between, as the batch answers before the deadline"
+                )
+            if self.mode != "online":
+                lines.append(f"mode          {self.mode}")
         else:
             lines.append("cost          unpriced (pass --prices FILE with this model)")
         pace = f"; rpm/tpm allow {self.pace_rows_per_s:,.1f} rows/s" if self.pace_rows_per_s else ""
@@ -92,6 +111,8 @@ class Plan:
             f"time          ~{duration(self.seconds_at(1.0))} at 1 s per answer, "
             f"~{duration(self.seconds_at(5.0))} at 5 s (concurrency {self.concurrency}{pace})"
         )
+        if self.pii is not None:
+            lines.append(self.pii.text())
         return "\n".join(lines)
 
 
@@ -110,7 +131,10 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         job.output, scan.num_rows, run_identity(job, options, scan.num_rows), options.restart
     )
     via = open_schema_via(checked, options)
-    rows = checked.rows(estimates=True, shape=via.shape if via is not None else None)
+    stream_options = StreamOptions.open(job, partial_dir(job.output), earlier_outputs(job, options))
+    rows = stream_options.rendered(
+        checked.rows(estimates=True, shape=via.shape if via is not None else None)
+    )
     if state.resumed is not None:
         rows = resume_checked(state, rows, via)
     index = None
@@ -120,6 +144,9 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         index = ReuseIndex(list(options.reuse), embedded=options.mock)
     first: dict[str, Any] | None = None
     prompt_tokens = completion_cap = to_send = reused = 0
+    pii = PiiCount() if pii_enabled(job) else None
+    if pii is not None:
+        rows = pii.counted(rows)  # the whole input, also the rows not to send
     for p in rows_to_send(rows, state.status, options.retry_failed):
         if p.error:
             continue
@@ -133,14 +160,17 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         prompt_tokens += p.prompt_tokens
         completion_cap += p.max_tokens
     cost_low = cost_high = None
+    batch_discount = Decimal(0)
     currency = ""
     if job.prices is not None:
         prices = load_prices(job.prices)
         currency = prices.currency
         price = prices.price(job.model)
         if price is not None:
-            cost_low = price.cost(prompt_tokens, 0)
-            cost_high = price.cost(prompt_tokens, completion_cap)
+            rates = price.rates()  # in force today
+            cost_low = rates.cost(prompt_tokens, 0)
+            cost_high = rates.worst_case(prompt_tokens, completion_cap)
+            batch_discount = rates.batch_discount
     pace = None
     if job.rpm:
         pace = job.rpm / 60
@@ -157,6 +187,8 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         max_completion_tokens=completion_cap,
         cost_low=cost_low,
         cost_high=cost_high,
+        batch_discount=batch_discount,
+        mode=job.mode,
         currency=currency,
         pace_rows_per_s=pace,
         concurrency=job.concurrency,
@@ -164,4 +196,5 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         failed=failed,
         reused=reused,
         retry_failed=options.retry_failed,
+        pii=pii,
     )

@@ -29,10 +29,20 @@ class Tally:
     invalid: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    no_usage: int = 0
+    """Rows answered in this run whose answers reported no usage: the token
+    counts leave them out, so they are partial."""
+    cached_tokens: int = 0
+    """Of the prompt tokens, those the server read from its cache."""
+    reasoning_tokens: int = 0
+    """Of the completion tokens, those spent on hidden reasoning."""
     requests: int = 0
     retries: int = 0
     cost: Decimal | None = None
+    """The sum of the ``cost`` column over the rows with a result (None: not counted)."""
     currency: str = ""
+    detail: str = ""
+    """What the progress line adds at its end (a batch's status and counts)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -72,16 +82,29 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def missing_usage(rows: int) -> str:
+    """How a count of rows answered without usage is said wherever tokens are shown."""
+    return f"usage not reported for {rows:,} row{'' if rows == 1 else 's'}"
+
+
 def status_text(t: Tally) -> str:
     """The progress line's text without the bar."""
     tokens = t.prompt_tokens + t.completion_tokens
     return (
         f"{t.done}/{t.total} rows  ok {t.ok}  failed {t.failed}  "
         + (f"invalid {t.invalid}  " if t.invalid else "")
-        + f"tokens {_count(tokens)}  "
+        + f"tokens {_tokens(tokens, t.no_usage)}  "
         + (f"spent {t.cost:.2f} {t.currency}  " if t.cost is not None else "")
         + f"{t.rows_per_s:,.0f} rows/s  ETA {duration(t.eta_s)}"
+        + (f"  {t.detail}" if t.detail else "")
     )
+
+
+def _tokens(tokens: int, no_usage: int) -> str:
+    """The token count, partial (``+``) or unknown (``-``) when rows reported no usage."""
+    if not no_usage:
+        return _count(tokens)
+    return f"{_count(tokens) + '+' if tokens else '-'} ({missing_usage(no_usage)})"
 
 
 class Progress:
@@ -117,7 +140,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(t.done - self._bar.n)
             self._bar.set_postfix_str(
-                f"ok {t.ok} failed {t.failed} tokens {_count(t.prompt_tokens + t.completion_tokens)}"
+                f"ok {t.ok} failed {t.failed} tokens {_tokens(t.prompt_tokens + t.completion_tokens, t.no_usage)}"
             )
         elif self.mode == "terminal":
             width = 24
@@ -153,6 +176,9 @@ def progress_fields(t: Tally) -> dict[str, object]:
         "rows_invalid": t.invalid,
         "prompt_tokens": t.prompt_tokens,
         "completion_tokens": t.completion_tokens,
+        "rows_no_usage": t.no_usage,
+        "cached_tokens": t.cached_tokens,
+        "reasoning_tokens": t.reasoning_tokens,
         "requests": t.requests,
         "retries": t.retries,
         "rows_per_s": round(t.rows_per_s, 1),

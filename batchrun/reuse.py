@@ -28,10 +28,12 @@ from batchrun.errors import InputError
 from batchrun.journal import hash_key
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
+    PII_FIELDS,
     RESULT_FIELDS,
     journal_value,
     output_files,
 )
+from batchrun.prices import ONLINE
 
 log = logging.getLogger("batchrun")
 
@@ -101,7 +103,7 @@ class ReuseIndex:
 
     def records(self, matches: Sequence[Match], model: str) -> Iterator[dict[str, Any]]:
         """Journal records for ``matches``, read from the earlier files."""
-        names = [f.name for f in RESULT_FIELDS]
+        names = [f.name for f in (*RESULT_FIELDS, *PII_FIELDS)]
         by_file: dict[int, list[Match]] = {}
         for m in matches:
             by_file.setdefault(m.position >> _ROW_BITS, []).append(m)
@@ -126,6 +128,7 @@ class ReuseIndex:
                     for m, earlier in zip(picked, taken.to_pylist(), strict=True):
                         rec = {k: journal_value(v) for k, v in earlier.items()}
                         rec.update(row=m.row, id=m.id, model=model, attempts=0)
+                        rec["tier"] = rec.get("tier") or ONLINE  # an output from before tiers
                         yield rec
                 start = end
 

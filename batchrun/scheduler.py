@@ -2,7 +2,8 @@
 
 A producer turns input rows into request bodies and puts them on a bounded
 queue; a fixed pool of ``concurrency`` workers takes them off, sends them and
-journals each result the moment it is known. Memory stays flat whatever the
+journals each result the moment it is known (a row waiting to retry lends its
+worker's place meanwhile: ``workers.Workers``). Memory stays flat whatever the
 input's size. A row that fails becomes a result (``status = "error"``), never
 a crash; only a job-level stop (bad key, signal, …) ends the run early.
 """
@@ -10,6 +11,7 @@ a crash; only a job-level stop (bad key, signal, …) ends the run early.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -23,6 +25,7 @@ from batchrun.errors import (
     ApiDown,
     BatchrunError,
     BudgetReached,
+    EmptyAnswer,
     JobStopped,
     KeyRejected,
     RateLimited,
@@ -30,13 +33,16 @@ from batchrun.errors import (
     RequestTimeout,
 )
 from batchrun.failures import AUTH_STATUSES, FailureWatch
-from batchrun.limits import CostBudget, Limits
+from batchrun.limits import SPENT_STREAK, CostBudget, Limits
 from batchrun.outputs import Record
-from batchrun.payload import Completion, Prepared
+from batchrun.payload import Completion, Prepared, unwanted
+from batchrun.prices import ONLINE
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
 from batchrun.schema_via import Attempt, SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
+from batchrun.workers import Workers
 
 log = logging.getLogger("batchrun")
 
@@ -64,15 +70,18 @@ def _now_us() -> int:
 
 class _RowTotals:
     """What one row's requests add up to: tokens summed over every request it
-    made (re-asks were paid too), the seconds its requests spent at the API,
-    and the seconds it waited for the job's own limits and budget."""
+    made (re-asks were paid too; a count stays None while no answer gave it),
+    the seconds its requests spent at the API, and the seconds it waited for
+    the job's own limits and budget."""
 
-    __slots__ = ("api_s", "completion", "prompt", "queued_s", "total")
+    __slots__ = ("api_s", "cached", "completion", "prompt", "queued_s", "reasoning", "total")
 
     def __init__(self) -> None:
         self.prompt: int | None = None
         self.completion: int | None = None
         self.total: int | None = None
+        self.cached: int | None = None
+        self.reasoning: int | None = None
         self.api_s = 0.0
         self.queued_s = 0.0
 
@@ -83,11 +92,17 @@ class _RowTotals:
             self.completion = (self.completion or 0) + c.completion_tokens
         if c.total_tokens is not None:
             self.total = (self.total or 0) + c.total_tokens
+        if c.cached_tokens is not None:
+            self.cached = (self.cached or 0) + c.cached_tokens
+        if c.reasoning_tokens is not None:
+            self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
 
     def put(self, rec: Record) -> Record:
         rec["prompt_tokens"] = self.prompt
         rec["completion_tokens"] = self.completion
         rec["total_tokens"] = self.total
+        rec["cached_tokens"] = self.cached
+        rec["reasoning_tokens"] = self.reasoning
         return rec
 
 
@@ -107,13 +122,24 @@ class Scheduler:
         currency: str = "",
         grace_s: float = 10.0,
         via: SchemaVia | None = None,
+        stream_options: StreamOptions | None = None,
+        lends: bool = True,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
+        # Whether streamed requests carry stream_options; dropped when the server refuses it.
+        self.stream_options = stream_options if stream_options and stream_options.asked else None
         self.client = client
         self.results = results
         self.tally = tally
-        self.policy = policy
+        # A row's wait before a retry lends its worker's place to a stand-in,
+        # except while schema_via's search keeps that row's turn, or when the
+        # caller says no (``lends``: a Ray sender, whose rows keep a place until
+        # their result is journaled).
+        self.workers = Workers(
+            job.workers, self._work, policy.sleep, lambda: lends and (via is None or via.settled)
+        )
+        self.policy = dataclasses.replace(policy, sleep=self.workers.rest)
         # Set when the job stops: a row waiting to retry is then abandoned, not sent.
         self._stopped = asyncio.Event()
         self.limits = limits
@@ -124,7 +150,6 @@ class Scheduler:
         self.grace_s = grace_s
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
         self._stop: JobStopped | None = None
-        self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         # Failed rows before the first answer are held back, not journaled: a job
         # stopped for a bad key, or because every request fails the same way
@@ -152,7 +177,7 @@ class Scheduler:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(rows))
-                self._workers = [tg.create_task(self._work()) for _ in range(self.job.workers)]
+                self.workers.start(tg)
         except BaseExceptionGroup as group:
             raise _first_batchrun_error(group) from None
         if self._stop is not None:
@@ -171,11 +196,10 @@ class Scheduler:
         self._stopped.set()
         if self._producer is not None:
             self._producer.cancel()
-        # Wake the idle workers: the queue is emptied, so the wake-ups always fit.
+        # Wake the idle workers: the queue is emptied, so the wake-up fits.
         while not self.queue.empty():
             self.queue.get_nowait()
-        for _ in self._workers:
-            self.queue.put_nowait(None)
+        self.queue.put_nowait(None)
         asyncio.get_running_loop().call_later(grace_s, self._cancel_all)
 
     def stop_now(self, error: JobStopped) -> None:
@@ -187,8 +211,7 @@ class Scheduler:
     def _cancel_all(self) -> None:
         if self._producer is not None:
             self._producer.cancel()
-        for task in self._workers:
-            task.cancel()
+        self.workers.cancel()
 
     async def _produce(self, rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> None:
         async for p in _each(rows):
@@ -198,13 +221,20 @@ class Scheduler:
                 self._record(self._error_record(p, p.error, None, 0, _now_us()))
                 continue
             await self.queue.put(p)
-        for _ in range(self.job.workers):
-            await self.queue.put(None)
+        await self.queue.put(None)
 
     async def _work(self) -> None:
+        workers, queue = self.workers, self.queue
         while self._stop is None:
-            p = await self.queue.get()
-            if p is None or self._stop is not None:
+            if workers.waiting:  # a row back from its retry wait takes this place
+                workers.leave()
+                return
+            p = await queue.get()
+            if p is None:
+                queue.put_nowait(None)  # the end of the rows, for every other worker too
+                workers.leave()
+                return
+            if self._stop is not None:
                 return
             await self._send(p)
 
@@ -235,9 +265,11 @@ class Scheduler:
         requests = 0
         usage = _RowTotals()
         invalid: tuple[Completion, str] | None = None
+        ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
             try:
-                completion, attempts = await self._ask(p, usage)
+                options = self.stream_options
+                completion, attempts = await (options.ask(p, ask) if options else ask())
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -258,11 +290,19 @@ class Scheduler:
             usage.add(completion)
             if completion.usage_problem is not None:
                 log.warning(
-                    "row %s: %s; its usage is recorded as not reported",
+                    "row %s: %s; recorded as not reported",
                     p.id,
                     completion.usage_problem,
                     extra={"event": "usage_dropped", "row_id": p.id},
                 )
+            problem = unwanted(completion, p.body)
+            if problem is not None:  # a refusal, unasked tool calls: paid, not re-asked
+                self._record(
+                    self._answer_record(
+                        p, completion, usage, requests, started, status="invalid", error=problem
+                    )
+                )
+                return
             if structured is None:
                 self._record(self._answer_record(p, completion, usage, requests, started))
                 return
@@ -326,27 +366,35 @@ class Scheduler:
         try:
             answer = await self.client.complete(p.body)
         except RequestError as exc:
-            row.api_s += time.perf_counter() - t
+            api_s = time.perf_counter() - t
+            row.api_s += api_s
             if exc.status not in AUTH_STATUSES:
                 self._key_settled = True
-            if isinstance(exc, RequestTimeout):
+            if isinstance(exc, RateLimited):
+                # When it left, on the limits' clock: which pause episode it belongs to.
+                exc.sent_at = limits.pause.clock() - api_s
+            elif isinstance(exc, RequestTimeout):
                 limits.concurrency.on_overload()
+            paid = exc.answer if isinstance(exc, EmptyAnswer) else None
+            if paid is not None:
+                row.add(paid)  # an answer that said nothing was paid all the same
             if spend is not None and reservation is not None:
-                # No answer read: the API may still have generated it, so the worst case stays charged.
-                if exc.status is None:
-                    spend.settle(reservation, None, None)
+                if paid is not None:
+                    spend.settle(reservation, paid)
+                elif exc.status is None:
+                    # No answer read: the API may still have generated it, so the worst case stays charged.
+                    spend.settle(reservation, None)
                 else:
                     spend.release(reservation)
-                self.tally.cost = spend.spent
             raise
         api_s = time.perf_counter() - t
         row.api_s += api_s
         self._key_settled = True
+        limits.pause.streak = 0  # an answer: the 429s before it were not a spent budget
         if adaptive:
             limits.concurrency.on_success(api_s)
         if spend is not None and reservation is not None:
-            spend.settle(reservation, answer.prompt_tokens, answer.completion_tokens)
-            self.tally.cost = spend.spent
+            spend.settle(reservation, answer)
         return answer
 
     def _over_budget(self, spend: CostBudget) -> None:
@@ -390,12 +438,19 @@ class Scheduler:
             "request_hash": p.request_hash,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
         self._timed(usage.put(rec), usage)
+        if completion.refusal is not None:
+            rec["refusal"] = completion.refusal
+        if completion.tool_calls is not None:
+            rec["tool_calls"] = completion.tool_calls
         if self.job.stream:
             rec["ttft_ms"] = completion.ttft_ms
         if values is not None:
             rec["values"] = values
+        if p.pii is not None:
+            p.pii.restore(rec)  # before the journal: a resumed row is already restored
         return rec
 
     def _error_record(
@@ -406,7 +461,7 @@ class Scheduler:
         attempts: int,
         started: int,
     ) -> Record:
-        return {
+        rec: Record = {
             "row": p.row,
             "id": p.id,
             "status": "error",
@@ -419,7 +474,11 @@ class Scheduler:
             "request_hash": p.request_hash or None,
             "started_at": started,
             "finished_at": _now_us(),
+            "tier": ONLINE,
         }
+        if p.pii is not None:
+            rec["pii_found"] = p.pii.found  # the error keeps the placeholders
+        return rec
 
     @staticmethod
     def _timed(rec: Record, row: _RowTotals) -> Record:
@@ -448,10 +507,11 @@ class Scheduler:
         )
 
     def _attempt_failed(self, exc: RequestError, wait_s: float) -> None:
-        """Every failed attempt: a 429 pauses the whole job (for its Retry-After,
-        else ``wait_s``), and the circuit breaker looks at the API. A server
-        that asks to wait longer than batchrun ever waits stops the job (the
-        row is abandoned, for the resume)."""
+        """Every failed attempt: a 429 that shows the API's budget is spent
+        pauses the whole job, once per episode, for the wait it asked for (else
+        ``wait_s``); a lone 429 leaves the others alone (``limits.Pause``). The
+        circuit breaker looks at the API. A server that asks to wait longer than
+        batchrun ever waits stops the job (the row is abandoned, for the resume)."""
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None and retry_after > self._longest_wait_s:
             if self._stop is None:
@@ -466,8 +526,21 @@ class Scheduler:
                     self.grace_s,
                 )
             raise Abandoned("the API asked for a longer wait than batchrun takes")
-        if isinstance(exc, RateLimited):
-            self.limits.rate_limited(exc.retry_after, wait_s)
+        if isinstance(exc, RateLimited) and self.limits.rate_limited(
+            exc.retry_after, wait_s, exc.exhausted, exc.sent_at
+        ):
+            pause_s = self.limits.pause.remaining()
+            why = (
+                "an HTTP 429 says x-ratelimit-remaining is 0"
+                if exc.exhausted
+                else f"{SPENT_STREAK} HTTP 429s in a row"
+            )
+            log.info(
+                "The API's rate limit is spent (%s): every request waits %.2fs",
+                why,
+                pause_s,
+                extra={"event": "rate_limit_pause", "wait_s": round(pause_s, 3), "cause": str(exc)},
+            )
         self._check_api_down(exc)
 
     def _systematic(self, stop: JobStopped | None) -> bool:

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
 
 from batchrun.config import SCHEMA_DIALECTS, Job
 from batchrun.errors import RequestError, SchemaRejected
-from batchrun.files import write_atomic
+from batchrun.kept import read_kept, save_kept, state_file
 from batchrun.payload import (
     AFTER_SCHEMA,
     Completion,
@@ -38,14 +37,15 @@ from batchrun.payload import (
     encode_body,
     estimate_prompt_tokens,
     prompt_token_bound,
-    request_hash,
 )
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
 
-STATE_FILE = "schema_via.json"
-"""Beside the journal: the way ``auto`` settled on (or is trying), kept for the resume."""
+KEPT = "schema_via"
+STATE_FILE = state_file(KEPT)
+"""Beside the journal: the way ``auto`` settled on (or is trying), kept for the
+resume (see :mod:`batchrun.kept`)."""
 
 CONSTRAINING = frozenset({"json_schema", "json_object_schema", "vllm"})
 """Dialects that ask the server to hold its answer to the schema."""
@@ -121,12 +121,7 @@ class SchemaVia:
         ``--reuse`` ones) whose metadata recorded one."""
         if job.schema_via != "auto":
             return cls(structured, job.schema_via)
-        kept = _read_state(folder / STATE_FILE)
-        for path in earlier if kept is None else ():
-            kept = _recorded_state(path)
-            if kept is not None:
-                break
-        via = cls(structured, job.schema_via, kept, folder)
+        via = cls(structured, job.schema_via, read_kept(KEPT, folder, earlier), folder)
         if via.auto:
             via._save()
         return via
@@ -146,7 +141,7 @@ class SchemaVia:
         if dialect is None or p.schema_via in (dialect, None) or not p.body:
             return
         p.body = self._body(p, dialect)
-        p.request_hash = request_hash(p.body)
+        p.request_hash = p.rehash(p.body)
         p.schema_via = dialect
         if p.prompt_bound:
             messages = orjson.loads(p.body)["messages"]
@@ -166,7 +161,7 @@ class SchemaVia:
         (rows finished before ``auto`` moved on were sent one of those ways)."""
         for dialect in self.tried:
             if dialect != p.schema_via and p.body and p.schema_via is not None:
-                yield request_hash(self._body(p, dialect))
+                yield p.rehash(self._body(p, dialect))
 
     # ---- sending -------------------------------------------------------------
 
@@ -284,8 +279,8 @@ class SchemaVia:
         }
 
     def _save(self) -> None:
-        if self.auto and self.folder is not None and self.folder.is_dir():
-            write_atomic(self.folder / STATE_FILE, orjson.dumps(self.state()))
+        if self.auto:
+            save_kept(KEPT, self.folder, self.state())
 
 
 def _well_formed(kept: Mapping[str, Any]) -> bool:
@@ -296,35 +291,6 @@ def _well_formed(kept: Mapping[str, Any]) -> bool:
         and tried == list(SCHEMA_DIALECTS[: len(tried)])
         and kept.get("schema_via") == tried[-1]
     )
-
-
-def _read_state(path: Path) -> dict[str, Any] | None:
-    try:
-        kept = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError):
-        return None
-    return kept if isinstance(kept, dict) else None
-
-
-def _recorded_state(output: Path) -> dict[str, Any] | None:
-    """The way an earlier output recorded in its metadata (files or folders of them)."""
-    import pyarrow.parquet as pq
-
-    from batchrun.outputs import output_files
-
-    try:
-        files = output_files([output])
-    except Exception:  # not there (yet): the ReuseIndex words that error
-        return None
-    for file in files:
-        try:
-            meta = pq.read_schema(file).metadata or {}
-            kept = orjson.loads(meta[b"batchrun"]).get("schema_via")
-        except (OSError, KeyError, pa.ArrowInvalid, orjson.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(kept, dict):
-            return kept
-    return None
 
 
 def _ignores(way: str | None, text: str | None) -> bool:

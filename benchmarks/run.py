@@ -18,15 +18,28 @@ never share a core. Results are printed as a table and written to
 5. The cost of ``--rpm``/``--tpm`` pacing that never has to wait, in alternating pairs.
 6. Structured outputs: what parsing and validating an answer costs, and the
    triage schema against plain text end to end.
-7. The Ray engine (``--engine ray``, when ``ray`` imports) against the local
-   engine, in alternating pairs: rows/s and the CPU per row of the whole process
-   tree (driver, Ray's own processes, the senders), start-up included and beyond it.
+7. Personal data (``pii``): the tickets with a contact block each (e-mail, a
+   phone number in one of several formats, and in some a card number, an IBAN,
+   an IP address; every value distinct), the same job with and without
+   ``--pii email,phone,card,iban,ip`` end to end in alternating pairs, and the
+   scanning alone in µs per KB of prompt (needs ``batchrun[pii]``).
+8. Sporadic 429s and 503s (5% of answers, Retry-After 1 s, no budget spent):
+   rows/s against the fault-free run on the same rows, in alternating pairs.
+9. A rate limit the server enforces (``--rpm-limit``): the share of the limit
+   batchrun gets and the 429s it takes per row.
+10. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
+   endpoint's queue vs online vs the batch alone: cost at a 50% batch discount,
+   and how long before the deadline it finished.
+11. The Ray engine (``--engine ray``, when ``ray`` imports) against the local
+    engine, in alternating pairs: rows/s and the CPU per row of the whole process
+    tree (driver, Ray's own processes, the senders), start-up included and beyond it.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
-``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, memory, latency, help, ray), ``BENCH_KEEP=1`` (keep the temp dir).
+``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
+sporadic, ratelimit, batchapi, ray), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -56,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import batch_api  # noqa: E402
 from make_tickets import write_files  # noqa: E402
 
 PY = sys.executable
@@ -67,7 +82,20 @@ PAIRS = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
 FULL = os.environ.get("BENCH_FULL", "1") not in ("", "0")
 KEEP = os.environ.get("BENCH_KEEP", "") not in ("", "0")
 RESULTS = Path(os.environ.get("BENCH_RESULTS", str(HERE / "results.md")))
-SECTIONS = ("throughput", "sdk", "pacing", "structured", "memory", "latency", "help", "ray")
+SECTIONS = (
+    "throughput",
+    "sdk",
+    "pacing",
+    "structured",
+    "pii",
+    "memory",
+    "latency",
+    "help",
+    "sporadic",
+    "ratelimit",
+    "batchapi",
+    "ray",
+)
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
 )
@@ -93,8 +121,22 @@ TARGET_RSS_MB = 300.0
 TARGET_HELP_S = 0.3
 TARGET_PACING_OVERHEAD = 0.05
 TARGET_STRUCTURED_OVERHEAD = 0.10
+TARGET_PII_RATIO = 0.4
+TARGET_PII_US_PER_KB = 100.0
+PII_KINDS = "email,phone,card,iban,ip"
 TRIAGE_SCHEMA = HERE.parent / "jobs" / "triage_schema.json"
 STRUCTURED_LATENCY_ROWS = 5000
+SPORADIC_ROWS = min(5000, ROWS)
+SPORADIC_CONCURRENCY = 64
+SPORADIC_FLAGS = ("--fault-rate", "0.05", "--faults", "429,503", "--retry-after-s", "1")
+TARGET_SPORADIC_EXTRA_S = 3.0
+LIMIT_RPM = 30_000
+LIMIT_ROWS = min(5000, ROWS)
+LIMIT_CONCURRENCY = (16, 64)
+LIMIT_RUNS = 2
+TARGET_LIMIT_CONCURRENCY = 16  # the job's default; more workers take more 429s a row
+TARGET_LIMIT_SHARE = 0.95
+TARGET_LIMIT_429S = 0.05
 RAY_CONCURRENCY = 64
 RAY_SMALL_ROWS = 500
 """A run this small is nearly all start-up: the CPU beyond it is what the rows cost."""
@@ -365,19 +407,23 @@ def _reap_orphans(keep: set[int], timeout_s: float = 30.0) -> None:
 class MockServer:
     """``batchrun mock-server`` in its own process on 127.0.0.1, pinned to the server core."""
 
-    def __init__(self, workdir: Path, latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, workdir: Path, latency_ms: float = 0.0, flags: Sequence[str] = (), name: str = ""
+    ) -> None:
         self.workdir = workdir
         self.latency_ms = latency_ms
+        self.flags = tuple(flags)
+        self.name = name or f"{latency_ms:g}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.root = ""
 
     def __enter__(self) -> MockServer:
-        ready = self.workdir / f"mock-ready-{self.latency_ms:g}"
+        ready = self.workdir / f"mock-ready-{self.name}"
         ready.unlink(missing_ok=True)
-        self.log = (self.workdir / f"mock-{self.latency_ms:g}.log").open("wb")
+        self.log = (self.workdir / f"mock-{self.name}.log").open("wb")
         cmd = [PY, "-m", "batchrun", "mock-server", "--host", "127.0.0.1", "--port", "0"]
-        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}"]
+        cmd += ["--ready-file", str(ready), "--latency-ms", f"{self.latency_ms:g}", *self.flags]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -392,7 +438,7 @@ class MockServer:
                 if self.proc.poll() is not None:
                     raise BenchError(
                         f"mock server exited with {self.proc.returncode}: "
-                        + (self.workdir / f"mock-{self.latency_ms:g}.log").read_text()[-2000:]
+                        + (self.workdir / f"mock-{self.name}.log").read_text()[-2000:]
                     )
                 if time.monotonic() > deadline:
                     raise BenchError("mock server not ready within 30s")
@@ -405,7 +451,10 @@ class MockServer:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        say(f"mock server ({self.latency_ms:g} ms latency) on {self.base_url}, pid {self.proc.pid}")
+        say(
+            f"mock server ({self.latency_ms:g} ms latency{' '.join(('', *self.flags))}) "
+            f"on {self.base_url}, pid {self.proc.pid}"
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -530,8 +579,13 @@ def _finish(
             f"{kind} exited {proc.rc}: {' '.join(cmd[:4])} ...\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}"
         )
     send_s = _check_output(output, rows)
-    received = server.stats().get("requests")
-    if received != rows:
+    stats = server.stats()
+    received = stats.get("requests")
+    if server.flags:  # faults or a limit: retried rows make more requests than rows
+        extra["outcomes"] = stats.get("by_outcome", {})
+        if stats["by_outcome"].get("ok") != rows:
+            raise BenchError(f"{kind}: the server answered {stats['by_outcome']} for {rows} rows")
+    elif received != rows:
         raise BenchError(f"{kind}: the server received {received} requests for {rows} rows")
     if not extra.pop("keep_output", False):
         output.unlink(missing_ok=True)
@@ -810,6 +864,117 @@ def bench_structured(server: MockServer, workdir: Path, tickets: Path) -> dict[s
     return {"pairs": pairs, "parse_us": parse_us, "paced": paced}
 
 
+_PHONE_FORMATS = (
+    "+1 ({a}) 555-{n:04d}",
+    "({a}) 555-{n:04d}",
+    "{a}.555.{n:04d}",
+    "{a}-555-{n:04d}",
+    "+1 {a} 555 {n:04d}",
+    "{a}555{n:04d}",
+)
+_AREAS = (212, 303, 312, 415, 617, 206, 512, 702)
+
+
+def _luhn_complete(digits: str) -> str:
+    """``digits`` with the check digit that makes it pass the Luhn check."""
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        v = int(d) * (2 if i % 2 == 0 else 1)
+        total += v - 9 if v > 9 else v
+    return digits + str((10 - total % 10) % 10)
+
+
+def _iban(bban: str, country: str = "DE") -> str:
+    """A German IBAN with the right check digits (ISO 13616 mod 97)."""
+    moved = bban + "".join(str(ord(c) - 55) for c in country) + "00"
+    check = 98 - int(moved) % 97
+    raw = f"{country}{check:02d}{bban}"
+    return " ".join(raw[i : i + 4] for i in range(0, len(raw), 4))
+
+
+def pii_input(src: Path, dst: Path) -> Path:
+    """The tickets with a contact block each, every value distinct: an e-mail
+    address and a phone number (one of several formats) in every ticket, a card
+    number in every third, an IBAN in every fourth, an IP address in every fifth."""
+    import orjson
+
+    with src.open("rb") as fin, dst.open("wb") as out:
+        for i, line in enumerate(fin):
+            row = orjson.loads(line)
+            name = str(row["customer"]).split()[0].lower()
+            phone = _PHONE_FORMATS[i % len(_PHONE_FORMATS)].format(
+                a=_AREAS[i % len(_AREAS)], n=i % 10000
+            )
+            extra = [f"{name}.{i}@example.com", phone]
+            if i % 3 == 0:
+                card = _luhn_complete(f"4{i:014d}")
+                extra.append("card " + " ".join(card[j : j + 4] for j in range(0, 16, 4)))
+            if i % 4 == 0:
+                extra.append("IBAN " + _iban(f"37040044{i:010d}"))
+            if i % 5 == 0:
+                extra.append(f"seen from 198.51.{i // 256 % 256}.{i % 256}")
+            row["ticket"] = f"{row['ticket']}\n\n{row['customer']}\n" + "\n".join(extra)
+            out.write(orjson.dumps(row) + b"\n")
+    return dst
+
+
+def bench_pii(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Any] | str:
+    """The same job on the same tickets (with personal data) with and without
+    pii, end to end; then the scanning alone, timed over every rendered prompt."""
+    check = subprocess.run(
+        [PY, "-c", "import phonenumbers, stdnum"], capture_output=True, text=True, timeout=60
+    )
+    if check.returncode != 0:
+        return (
+            "skipped: phonenumbers or python-stdnum is not importable (pip install 'batchrun[pii]')"
+        )
+    path = pii_input(tickets, workdir / "tickets-pii.jsonl")
+    args = ("--pii", PII_KINDS)
+    pairs = alternate(
+        PAIRS,
+        lambda: run_batchrun(server, workdir, path, ROWS, 64),
+        lambda: run_batchrun(server, workdir, path, ROWS, 64, args, kind="batchrun+pii"),
+        "pii c=64",
+    )
+    run_batchrun(server, workdir, path, ROWS, 64, args, "batchrun+pii", keep_output=True)
+    import orjson
+    import pyarrow.parquet as pq
+
+    from batchrun.pii import Scanner
+
+    found = pq.read_table(workdir / "batchrun-out.parquet", columns=["pii_found"]).column(0)
+    with path.open("rb") as fh:
+        prompts = [TEMPLATE.format(ticket=orjson.loads(line)["ticket"]) for line in fh]
+    size_kb = sum(len(p.encode()) for p in prompts) / 1024
+    scanner = Scanner(PII_KINDS.split(","), {}, "US")  # fresh: nothing cached
+    started = time.perf_counter()
+    for prompt in prompts:
+        scanner.pseudonymize([{"role": "user", "content": prompt}])
+    scan_s = time.perf_counter() - started
+    us_per_kb = scan_s * 1e6 / size_kb
+    # The target's unit: a 1 KB ticket. Each prompt with the same values, brought
+    # to 1 KB by plain text before it, through another fresh scanner.
+    filler = "Please read the customer's message below and keep to its facts. " * 20
+    tickets_1kb = [filler[: max(0, 1024 - len(p.encode()))] + p for p in prompts]
+    scanner = Scanner(PII_KINDS.split(","), {}, "US")
+    started = time.perf_counter()
+    for ticket in tickets_1kb:
+        scanner.pseudonymize([{"role": "user", "content": ticket}])
+    us_per_ticket_1kb = (time.perf_counter() - started) * 1e6 / len(tickets_1kb)
+    say(
+        f"pii: scanning {us_per_kb:.1f} µs per KB ({scan_s * 1e6 / len(prompts):.1f} µs per prompt "
+        f"of {size_kb * 1024 / len(prompts):,.0f} bytes), {sum(found.to_pylist()):,} values replaced"
+    )
+    return {
+        "pairs": pairs,
+        "us_per_kb": us_per_kb,
+        "us_per_ticket_1kb": us_per_ticket_1kb,
+        "us_per_prompt": scan_s * 1e6 / len(prompts),
+        "prompt_bytes": size_kb * 1024 / len(prompts),
+        "values": sum(found.to_pylist()),
+    }
+
+
 def bench_ray(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Any] | str:
     """The Ray engine against the local engine, in alternating pairs, on the
     throughput input at concurrency 64; and one small run of each, whose CPU is
@@ -881,6 +1046,77 @@ def bench_latency(server: MockServer, workdir: Path, tickets: Path) -> dict[str,
     runs["minimal"].append(r)
     say(f"latency {LATENCY_MS} ms reference: minimal {r.rows_per_s:,.0f} rows/s end to end")
     return runs
+
+
+def bench_sporadic(server: MockServer, workdir: Path, tickets: Path) -> Pairs:
+    """The same rows against the fault-free endpoint and one that answers 5% of
+    requests with a 429 (Retry-After: 1, no budget spent) or a 503."""
+    rows = SPORADIC_ROWS
+    small = head_lines(tickets, workdir / f"tickets-sporadic-{rows}.jsonl", rows)
+    warm = head_lines(tickets, workdir / "warmup.jsonl", 2000)
+    run_batchrun(server, workdir, warm, 2000, SPORADIC_CONCURRENCY)  # discarded
+    with MockServer(workdir, flags=SPORADIC_FLAGS, name="sporadic") as faulty:
+        return alternate(
+            PAIRS,
+            lambda: run_batchrun(server, workdir, small, rows, SPORADIC_CONCURRENCY),
+            lambda: run_batchrun(
+                faulty, workdir, small, rows, SPORADIC_CONCURRENCY, kind="batchrun, 5% 429/503"
+            ),
+            f"sporadic 429/503 c={SPORADIC_CONCURRENCY}",
+        )
+
+
+def bench_ratelimit(server: MockServer, workdir: Path, tickets: Path) -> dict[int, list[Run]]:
+    """batchrun (no rpm of its own) against an endpoint that enforces LIMIT_RPM."""
+    rows = LIMIT_ROWS
+    small = head_lines(tickets, workdir / f"tickets-limit-{rows}.jsonl", rows)
+    out: dict[int, list[Run]] = {}
+    flags = ("--rpm-limit", str(LIMIT_RPM))
+    with MockServer(workdir, flags=flags, name="limit") as limited:
+        for c in LIMIT_CONCURRENCY:
+            out[c] = []
+            for i in range(LIMIT_RUNS):
+                r = run_batchrun(
+                    limited, workdir, small, rows, c, kind="batchrun vs rpm limit", keep_output=True
+                )
+                output = workdir / "batchrun-out.parquet"
+                r.extra["steady_share"] = _steady_share(output)
+                output.unlink()
+                out[c].append(r)
+                say(
+                    f"rpm limit {LIMIT_RPM:,} c={c} run {i + 1}/{LIMIT_RUNS}: "
+                    f"{_limit_share(r):.1%} of the limit ({r.extra['steady_share']:.1%} steady), "
+                    f"{_refused_per_row(r):.3f} 429s a row"
+                )
+    return out
+
+
+def _limit_share(r: Run) -> float:
+    """Rows / what the limit admits while sending: the refill over the sending
+    span plus the one second's worth the bucket holds at the start."""
+    rate = LIMIT_RPM / 60
+    return r.rows / (rate * r.send_s + rate)
+
+
+def _steady_share(path: Path) -> float:
+    """The share of the limit between the first and the last pause (a gap of
+    over half a second between rows finishing; the pauses last about 1 s): rows
+    finished from the end of the first pause to the end of the last / the
+    refill meanwhile. Leaves out the start (a full bucket) and the end (the
+    last refill, waited for whole though the last rows need only part of it)."""
+    import pyarrow.parquet as pq
+
+    times = sorted(pq.read_table(path, columns=["finished_at"]).column(0).to_pylist())
+    gaps = [b for a, b in itertools.pairwise(times) if (b - a).total_seconds() > 0.5]
+    if len(gaps) < 2:
+        return float("nan")
+    first, last = gaps[0], gaps[-1]
+    inside = sum(1 for t in times if first <= t < last)
+    return inside / (LIMIT_RPM / 60 * (last - first).total_seconds())
+
+
+def _refused_per_row(r: Run) -> float:
+    return float(r.extra.get("outcomes", {}).get("rpm-limit", 0)) / r.rows
 
 
 def bench_help(workdir: Path) -> dict[str, Any]:
@@ -1269,6 +1505,20 @@ def _render_pacing(
     )
 
 
+def _pairs_table(pairs: Pairs) -> list[str]:
+    """Both programs of alternating pairs, one line each, as a markdown table."""
+    lines = [
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        lines.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    return lines
+
+
 def _render_structured(
     report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
 ) -> None:
@@ -1283,14 +1533,8 @@ def _render_structured(
     md += [
         f"## 6. Structured outputs (`--response-schema jobs/triage_schema.json`) vs plain text (concurrency 64, {ROWS:,} rows)",
         "",
-        "| program | end-to-end rows/s (median, range) | in-run rows/s | client CPU µs/row | server busy | other load |",
-        "|---|---|---|---|---|---|",
     ]
-    for runs in (pairs.a, pairs.b):
-        md.append(
-            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
-            f"{_cell(runs, 'cpu_us_per_row')} | {_cell(runs, 'server_busy', '{:.0%}')} | {_cell(runs, 'other_load', '{:.2f}')} |"
-        )
+    md += _pairs_table(pairs)
     cpu_over = _median(cpu) - 1
     verdict = _met(cost < TARGET_STRUCTURED_OVERHEAD)
     md += [
@@ -1323,13 +1567,158 @@ def _render_structured(
     )
 
 
+def _render_pii(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 7. personal data
+    pii = report["pii"]
+    md += [
+        f"## 7. Personal data (`--pii {PII_KINDS}`) vs the same job without (concurrency 64, {ROWS:,} rows)",
+        "",
+    ]
+    if isinstance(pii, str):
+        md += [pii, ""]
+        summary.append(("pii c=64", pii, "—", "—"))
+        return
+    pairs: Pairs = pii["pairs"]
+    ratios, cpu = pairs.ratios(), pairs.cpu_ratios()
+    md += [
+        "Input: the benchmark tickets, each with a contact block of distinct values (an e-mail address and",
+        "a phone number in every ticket, a card number in every third, an IBAN in every fourth, an IP",
+        f"address in every fifth): {pii['values']:,} values replaced in all, prompts of "
+        f"{pii['prompt_bytes']:,.0f} bytes on average.",
+        "",
+    ]
+    md += _pairs_table(pairs)
+    met_ratio = _median(ratios) >= TARGET_PII_RATIO
+    met_scan = pii["us_per_ticket_1kb"] <= TARGET_PII_US_PER_KB
+    md += [
+        "",
+        f"rows/s with pii / without: **{_median(ratios):.2f}x** ({_range(ratios)}); client CPU per row "
+        f"{_median(cpu):.2f}x ({_range(cpu)}). Scanning alone (finding, checking, replacing; timed over every",
+        f"prompt with a fresh scanner, one core): **{pii['us_per_ticket_1kb']:.1f} µs per 1 KB ticket** "
+        f"(the prompts' values, brought to 1 KB by plain text); {pii['us_per_kb']:.1f} µs per KB, "
+        f"{pii['us_per_prompt']:.1f} µs per prompt of the dense prompts themselves. Targets: ≥ "
+        f"{TARGET_PII_RATIO}x and ≤ {TARGET_PII_US_PER_KB:.0f} µs per 1 KB ticket: "
+        f"{_met(met_ratio and met_scan)}.",
+        "",
+    ]
+    summary.append(
+        (
+            "pii c=64",
+            f"rows/s ratio {_median(ratios):.2f}x ({_range(ratios)}); scanning "
+            f"{pii['us_per_ticket_1kb']:.1f} µs per 1 KB ticket",
+            f"≥ {TARGET_PII_RATIO}x, ≤ {TARGET_PII_US_PER_KB:.0f} µs per 1 KB ticket",
+            _met(met_ratio and met_scan),
+        )
+    )
+
+
+def _render_sporadic(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 8. sporadic 429s and 503s
+    pairs: Pairs = report["sporadic"]
+    ratios = pairs.ratios()
+    extra_s = [rb.wall_s - ra.wall_s for ra, rb in zip(pairs.a, pairs.b, strict=True)]
+    refused = [r.extra["outcomes"] for r in pairs.b]
+    n429 = _median([o.get("429", 0) for o in refused])
+    n503 = _median([o.get("503", 0) for o in refused])
+    md += [
+        f"## 8. Sporadic 429s and 503s ({SPORADIC_ROWS:,} rows, concurrency {SPORADIC_CONCURRENCY})",
+        "",
+        "The endpoint answers 5% of requests (retries included) with a 429 (`Retry-After: 1`,",
+        "no rate-limit header: no budget is spent) or a 503, half each; the same rows against the",
+        "fault-free endpoint, in alternating pairs.",
+        "",
+        "| program | end-to-end rows/s (median, range) | wall s | sending rows/s | 429s | 503s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for runs in (pairs.a, pairs.b):
+        outcomes = [r.extra.get("outcomes", {}) for r in runs]
+        md.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'wall_s', '{:.1f}')} | "
+            f"{_cell(runs, 'send_rows_per_s')} | {_median([o.get('429', 0) for o in outcomes]):.0f} | "
+            f"{_median([o.get('503', 0) for o in outcomes]):.0f} |"
+        )
+    extra = _median(extra_s)
+    md += [
+        "",
+        f"Sporadic / fault-free rows/s: **{_median(ratios):.2f}** ({_range(ratios)}); the job takes "
+        f"**{extra:+.1f} s** ({_range(extra_s, '{:+.1f}')}) longer, the waits of the last retried rows "
+        f"(a 1 s Retry-After, twice for a row refused twice). Pausing every row for each 429 would "
+        f"add about one Retry-After per 429: {n429:.0f} s here. Target: at most "
+        f"{TARGET_SPORADIC_EXTRA_S:g} s longer: {_met(extra <= TARGET_SPORADIC_EXTRA_S)}.",
+        "",
+    ]
+    summary.append(
+        (
+            f"sporadic 429/503 c={SPORADIC_CONCURRENCY}",
+            f"{_cell(pairs.b, 'rows_per_s')} vs {_cell(pairs.a, 'rows_per_s')} rows/s fault-free = "
+            f"{_median(ratios):.2f}x; {extra:+.1f} s ({n429:.0f} 429s, {n503:.0f} 503s, "
+            f"{SPORADIC_ROWS:,} rows)",
+            f"≤ {TARGET_SPORADIC_EXTRA_S:g} s longer than fault-free",
+            _met(extra <= TARGET_SPORADIC_EXTRA_S),
+        )
+    )
+
+
+def _render_ratelimit(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 9. an enforced rate limit
+    lim: dict[int, list[Run]] = report["ratelimit"]
+    rate = LIMIT_RPM / 60
+    md += [
+        f"## 9. A rate limit the server enforces ({LIMIT_ROWS:,} rows, `--rpm-limit {LIMIT_RPM}`)",
+        "",
+        f"The endpoint admits {rate:,.0f} requests a second from a bucket of one second's worth",
+        "and answers the rest 429 with `x-ratelimit-remaining-requests: 0` and a Retry-After until",
+        "the bucket is full again; batchrun has no `rpm` of its own. *Share of the limit, whole run*:",
+        "rows / (the refill over the sending span + the full bucket at the start). *Steady*: rows",
+        "finished between the end of the first pause and the end of the last / the refill meanwhile;",
+        "it leaves out the end, where the job waits for a whole refill of which its last rows use",
+        "only part (up to a second of a 10 s run), and carries the target.",
+        "",
+        "| concurrency | runs | sending rows/s | share of the limit, whole run (median, range) | steady (median, range) | 429s a row (median, range) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, runs in lim.items():
+        shares = [_limit_share(r) for r in runs]
+        steady = [r.extra["steady_share"] for r in runs]
+        refused = [_refused_per_row(r) for r in runs]
+        md.append(
+            f"| {c} | {len(runs)} | {_cell(runs, 'send_rows_per_s')} | {_median(shares):.1%} "
+            f"({_range(shares, '{:.1%}')}) | **{_median(steady):.1%}** ({_range(steady, '{:.1%}')}) | "
+            f"**{_median(refused):.3f}** ({_range(refused, '{:.3f}')}) |"
+        )
+        judged = c == TARGET_LIMIT_CONCURRENCY
+        met = _median(steady) >= TARGET_LIMIT_SHARE and _median(refused) <= TARGET_LIMIT_429S
+        summary.append(
+            (
+                f"rpm limit {LIMIT_RPM:,} c={c}",
+                f"{_median(steady):.1%} of the limit steady ({_median(shares):.1%} over the whole "
+                f"run), {_median(refused):.3f} 429s a row",
+                f"≥ {TARGET_LIMIT_SHARE:.0%}, ≤ {TARGET_LIMIT_429S} 429s a row" if judged else "—",
+                _met(met if judged else None),
+            )
+        )
+    md += [
+        "",
+        "Each time the budget runs out, the requests in flight come back 429: about one",
+        "concurrency's worth per second of the limit, so more workers take more 429s a row;",
+        f"the target applies at the job's default concurrency ({TARGET_LIMIT_CONCURRENCY}).",
+        "",
+    ]
+
+
 def _render_ray(
     report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
 ) -> None:
-    # 7. the Ray engine
+    # 11. the Ray engine
     data = report["ray"]
     md += [
-        f"## 7. The Ray engine vs the local engine (concurrency {RAY_CONCURRENCY}, {ROWS:,} rows)",
+        f"## 11. The Ray engine vs the local engine (concurrency {RAY_CONCURRENCY}, {ROWS:,} rows)",
         "",
     ]
     if isinstance(data, str):
@@ -1437,6 +1826,10 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("help", _render_help),
         ("pacing", _render_pacing),
         ("structured", _render_structured),
+        ("pii", _render_pii),
+        ("sporadic", _render_sporadic),
+        ("ratelimit", _render_ratelimit),
+        ("batchapi", batch_api.render),
         ("ray", _render_ray),
     ):
         if name in report:
@@ -1514,8 +1907,11 @@ def main() -> int:
             "sdk": bench_sdk,
             "pacing": bench_pacing,
             "structured": bench_structured,
+            "pii": bench_pii,
         }
         plain["memory"] = bench_memory
+        plain["sporadic"] = bench_sporadic
+        plain["ratelimit"] = bench_ratelimit
         plain["ray"] = bench_ray
         if any(name in ONLY for name in plain):
             with MockServer(workdir) as server:
@@ -1527,6 +1923,11 @@ def main() -> int:
                 report["latency"] = bench_latency(server, workdir, tickets)
         if "help" in ONLY:
             report["help"] = bench_help(workdir)
+        if "batchapi" in ONLY:
+            with MockServer(workdir, flags=batch_api.SERVER_ARGS, name="batchapi") as server:
+                report["batchapi"] = batch_api.run_section(
+                    server, workdir, tickets, ROWS, run_proc, CLIENT_CPU, PY, say, BenchError
+                )
     steal1 = _steal_ticks()
     total = steal1[1] - steal0[1]
     report["steal_pct"] = 100 * (steal1[0] - steal0[0]) / total if total > 0 else 0.0

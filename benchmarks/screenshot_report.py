@@ -2,12 +2,16 @@
 
     python benchmarks/screenshot_report.py [--out /tmp/batchrun-report.png] [--chromium PATH]
 
-Runs the sample job on the embedded endpoint (``batchrun run
-jobs/summarize_tickets.toml --mock``) into a temporary folder, writes its report
-(``--prices jobs/prices.toml --by priority --html``) and opens the page in
-headless Chromium (no network, a throwaway profile) to save a 1280x2000 PNG, by
-default under /tmp: screenshots stay out of the repository. Look at the PNG to
-check the page: three charts, two tables, nothing cut off or overlapping.
+Runs the sample job twice into a temporary folder: "last night" on the
+embedded endpoint (``batchrun run jobs/summarize_tickets.toml --mock``), and
+"tonight" on ``batchrun mock-server --cached-share 0.4 --reasoning-tokens 12``
+(a server that reports cached and reasoning tokens); writes tonight's report
+(``--prices jobs/prices.toml --by priority --compare LAST --fail-if
+'cost_per_row>+20%' --html``) and opens the page in headless Chromium (no
+network, a throwaway profile) to save a 1280x2000 PNG, by default under /tmp:
+screenshots stay out of the repository. Look at the PNG to check the page: the
+cards (cached and reasoning shares, tiers), three charts, two tables, the
+comparison and its check, nothing cut off or overlapping.
 
 Chromium: ``apt-get update && apt-get install -y chromium`` (``/usr/bin/chromium``).
 Exit 0 with the PNG's path on stdout; 1 when Chromium is missing or fails.
@@ -20,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,25 +52,70 @@ def find_chromium(given: str | None) -> str | None:
 
 
 def sample_report(folder: Path) -> Path:
-    """Run the sample job on the embedded endpoint and write its HTML report in ``folder``."""
-    output = folder / "summaries.parquet"
+    """Run the sample job twice (see the module docstring) and write tonight's
+    HTML report, compared with last night's, in ``folder``."""
+    last, tonight = folder / "last-night.parquet", folder / "tonight.parquet"
     page = folder / "report.html"
     batchrun = [sys.executable, "-m", "batchrun"]
     job = str(REPO / "jobs" / "summarize_tickets.toml")
     subprocess.run(
-        [*batchrun, "run", job, "--mock", "-q", "--output", str(output)],
-        check=True,
-        timeout=300,
+        [*batchrun, "run", job, "--mock", "-q", "--output", str(last)], check=True, timeout=300
     )
+    ready = folder / "mock-server.url"
+    server = subprocess.Popen(
+        [
+            *batchrun,
+            "mock-server",
+            "--port",
+            "0",
+            "--cached-share",
+            "0.4",
+            "--reasoning-tokens",
+            "12",
+            "--ready-file",
+            str(ready),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            if ready.exists() and ready.read_text().strip():
+                break
+            time.sleep(0.1)
+        base_url = ready.read_text().strip()
+        subprocess.run(
+            [
+                *batchrun,
+                "run",
+                job,
+                "-q",
+                "--output",
+                str(tonight),
+                "--base-url",
+                base_url,
+                "--api-key-env",
+                "",
+            ],
+            check=True,
+            timeout=300,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     subprocess.run(
         [
             *batchrun,
             "report",
-            str(output),
+            str(tonight),
             "--prices",
             str(REPO / "jobs" / "prices.toml"),
             "--by",
             "priority",
+            "--compare",
+            str(last),
+            "--fail-if",
+            "cost_per_row>+20%",
             "--html",
             str(page),
         ],

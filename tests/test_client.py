@@ -207,6 +207,66 @@ async def test_429_with_unreadable_retry_after(mocked: aioresponses, client: Api
     assert info.value.retry_after is None
 
 
+async def test_429_retry_after_ms_is_read_before_retry_after(
+    mocked: aioresponses, client: ApiClient
+) -> None:
+    mocked.post(CHAT_URL, status=429, headers={"Retry-After": "1", "retry-after-ms": "250"})
+    with pytest.raises(RateLimited) as info:
+        await client.complete(BODY)
+    assert info.value.retry_after == 0.25
+
+
+@pytest.mark.parametrize(
+    ("ms", "expected"), [("soon", 2.0), ("nan", 2.0), ("", 2.0), ("-40", 0.0), ("1500", 1.5)]
+)
+async def test_429_unreadable_retry_after_ms_falls_back_to_retry_after(
+    mocked: aioresponses, client: ApiClient, ms: str, expected: float
+) -> None:
+    mocked.post(CHAT_URL, status=429, headers={"Retry-After": "2", "Retry-After-Ms": ms})
+    with pytest.raises(RateLimited) as info:
+        await client.complete(BODY)
+    assert info.value.retry_after == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "requests", "tokens", "exhausted"),
+    [
+        ({}, None, None, False),
+        ({"x-ratelimit-remaining-requests": "0"}, 0, None, True),
+        ({"X-RateLimit-Remaining-Tokens": " 0 "}, None, 0, True),
+        (
+            {"x-ratelimit-remaining-requests": "59", "x-ratelimit-remaining-tokens": "1500"},
+            59,
+            1500,
+            False,
+        ),
+        ({"x-ratelimit-remaining-requests": "none"}, None, None, False),  # unreadable: not spent
+    ],
+)
+async def test_429_carries_the_remaining_budgets(
+    mocked: aioresponses,
+    client: ApiClient,
+    headers: dict[str, str],
+    requests: int | None,
+    tokens: int | None,
+    exhausted: bool,
+) -> None:
+    mocked.post(CHAT_URL, status=429, headers=headers, body="")
+    with pytest.raises(RateLimited) as info:
+        await client.complete(BODY)
+    exc = info.value
+    assert (exc.remaining_requests, exc.remaining_tokens) == (requests, tokens)
+    assert exc.exhausted is exhausted
+    assert exc.sent_at is None  # the scheduler sets it
+
+
+async def test_503_reads_retry_after_ms(mocked: aioresponses, client: ApiClient) -> None:
+    mocked.post(CHAT_URL, status=503, headers={"retry-after-ms": "750"}, body="")
+    with pytest.raises(ServerError) as info:
+        await client.complete(BODY)
+    assert info.value.retry_after == 0.75
+
+
 @pytest.mark.parametrize("status", [408, 409, 500, 502, 503, 504])
 async def test_retryable_statuses_become_server_error(
     mocked: aioresponses, client: ApiClient, status: int

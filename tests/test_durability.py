@@ -600,21 +600,28 @@ async def test_too_few_attempts_record_the_last_cause(tmp_path: Path, procs: Pro
     ids = [str(r["id"]) for r in rows]
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
-    # One worker: the first 6 requests (rows 0, 1, 2, twice each) get 503.
+    # One request at a time: the first 6 requests get 503. A row waiting for its
+    # retry lends its place, so the next row's first attempt may come between a
+    # row's two: which rows fail depends on that order, not how they fail.
     async with serve(MockConfig(fail_first=6, fail_first_kind="503")) as server:
         job = make_job(server.base_url, inp, out, **JOB_KEYS, concurrency=1, max_attempts=2)
         result = await run_job(job, RunOptions(progress=False), sleep=fast_sleep)
-        assert server.stats.requests == 6 + 7
+        assert server.stats.requests == 6 + result.ok
     out_rows = assert_complete(out, ids, status=None)
-    assert result.exit_code == 1 and result.failed == 3 and result.ok == 7
-    for r in out_rows[:3]:
-        assert r["status"] == "error"
+    failed = [r for r in out_rows if r["status"] == "error"]
+    assert result.exit_code == 1 and result.failed == len(failed) >= 1
+    assert result.ok == 10 - len(failed)
+    for r in failed:
         assert r["error"].startswith("HTTP 503"), r["error"]
         assert "Service unavailable" in r["error"]
         assert r["http_status"] == 503 and r["attempts"] == 2
         assert r["completion"] is None and r["total_tokens"] is None
-    for r in out_rows[3:]:
-        assert r["status"] == "ok" and r["attempts"] == 1 and r["error"] is None
+    for r in out_rows:
+        if r["status"] != "error":
+            assert r["status"] == "ok" and r["attempts"] in (1, 2) and r["error"] is None
+    # Every 503 is a failed row's (two each) or a retried ok row's (one each).
+    retried_ok = sum(1 for r in out_rows if r["status"] == "ok" and r["attempts"] == 2)
+    assert 2 * len(failed) + retried_ok == 6
 
     # The CLI says the same with exit code 1 (a real backoff wait between the two
     # attempts), for a job smaller than failures.FIRST_ROWS: more rows all failing

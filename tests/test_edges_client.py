@@ -447,3 +447,51 @@ def test_max_response_bytes_is_a_job_key_with_a_generous_default() -> None:
             None,
             {"input": "in.jsonl", "model": "m", "prompt_template": "{t}", "max_response_bytes": 10},
         )
+
+
+# ---- the model id in the inference path --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "raw_path"),
+    [
+        ("x?y", "/v1/models/x%3Fy/inference"),
+        ("team/a b#1%", "/v1/models/team/a%20b%231%25/inference"),
+        (
+            "meta-llama/Llama-3.3-70B-Instruct",
+            "/v1/models/meta-llama/Llama-3.3-70B-Instruct/inference",
+        ),
+    ],
+    ids=["query", "space-hash-percent", "slashes-kept"],
+)
+async def test_the_model_id_is_percent_encoded_in_the_inference_path(
+    tmp_path: Path, model: str, raw_path: str
+) -> None:
+    """A `?`, `#`, `%` or space in the model id would cut or bend the path (`x?y`
+    became /v1/models/x with a query): each is encoded, `/` is kept. The server
+    records the raw path it got and decodes it back to the model id."""
+    from batchrun.engines.local import run_job
+    from batchrun.lifecycle import RunOptions
+    from tests.conftest import make_job
+
+    seen: list[tuple[str, str]] = []
+
+    async def inference(request: web.Request) -> web.Response:
+        seen.append((request.raw_path, request.match_info["model"]))
+        answer = {
+            "id": "r",
+            "model": request.match_info["model"],
+            "choices": [{"message": {"content": "fine"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/models/{model:.+}/inference", inference)
+    write_jsonl(tmp_path / "in.jsonl", tickets(1))
+    async with run_app(app) as base_url:
+        job = make_job(base_url, output=tmp_path / "o.parquet", model=model, endpoint="inference")
+        result = await run_job(job, RunOptions(progress=False))
+    assert result.ok == 1
+    assert seen == [(raw_path, model)]
+    assert pq.read_table(tmp_path / "o.parquet").column("response_model").to_pylist() == [model]

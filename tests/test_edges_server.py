@@ -64,19 +64,25 @@ async def run(job: Job, **options: Any) -> RunResult:
 
 
 @pytest.mark.parametrize(
-    "retry_after", ["1000000000", "1e300", "Fri, 31 Dec 9999 23:59:59 GMT", "301"]
+    "headers",
+    [
+        {"Retry-After": "1000000000"},
+        {"Retry-After": "1e300"},
+        {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"},
+        {"Retry-After": "301"},
+        {"Retry-After": "1", "retry-after-ms": "1000000000000"},  # read first: 31 years
+        {"retry-after-ms": "301000", "x-ratelimit-remaining-requests": "0"},
+    ],
 )
 async def test_a_retry_after_longer_than_batchrun_waits_stops_the_job(
-    tmp_path: Path, retry_after: str
+    tmp_path: Path, headers: dict[str, str]
 ) -> None:
     refuse = True
 
     def handler(body: dict[str, Any], n: int) -> web.Response:
         if refuse:
             return web.json_response(
-                {"error": {"message": "slow down"}},
-                status=429,
-                headers={"Retry-After": retry_after},
+                {"error": {"message": "slow down"}}, status=429, headers=headers
             )
         return web.json_response(answer(body, {"prompt_tokens": 5, "completion_tokens": 1}))
 

@@ -31,7 +31,7 @@ from batchrun.engines import local as api_module
 from batchrun.engines.local import run_job as api_run_job
 from batchrun.errors import JobError
 from batchrun.lifecycle import RunOptions, RunResult
-from batchrun.limits import BURST_S, AdaptiveLimit, Budget, Limits, Pause
+from batchrun.limits import BURST_S, SPENT_STREAK, AdaptiveLimit, Budget, Limits, Pause
 from batchrun.mock import MockConfig, MockServer, create_app
 from tests.conftest import make_job, run_app, tickets, write_jsonl
 
@@ -103,10 +103,12 @@ class Recorder:
 
 
 @asynccontextmanager
-async def recording_serve(config: MockConfig) -> AsyncIterator[tuple[MockServer, Recorder]]:
+async def recording_serve(
+    config: MockConfig, *middlewares: Any
+) -> AsyncIterator[tuple[MockServer, Recorder]]:
     """The embedded endpoint (``create_app``) plus a middleware that records when
     each completion request arrived, how it was answered and how many were in
-    flight at once."""
+    flight at once (what ``middlewares``, run inside it, answer included)."""
     app = create_app(config)
     rec = Recorder()
 
@@ -127,6 +129,7 @@ async def recording_serve(config: MockConfig) -> AsyncIterator[tuple[MockServer,
             arrival.done = time.monotonic()
 
     app.middlewares.append(record)
+    app.middlewares.extend(middlewares)
     async with run_app(app) as base_url:
         yield MockServer(app, "127.0.0.1", URL(base_url).port or 0), rec
 
@@ -308,22 +311,51 @@ async def test_rpm_and_tpm_together_wait_for_the_slower() -> None:
 # ---- the job-wide pause ------------------------------------------------------------------
 
 
-async def test_rate_limited_pauses_every_caller_for_retry_after() -> None:
+async def test_a_429_that_says_the_budget_is_spent_pauses_every_caller() -> None:
     clock = FakeClock()
     sleep = FakeSleep()
     limits = build(concurrency=4, clock=clock, sleep=sleep)
     assert not limits.pause_active()
-    limits.rate_limited(retry_after=2.0, backoff_s=0.5)
-    assert limits.pause_active()
+    assert limits.rate_limited(retry_after=2.0, backoff_s=0.5, exhausted=True)
+    assert limits.pause_active() and limits.pause.episodes == 1
     await asyncio.gather(*(limits.wait_turn(10) for _ in range(5)))
     assert sleep.waits == [pytest.approx(2.0)] * 5
     assert limits.concurrency.limit == 4  # a fixed concurrency never moves
 
 
-async def test_rate_limited_without_retry_after_uses_the_backoff() -> None:
+async def test_a_lone_429_pauses_no_one() -> None:
     sleep = FakeSleep()
     limits = build(sleep=sleep)
-    limits.rate_limited(retry_after=None, backoff_s=1.5)
+    assert not limits.rate_limited(retry_after=2.0, backoff_s=0.5)
+    assert not limits.pause_active() and limits.pause.episodes == 0
+    await limits.wait_turn(10)
+    assert sleep.waits == []  # only the row that got it waits (the retry policy's wait)
+
+
+def test_a_lone_429_still_lowers_auto_concurrency() -> None:
+    limits = build("auto", 256)
+    assert not limits.rate_limited(retry_after=1.0, backoff_s=0.5)
+    assert limits.concurrency.limit == 11 and not limits.pause_active()
+
+
+def test_429s_in_a_row_pause_the_job_an_answer_between_resets_the_count() -> None:
+    clock = FakeClock()
+    limits = build(clock=clock)
+    pause = limits.pause
+    assert SPENT_STREAK == 4
+    lone = [False] * (SPENT_STREAK - 1)
+    assert [limits.rate_limited(1.0, 0.5) for _ in lone] == lone
+    pause.streak = 0  # an answer came (Scheduler._post)
+    assert [limits.rate_limited(1.0, 0.5) for _ in lone] == lone
+    assert not limits.pause_active()
+    assert limits.rate_limited(1.0, 0.5)  # the fourth in a row
+    assert pause.remaining() == pytest.approx(1.0) and pause.episodes == 1
+
+
+async def test_a_spent_429_without_retry_after_pauses_for_the_backoff() -> None:
+    sleep = FakeSleep()
+    limits = build(sleep=sleep)
+    limits.rate_limited(retry_after=None, backoff_s=1.5, exhausted=True)
     await limits.wait_turn(10)
     await limits.wait_turn(10)
     assert sleep.waits == [pytest.approx(1.5)] * 2
@@ -333,7 +365,7 @@ async def test_pause_is_over_once_its_time_has_passed() -> None:
     clock = FakeClock()
     sleep = FakeSleep()
     limits = build(clock=clock, sleep=sleep)
-    limits.rate_limited(retry_after=2.0, backoff_s=0.5)
+    limits.rate_limited(retry_after=2.0, backoff_s=0.5, exhausted=True)
     clock.advance(0.5)
     await limits.wait_turn(10)
     assert sleep.waits == [pytest.approx(1.5)]
@@ -342,32 +374,39 @@ async def test_pause_is_over_once_its_time_has_passed() -> None:
     assert sleep.waits == [pytest.approx(1.5)]  # no further wait
 
 
-def test_pause_extends_but_never_shortens() -> None:
-    clock = FakeClock()
+def test_a_pause_is_taken_once_per_episode() -> None:
+    clock = FakeClock(1000.0)
     pause = Pause(clock)
     assert pause.remaining() == 0.0
-    pause.extend(5.0)
-    pause.extend(1.0)
-    assert pause.remaining() == pytest.approx(5.0)
-    clock.advance(4.0)
-    pause.extend(3.0)
-    assert pause.remaining() == pytest.approx(3.0)
-    clock.advance(10.0)
-    assert pause.remaining() == 0.0
+    assert pause.rate_limited(2.0, exhausted=True, sent_at=999.9)
+    # The other requests in flight when the budget ran out come back 429 too:
+    # while the pause lasts, and after it (a slow answer), they neither extend it
+    # nor count towards the next one.
+    clock.advance(0.5)
+    assert not pause.rate_limited(5.0, exhausted=True, sent_at=999.95)
+    assert not pause.rate_limited(5.0, exhausted=True)  # during the pause
+    assert pause.until == pytest.approx(1002.0)
+    clock.advance(2.0)  # t = 1002.5: the pause is over
+    assert not pause.rate_limited(5.0, exhausted=True, sent_at=999.99)
+    assert not pause.rate_limited(5.0, exhausted=False, sent_at=1002.1)
+    assert pause.streak == 1 and pause.remaining() == 0.0
+    # A request sent after the pause ended finds the budget spent again: a new episode.
+    assert pause.rate_limited(3.0, exhausted=True, sent_at=1002.2)
+    assert pause.until == pytest.approx(1005.5) and pause.episodes == 2 and pause.streak == 0
 
 
 async def test_pause_then_rpm_budget_both_apply() -> None:
     clock = FakeClock()
     sleep = FakeSleep(clock)  # this sleep moves the clock
     limits = build(rpm=60, clock=clock, sleep=sleep)
-    limits.rate_limited(retry_after=5.0, backoff_s=0.5)
+    limits.rate_limited(retry_after=5.0, backoff_s=0.5, exhausted=True)
     for _ in range(3):
         await limits.wait_turn(1)
     # 5 s of pause, then two go at once (a second's worth + 1), the third waits 1 s.
     assert sleep.waits == [pytest.approx(5.0), pytest.approx(1.0)]
 
 
-async def test_pause_extended_while_waiting_is_honored() -> None:
+async def test_a_pause_that_begins_while_a_caller_waits_is_honored() -> None:
     clock = FakeClock()
     gate = asyncio.Event()
     waits: list[float] = []
@@ -380,15 +419,15 @@ async def test_pause_extended_while_waiting_is_honored() -> None:
             clock.advance(seconds)
 
     limits = Limits.build(4, 256, None, None, clock=clock, sleep=sleep)
-    limits.rate_limited(retry_after=2.0, backoff_s=0.5)
+    limits.rate_limited(retry_after=2.0, backoff_s=0.5, exhausted=True)
     waiter = asyncio.create_task(limits.wait_turn(10))
     await asyncio.sleep(0)
-    clock.advance(1.0)
-    limits.rate_limited(retry_after=5.0, backoff_s=0.5)  # meanwhile a 429 extends it to t+6
+    clock.advance(2.5)  # the first pause is over, but the waiter has not woken yet...
+    limits.rate_limited(retry_after=5.0, backoff_s=0.5, exhausted=True)  # ...when a new one begins
     clock.advance(1.0)
     gate.set()
     await waiter
-    # At t+2 the first pause is over but the job is paused until t+6: 4 s more.
+    # At t+3.5 the job is paused until t+7.5: 4 s more.
     assert waits == [pytest.approx(2.0), pytest.approx(4.0)]
 
 
@@ -669,60 +708,19 @@ async def test_rpm_paces_a_real_job(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)
 
 
-async def test_429_storm_pauses_every_row(tmp_path: Path) -> None:
-    n, retry_after = 24, 0.3
-    # Some latency, so that every request of a wave is at the server before the
-    # wave's first 429 leaves it: whatever arrives after a 429 was sent after it.
-    config = MockConfig(
-        fail_first=20, fail_first_kind="429", retry_after_s=retry_after, latency_s=0.05
-    )
-    sleep = RealSleep()
-    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
-    out = tmp_path / "out.parquet"
-    async with recording_serve(config) as (server, rec):
-        job = make_job(server.base_url, src, out, **JOB_KEYS, concurrency=8)
-        result = await run_job(job, sleep)
-        assert server.stats.by_outcome == {"429": 20, "ok": n}
-    assert result.exit_code == 0 and result.ok == n
-    assert result.requests == n + 20 and result.retries == 20
-    rows = read_rows(job)
-    assert all(r["status"] == "ok" for r in rows)
-    assert sum(r["attempts"] for r in rows) == n + 20
-
-    arrivals = sorted(rec.arrivals, key=lambda a: a.at)
-    answered_429 = [a.done for a in arrivals if a.status == 429]
-    assert len(answered_429) == 20
-    # After every 429 the server answered, no request from ANY row arrives within
-    # the Retry-After. Left out: the first wave (8 connections opening at once may
-    # straggle in after the first 429 left), and the first 50 ms after each 429,
-    # when a request sent before the client read that 429 may still arrive (an
-    # ok answer read just before it lets its worker send the next row at once).
-    slack = 0.05
-    later = arrivals[8:]
-    for t in answered_429:
-        assert t is not None
-        during = [a.at - t for a in later if t + slack < a.at < t + retry_after - slack]
-        assert during == [], f"requests {during} s after a 429"
-    # So the 20 429s come in (at least) three waves of 8, each ≥ Retry-After apart.
-    span = arrivals[-1].at - arrivals[0].at
-    assert span >= 3 * retry_after - slack
-    # The rows that never saw a 429 (started after the storm) waited out the
-    # job-wide pause too: waits shorter than the Retry-After were recorded.
-    assert sleep.waits.count(retry_after) == 20
-    assert any(0 < w < retry_after for w in sleep.waits)
-
-
 @dataclass
 class Capture:
     limits: list[Limits] = field(default_factory=list)
     limit_history: list[int] = field(default_factory=list)
     used_tokens: list[tuple[int, int | None]] = field(default_factory=list)
+    pauses: list[float] = field(default_factory=list)
+    """When each job-wide pause began (``time.monotonic``, as the server's arrivals)."""
 
 
 @pytest.fixture
 def capture(monkeypatch: pytest.MonkeyPatch) -> Capture:
-    """Reach the Limits that ``run_job`` builds: record each concurrency-limit change
-    and each usage correction."""
+    """Reach the Limits that ``run_job`` builds: record each concurrency-limit change,
+    each usage correction and each job-wide pause."""
     cap = Capture()
 
     class RecordingAdaptive(AdaptiveLimit):
@@ -750,6 +748,12 @@ def capture(monkeypatch: pytest.MonkeyPatch) -> Capture:
         def used_tokens(self, estimated: int, actual: int | None) -> None:
             cap.used_tokens.append((estimated, actual))
             super().used_tokens(estimated, actual)
+
+        def rate_limited(self, *args: Any, **kwargs: Any) -> bool:
+            paused = super().rate_limited(*args, **kwargs)
+            if paused:
+                cap.pauses.append(self.pause.began)
+            return paused
 
     monkeypatch.setattr(limits_module, "AdaptiveLimit", RecordingAdaptive)
     monkeypatch.setattr(api_module, "Limits", RecordingLimits)
@@ -805,8 +809,9 @@ async def test_auto_concurrency_honors_the_job_wide_pause(tmp_path: Path) -> Non
     n, storm, retry_after = 40, 16, 0.3
     # 32 workers, 16 places: 16 requests go, 16 attempts queue for a place. The
     # latency keeps the first 16 at the server until all of them have arrived.
+    # Every 429 says the budget is spent, so the first one pauses the job.
     config = MockConfig(
-        fail_first=storm, fail_first_kind="429", retry_after_s=retry_after, latency_s=0.1
+        fail_first=storm, fail_first_kind="429-exhausted", retry_after_s=retry_after, latency_s=0.1
     )
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
     out = tmp_path / "out.parquet"
@@ -821,3 +826,141 @@ async def test_auto_concurrency_honors_the_job_wide_pause(tmp_path: Path) -> Non
     later = arrivals[storm:]  # all but the first wave
     during = [a for a in later if first_429 < a.at < first_429 + retry_after - 0.05]
     assert during == [], f"{len(during)} requests sent during the pause"
+
+
+# ---- 429s end to end: lone ones, a spent budget, an enforced limit --------------------------
+
+
+async def timed_job(
+    config: MockConfig, tmp_path: Path, name: str, n: int, **keys: Any
+) -> tuple[RunResult, Job, Recorder, dict[str, int], float]:
+    """Run ``n`` rows against the embedded endpoint with ``config`` (real sleeps):
+    the result, the job, the server's record and outcomes, and the run's seconds."""
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    async with recording_serve(config) as (server, rec):
+        job = make_job(server.base_url, src, tmp_path / f"{name}.parquet", **JOB_KEYS, **keys)
+        started = time.monotonic()
+        result = await run_job(job, RealSleep())
+        wall = time.monotonic() - started
+        outcomes = dict(server.stats.by_outcome)
+    return result, job, rec, outcomes, wall
+
+
+@pytest.mark.timeout(60)
+async def test_sporadic_429s_and_503s_retry_only_their_rows(
+    tmp_path: Path, capture: Capture
+) -> None:
+    # 5% of the answers are a 429 (Retry-After 0.5 s, no budget spent) or a 503.
+    # Pausing the job for each 429 would add about half a second per 429 (10 of
+    # them here): the job would take seconds longer than without faults.
+    n, retry_after = 600, 0.5
+    sporadic = MockConfig(fault_rate=0.05, faults=("429", "503"), retry_after_s=retry_after)
+    clean, _, _, _, clean_s = await timed_job(MockConfig(), tmp_path, "clean", n, concurrency=16)
+    result, job, _, outcomes, faulty_s = await timed_job(
+        sporadic, tmp_path, "sporadic", n, concurrency=16
+    )
+    assert clean.ok == result.ok == n
+    assert outcomes["429"] >= 10 and outcomes["503"] >= 10, outcomes
+    # No job-wide pause: only the rows that got a 429 or 503 waited, each its own wait.
+    assert capture.pauses == []
+    assert capture.limits[-1].pause.episodes == 0
+    rows = read_rows(job)
+    assert max(r["queued_ms"] for r in rows) < 100, "a row waited for another row's 429"
+    retried = [r for r in rows if r["attempts"] > 1]
+    assert len(retried) >= 16
+    # The time it took: the fault-free run's plus the last retried rows' own waits
+    # (a Retry-After, or a backoff of at most 0.5 + 1 s for two 503s in a row).
+    assert faulty_s < clean_s + 2.5, (faulty_s, clean_s)
+
+
+@asynccontextmanager
+async def spent_budget(
+    spent: int, retry_after: float
+) -> AsyncIterator[tuple[MockServer, Recorder]]:
+    """The embedded endpoint (50 ms latency) where requests 2 to ``spent + 1`` (the
+    first, the key probe, is answered) get a 429 saying the budget is spent
+    (``x-ratelimit-remaining-requests: 0``), the k-th of them k times 0.1 s later than
+    an answer would come: one episode's 429s, spread over time."""
+    refused = {"n": 0}
+
+    @web.middleware
+    async def refuse(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.endswith("/chat/completions"):
+            return await handler(request)  # type: ignore[no-any-return]
+        refused["n"] += 1
+        k = refused["n"] - 2
+        if not 0 <= k < spent:
+            return await handler(request)  # type: ignore[no-any-return]
+        await asyncio.sleep(0.05 + 0.1 * k)
+        headers = {"Retry-After": f"{retry_after:g}", "x-ratelimit-remaining-requests": "0"}
+        return web.json_response({"error": "rate_limited"}, status=429, headers=headers)
+
+    async with recording_serve(MockConfig(latency_s=0.05), refuse) as (server, rec):
+        yield server, rec
+
+
+async def test_a_spent_budget_pauses_every_worker_once_per_episode(
+    tmp_path: Path, capture: Capture
+) -> None:
+    n, spent, retry_after = 24, 4, 0.5
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    async with spent_budget(spent, retry_after) as (server, rec):
+        job = make_job(server.base_url, src, tmp_path / "out.parquet", **JOB_KEYS, concurrency=8)
+        result = await run_job(job, RealSleep())
+    assert result.exit_code == 0 and result.ok == n and result.retries == spent
+    # Four 429s over 0.3 s, one episode: one pause, from the first of them.
+    assert len(capture.pauses) == 1 and capture.limits[0].pause.episodes == 1
+    began = capture.pauses[0]
+    statuses = [a.status for a in sorted(rec.arrivals, key=lambda a: a.at)]
+    assert statuses.count(429) == spent
+    last_429 = max(a.done for a in rec.arrivals if a.status == 429 and a.done is not None)
+    assert last_429 > began + 0.25  # the later 429s came well inside the pause
+    # Every worker waits: nothing is sent while the pause lasts (a request sent
+    # just before the client read the first 429 may still arrive in the first 30 ms)...
+    slack = 0.03
+    during = [
+        a.at - began for a in rec.arrivals if began + slack < a.at < began + retry_after - slack
+    ]
+    assert during == [], f"requests {during} s into the pause"
+    # ...and the pause is not extended by the episode's later 429s: the workers
+    # with new rows go when the first 429's wait is over, not the last one's.
+    after = sorted(a.at for a in rec.arrivals if a.at > began + slack)
+    assert after[0] == pytest.approx(began + retry_after, abs=0.1)
+    assert after[0] < last_429 + retry_after - 0.1
+
+
+async def test_retry_after_ms_is_honoured_before_retry_after(
+    tmp_path: Path, capture: Capture
+) -> None:
+    # Retry-After: 1 (whole seconds, rounded up) and retry-after-ms: 250.
+    config = MockConfig(
+        fail_first=1, fail_first_kind="429-exhausted", retry_after_s=0.25, send_retry_after_ms=True
+    )
+    sleep = FakeSleep()
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(3))
+    async with recording_serve(config) as (server, _):
+        job = make_job(server.base_url, src, tmp_path / "out.parquet", **JOB_KEYS, concurrency=1)
+        result = await run_job(job, sleep)
+    assert result.ok == 3 and result.retries == 1
+    assert sleep.waits[0] == pytest.approx(0.25)  # the row's own wait
+    assert len(capture.pauses) == 1
+    assert all(w <= 0.25 for w in sleep.waits), sleep.waits  # the job's pause: 0.25 s too
+
+
+@pytest.mark.timeout(60)
+async def test_an_enforced_rpm_limit_is_used_with_few_429s(tmp_path: Path) -> None:
+    # 100 requests a second (a bucket of one second's worth); 8 workers could send
+    # many times that. Each time the budget runs out, the requests in flight get a
+    # 429 saying so, and the job pauses until the budget is whole again.
+    n, rpm = 400, 6000
+    result, _, rec, outcomes, _ = await timed_job(
+        MockConfig(rpm_limit=rpm), tmp_path, "limited", n, concurrency=8
+    )
+    assert result.exit_code == 0 and result.ok == n
+    refused = outcomes.get("rpm-limit", 0)
+    assert refused / n <= 0.15, outcomes
+    # The share of the limit used: rows / what the server admits over the span.
+    arrivals = sorted(a.at for a in rec.arrivals)
+    span = arrivals[-1] - arrivals[0]
+    admissible = rpm / 60 * span + rpm / 60  # the refill over the span, plus a full bucket
+    assert n / admissible >= 0.8, (n, span)

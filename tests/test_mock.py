@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from batchrun.mock import (
+    ANSWER_KINDS,
     FAULT_KINDS,
     FAULT_KINDS_DEFAULT,
     INVALID_KINDS,
@@ -71,13 +72,21 @@ def test_count_tokens() -> None:
 
 def test_config_validation() -> None:
     assert "stream-cut" not in FAULT_KINDS_DEFAULT
-    assert set(FAULT_KINDS_DEFAULT) | {"stream-cut"} == set(FAULT_KINDS)
+    assert not set(ANSWER_KINDS) & set(FAULT_KINDS_DEFAULT)
+    assert "429-exhausted" not in FAULT_KINDS_DEFAULT  # it pauses a whole job: only by name
+    assert set(FAULT_KINDS_DEFAULT) | {"stream-cut", "429-exhausted", *ANSWER_KINDS} == set(
+        FAULT_KINDS
+    )
+    with pytest.raises(ValueError, match="unknown_fields"):
+        MockConfig(unknown_fields=("messages",))
     with pytest.raises(ValueError, match="unknown fault"):
         MockConfig(faults=("418",))
     with pytest.raises(ValueError, match="unknown fault"):
         MockConfig(fail_first=1, fail_first_kind="nope")
     with pytest.raises(ValueError, match="fault_rate"):
         MockConfig(fault_rate=1.5)
+    with pytest.raises(ValueError, match="rpm_limit"):
+        MockConfig(rpm_limit=-1)
     assert MockConfig(faults=["500"]).faults == ("500",)  # type: ignore[arg-type]
     assert MockConfig().invalid_kinds == INVALID_KINDS
     kinds: Any = ["cut-off"]  # any sequence is accepted and stored as a tuple
@@ -275,6 +284,7 @@ async def test_context_length_exceeded() -> None:
     [
         ("429", 429, "rate_limited"),
         ("429-no-retry-after", 429, "rate_limited"),
+        ("429-exhausted", 429, "rate_limited"),
         ("500", 500, "server_error"),
         ("502", 502, "bad_gateway"),
         ("503", 503, "service_unavailable"),
@@ -290,10 +300,15 @@ async def test_status_faults(kind: str, status: int, code: str) -> None:
         stats = server.stats.to_dict()
     assert first[0] == status
     assert orjson.loads(first[2])["error"] == code
-    if kind == "429":
+    if kind in ("429", "429-exhausted"):
         assert first[1]["Retry-After"] == "0.05"
     else:
         assert "Retry-After" not in first[1]
+    assert "retry-after-ms" not in first[1]
+    if kind == "429-exhausted":
+        assert first[1]["x-ratelimit-remaining-requests"] == "0"
+    else:
+        assert "x-ratelimit-remaining-requests" not in first[1]
     assert second[0] == 200  # fail_first covers only the first request
     assert stats["by_outcome"] == {kind: 1, "ok": 1}
 
@@ -303,6 +318,59 @@ async def test_retry_after_is_compact() -> None:
     async with serve(config) as server, aiohttp.ClientSession() as session:
         _, headers, _ = await post(session, server.base_url + "/chat/completions", request_body())
     assert headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "retry_after", "ms"), [(0.25, "1", "250"), (2.0, "2", "2000"), (0.0, "0", "0")]
+)
+async def test_send_retry_after_ms(seconds: float, retry_after: str, ms: str) -> None:
+    config = MockConfig(
+        fail_first=1, fail_first_kind="429", retry_after_s=seconds, send_retry_after_ms=True
+    )
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        _, headers, _ = await post(session, server.base_url + "/chat/completions", request_body())
+    assert (headers["Retry-After"], headers["retry-after-ms"]) == (retry_after, ms)
+
+
+async def test_rpm_limit_refuses_past_a_seconds_worth_and_says_so() -> None:
+    # 120 a minute: a bucket of 2 requests, refilled one every 0.5 s.
+    config = MockConfig(rpm_limit=120, send_retry_after_ms=True)
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        url = server.base_url + "/chat/completions"
+        answers = [await post(session, url, request_body()) for _ in range(4)]
+        stream = await post(session, url, request_body(stream=True))
+        await asyncio.sleep(0.55)  # one request's worth comes back
+        again = await post(session, url, request_body(stream=True))
+        stats = server.stats.to_dict()
+    assert [status for status, _, _ in answers] == [200, 200, 429, 429]
+    assert stream[0] == 429
+    assert again[0] == 200 and again[1]["Content-Type"] == "text/event-stream"
+    assert again[1]["x-ratelimit-remaining-requests"] == "0"
+    first, second, refused = answers[0][1], answers[1][1], answers[2][1]
+    assert first["x-ratelimit-limit-requests"] == "120"
+    assert (first["x-ratelimit-remaining-requests"], second["x-ratelimit-remaining-requests"]) == (
+        "1",
+        "0",
+    )
+    assert orjson.loads(answers[2][2])["error"] == "rate_limit_exceeded"
+    assert refused["x-ratelimit-remaining-requests"] == "0"
+    # The wait it asks for: until the bucket is full again (about 1 s).
+    assert refused["Retry-After"] == "1"
+    assert 900 <= int(refused["retry-after-ms"]) <= 1000
+    assert refused["x-ratelimit-reset-requests"].endswith("s")
+    assert 0.9 <= float(refused["x-ratelimit-reset-requests"][:-1]) <= 1.0
+    assert stats["by_outcome"] == {"ok": 3, "rpm-limit": 3}
+
+
+async def test_rpm_limit_and_faults_together() -> None:
+    # A request the limit admits can still get a fault; the fault carries the budget too.
+    config = MockConfig(rpm_limit=600, fail_first=1, fail_first_kind="503")
+    async with serve(config) as server, aiohttp.ClientSession() as session:
+        status, headers, _ = await post(
+            session, server.base_url + "/chat/completions", request_body()
+        )
+    assert status == 503
+    assert headers["x-ratelimit-remaining-requests"] == "9"
 
 
 async def test_hang_fault_outlives_client_timeout_then_answers() -> None:
@@ -473,6 +541,99 @@ async def test_stream_variants_of_body_faults() -> None:
     assert len(out["truncated"]) == len(out["ok"]) // 2 and b"[DONE]" not in out["truncated"]
     no_usage = [orjson.loads(e) for e in sse_events(out["no-usage"])[:-1]]
     assert all(c["choices"] for c in no_usage)
+
+
+async def test_answer_kinds_of_a_plain_answer() -> None:
+    """The answers real servers give besides plain text, one request each."""
+    out: dict[str, dict[str, Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in (*ANSWER_KINDS, None):
+            config = MockConfig(fail_first=1, fail_first_kind=kind or "500")
+            async with serve(config) as server:
+                url = server.base_url + "/chat/completions"
+                if kind is None:
+                    await post(session, url, request_body())  # the 500
+                _, _, data = await post(session, url, request_body())
+                out[kind or "ok"] = orjson.loads(data)
+                assert server.stats.by_outcome[kind or "ok"] == 1
+    choice = {k: v["choices"][0] for k, v in out.items()}
+    assert choice["no-content"]["message"] == {"role": "assistant", "content": None}
+    parts = choice["content-parts"]["message"]["content"]
+    assert [p["type"] for p in parts] == ["text", "text"]
+    assert "".join(p["text"] for p in parts) == SUMMARY
+    refusal = choice["refusal"]["message"]
+    assert refusal["content"] is None and refusal["refusal"].startswith("I'm sorry")
+    tool = choice["tool-calls"]
+    assert tool["finish_reason"] == "tool_calls" and tool["message"]["content"] is None
+    [call] = tool["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert orjson.loads(call["function"]["arguments"]) == {"summary": SUMMARY}
+    # Stream-only kinds answer a plain request plainly; every kind reports its usage.
+    for kind in ("early-done", "token-stream"):
+        assert choice[kind] == choice["ok"]
+    assert all(v["usage"] == out["ok"]["usage"] for v in out.values())
+
+
+async def test_answer_kinds_of_a_stream() -> None:
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    out: dict[str, list[Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        for kind in ANSWER_KINDS:
+            async with serve(MockConfig(fail_first=1, fail_first_kind=kind)) as server:
+                _, _, raw = await stream(session, server.base_url + "/chat/completions", body)
+            events = sse_events(raw)
+            assert events[-1] == b"[DONE]"
+            out[kind] = [orjson.loads(e) for e in events[:-1]]
+
+    def deltas(kind: str) -> list[dict[str, Any]]:
+        return [c["choices"][0]["delta"] for c in out[kind] if c["choices"]]
+
+    def finish(kind: str) -> list[Any]:
+        return [c["choices"][0]["finish_reason"] for c in out[kind] if c["choices"]]
+
+    def usage(kind: str) -> list[Any]:
+        return [c["usage"] for c in out[kind] if "usage" in c]
+
+    assert out["token-stream"] and all(set(e) == {"token"} for e in out["token-stream"])
+    assert "".join(e["token"] for e in out["token-stream"]) == SUMMARY
+    early = "".join(d.get("content", "") for d in deltas("early-done"))
+    assert early and SUMMARY.startswith(early) and early != SUMMARY
+    assert set(finish("early-done")) == {None} and usage("early-done") == []
+    assert all("content" not in d for d in deltas("no-content"))
+    text = "".join(p["text"] for d in deltas("content-parts") for p in d.get("content", []))
+    assert text == SUMMARY
+    refusal = "".join(d.get("refusal") or "" for d in deltas("refusal"))
+    assert refusal.startswith("I'm sorry") and all(not d.get("content") for d in deltas("refusal"))
+    calls = [c for d in deltas("tool-calls") for c in d.get("tool_calls", [])]
+    assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"]
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    assert orjson.loads(arguments) == {"summary": SUMMARY}
+    assert finish("tool-calls")[-1] == "tool_calls"
+    for kind in ("no-content", "content-parts", "refusal", "tool-calls"):
+        assert finish(kind)[-1] in ("stop", "tool_calls") and len(usage(kind)) == 1
+
+
+async def test_unknown_fields_are_refused_when_strict_else_ignored() -> None:
+    body = request_body(stream=True, stream_options={"include_usage": True})
+    async with aiohttp.ClientSession() as session:
+        strict = MockConfig(strict=True, unknown_fields=("stream_options",))
+        async with serve(strict) as server:
+            url = server.base_url + "/chat/completions"
+            status, _, data = await post(session, url, body)
+            assert (status, server.stats.by_outcome) == (400, {"400": 1})
+            assert b"Unrecognized request argument supplied: stream_options" in data
+            del body["stream_options"]
+            status, _, raw = await stream(session, url, body)
+            assert status == 200
+        async with serve(MockConfig(unknown_fields=("stream_options",))) as server:
+            url = server.base_url + "/chat/completions"
+            status, _, ignored = await stream(
+                session, url, {**body, "stream_options": {"include_usage": True}}
+            )
+    assert status == 200
+    for events in (sse_events(raw), sse_events(ignored)):
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        assert chunks and all("usage" not in c for c in chunks)
 
 
 async def test_stream_respects_max_tokens() -> None:
@@ -1149,19 +1310,28 @@ def test_schema_via_config_validation() -> None:
         MockConfig(format_error_status=200)
 
 
-def test_mock_server_flags_set_schema_via_strict_and_status() -> None:
+def config_from_flags(*args: str) -> MockConfig:
+    """The MockConfig that ``batchrun mock-server ARGS`` serves."""
     from batchrun.cli import _mock_config, mock_server
 
-    args = ["--schema-via", "vllm", "--strict", "--format-error-status", "422"]
-    ctx = mock_server.make_context("mock-server", args)
-    opts = {k: v for k, v in ctx.params.items() if k not in ("host", "port", "ready_file")}
-    config = _mock_config(opts)
-    assert (config.schema_via, config.strict, config.format_error_status) == ("vllm", True, 422)
-    plain = _mock_config(
-        {
-            k: v
-            for k, v in mock_server.make_context("mock-server", []).params.items()
-            if k not in ("host", "port", "ready_file")
-        }
+    ctx = mock_server.make_context("mock-server", list(args))
+    return _mock_config(
+        {k: v for k, v in ctx.params.items() if k not in ("host", "port", "ready_file")}
     )
+
+
+def test_mock_server_flags_set_schema_via_strict_and_status() -> None:
+    config = config_from_flags("--schema-via", "vllm", "--strict", "--format-error-status", "422")
+    assert (config.schema_via, config.strict, config.format_error_status) == ("vllm", True, 422)
+    plain = config_from_flags()
     assert (plain.schema_via, plain.strict, plain.format_error_status) == ("any", False, 0)
+
+
+def test_mock_server_flags_set_the_rate_limits() -> None:
+    config = config_from_flags(
+        "--rpm-limit", "600", "--send-retry-after-ms", "--faults", "429-exhausted,503"
+    )
+    assert (config.rpm_limit, config.send_retry_after_ms) == (600.0, True)
+    assert config.faults == ("429-exhausted", "503")
+    plain = config_from_flags()
+    assert (plain.rpm_limit, plain.send_retry_after_ms) == (0.0, False)

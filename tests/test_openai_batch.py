@@ -125,7 +125,7 @@ def test_bad_request_lines_name_the_line(
     job = load_job(
         None, {"input": str(src), "output": str(tmp_path / "o.parquet"), "api_key_env": ""}
     )
-    from batchrun.lifecycle import check_job
+    from batchrun.checks import check_job
 
     with pytest.raises(InputError) as err:
         check_job(job, RunOptions())
@@ -174,3 +174,23 @@ def test_plan_counts_the_prompt_and_the_cap_of_each_batch_request(tmp_path: Path
     text_out = plan.text()
     assert "prompt tokens ~300 " in text_out
     assert "max completion 332 tokens" in text_out
+
+
+def test_refusals_and_tool_calls_go_back_into_the_message() -> None:
+    from batchrun.openai_batch import output_line
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    row = {
+        "id": "a",
+        "status": "ok",
+        "completion": None,
+        "tool_calls": orjson.dumps(calls).decode(),
+    }
+    assert output_line(row)["response"]["body"]["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": calls,
+    }
+    row = {"id": "b", "status": "invalid", "completion": None, "refusal": "No."}
+    message = output_line(row)["response"]["body"]["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "refusal": "No."}

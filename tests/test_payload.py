@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batchrun.errors import BadResponse, JobError, RowError
+from batchrun.errors import BadResponse, EmptyAnswer, JobError, RowError
 from batchrun.payload import (
     Completion,
     build_body,
@@ -316,24 +316,28 @@ def test_parse_answer_non_int_token_counts_are_none() -> None:
     assert (c.prompt_tokens, c.completion_tokens, c.total_tokens) == (None, None, None)
 
 
-def test_parse_answer_without_text_or_ids() -> None:
+def test_parse_answer_without_ids() -> None:
     data = {
-        "choices": [{"message": {"role": "assistant", "content": None}}],
+        "choices": [{"message": {"role": "assistant", "content": "Hi."}}],
         "id": 5,
         "model": None,
     }
     c = parse_completion(data)
-    assert c.text is None
+    assert c.text == "Hi."
     assert c.finish_reason is None
     assert c.response_id is None
     assert c.response_model is None
 
 
-def test_parse_answer_with_message_not_an_object() -> None:
-    assert (
-        parse_completion(answer(choices=[{"message": "hi", "finish_reason": "stop"}])).text is None
-    )
-    assert parse_completion(answer(choices=[{"finish_reason": "length"}])).finish_reason == "length"
+def test_parse_answer_without_text_is_an_empty_answer() -> None:
+    """No text, no tool call, no refusal: retried like an unreadable body (see
+    test_answers for every shape)."""
+    with pytest.raises(EmptyAnswer, match=r"message\.content is null"):
+        parse_completion({"choices": [{"message": {"role": "assistant", "content": None}}]})
+    with pytest.raises(EmptyAnswer, match="its message is not an object"):
+        parse_completion(answer(choices=[{"message": "hi", "finish_reason": "stop"}]))
+    with pytest.raises(EmptyAnswer, match="finish_reason length: max_tokens ran out"):
+        parse_completion(answer(choices=[{"finish_reason": "length"}]))
 
 
 @pytest.mark.parametrize("choices", [None, [], "x", [None], ["text"], {"0": {}}])

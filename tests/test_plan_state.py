@@ -125,3 +125,22 @@ async def test_plan_counts_an_unfinished_journal_like_the_resume(tmp_path: Path)
         result = await run_job(job, RunOptions(progress=False))
         assert server.stats.requests - before == plan.to_send
     assert result.ok == N
+
+
+def test_plan_shows_the_batch_estimate_beside_online(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(
+        'currency = "USD"\nbatch_discount = 0.5\n[models."m-1"]\n'
+        "prompt_per_million = 1000\ncompletion_per_million = 2000\n"
+    )
+    plan = cli(
+        "plan",
+        *job_args(tmp_path, "--prices", str(prices), "--mode", "hybrid", "--deadline", "30m"),
+    )
+    assert plan.exit_code == 0, plan.output
+    online = re.search(r"cost +([\d.]+) \.\. ([\d.]+) USD .* online", plan.output)
+    batch = re.search(r"([\d.]+) \.\. ([\d.]+) USD by a provider batch", plan.output)
+    assert online and batch, plan.output
+    for whole, half in zip(online.groups(), batch.groups(), strict=True):
+        assert abs(float(whole) / 2 - float(half)) < 0.0001
+    assert "mode          hybrid" in plan.output

@@ -24,7 +24,8 @@ from batchrun.engines.ray.leases import (
 )
 from batchrun.errors import RateLimited, ServerError
 from batchrun.limits import AdaptiveLimit
-from batchrun.prices import ModelPrice
+from batchrun.payload import Completion
+from batchrun.prices import ModelPrice, Rates
 
 
 class Clock:
@@ -136,14 +137,19 @@ async def test_tpm_corrections_reach_the_job_budget() -> None:
     assert coordinator.tpm._tat == pytest.approx(tat - 50 / 100)  # type: ignore[union-attr]
 
 
-async def test_a_429_in_one_sender_pauses_every_sender() -> None:
+async def test_a_spent_rate_limit_in_one_sender_pauses_every_sender() -> None:
     clock = Clock()
     _, (a, b, c) = fleet(Plan(senders=3), clock)
-    a.pause.extend(2.0)  # what Limits.rate_limited does on a 429
+    assert not a.pause.rate_limited(2.0, exhausted=False)  # a lone 429: only its row waits
+    assert a.pause.remaining() == b.pause.remaining() == 0
+    a.pause.rate_limited(2.0, exhausted=True)  # a 429 saying the budget is spent
     assert a.pause.remaining() == b.pause.remaining() == c.pause.remaining() == 2.0
-    # The pause a sender hears about is not sent around again.
+    # The pause a sender hears about is not sent around again, and is the same
+    # episode there: a 429 of a request that left before it begins no other.
     b.pause.hold(5.0)
     assert a.pause.remaining() == 2.0
+    clock.now += 6
+    assert not c.pause.rate_limited(2.0, exhausted=True, sent_at=clock.now - 7)
 
 
 async def test_auto_concurrency_is_one_limit_shared_by_the_senders() -> None:
@@ -168,7 +174,8 @@ async def test_cost_allowances_never_pass_the_budget_and_make_room_for_each_othe
     every reservation stays within max_cost; a sender short of room gets what
     the other holds unreserved; the budget is reached only when it is."""
     clock = Clock()
-    price = ModelPrice(Decimal(1_000_000), Decimal(1_000_000))  # 1 per token
+    one = Decimal(1_000_000)
+    price = ModelPrice((Rates(one, one, one, one),))  # 1 per token, of every kind
     coordinator, senders = fleet(
         Plan(senders=2, max_cost=Decimal(100), price=price, max_tokens=5), clock
     )
@@ -184,8 +191,9 @@ async def test_cost_allowances_never_pass_the_budget_and_make_room_for_each_othe
     assert costs[1].allowance == 40
     assert costs[1].reserve(5) == 10
     # Sender 0 settles two cheap answers and holds 2 x 10 reserved, 16 free after them.
-    costs[0].settle(held.pop(), 1, 1)
-    costs[0].settle(held.pop(), 1, 1)
+    cheap = Completion("a", "stop", 1, 1, 2, None, None)
+    costs[0].settle(held.pop(), cheap)
+    costs[0].settle(held.pop(), cheap)
     await senders[0].link.sync()
     # Sender 1 takes what is left of the budget, then what sender 0 gives back.
     for _ in range(6):
@@ -213,7 +221,7 @@ async def test_leased_limits_wait_for_the_pause_then_the_budget() -> None:
         sleep=sleep,
     )
     assert limits.paces
-    a.pause.extend(3.0)  # a 429 in the other sender
+    a.pause.rate_limited(3.0, exhausted=True)  # a spent budget, seen by the other sender
     await limits.wait_turn(10)
     assert slept == [3.0]
 

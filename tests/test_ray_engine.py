@@ -142,6 +142,29 @@ def test_ray_output_equals_a_local_run(local_ray: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
+def test_ray_writes_the_same_usage_details_and_cost_column(local_ray: Any, tmp_path: Path) -> None:
+    """With a prices file, a server that reports cached and reasoning tokens: the
+    same cached_tokens, reasoning_tokens, tier and cost columns, and the same cost
+    in the summary (the column's sum)."""
+    input_path = write_jsonl(tmp_path / "in.jsonl", tickets(30))
+    prices = tmp_path / "prices.toml"
+    prices.write_text(
+        f'[models."{MODEL}"]\nprompt_per_million = 300\ncompletion_per_million = 900\n'
+        "cached_prompt_per_million = 30\nreasoning_per_million = 1200\n"
+    )
+    config = MockConfig(cached_share=0.5, reasoning_tokens=7)
+
+    local, on_ray, _, _ = run_both(input_path, tmp_path, config, prices=str(prices))
+
+    assert_same_output(local.output, on_ray.output)
+    table = pq.read_table(on_ray.output)
+    assert pc.all(pc.equal(table.column("reasoning_tokens"), 7)).as_py()
+    assert pc.all(pc.is_valid(table.column("cost"))).as_py()
+    assert on_ray.cost is not None and on_ray.cost == local.cost
+    assert abs(float(on_ray.cost) - pc.sum(table.column("cost")).as_py()) < 1e-9
+
+
+@pytest.mark.ray
 def test_ray_resumes_a_local_run_and_retries_its_failed_rows(
     local_ray: Any, tmp_path: Path
 ) -> None:

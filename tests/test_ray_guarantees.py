@@ -102,10 +102,12 @@ class Arrivals:
                 self.in_flight -= 1
 
 
-def rate_limited(retry_after: str) -> web.Response:
-    return web.Response(
-        status=429, text='{"error": "slow down"}', headers={"Retry-After": retry_after}
-    )
+def rate_limited(retry_after: str, spent: bool = False) -> web.Response:
+    """A 429; ``spent``: it says the budget is spent (the job pauses, not just the row)."""
+    headers = {"Retry-After": retry_after}
+    if spent:
+        headers["x-ratelimit-remaining-requests"] = "0"
+    return web.Response(status=429, text='{"error": "slow down"}', headers=headers)
 
 
 # ---- durability --------------------------------------------------------------
@@ -330,9 +332,12 @@ def _sender_pids() -> list[int]:
 # ---- one budget for the job -----------------------------------------------------
 
 
-def test_a_429_in_one_sender_pauses_both(local_ray: Any, tmp_path: Path, threaded: Any) -> None:
-    """The 30th request gets a 429 with Retry-After: 1: for the next second no
-    request reaches the server, from either sender (4 in flight: 2 each)."""
+def test_a_spent_rate_limit_in_one_sender_pauses_both(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """The 30th request gets a 429 saying the rate limit is spent, with
+    Retry-After: 1: for the next second no request reaches the server, from
+    either sender (4 in flight: 2 each)."""
     from batchrun.engines.ray import run_on_ray
 
     hit: list[float] = []
@@ -340,7 +345,7 @@ def test_a_429_in_one_sender_pauses_both(local_ray: Any, tmp_path: Path, threade
     def decide(n: int, now: float) -> web.Response | None:
         if n == 30:
             hit.append(now)
-            return rate_limited("1")
+            return rate_limited("1", spent=True)
         return None
 
     server = Arrivals(decide, latency_s=0.02)

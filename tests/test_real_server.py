@@ -220,6 +220,11 @@ async def test_streamed_job(llama_server: str, tmp_path: Path) -> None:
         assert r["ttft_ms"] is not None and 0 < r["ttft_ms"] <= r["latency_ms"]
         # llama-cpp-python sends no usage in streams (it ignores stream_options)
         assert r["total_tokens"] is None or r["total_tokens"] > 0
+    # Rows answered without usage are counted and named, never shown as 0 tokens.
+    missing = sum(r["total_tokens"] is None for r in read_rows(out))
+    assert result.no_usage == missing
+    if missing:
+        assert f"usage not reported for {missing} row" in result.summary()
 
 
 async def test_triage_job_finds_the_way_llama_cpp_takes_the_schema(

@@ -58,6 +58,8 @@ JSON_STATS = [
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
     "reused_tokens",
     "no_usage",
     "cost",
@@ -429,11 +431,11 @@ def test_by_day_uses_a_day_column_when_there_is_one(tmp_path: Path) -> None:
 
 
 def test_null_and_numeric_keys(tmp_path: Path) -> None:
-    keep = pa.schema([pa.field("priority", pa.string()), pa.field("tier", pa.int64())])
-    rows = [out_row(i, tier=i % 2) for i in range(4)] + [out_row(4, tier=None, priority=None)]
+    keep = pa.schema([pa.field("priority", pa.string()), pa.field("level", pa.int64())])
+    rows = [out_row(i, level=i % 2) for i in range(4)] + [out_row(4, level=None, priority=None)]
     path = write_output(tmp_path / "out.parquet", rows, keep=keep)
-    data = report_json(str(path), "--by", "tier")
-    assert [(g["tier"], g["rows"]) for g in data["groups"]] == [(0, 2), (1, 2), (None, 1)]
+    data = report_json(str(path), "--by", "level")
+    assert [(g["level"], g["rows"]) for g in data["groups"]] == [(0, 2), (1, 2), (None, 1)]
     data = report_json(str(path), "--by", "priority")
     assert [(g["priority"], g["rows"]) for g in data["groups"]] == [
         ("high", 2),
@@ -531,9 +533,18 @@ def test_an_empty_output(tmp_path: Path) -> None:
 def test_json_schema_is_exact(tmp_path: Path) -> None:
     path = write_output(tmp_path / "out.parquet", mixed_rows())
     data = report_json(str(path), "--prices", str(prices_file(tmp_path)), "--by", "priority")
-    assert list(data) == ["total", "groups"]
+    assert list(data) == [
+        "total",
+        "groups",
+        "duplicates_skipped",
+        "batch_saved",
+        "compare",
+        "checks",
+    ]
+    assert data["batch_saved"] is None  # no row here was answered by a provider batch
+    assert data["compare"] is None and data["checks"] == []
     assert list(data["total"]) == JSON_STATS
-    assert list(JSON_STATS) == [*STAT_NAMES[:14], "currency", *STAT_NAMES[14:]]
+    assert list(JSON_STATS) == [*STAT_NAMES[:16], "currency", *STAT_NAMES[16:]]
     for group in data["groups"]:
         assert list(group) == ["priority", *JSON_STATS]
     for obj in [data["total"], *data["groups"]]:

@@ -21,7 +21,7 @@ from batchrun.errors import (
     ServerError,
     TooManyFailures,
 )
-from batchrun.limits import Limits
+from batchrun.limits import SPENT_STREAK, Limits
 from batchrun.outputs import STATUS_CODES, Record
 from batchrun.payload import Completion, Prepared
 from batchrun.progress import Tally
@@ -189,14 +189,155 @@ async def test_too_many_failures_stop_the_job() -> None:
     assert len([r for r in journal.records if r["status"] == "error"]) == tally.failed
 
 
-async def test_a_429_pauses_every_row_not_only_its_own() -> None:
+async def test_a_lone_429_retries_only_its_own_row() -> None:
     client = ScriptedClient(
         lambda row_id, n: (
-            RateLimited("HTTP 429", retry_after=2.0) if row_id == "r0" and n == 1 else ANSWER
+            RateLimited("HTTP 429", retry_after=2.0) if row_id == "r1" and n == 1 else ANSWER
         )
     )
-    sched, journal, _ = scheduler(client, 1, FakeSleep())
-    await sched.run(iter(rows(1)), 1)
-    assert sched.limits.pause_active()
-    assert sched.limits.pause.until > 0
-    assert journal.records[0]["attempts"] == 2
+    sleep = FakeSleep()
+    sched, journal, _ = scheduler(client, 4, sleep)
+    await sched.run(iter(rows(4)), 4)
+    assert not sched.limits.pause_active()
+    assert sleep.waits == [2.0]  # r1's own Retry-After; nobody else waited
+    assert sorted(r["attempts"] for r in journal.records) == [1, 1, 1, 2]
+
+
+async def test_a_429_that_says_the_budget_is_spent_pauses_every_row() -> None:
+    client = ScriptedClient(
+        lambda row_id, n: (
+            RateLimited("HTTP 429", retry_after=2.0, remaining_tokens=0)
+            if row_id == "r0" and n == 1
+            else ANSWER
+        )
+    )
+    sleep = FakeSleep()
+    sched, journal, _ = scheduler(client, 4, sleep)
+    await sched.run(iter(rows(4)), 4)
+    assert sched.limits.pause.episodes == 1
+    # r0's own wait, and every attempt (r0's retry and the three other rows)
+    # waits out the pause (FakeSleep leaves the clock alone: about 2 s each).
+    assert 2.0 in sleep.waits
+    assert sleep.waits == [pytest.approx(2.0, abs=0.5)] * 5
+    assert all(r["status"] == "ok" for r in journal.records)
+
+
+@pytest.mark.parametrize(
+    ("script", "episodes"),
+    [
+        ([429] * SPENT_STREAK + [200], 1),  # enough in a row: the budget looks spent
+        ([429] * (SPENT_STREAK - 1) + [200], 0),
+        ([429] * (SPENT_STREAK - 1) + [200] + [429] * (SPENT_STREAK - 1) + [200], 0),
+    ],
+    ids=["in-a-row", "one-short", "an-answer-between"],
+)
+async def test_429s_in_a_row_pause_the_job_an_answer_between_resets(
+    script: list[int], episodes: int
+) -> None:
+    # One worker, so the answers come in the script's order (two rows, one after the other).
+    outcomes = iter(script)
+
+    def answer(row_id: str, n: int) -> Completion | RequestError:
+        return ANSWER if next(outcomes) == 200 else RateLimited("HTTP 429", retry_after=0.0)
+
+    n = script.count(200)
+    sched, journal, _ = scheduler(ScriptedClient(answer), n, FakeSleep(), concurrency=1)
+    await sched.run(iter(rows(n)), n)
+    assert sched.limits.pause.episodes == episodes
+    assert all(r["status"] == "ok" for r in journal.records)
+
+
+# ---- a row waiting to retry lends its worker's place ----------------------------------
+
+
+class GateSleep(FakeSleep):
+    """Every wait lasts until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await self.gate.wait()
+
+
+class CountingClient(ScriptedClient):
+    """A ScriptedClient that counts the requests in flight at once."""
+
+    def __init__(self, script: Callable[[str, int], Completion | RequestError]) -> None:
+        super().__init__(script)
+        self.in_flight = self.peak = 0
+
+    async def complete(self, body: bytes) -> Completion:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            return await super().complete(body)
+        finally:
+            self.in_flight -= 1
+
+
+async def settle(journal: MemoryJournal, records: int, within_s: float = 2.0) -> None:
+    """Until ``records`` rows are journaled, or ``within_s`` seconds went by."""
+    for _ in range(int(within_s / 0.005)):
+        if len(journal.records) >= records:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_the_other_rows_are_sent_while_a_row_waits_to_retry() -> None:
+    client = CountingClient(
+        lambda row_id, n: ServerError("HTTP 503", 503) if row_id == "r0" and n == 1 else ANSWER
+    )
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 12, sleep, concurrency=2)
+    run = asyncio.create_task(sched.run(iter(rows(12)), 12))
+    await settle(journal, 11)
+    # r0 waits for its retry; its worker's place went to a stand-in, so all
+    # eleven other rows were sent meanwhile, never more than 2 at once.
+    assert sorted(r["row"] for r in journal.records) == list(range(1, 12))
+    assert client.calls["r0"] == 1 and client.peak == 2
+    sleep.gate.set()
+    await asyncio.wait_for(run, 5)
+    assert len(journal.records) == 12 and client.calls["r0"] == 2
+    assert client.peak == 2 and not sched.workers.tasks
+
+
+async def test_at_most_concurrency_rows_wait_with_their_place_lent() -> None:
+    # Every row's first attempt fails; its retry waits until the gate opens.
+    client = CountingClient(lambda row_id, n: ServerError("HTTP 503", 503) if n == 1 else ANSWER)
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 10, sleep, concurrency=2)
+    run = asyncio.create_task(sched.run(iter(rows(10)), 10))
+    await settle(journal, 1, within_s=0.3)  # none will come: every row is waiting
+    # Two rows lent their places, two more wait holding theirs: four rows started, no more.
+    assert sorted(client.calls) == ["r0", "r1", "r2", "r3"]
+    assert journal.records == []
+    sleep.gate.set()
+    await asyncio.wait_for(run, 5)
+    assert sorted(r["row"] for r in journal.records) == list(range(10))
+    assert all(r["attempts"] == 2 for r in journal.records) and client.peak <= 2
+
+
+async def test_a_stop_abandons_a_row_back_from_its_wait_without_a_place() -> None:
+    client = CountingClient(
+        lambda row_id, n: ServerError("HTTP 503", 503) if row_id == "r0" and n == 1 else ANSWER
+    )
+    sleep = GateSleep()
+    sched, journal, _ = scheduler(client, 200, sleep, concurrency=1)
+
+    run = asyncio.create_task(sched.run(iter(rows(200)), 200))
+    await settle(journal, 3)
+    sleep.gate.set()  # r0 is back and waits for the stand-in to finish its row...
+    for _ in range(1000):
+        if sched.workers.waiting:
+            break
+        await asyncio.sleep(0)
+    assert sched.workers.waiting
+    sched.stop(Interrupted("Stopped by Ctrl-C.", exit_code=130), 0.05)  # ...when the job stops
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(run, 5)
+    assert 0 not in {r["row"] for r in journal.records}  # r0 left for the resume
+    assert client.calls["r0"] == 1

@@ -18,9 +18,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun.checks import check_job
 from batchrun.config import SCHEMA_DIALECTS, Job, load_job
 from batchrun.errors import JobError
-from batchrun.lifecycle import RunOptions, check_job
+from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig, serve
 from batchrun.payload import Prepared
 from batchrun.schema_via import STATE_FILE, SchemaVia

@@ -487,10 +487,16 @@ async def test_client_ignores_anything_after_done(mocked: aioresponses, client: 
     assert got.text == "a"
 
 
-async def test_client_no_content_means_no_ttft(mocked: aioresponses, client: ApiClient) -> None:
-    stream_reply(mocked, sse(chunk(role=True), chunk(finish="stop")))
+async def test_client_ttft_is_the_first_content_not_the_role(
+    mocked: aioresponses, client: ApiClient
+) -> None:
+    stream_reply(mocked, sse(chunk(role=True), chunk(role=True), chunk("a"), chunk(finish="stop")))
     got = await client.complete(BODY)
-    assert got.text == "" and got.ttft_ms is None
+    assert got.text == "a" and got.ttft_ms is not None
+    # A stream with no content at all is an empty answer (test_answers), not an ok one.
+    stream_reply(mocked, sse(chunk(role=True), chunk(finish="stop")))
+    with pytest.raises(BadResponse, match="no text"):
+        await client.complete(BODY)
 
 
 @pytest.mark.parametrize(

@@ -6,4 +6,7 @@ embedded endpoint for ``--mock``) is written once in ``engines.shell``.
 
 - ``engines.local.run_job``: asyncio workers in this process (the default).
 - ``engines.ray.run_on_ray``: Ray actors (``--engine ray``, ``batchrun[ray]``).
+- ``engines.batch.run_batch_job``: a provider's Batch API (``mode = "batch"`` or
+  ``"hybrid"``), reached through ``engines.local.run_job``; its online part is
+  the local engine's.
 """

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from batchrun.config import Job
 from batchrun.errors import Interrupted, JobStopped, TooManyFailures
 from batchrun.outputs import STATUS_ERROR, Record
+from batchrun.prices import Prices
 from batchrun.progress import Progress, Tally
 
 log = logging.getLogger("batchrun")
@@ -121,14 +122,23 @@ class Heartbeat:
 
 class Recorder:
     """Journals each result and counts it into the tally; says when the job has
-    more failed rows than ``max_failures`` allows."""
+    more failed rows than ``max_failures`` allows. With ``prices``, each record
+    gets its ``cost`` (``Prices.row_cost``) before it is journaled, and the tally's
+    cost (when counted) grows by it: the summary is the sum of the column."""
 
-    def __init__(self, journal: Journaling, tally: Tally, max_failures: float | None) -> None:
+    def __init__(
+        self,
+        journal: Journaling,
+        tally: Tally,
+        max_failures: float | None,
+        prices: Prices | None = None,
+    ) -> None:
         self.journal = journal
         self.tally = tally
         self.max_failures = max_failures
         self.limit = failure_limit(max_failures, tally.total)
         self.failures = 0
+        self.prices = prices
 
     @property
     def status(self) -> Any:
@@ -137,13 +147,24 @@ class Recorder:
     def record(self, rec: Record) -> TooManyFailures | None:
         """Journal and count ``rec``; the stop to make once failures pass the limit."""
         before = self.journal.status[rec["row"]]
-        self.journal.append(rec)
         t = self.tally
+        if self.prices is not None:
+            cost = self.prices.row_cost(rec)
+            rec["cost"] = float(cost) if cost is not None else None
+            if cost is not None and t.cost is not None:
+                t.cost += cost
+        self.journal.append(rec)
         if before == STATUS_ERROR:
             t.failed -= 1  # --retry-failed: the new result replaces the old one
-        t.prompt_tokens += rec.get("prompt_tokens") or 0
-        t.completion_tokens += rec.get("completion_tokens") or 0
+        prompt, completion = rec.get("prompt_tokens"), rec.get("completion_tokens")
+        t.prompt_tokens += prompt or 0
+        t.completion_tokens += completion or 0
+        t.cached_tokens += rec.get("cached_tokens") or 0
+        t.reasoning_tokens += rec.get("reasoning_tokens") or 0
         status = rec["status"]
+        no_usage = prompt is None and completion is None and rec.get("total_tokens") is None
+        if no_usage and status != "error" and rec.get("attempts"):
+            t.no_usage += 1  # an answer that reported no usage at all
         if status == "ok":
             t.ok += 1
             return None

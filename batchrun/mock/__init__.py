@@ -3,7 +3,9 @@
 The server answers every valid request with a deterministic "extractive summary" of the
 last user message (or, for a ``response_format``, an instance of the schema) and honest
 token counts, and can inject faults (rate limits, 5xx, hangs, dropped connections,
-broken bodies, cut streams) at a configurable rate.
+broken bodies, cut streams) and the other answers real servers give (no content,
+content parts, refusals, tool calls, streams that end early or are not OpenAI
+chunks) at a configurable rate.
 
 Endpoints (``/_stats`` and ``/_reset`` are outside ``/v1`` on purpose: they are test
 controls, not part of the API being imitated):
@@ -34,6 +36,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from batchrun.mock.config import (
+    ANSWER_KINDS,
     FAULT_KINDS,
     FAULT_KINDS_DEFAULT,
     INVALID_KINDS,
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
     from batchrun.mock.server import MockServer, create_app, serve, serve_forever
 
 __all__ = [
+    "ANSWER_KINDS",
     "FAULT_KINDS",
     "FAULT_KINDS_DEFAULT",
     "INVALID_KINDS",

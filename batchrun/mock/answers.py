@@ -81,14 +81,16 @@ def _answer(
     defect: str | None = None,
     pick: int = 0,
     fenced: bool = False,
+    echo_chars: int = 0,
 ) -> tuple[str, str, str]:
     """Produce the completion for a validated request body.
 
     Returns ``(completion, finish_reason, outcome)``.
 
     Without ``schema`` the answer is an "extractive summary": ``"Summary: "`` plus the
-    first two sentences (see :func:`_summary_of`) of the last ``"user"`` message; the
-    outcome is ``"ok"``.
+    first two sentences (see :func:`_summary_of`) of the last ``"user"`` message, and
+    with ``echo_chars`` a line ``"You wrote: …"`` quoting that message's last
+    ``echo_chars`` characters; the outcome is ``"ok"``.
 
     With ``schema`` (see :func:`_validate`) it is the compact JSON text of the instance
     :class:`_Instance` derives from that message. ``defect`` (from
@@ -105,7 +107,10 @@ def _answer(
     text = _last_user_text(body["messages"])
     max_tokens = body.get("max_tokens") or DEFAULT_MAX_TOKENS
     if schema is None:
-        completion, finish_reason = _cut_tokens("Summary: " + _summary_of(text), max_tokens)
+        completion = "Summary: " + _summary_of(text)
+        if echo_chars:
+            completion += f'\nYou wrote: "…{text[-echo_chars:]}"'
+        completion, finish_reason = _cut_tokens(completion, max_tokens)
         return completion, finish_reason, "ok"
 
     instance = _Instance(text).value(schema)
@@ -216,3 +221,79 @@ def _drop_required(instance: Any, schema: dict[str, Any], pick: int) -> dict[str
         return None
     gone = present[pick % len(present)]
     return {key: value for key, value in instance.items() if key != gone}
+
+
+# ---- the other answers real servers give (the ANSWER_KINDS faults) -------------------------
+
+REFUSAL: Final = "I'm sorry, but I can't help with that request."
+"""What a ``"refusal"`` answer says in ``message.refusal``."""
+TOOL_NAME: Final = "record_summary"
+"""The function a ``"tool-calls"`` answer calls, with ``{"summary": <the answer>}``."""
+
+
+def shaped_message(
+    kind: str | None, completion: str, finish_reason: str, call_id: str
+) -> tuple[dict[str, Any], str]:
+    """The ``message`` and finish reason of a plain answer, shaped as ``kind``
+    (one of ``ANSWER_KINDS``) says; any other kind leaves it a plain text answer."""
+    message: dict[str, Any] = {"role": "assistant", "content": completion}
+    if kind == "no-content":
+        message["content"] = None
+    elif kind == "content-parts":
+        half = len(completion) // 2
+        message["content"] = [
+            {"type": "text", "text": completion[:half]},
+            {"type": "text", "text": completion[half:]},
+        ]
+    elif kind == "refusal":
+        message.update(content=None, refusal=REFUSAL)
+    elif kind == "tool-calls":
+        arguments = orjson.dumps({"summary": completion}).decode()
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": TOOL_NAME, "arguments": arguments},
+        }
+        message.update(content=None, tool_calls=[call])
+        finish_reason = "tool_calls"
+    return message, finish_reason
+
+
+def shaped_deltas(
+    kind: str | None, pieces: list[str], finish_reason: str, call_id: str
+) -> tuple[list[dict[str, Any]], str]:
+    """The ``delta`` of each chunk of a streamed answer (whose text comes in
+    ``pieces``) and its finish reason, shaped as ``kind`` says, as OpenAI streams
+    them: a refusal in ``delta.refusal`` pieces, a tool call's arguments in
+    ``delta.tool_calls[].function.arguments`` pieces after its id and name."""
+    if kind == "no-content":
+        return [{"role": "assistant"}], finish_reason
+    if kind == "refusal":
+        words = REFUSAL.split(" ")
+        parts = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        return [{"role": "assistant", "content": None, "refusal": parts[0]}] + [
+            {"refusal": p} for p in parts[1:]
+        ], finish_reason
+    if kind == "tool-calls":
+        arguments = orjson.dumps({"summary": "".join(pieces)}).decode()
+        step = max(1, len(arguments) // 4)
+        head = {"index": 0, "id": call_id, "type": "function"}
+        first = {**head, "function": {"name": TOOL_NAME, "arguments": ""}}
+        deltas: list[dict[str, Any]] = [
+            {"role": "assistant", "content": None, "tool_calls": [first]}
+        ]
+        for start in range(0, len(arguments), step):
+            piece = arguments[start : start + step]
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        return deltas, "tool_calls"
+    if kind == "content-parts":
+        return [
+            {"role": "assistant", "content": [{"type": "text", "text": p}]}
+            if i == 0
+            else {"content": [{"type": "text", "text": p}]}
+            for i, p in enumerate(pieces)
+        ], finish_reason
+    return [
+        {"role": "assistant", "content": p} if i == 0 else {"content": p}
+        for i, p in enumerate(pieces)
+    ], finish_reason

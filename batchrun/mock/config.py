@@ -12,9 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+ANSWER_KINDS: tuple[str, ...] = (
+    "no-content",
+    "content-parts",
+    "refusal",
+    "tool-calls",
+    "early-done",
+    "token-stream",
+)
+"""Answers real servers give that are not a plain text completion (see
+:class:`MockConfig`): drawn only when named in ``faults``."""
+
 FAULT_KINDS: tuple[str, ...] = (
     "429",
     "429-no-retry-after",
+    "429-exhausted",
     "500",
     "502",
     "503",
@@ -25,11 +37,16 @@ FAULT_KINDS: tuple[str, ...] = (
     "truncated",
     "no-usage",
     "stream-cut",
+    *ANSWER_KINDS,
 )
 """Every fault the mock can inject (see :class:`MockConfig`)."""
 
-FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(k for k in FAULT_KINDS if k != "stream-cut")
-"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for streams)."""
+FAULT_KINDS_DEFAULT: tuple[str, ...] = tuple(
+    k for k in FAULT_KINDS if k not in ("stream-cut", "429-exhausted") and k not in ANSWER_KINDS
+)
+"""Faults drawn from by default: all but ``"stream-cut"`` (only meaningful for
+streams), ``"429-exhausted"`` (a spent budget, which pauses a whole job: asked
+for by name) and the :data:`ANSWER_KINDS`."""
 
 INVALID_KINDS: tuple[str, ...] = ("not-json", "wrong-type", "missing-required", "cut-off")
 """Every way the mock can spoil a structured answer (see :class:`MockConfig`)."""
@@ -100,7 +117,31 @@ class MockConfig:
             (before the first chunk of a stream). 0 = none.
         fault_rate: Probability in [0, 1] that a valid request gets a fault.
         faults: Kinds (from :data:`FAULT_KINDS`) a fault is drawn from, uniformly.
+            Besides errors and broken bodies, the :data:`ANSWER_KINDS` answer the
+            way some real servers do: ``"no-content"`` (``content: null``, a stream
+            with no content delta), ``"content-parts"`` (content as a list of
+            ``{"type": "text"}`` parts), ``"refusal"`` (``message.refusal``, no
+            content), ``"tool-calls"`` (only ``tool_calls``, finish reason
+            ``"tool_calls"``), and for streams only ``"early-done"`` (``data:
+            [DONE]`` halfway, with no finish reason and no usage, as llama.cpp's
+            server does when another request arrives) and ``"token-stream"``
+            (events ``{"token": ...}`` that are not OpenAI chunks); a plain request
+            drawing one of those two gets the plain answer.
         retry_after_s: Value of the ``Retry-After`` header on ``"429"`` faults.
+        retry_after_s: Value of the ``Retry-After`` header on ``"429"`` and
+            ``"429-exhausted"`` faults. ``"429-exhausted"`` also says
+            ``x-ratelimit-remaining-requests: 0`` (the budget is spent);
+            ``"429-no-retry-after"`` sends no header.
+        send_retry_after_ms: Every ``Retry-After`` the mock sends also comes as
+            ``retry-after-ms`` (milliseconds), and ``Retry-After`` itself in whole
+            seconds rounded up, as servers that send both do.
+        rpm_limit: Requests a minute the mock admits (0: no limit), as a bucket of
+            one second's worth (at least one request) refilled evenly; a request that
+            finds it empty gets 429 ``rate_limit_exceeded`` (outcome ``"rpm-limit"``)
+            with ``x-ratelimit-remaining-requests: 0`` and a ``Retry-After`` of the
+            time until the bucket is full again. With a limit, every answer carries
+            ``x-ratelimit-limit-requests``, ``-remaining-requests`` and
+            ``-reset-requests``. Counted after authentication, before validation.
         hang_s: How long a ``"hang"`` fault sleeps before answering normally (meant
             to exceed the client's timeout).
         seed: Seed of the deterministic fault draws.
@@ -142,6 +183,22 @@ class MockConfig:
         strict: Refuse (400, naming it) a body field that is not an OpenAI chat field
             (``structured_outputs`` is one where ``schema_via`` takes it); when False,
             unknown fields are ignored.
+        unknown_fields: OpenAI chat fields this endpoint does not know, as a server
+            with fewer fields (LLMTune's guide lists no ``stream_options``): refused
+            like any unknown field when ``strict``, ignored otherwise (without
+            ``stream_options``, a stream has no usage event).
+        echo_chars: A text answer ends with ``"\nYou wrote: …"`` and the last
+            ``echo_chars`` characters of the last user message, as a model repeating a
+            customer's details (and any placeholders batchrun's ``pii`` put there). 0: off.
+        cached_share: Share in [0, 1] of each prompt's tokens the usage reports as
+            read from a cache (``usage.prompt_tokens_details.cached_tokens``, rounded
+            down), as OpenAI does. 0 with ``reasoning_tokens`` 0: no usage details.
+        reasoning_tokens: Hidden reasoning tokens each answer reports
+            (``usage.completion_tokens_details.reasoning_tokens``), counted in its
+            ``completion_tokens`` as a reasoning model's are.
+        batch_rows_per_s, batch_start_s, batch_cancel_s, batch_expire_s,
+            batch_fail_rate, batch_fail_validation: the simulated Batch API queue
+            (``/v1/files``, ``/v1/batches``; see :mod:`.batches`).
     """
 
     api_key: str | None = _flag(
@@ -154,10 +211,17 @@ class MockConfig:
     fault_rate: float = _flag(0.0, "Share of requests (0..1) that get a fault.")
     faults: tuple[str, ...] = _flag(
         FAULT_KINDS_DEFAULT,
-        "Fault kinds to draw from (default: all but stream-cut).",
+        "Fault kinds to draw from (default: all but stream-cut and the answer kinds).",
         parse=_fault_kinds,
     )
     retry_after_s: float = _flag(1.0, "Retry-After sent with 429 faults.")
+    send_retry_after_ms: bool = _flag(
+        False, "Send retry-after-ms too, and Retry-After in whole seconds rounded up."
+    )
+    rpm_limit: float = _flag(
+        0.0,
+        "Admit this many requests a minute, 429 with x-ratelimit headers past it (0: no limit).",
+    )
     hang_s: float = _flag(30.0, "How long a hang fault holds the answer.")
     seed: int = _flag(0, "Seed of the fault draws.")
     context_tokens: int = _flag(32768, "Prompts longer than this get 400 context_length_exceeded.")
@@ -179,6 +243,32 @@ class MockConfig:
         "Status for a schema sent another way (0: 500 as llama.cpp for json_object_schema, else 400).",
     )
     strict: bool = _flag(False, "Refuse unknown body fields with a 400 naming the field.")
+    unknown_fields: tuple[str, ...] = _flag(
+        (),
+        "OpenAI fields it does not know (e.g. stream_options): refused with --strict, else ignored.",
+        parse=_names,
+    )
+    echo_chars: int = _flag(
+        0, "End each text answer with the prompt's last N characters, quoted (0: off)."
+    )
+    cached_share: float = _flag(
+        0.0, "Share of each prompt's tokens (0..1) reported as cached (prompt_tokens_details)."
+    )
+    reasoning_tokens: int = _flag(
+        0, "Reasoning tokens per answer, in completion_tokens (completion_tokens_details)."
+    )
+    batch_rows_per_s: float = _flag(
+        5.0, "Rows per second the Batch API's queue answers (all batches together)."
+    )
+    batch_start_s: float = _flag(2.0, "Seconds a new batch spends validating before its first row.")
+    batch_cancel_s: float = _flag(0.5, "Seconds a cancelling batch takes to become cancelled.")
+    batch_expire_s: float = _flag(
+        86400.0, "Seconds a batch may run before it expires, its unanswered rows in the error file."
+    )
+    batch_fail_rate: float = _flag(
+        0.0, "Share of batch rows (0..1) answered with an error line (HTTP 500)."
+    )
+    batch_fail_validation: int = _flag(0, "The first N batches fail validation (for tests).")
 
     def __post_init__(self) -> None:
         """Validate the fields; raise ``ValueError`` on nonsense so typos fail loudly."""
@@ -192,18 +282,19 @@ class MockConfig:
             raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
         if self.fault_rate > 0.0 and not self.faults:
             raise ValueError("fault_rate > 0 needs at least one fault kind in faults")
-        for name in ("latency_s", "retry_after_s", "hang_s"):
+        for name in ("latency_s", "retry_after_s", "hang_s", "rpm_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_tokens < 1:
             raise ValueError(f"context_tokens must be >= 1, got {self.context_tokens}")
-        if self.fail_first < 0:
-            raise ValueError(f"fail_first must be >= 0, got {self.fail_first}")
+        for name in ("fail_first", "reasoning_tokens", "echo_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "invalid_kinds", tuple(self.invalid_kinds))
         unknown = [k for k in self.invalid_kinds if k not in INVALID_KINDS]
         if unknown:
             raise ValueError(f"unknown invalid kind(s) {unknown}; expected any of {INVALID_KINDS}")
-        for name in ("invalid_rate", "fence_rate"):
+        for name in ("invalid_rate", "fence_rate", "cached_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.invalid_rate > 0.0 and not self.invalid_kinds:
@@ -212,6 +303,16 @@ class MockConfig:
             raise ValueError(
                 f"schema_via must be one of {SCHEMA_VIA_MODES}, got {self.schema_via!r}"
             )
+        object.__setattr__(self, "unknown_fields", tuple(self.unknown_fields))
+        if {"model", "messages"} & set(self.unknown_fields):
+            raise ValueError("unknown_fields cannot hold model or messages: every request has them")
+        if self.batch_rows_per_s <= 0:
+            raise ValueError(f"batch_rows_per_s must be > 0, got {self.batch_rows_per_s}")
+        for name in ("batch_start_s", "batch_cancel_s", "batch_expire_s", "batch_fail_validation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.batch_fail_rate <= 1.0:
+            raise ValueError(f"batch_fail_rate must be within [0, 1], got {self.batch_fail_rate}")
         if self.format_error_status and not 400 <= self.format_error_status <= 599:
             raise ValueError(
                 f"format_error_status must be 0 or an error status (400-599), got {self.format_error_status}"
@@ -225,7 +326,8 @@ class MockStats:
     Attributes:
         requests: Requests received on the completion endpoints (any outcome).
         by_outcome: Count per outcome, one per request: ``"ok"``, a fault kind,
-            ``"401"``, ``"400"``, ``"invalid:<kind>"`` (a spoiled structured answer, see
+            ``"401"``, ``"400"``, ``"rpm-limit"`` (refused by :attr:`MockConfig.rpm_limit`),
+            ``"invalid:<kind>"`` (a spoiled structured answer, see
             :attr:`MockConfig.invalid_kinds`) or ``"fenced"`` (a structured answer
             wrapped in a code fence).
         bodies: SHA-256 hex digest of the raw request body -> times that exact body

@@ -5,7 +5,8 @@ llama.cpp (``{"type": "json_object", "schema": ...}``; a json_schema
 (``structured_outputs``) or a server that takes none (the schema can only come
 in the prompt). With ``strict``, a body field the endpoint does not know is a
 400 naming it, as strict servers answer; without, it is ignored, as llama.cpp
-ignores ``structured_outputs``.
+ignores ``structured_outputs``. :func:`known_fields` plays a server that does
+not know some OpenAI fields (``MockConfig.unknown_fields``) the same way.
 
 :func:`requested_schema` reads a validated body and says what the answer must
 follow, or raises :class:`Refusal` with the status and body to send back. The
@@ -78,6 +79,17 @@ def _invalid(message: str, status: int = 0) -> Refusal:
     return Refusal(
         status or 400, {"error": "invalid_request", "message": message}, "" if status else "400"
     )
+
+
+def known_fields(body: dict[str, Any], unknown: tuple[str, ...], strict: bool) -> dict[str, Any]:
+    """``body`` as an endpoint that does not know the ``unknown`` fields reads it:
+    without them, or (``strict``) refused with a 400 naming the first one present."""
+    present = [name for name in unknown if name in body]
+    if not present:
+        return body
+    if strict:
+        raise _invalid(f"Unrecognized request argument supplied: {present[0]}")
+    return {name: value for name, value in body.items() if name not in present}
 
 
 def requested_schema(body: dict[str, Any], mode: str, strict: bool, status: int) -> Any:

@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,9 +35,17 @@ from aiohttp import web
 
 from batchrun.aio import run_coroutine
 from batchrun.files import write_atomic
-from batchrun.mock.answers import _TOKEN_RE, _answer, count_tokens
+from batchrun.mock.answers import (
+    _TOKEN_RE,
+    _answer,
+    count_tokens,
+    shaped_deltas,
+    shaped_message,
+)
+from batchrun.mock.batches import add_batch_api
 from batchrun.mock.config import MockConfig, MockStats
-from batchrun.mock.dialects import Refusal, requested_schema
+from batchrun.mock.dialects import Refusal, known_fields, requested_schema
+from batchrun.mock.limit import JSON_HEADERS, RequestLimit, retry_after_headers
 
 # Grace period (seconds) that server shutdown gives in-flight handlers before cancelling
 # them. aiohttp's default is 60 s, which would make every test that leaves a "hang"
@@ -51,7 +58,7 @@ _PIECE_TOKENS: Final = 4  # tokens per streamed delta, roughly what real servers
 # real chat templates.
 _MESSAGE_OVERHEAD_TOKENS: Final = 4
 
-_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+_JSON_HEADERS: Final = JSON_HEADERS
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _SSE_DONE: Final = b"data: [DONE]\n\n"
 _MALFORMED_BODY: Final = b"{not json"
@@ -60,23 +67,12 @@ _MALFORMED_BODY: Final = b"{not json"
 _STATUS_FAULTS: Final[dict[str, tuple[int, str, str]]] = {
     "429": (429, "rate_limited", "Rate limit exceeded"),
     "429-no-retry-after": (429, "rate_limited", "Rate limit exceeded"),
+    "429-exhausted": (429, "rate_limited", "Rate limit exceeded"),
     "500": (500, "server_error", "Internal server error"),
     "502": (502, "bad_gateway", "Bad gateway"),
     "503": (503, "service_unavailable", "Service unavailable"),
     "504": (504, "gateway_timeout", "Gateway timeout"),
 }
-
-
-def _format_seconds(seconds: float) -> str:
-    """Format a non-negative number of seconds compactly for a header: 1.0 -> "1", 0.05 -> "0.05".
-
-    Goes through ``Decimal(repr(x))`` so tiny values are written positionally
-    ("0.0000001") instead of in exponent form, which HTTP clients do not parse.
-    """
-    text = format(Decimal(repr(float(seconds))), "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text or "0"
 
 
 class _BadRequest(Exception):
@@ -183,10 +179,12 @@ class _Endpoint:
         self._auth: bytes | None = (
             f"Bearer {config.api_key}".encode() if config.api_key is not None else None
         )
-        self._retry_after = {
-            **_JSON_HEADERS,
-            "Retry-After": _format_seconds(config.retry_after_s),
+        self._retry_after = retry_after_headers(config.retry_after_s, config.send_retry_after_ms)
+        self._fault_headers = {
+            "429": self._retry_after,
+            "429-exhausted": {**self._retry_after, "x-ratelimit-remaining-requests": "0"},
         }
+        self._limit = RequestLimit(config.rpm_limit) if config.rpm_limit > 0 else None
         self._seed_prefix = f"{config.seed}:"
         self._invalid_prefix = f"{config.seed}:invalid:"
         self._fence_prefix = f"{config.seed}:fence:"
@@ -270,6 +268,15 @@ class _Endpoint:
             if not hmac.compare_digest(sent, self._auth):
                 self._outcome("401")
                 return _error(401, "invalid_api_key", "Invalid or missing API key")
+        headers = _JSON_HEADERS
+        limit = self._limit
+        if limit is not None:
+            if not limit.take():
+                self._outcome("rpm-limit")
+                wait = retry_after_headers(limit.reset_s(), config.send_retry_after_ms)
+                message = f"Rate limit of {config.rpm_limit:g} requests a minute reached"
+                return _error(429, "rate_limit_exceeded", message, wait | limit.headers())
+            headers = _JSON_HEADERS | limit.headers()
 
         try:
             try:
@@ -277,6 +284,7 @@ class _Endpoint:
             except orjson.JSONDecodeError:
                 raise _BadRequest("invalid_request", "Request body is not valid JSON") from None
             model, _, prompt_tokens = _validate(body, path_model)
+            body = known_fields(body, config.unknown_fields, config.strict)
             if prompt_tokens > config.context_tokens:
                 raise _BadRequest(
                     "context_length_exceeded",
@@ -316,20 +324,26 @@ class _Endpoint:
                 fault = None
             elif fault in _STATUS_FAULTS:
                 status, code, message = _STATUS_FAULTS[fault]
-                headers = self._retry_after if fault == "429" else None
-                return _error(status, code, message, headers)
+                return _error(status, code, message, headers | self._fault_headers.get(fault, {}))
             elif fault == "drop" or (fault == "stream-cut" and not stream):
                 return _drop(request)
 
-        completion, finish_reason, outcome = _answer(body, schema, defect, pick, fenced)
+        completion, finish_reason, outcome = _answer(
+            body, schema, defect, pick, fenced, config.echo_chars
+        )
         if not faulted:
             self._outcome(outcome)
-        completion_tokens = count_tokens(completion)
-        usage = {
+        completion_tokens = count_tokens(completion) + config.reasoning_tokens
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if config.cached_share or config.reasoning_tokens:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": int(prompt_tokens * config.cached_share)
+            }
+            usage["completion_tokens_details"] = {"reasoning_tokens": config.reasoning_tokens}
         completion_id = "chatcmpl-" + body_hash[:24]
         created = int(time.time())
         if stream:
@@ -343,30 +357,28 @@ class _Endpoint:
                 completion,
                 finish_reason,
                 usage,
+                headers,
             )
 
+        answer, finish_reason = shaped_message(
+            fault, completion, finish_reason, "call_" + body_hash[:24]
+        )
         payload: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": completion},
-                    "finish_reason": finish_reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": answer, "finish_reason": finish_reason}],
             "usage": usage,
         }
         if fault == "no-usage":
             del payload["usage"]
         elif fault == "malformed":
-            return web.Response(body=_MALFORMED_BODY, headers=_JSON_HEADERS)
+            return web.Response(body=_MALFORMED_BODY, headers=headers)
         encoded = orjson.dumps(payload)
         if fault == "truncated":
             encoded = encoded[: len(encoded) // 2]
-        return web.Response(body=encoded, headers=_JSON_HEADERS)
+        return web.Response(body=encoded, headers=headers)
 
     async def _stream(
         self,
@@ -378,14 +390,18 @@ class _Endpoint:
         model: str,
         completion: str,
         finish_reason: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         """Answer as server-sent events; see the module docs of the stream fault variants.
 
         Faults on streams: ``"malformed"`` sends an event whose data is not JSON (then
         ``[DONE]``); ``"truncated"`` ends the response cleanly after the first half of
         the event bytes (no ``[DONE]``); ``"stream-cut"`` sends the first event and then
-        closes the connection mid-response; ``"no-usage"`` omits the usage event.
+        closes the connection mid-response; ``"no-usage"`` omits the usage event;
+        ``"early-done"`` sends ``[DONE]`` after the first half of the content events
+        (no finish reason, no usage); ``"token-stream"`` sends ``{"token": piece}``
+        events; the other answer kinds shape the deltas (:func:`.answers.shaped_deltas`).
         """
         head = {
             "id": completion_id,
@@ -396,12 +412,19 @@ class _Endpoint:
         events: list[bytes] = []
         if fault == "malformed":
             events.append(b"data: " + _MALFORMED_BODY + b"\n\n")
+        elif fault == "token-stream":
+            events.extend(_sse({"token": piece}) for piece in _pieces(completion))
         else:
-            for i, piece in enumerate(_pieces(completion)):
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            deltas, finish_reason = shaped_deltas(
+                fault, _pieces(completion), finish_reason, "call_" + completion_id[9:]
+            )
+            if fault == "early-done":
+                deltas = deltas[: (len(deltas) + 1) // 2]
+            for delta in deltas:
                 events.append(
                     _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
                 )
+        if fault not in ("malformed", "token-stream", "early-done"):
             events.append(
                 _sse(
                     {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]}
@@ -416,7 +439,8 @@ class _Endpoint:
                 events.append(_sse({**head, "choices": [], "usage": usage}))
         events.append(_SSE_DONE)
 
-        response = web.StreamResponse(headers=_SSE_HEADERS)
+        # The SSE content type, and the rate-limit headers when a limit is enforced.
+        response = web.StreamResponse(headers=headers | _SSE_HEADERS)
         await response.prepare(request)
         if fault == "stream-cut":
             await response.write(events[0])
@@ -450,6 +474,7 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_post("/v1/models/{model_id:.+}/inference", endpoint.model_inference)
     app.router.add_get("/_stats", endpoint.get_stats)
     app.router.add_post("/_reset", endpoint.reset_stats)
+    add_batch_api(app, config)
     return app
 
 

@@ -1,9 +1,12 @@
 """Usage and cost of finished jobs (``batchrun report``), read back from their
 output files. What lives where:
 
-- :mod:`~batchrun.report.compute`: reading the outputs and computing the figures
-  (:class:`Report`, :class:`Stats`, :func:`build_report`); what each figure
-  counts is told there.
+- :mod:`~batchrun.report.read`: reading the outputs, each paid answer once
+  (shard parts beside their merged file, a copy).
+- :mod:`~batchrun.report.compute`: computing the figures (:class:`Report`,
+  :class:`Stats`, :func:`build_report`); what each figure counts is told there.
+- :mod:`~batchrun.report.compare`: ``--compare`` (night over night) and the
+  ``--fail-if`` checks.
 - :mod:`~batchrun.report.render`: the text formats (:func:`render`: table, csv,
   json, markdown) and the number and money formatters.
 - :mod:`~batchrun.report.html`: the self-contained HTML page (:func:`render_html`,

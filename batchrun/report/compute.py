@@ -5,26 +5,34 @@ outputs (files, folders of ``*.parquet``, globs), only the columns it needs, and
 counts in total and per group. What each figure means:
 
 - ``rows``: every output row. ``ok``, ``failed`` (status ``error``) and
-  ``invalid`` (status ``invalid``: the API answered, and was paid, but the answer
-  did not fit the job's schema) are counted apart: an invalid row is not an API
-  failure.
+  ``invalid`` (status ``invalid``: the API answered, and was paid, but not as
+  the job asked: the answer did not fit its schema, or was a refusal or tool
+  calls the request did not offer) are counted apart: an invalid row is not an
+  API failure.
 - A row with ``attempts == 0`` had no request in the run that wrote it: either
   *reused* (status ``ok``, copied by ``--reuse`` from an earlier output) or never
   sent (it could not be turned into a request; status ``error``). Nothing was paid
   for it in that run, so its tokens are in neither the token sums nor the cost:
   ``reused`` counts the reused rows and ``reused_tokens`` their total tokens.
-- ``prompt_tokens``, ``completion_tokens``, ``total_tokens``: sums of the usage
-  columns over the rows sent (``attempts >= 1``; a null ``attempts`` counts as
-  sent, so cost is never under-reported), failed and invalid rows included where
-  the API reported usage. A null usage counts 0; ``no_usage`` counts the ok and
-  invalid rows sent whose answer reported no usage at all (the cost misses them).
-- ``cost``: exact ``Decimal``. Tokens are summed per group and model (integers,
-  exact), then priced once with :class:`~batchrun.prices.Prices` — the same
-  figure as pricing each row and summing, since a price is linear in tokens. A
-  group with any sent row whose model has no price has ``cost = None``
-  ("unpriced", never 0); ``priced_cost`` is then the cost of its priced rows and
-  ``unpriced_tokens`` the prompt + completion tokens left unpriced. Without a
-  prices file every sent row is unpriced and ``priced_cost`` is None.
+- ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``
+  (of the prompt tokens, those read from the server's cache) and
+  ``reasoning_tokens`` (of the completion tokens, those of hidden reasoning):
+  sums of the usage columns over the rows sent (``attempts >= 1``; a null
+  ``attempts`` counts as sent, so cost is never under-reported), failed and
+  invalid rows included where the API reported usage. A null usage counts 0;
+  ``no_usage`` counts the ok and invalid rows sent whose answer reported no usage
+  at all (the cost misses them).
+- ``cost``: exact ``Decimal``. Each row's four kinds of tokens (uncached and
+  cached prompt, plain and reasoning completion; cached held to at most the
+  prompt tokens, reasoning to the completion tokens) are summed per group, model,
+  price period (the rates in force on the UTC date of ``finished_at``) and
+  ``tier``, then priced once with :meth:`~batchrun.prices.Rates.cost`, the
+  function that prices ``batchrun run``'s ``cost`` column — the same figure as
+  pricing each row and summing, since a cost is linear in tokens. A group with
+  any sent row whose model has no price has ``cost = None`` ("unpriced", never
+  0); ``priced_cost`` is then the cost of its priced rows and ``unpriced_tokens``
+  the prompt + completion tokens left unpriced. Without a prices file every sent
+  row is unpriced and ``priced_cost`` is None.
 - ``tokens_per_row_*``: mean, median and 95th percentile of ``total_tokens``
   over the sent rows that reported it; ``latency_ms_p50`` / ``_p95`` over the sent
   rows (milliseconds, retries included). Percentiles interpolate linearly; None
@@ -33,7 +41,8 @@ counts in total and per group. What each figure means:
   ``attempts >= 1`` (re-asks after an answer that did not fit the schema count).
 
 ``--by day`` groups by the UTC date of ``finished_at`` unless the output has a
-column named ``day``.
+column named ``day``. Rows a file holds that an earlier file held already are
+counted once (:mod:`batchrun.report.read`).
 """
 
 from __future__ import annotations
@@ -41,35 +50,21 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from batchrun.errors import InputError, JobError
+from batchrun.errors import JobError
 from batchrun.outputs import output_files
-from batchrun.prices import Prices, load_prices
+from batchrun.prices import BATCH, ONLINE, Prices, load_prices
+from batchrun.report.read import read_outputs, utc_dates, utc_day
 
-NEEDED_COLUMNS = (
-    "model",
-    "status",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "latency_ms",
-    "attempts",
-    "finished_at",
-)
-"""The columns of a batchrun output that the report reads (plus the ``--by`` ones)."""
-
-DAY = "day"
-"""``--by day``: the UTC date of ``finished_at``, unless the output has a ``day`` column."""
-
+if TYPE_CHECKING:
+    from batchrun.report.compare import Comparison
 
 # ---- the figures -----------------------------------------------------------------------
 
@@ -88,6 +83,8 @@ class Stats:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
     reused_tokens: int
     no_usage: int
     cost: Decimal | None
@@ -100,6 +97,16 @@ class Stats:
     latency_ms_p50: float | None
     latency_ms_p95: float | None
     retries: int
+
+    @property
+    def cached_share(self) -> float | None:
+        """Of the prompt tokens, the share read from the cache (None: no prompt tokens)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+    @property
+    def reasoning_share(self) -> float | None:
+        """Of the completion tokens, the share of hidden reasoning."""
+        return self.reasoning_tokens / self.completion_tokens if self.completion_tokens else None
 
 
 STAT_NAMES = tuple(f.name for f in fields(Stats))
@@ -151,86 +158,20 @@ class Report:
     days: tuple[Day, ...]
     never_sent: int = 0
     """Rows with attempts 0 that are not ok: they could not be made into a request."""
+    duplicates: int = 0
+    """Rows skipped because an earlier file held them already (shard parts and
+    their merged file, a copy)."""
+    tiers: tuple[tuple[str, Stats], ...] = ()
+    """The figures per ``tier`` (online, batch)."""
+    batch_saved: Decimal | None = None
+    """What the rows a provider batch answered would have cost more online (None:
+    no priced batch row)."""
+    comparison: Comparison | None = None
+    """Against ``--compare``'s outputs, and the ``--fail-if`` checks."""
 
     @property
     def currency(self) -> str | None:
         return self.prices.currency if self.prices is not None else None
-
-
-# ---- reading outputs --------------------------------------------------------------------
-
-
-def read_outputs(files: Sequence[Path], by: Sequence[str] = ()) -> pd.DataFrame:
-    """The needed columns and the ``by`` columns of every file, one frame.
-
-    Integer columns come back as nullable ``Int64``/``Int32``. ``day`` (when asked
-    for and absent) is derived per file: the UTC date of ``finished_at`` as
-    ``YYYY-MM-DD``, None where it is null. InputError names the file and what is
-    wrong: not Parquet, not a batchrun output (the columns it lacks), a ``by``
-    column it does not have (with the columns it has), a nested ``by`` column."""
-    frames = [_read_output(path, by) for path in files]
-    if not frames:
-        raise InputError("No output file given. Name output files, folders or globs.")
-    if len(frames) == 1:
-        return frames[0]
-    return pd.concat(frames, ignore_index=True)
-
-
-def _read_output(path: Path, by: Sequence[str]) -> pd.DataFrame:
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(
-            f"{path} is not a Parquet file ({exc}). Give the output files that `batchrun run` writes."
-        ) from None
-    schema = parquet.schema_arrow
-    names = schema.names
-    missing = [c for c in NEEDED_COLUMNS if c not in names]
-    if missing:
-        raise InputError(
-            f"{path} is not a batchrun output: it lacks the column{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(missing)}. Give the Parquet files that `batchrun run` writes."
-        )
-    derive_day = False
-    for column in by:
-        if column == DAY and DAY not in names:
-            derive_day = True
-        elif column not in names:
-            raise InputError(
-                f"--by {column}: {path} has no column {column}. Its columns are: {', '.join(names)} "
-                "(and day: the UTC date of finished_at)."
-            )
-        elif pa.types.is_nested(schema.field(column).type):
-            raise InputError(
-                f"--by {column}: column {column} of {path} holds {schema.field(column).type} values, "
-                "which cannot be grouped. Group by a column of plain values."
-            )
-    columns = list(dict.fromkeys([*NEEDED_COLUMNS, *(c for c in by if c in names)]))
-    try:
-        table = parquet.read(columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"Cannot read {path}: {exc}. Is the file complete?") from None
-    frame = table.to_pandas(types_mapper=_NULLABLE_INTS.get)
-    if derive_day:
-        frame[DAY] = _utc_day(frame["finished_at"])
-    return frame
-
-
-_NULLABLE_INTS = {
-    pa.int64(): pd.Int64Dtype(),
-    pa.int32(): pd.Int32Dtype(),
-    pa.int16(): pd.Int16Dtype(),
-    pa.int8(): pd.Int8Dtype(),
-}
-
-
-def _utc_day(finished_at: pd.Series) -> pd.Series:
-    """``YYYY-MM-DD`` (UTC) of each timestamp, None where null. Only the distinct
-    dates are formatted: strftime on a million rows takes seconds."""
-    stamps = pd.to_datetime(finished_at, utc=True).dt.floor("D")
-    codes, uniques = pd.factorize(stamps, use_na_sentinel=True)
-    labels = np.array([*(d.strftime("%Y-%m-%d") for d in uniques), None], dtype=object)
-    return pd.Series(labels[codes], index=finished_at.index, dtype=object)
 
 
 # ---- computing --------------------------------------------------------------------------
@@ -240,19 +181,35 @@ def build_report(
     outputs: Iterable[str | Path],
     by: Sequence[str] = (),
     prices: Prices | str | Path | None = None,
+    compare: Iterable[str | Path] | None = None,
+    fail_if: Sequence[str] = (),
 ) -> Report:
     """Read ``outputs`` (files, folders, globs) and compute the report.
 
     ``by``: output columns to group by (``day``: the UTC date of finished_at).
     ``prices``: a :class:`Prices` or the path of a prices file; None leaves every
-    cost unpriced. Raises InputError (outputs, columns) or JobError (prices file,
-    a ``by`` name the report uses itself)."""
+    cost unpriced. ``compare``: the outputs to compare with (last night's), read
+    the same way; ``fail_if``: checks on the figures (``cost_per_row>+20%``,
+    ``failure_rate>0.05``); both land in ``Report.comparison``. Raises InputError
+    (outputs, columns) or JobError (prices file, a ``by`` name the report uses
+    itself, a check that does not parse)."""
+    from batchrun.report.compare import compare_reports, parse_checks  # it imports this module
+
     keys = _check_by(by)
+    checks = parse_checks(fail_if, compare is not None)
     if prices is not None and not isinstance(prices, Prices):
         prices = load_prices(prices)
+    report = _build(outputs, keys, prices)
+    if compare is None and not checks:
+        return report
+    baseline = _build(compare, keys, prices) if compare is not None else None
+    return replace(report, comparison=compare_reports(report, baseline, checks))
+
+
+def _build(outputs: Iterable[str | Path], keys: tuple[str, ...], prices: Prices | None) -> Report:
     files = tuple(output_files(outputs))
-    frame = read_outputs(files, keys)
-    return compute_report(frame, keys, prices, files)
+    read = read_outputs(files, keys)
+    return compute_report(read.frame, keys, prices, files, read.duplicates)
 
 
 def _check_by(by: Sequence[str]) -> tuple[str, ...]:
@@ -275,10 +232,11 @@ def compute_report(
     by: Sequence[str],
     prices: Prices | None,
     files: Sequence[Path] = (),
+    duplicates: int = 0,
 ) -> Report:
     """The report of ``frame`` (columns as :func:`read_outputs` returns them)."""
     by = tuple(by)
-    rows = _row_figures(frame)
+    rows = _row_figures(frame, prices)
     total_groups = _aggregate(frame, rows, (), prices)
     total = total_groups[0].stats if total_groups else _empty_stats(prices)
     groups = tuple(_aggregate(frame, rows, by, prices)) if by else ()
@@ -306,6 +264,11 @@ def compute_report(
         completion_histogram=tuple(_histogram(frame, rows)),
         days=tuple(_days(frame, rows)),
         never_sent=int(np.count_nonzero(~rows.sent) - total.reused),
+        duplicates=duplicates,
+        tiers=tuple(
+            (_key_label(g.key), g.stats) for g in _aggregate(frame, rows, ("tier",), prices)
+        ),
+        batch_saved=_batch_saved(frame, rows, prices),
     )
 
 
@@ -315,8 +278,11 @@ class _Rows:
 
     sent: np.ndarray
     work: pd.DataFrame
-    prompt: np.ndarray
-    completion: np.ndarray
+    usage: pd.DataFrame
+    """What the cost is computed from, per row: its tokens as ``Rates.cost`` takes
+    them (zeros for the rows not sent) and whether it was sent."""
+    pricing: list[pd.Series]
+    """What each row's price depends on (:func:`_pricing`)."""
 
 
 def _ints(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +292,7 @@ def _ints(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return values, nulls
 
 
-def _row_figures(frame: pd.DataFrame) -> _Rows:
+def _row_figures(frame: pd.DataFrame, prices: Prices | None) -> _Rows:
     status = frame["status"].to_numpy(dtype=object)
     ok = status == "ok"
     failed = status == "error"
@@ -337,6 +303,8 @@ def _row_figures(frame: pd.DataFrame) -> _Rows:
     prompt, prompt_null = _ints(frame["prompt_tokens"])
     completion, completion_null = _ints(frame["completion_tokens"])
     total, total_null = _ints(frame["total_tokens"])
+    cached, _ = _ints(frame["cached_tokens"])
+    reasoning, _ = _ints(frame["reasoning_tokens"])
     latency = frame["latency_ms"].to_numpy(dtype="float64", na_value=np.nan)
     zero = np.zeros(len(frame), dtype="int64")
     work = pd.DataFrame(
@@ -349,6 +317,8 @@ def _row_figures(frame: pd.DataFrame) -> _Rows:
             "prompt_tokens": np.where(sent, prompt, zero),
             "completion_tokens": np.where(sent, completion, zero),
             "total_tokens": np.where(sent, total, zero),
+            "cached_tokens": np.where(sent, cached, zero),
+            "reasoning_tokens": np.where(sent, reasoning, zero),
             "reused_tokens": np.where(reused, total, zero),
             "no_usage": (sent & (ok | invalid) & prompt_null & completion_null & total_null).astype(
                 "int64"
@@ -359,12 +329,18 @@ def _row_figures(frame: pd.DataFrame) -> _Rows:
         },
         index=frame.index,
     )
-    return _Rows(
-        sent=sent,
-        work=work,
-        prompt=np.where(sent, prompt, zero),
-        completion=np.where(sent, completion, zero),
+    # As Rates.cost takes them: cached at most the prompt, reasoning at most the completion.
+    usage = pd.DataFrame(
+        {
+            "prompt": work["prompt_tokens"],
+            "completion": work["completion_tokens"],
+            "cached": np.minimum(work["cached_tokens"], work["prompt_tokens"]),
+            "reasoning": np.minimum(work["reasoning_tokens"], work["completion_tokens"]),
+            "sent": sent.astype("int64"),
+        },
+        index=frame.index,
     )
+    return _Rows(sent=sent, work=work, usage=usage, pricing=_pricing(frame, prices))
 
 
 _SUMS = [
@@ -376,6 +352,8 @@ _SUMS = [
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
     "reused_tokens",
     "no_usage",
     "retries",
@@ -419,7 +397,7 @@ def _aggregate(
         name: (series if series.index.equals(sums.index) else series.reindex(sums.index)).tolist()
         for name, series in figures.items()
     }
-    costs = _costs(frame, rows, groupers, prices)
+    costs = _costs(rows, groupers, prices)
     groups = []
     for i, key in enumerate(_key_tuples(sums.index)):
         priced, unpriced_rows, unpriced_tokens = costs.get(key, (Decimal(0), 0, 0))
@@ -439,37 +417,89 @@ def _aggregate(
     return _sorted(groups)
 
 
+def _pricing(frame: pd.DataFrame, prices: Prices | None) -> list[pd.Series]:
+    """Per row, what its price depends on: the model, the index of the price
+    period its ``finished_at`` falls in (``ModelPrice.period``: 0 for a model whose
+    price never changed) and its tier."""
+    period = np.zeros(len(frame), dtype="int64")
+    dated = {m: p for m, p in prices.models.items() if p.changes} if prices is not None else {}
+    if dated:
+        codes, dates = utc_dates(frame["finished_at"])
+        models = frame["model"].to_numpy(dtype=object)
+        for name, price in dated.items():
+            mine = models == name
+            if mine.any():
+                # One lookup per distinct date; the last entry serves the rows with no date.
+                lookup = np.array([*(price.period(d) for d in dates), price.period(None)])
+                period[mine] = lookup[codes[mine]]
+    return [
+        frame["model"].rename("_model"),
+        pd.Series(period, index=frame.index, name="_period"),
+        frame["tier"].fillna(ONLINE).rename("_tier"),
+    ]
+
+
 def _costs(
-    frame: pd.DataFrame, rows: _Rows, groupers: list[pd.Series], prices: Prices | None
+    rows: _Rows, groupers: list[pd.Series], prices: Prices | None
 ) -> dict[tuple[Any, ...], tuple[Decimal, int, int]]:
     """Per group key: (cost of the priced sent rows, unpriced sent rows, their tokens).
 
-    Tokens are summed per group and model first (exact integers), then priced."""
-    usage = pd.DataFrame(
-        {"prompt": rows.prompt, "completion": rows.completion, "sent": rows.sent.astype("int64")},
-        index=frame.index,
-    )
-    model = frame["model"].rename("_model")
-    per_model = _groupby(usage, [*groupers, model]).sum()
+    Tokens are summed per group, model, price period and tier first (exact
+    integers), then priced."""
+    per_price = _groupby(rows.usage, [*groupers, *rows.pricing]).sum()
     out: dict[tuple[Any, ...], tuple[Decimal, int, int]] = {}
-    for full_key, prompt, completion, sent in zip(
-        _key_tuples(per_model.index),
-        per_model["prompt"],
-        per_model["completion"],
-        per_model["sent"],
+    for full_key, prompt, completion, cached, reasoning, sent in zip(
+        _key_tuples(per_price.index),
+        per_price["prompt"].tolist(),
+        per_price["completion"].tolist(),
+        per_price["cached"].tolist(),
+        per_price["reasoning"].tolist(),
+        per_price["sent"].tolist(),
         strict=True,
     ):
-        key, model_name = full_key[:-1], full_key[-1]
+        key, (model, period, tier) = full_key[:-3], full_key[-3:]
         priced, unpriced_rows, unpriced_tokens = out.get(key, (Decimal(0), 0, 0))
         if sent:
-            price = prices.price(model_name) if prices is not None else None
+            price = prices.price(model) if prices is not None else None
             if price is None:
-                unpriced_rows += int(sent)
-                unpriced_tokens += int(prompt) + int(completion)
+                unpriced_rows += sent
+                unpriced_tokens += prompt + completion
             else:
-                priced += price.cost(int(prompt), int(completion))
+                priced += price.periods[period].cost(
+                    prompt, completion, cached, reasoning, tier=tier
+                )
         out[key] = (priced, unpriced_rows, unpriced_tokens)
     return out
+
+
+def _batch_saved(frame: pd.DataFrame, rows: _Rows, prices: Prices | None) -> Decimal | None:
+    """The online price of the priced batch rows less what they cost as batch rows
+    (the same pricing as every cost here); None when there is none."""
+    if prices is None or len(frame) == 0:
+        return None
+    per_price = _groupby(rows.usage, [*_groupers(frame, ()), *rows.pricing]).sum()
+    saved: Decimal | None = None
+    for full_key, prompt, completion, cached, reasoning, sent in zip(
+        _key_tuples(per_price.index),
+        per_price["prompt"].tolist(),
+        per_price["completion"].tolist(),
+        per_price["cached"].tolist(),
+        per_price["reasoning"].tolist(),
+        per_price["sent"].tolist(),
+        strict=True,
+    ):
+        model, period, tier = full_key[-3:]
+        price = prices.price(model)
+        if not sent or tier != BATCH or price is None:
+            continue
+        rates = price.periods[period]
+        counts = (prompt, completion, cached, reasoning)
+        saved = (
+            (saved or Decimal(0))
+            + rates.cost(*counts, tier=ONLINE)
+            - rates.cost(*counts, tier=BATCH)
+        )
+    return saved
 
 
 def _sorted(groups: list[Group]) -> list[Group]:
@@ -521,7 +551,7 @@ def _days(frame: pd.DataFrame, rows: _Rows) -> list[Day]:
     them) listed even when empty, undated rows last."""
     work = pd.DataFrame(
         {
-            "day": _utc_day(frame["finished_at"]),
+            "day": utc_day(frame["finished_at"]),
             "ok": rows.work["ok"],
             "failed": rows.work["failed"],
             "invalid": rows.work["invalid"],

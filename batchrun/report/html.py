@@ -1,6 +1,8 @@
-"""The cost report as one self-contained HTML page: tables and SVG charts (cost
-per group, completion-token histogram, rows per day), inline CSS, no script and
-no link, so it opens anywhere with no network. The figures come from
+"""The cost report as one self-contained HTML page: cards (cached and reasoning
+shares, the tier split among them), tables and SVG charts (cost per group,
+completion-token histogram, rows per day), the comparison with ``--compare``'s
+outputs and the ``--fail-if`` checks, inline CSS, no script and no link, so it
+opens anywhere with no network. The figures come from
 :mod:`batchrun.report.compute`, the formatters and tables from
 :mod:`batchrun.report.render`; this module only draws them."""
 
@@ -19,9 +21,13 @@ from batchrun.report.compute import Report, Stats, nice_ceil
 from batchrun.report.render import (
     ROW_COLUMNS,
     USAGE_COLUMNS,
+    check_lines,
+    compare_rows,
+    compare_title,
     fmt_count,
     fmt_money,
     fmt_number,
+    fmt_tokens,
     report_notes,
     report_title,
     table_rows,
@@ -80,6 +86,7 @@ tr.total td { font-weight:700; border-top:2px solid var(--ink); border-bottom:no
 td.unpriced { color:var(--failed); }
 .notes { color:var(--ink); margin-top:20px; padding-left:20px; }
 .notes li { margin:4px 0; }
+.notes li.crossed { color:var(--failed); font-weight:600; }
 """
 
 
@@ -98,7 +105,7 @@ def render_html(report: Report) -> str:
         ("Reused", fmt_count(t.reused), f"{t.reused_tokens:,} tokens, not costed"),
         (
             "Total tokens",
-            fmt_count(t.total_tokens),
+            fmt_tokens(t.total_tokens, t),
             f"prompt {t.prompt_tokens:,} · completion {t.completion_tokens:,}",
         ),
         ("Cost", cost_text, cost_detail),
@@ -107,6 +114,27 @@ def render_html(report: Report) -> str:
             "Latency p50",
             f"{fmt_number(t.latency_ms_p50, 0)} ms",
             f"p95 {fmt_number(t.latency_ms_p95, 0)} ms",
+        ),
+        (
+            "Cached share",
+            _share(t.cached_share),
+            f"{t.cached_tokens:,} of {t.prompt_tokens:,} prompt tokens from the cache",
+        ),
+        (
+            "Reasoning share",
+            _share(t.reasoning_share),
+            f"{t.reasoning_tokens:,} of {t.completion_tokens:,} completion tokens",
+        ),
+        (
+            "Tiers",
+            " · ".join(f"{tier} {s.rows:,}" for tier, s in report.tiers) or "-",
+            " · ".join(f"{tier} {fmt_money(s.cost)}" for tier, s in report.tiers)
+            + (f" {report.currency}" if report.currency and report.tiers else "")
+            + (
+                f"; the batch saved {fmt_money(report.batch_saved)} against online"
+                if report.batch_saved is not None
+                else ""
+            ),
         ),
     ]
     grouping = ", ".join(report.by) if report.by else "model"
@@ -125,6 +153,7 @@ def render_html(report: Report) -> str:
             for label, value, detail in cards
         ),
         "</section>",
+        *_comparison(report),
         '<section class="charts">',
         _figure(
             "chart-cost",
@@ -156,6 +185,46 @@ def render_html(report: Report) -> str:
         parts.append('<ul class="notes">' + "".join(f"<li>{_h(n)}</li>" for n in notes) + "</ul>")
     parts.append("</main></body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _comparison(report: Report) -> list[str]:
+    """The comparison table (with --compare) and the --fail-if checks, crossed ones in red."""
+    parts = []
+    headers, body = compare_rows(report)
+    if body:
+        parts.append(f"<h2>{_h(compare_title(report).capitalize())}</h2>")
+        head = "".join(
+            f'<th class="key">{_h(h)}</th>' if i == 0 else f"<th>{_h(h)}</th>"
+            for i, h in enumerate(headers)
+        )
+        rows = "".join(
+            "<tr>"
+            + "".join(
+                f'<td class="key">{_h(c)}</td>' if i == 0 else f"<td>{_h(c)}</td>"
+                for i, c in enumerate(line)
+            )
+            + "</tr>"
+            for line in body
+        )
+        parts.append(
+            f'<div class="table-wrap" id="compare"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{rows}</tbody></table></div>"
+        )
+    checks = check_lines(report)
+    if checks:
+        parts.append(
+            '<ul class="notes" id="checks">'
+            + "".join(
+                f'<li class="crossed">{_h(line)}</li>' if crossed else f"<li>{_h(line)}</li>"
+                for line, crossed in checks
+            )
+            + "</ul>"
+        )
+    return parts
 
 
 def _h(text: Any) -> str:

@@ -1,8 +1,10 @@
 """The report as text: a terminal table (``table``), ``csv`` (one line per group,
 then the total; ``scope`` says which), ``json`` (one object ``{"total": {...},
-"groups": [...]}``, costs as exact decimal numbers) and ``markdown``; and the
-number and money formatters the HTML page uses too. The figures come from
-:mod:`batchrun.report.compute`."""
+"groups": [...], "duplicates_skipped": N, "compare": {...} or null, "checks":
+[...]}``, costs as exact decimal numbers) and ``markdown``; and the number and
+money formatters the HTML page uses too. The figures come from
+:mod:`batchrun.report.compute`, the comparison from
+:mod:`batchrun.report.compare` (every format but csv shows it)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from batchrun.errors import JobError
+from batchrun.report.compare import Comparison, fmt_percent, fmt_value
 from batchrun.report.compute import STAT_NAMES, Report, Stats, _plain, _text
 
 Format = Literal["table", "csv", "json", "markdown"]
@@ -38,7 +41,11 @@ def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
 
 
 def report_dict(report: Report) -> dict[str, Any]:
-    """``{"total": {...}, "groups": [{by columns..., figures...}, ...]}``; costs stay Decimal."""
+    """``{"total": {...}, "groups": [{by columns..., figures...}, ...],
+    "duplicates_skipped": N, "batch_saved": ..., "compare": {...} or None, "checks":
+    [...]}``; costs
+    stay Decimal."""
+    comparison = report.comparison
     return {
         "total": stats_dict(report.total, report.currency),
         "groups": [
@@ -48,6 +55,30 @@ def report_dict(report: Report) -> dict[str, Any]:
             }
             for group in report.groups
         ],
+        "duplicates_skipped": report.duplicates,
+        "batch_saved": report.batch_saved,
+        "compare": _compare_dict(comparison) if comparison and comparison.baseline else None,
+        "checks": [
+            {"check": check.text, "crossed": reason is not None, "reason": reason}
+            for check, reason in (comparison.checks if comparison else ())
+        ],
+    }
+
+
+def _compare_dict(comparison: Comparison) -> dict[str, Any]:
+    """The baseline's files and rows, and per figure its two values and the change."""
+    assert comparison.baseline is not None
+    return {
+        "files": [str(f) for f in comparison.baseline.files],
+        "duplicates_skipped": comparison.baseline.duplicates,
+        "figures": {
+            c.figure.name: {
+                "baseline": c.baseline,
+                "current": c.current,
+                "change_percent": c.percent,
+            }
+            for c in comparison.changes
+        },
     }
 
 
@@ -73,6 +104,11 @@ def render_json(report: Report) -> str:
     data = report_dict(report)
     data["total"] = _rounded(data["total"])
     data["groups"] = [_rounded(group) for group in data["groups"]]
+    if data["compare"] is not None:
+        data["compare"]["figures"] = {
+            name: {k: _significant(v) for k, v in values.items()}
+            for name, values in data["compare"]["figures"].items()
+        }
     return _json(data, 0) + "\n"
 
 
@@ -81,6 +117,13 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {
         k: round(v, 3) if k in STAT_NAMES and isinstance(v, float) else v for k, v in values.items()
     }
+
+
+def _significant(value: Any) -> Any:
+    """A finite float to 6 significant digits (rates and changes can be small)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
+    return value
 
 
 def _json(value: Any, indent: int) -> str:
@@ -144,9 +187,11 @@ USAGE_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
     ("failed", lambda s, r: fmt_count(s.failed)),
     ("invalid", lambda s, r: fmt_count(s.invalid)),
     ("reused", lambda s, r: fmt_count(s.reused)),
-    ("prompt tokens", lambda s, r: fmt_count(s.prompt_tokens)),
-    ("completion tokens", lambda s, r: fmt_count(s.completion_tokens)),
-    ("total tokens", lambda s, r: fmt_count(s.total_tokens)),
+    ("prompt tokens", lambda s, r: fmt_tokens(s.prompt_tokens, s)),
+    ("completion tokens", lambda s, r: fmt_tokens(s.completion_tokens, s)),
+    ("total tokens", lambda s, r: fmt_tokens(s.total_tokens, s)),
+    ("cached tokens", lambda s, r: fmt_count(s.cached_tokens)),
+    ("reasoning tokens", lambda s, r: fmt_count(s.reasoning_tokens)),
     ("cost", lambda s, r: fmt_money(s.cost)),
 ]
 ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
@@ -161,6 +206,14 @@ ROW_COLUMNS: list[tuple[str, Callable[[Stats, Report], str]]] = [
 
 def fmt_count(value: int) -> str:
     return f"{value:,}"
+
+
+def fmt_tokens(value: int, stats: Stats) -> str:
+    """A token sum, marked partial (``+``) when rows of the group reported no
+    usage, and "not reported" when none of them did: never a 0 that is not one."""
+    if not stats.no_usage:
+        return fmt_count(value)
+    return f"{value:,}+" if value else "not reported"
 
 
 def fmt_number(value: float | None, decimals: int) -> str:
@@ -190,10 +243,14 @@ def table_rows(
     return headers, body
 
 
-def report_title(report: Report) -> str:
+def _files(report: Report) -> str:
     n = len(report.files)
     names = ", ".join(str(f) for f in report.files[:3]) + (", …" if n > 3 else "")
-    files = f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+    return f"{n} file{'s' if n != 1 else ''} ({names})" if n else "no file"
+
+
+def report_title(report: Report) -> str:
+    files = _files(report)
     prices = (
         f"prices {report.prices.path or 'given'} ({report.currency})"
         if report.prices is not None
@@ -229,11 +286,30 @@ def report_notes(report: Report) -> list[str]:
         )
     if t.no_usage:
         notes.append(
-            f"No usage: {t.no_usage:,} answered rows reported no token usage; the cost misses them."
+            f"Usage not reported for {t.no_usage:,} row{'' if t.no_usage == 1 else 's'}: they were "
+            "answered, but the server sent no token counts, so the token sums marked + leave them "
+            'out ("not reported" where no row reported any) and the cost misses them.'
         )
     if t.invalid:
         notes.append(
-            f"Invalid: {t.invalid:,} rows were answered (and paid) but the answer did not fit the schema."
+            f"Invalid: {t.invalid:,} rows were answered (and paid) but not as the job asked: an "
+            "answer that did not fit the schema, a refusal or tool calls the request did not offer."
+        )
+    batch = dict(report.tiers).get("batch")
+    if batch is not None and report.prices is not None:
+        saved = (
+            f"; that saved {report.batch_saved:.4f} {report.currency} against sending them online"
+            if report.batch_saved is not None
+            else ""
+        )
+        notes.append(
+            f"Batch: {batch.rows:,} rows were answered by a provider batch and are priced with "
+            f"their batch_discount{saved}."
+        )
+    if report.duplicates:
+        notes.append(
+            f"Duplicates: {report.duplicates:,} rows were skipped because an earlier file holds "
+            "them too (shard parts beside their merged file, a copy): each answer is counted once."
         )
     return notes
 
@@ -252,8 +328,54 @@ def render_table(report: Report) -> str:
             ]
             out.append("  ".join(cells).rstrip())
         out.append("")
+    headers, body = compare_rows(report)
+    if body:
+        out.append(compare_title(report))
+        widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
+        for line in [headers, *body]:
+            cells = [
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ]
+            out.append("  ".join(cells).rstrip())
+        out.append("")
+    out.extend(line for line, _ in check_lines(report))
     out.extend(report_notes(report))
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def compare_title(report: Report) -> str:
+    baseline = report.comparison.baseline if report.comparison else None
+    assert baseline is not None
+    return f"compared with {_files(baseline)}, {baseline.total.rows:,} rows"
+
+
+def compare_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the comparison table (no body without --compare)."""
+    headers = ["figure", "baseline", "current", "change"]
+    comparison = report.comparison
+    if comparison is None or comparison.baseline is None:
+        return headers, []
+    currency = report.currency
+    return headers, [
+        [
+            c.figure.label + (f" {currency}" if c.figure.unit == "money" and currency else ""),
+            fmt_value(c.figure, c.baseline),
+            fmt_value(c.figure, c.current),
+            fmt_percent(c.percent),
+        ]
+        for c in comparison.changes
+    ]
+
+
+def check_lines(report: Report) -> list[tuple[str, bool]]:
+    """One line per --fail-if check, saying whether it is crossed (and why), and
+    whether it is."""
+    comparison = report.comparison
+    return [
+        (f"fail-if {check.text}: " + (f"CROSSED: {reason}" if reason else "ok"), bool(reason))
+        for check, reason in (comparison.checks if comparison else ())
+    ]
 
 
 def render_markdown(report: Report) -> str:
@@ -272,7 +394,16 @@ def render_markdown(report: Report) -> str:
                 cells = [f"**{c}**" if c else c for c in cells]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out.extend(f"- {_md(note)}" for note in report_notes(report))
+    headers, body = compare_rows(report)
+    if body:
+        out.append(f"**{_md(compare_title(report))}**")
+        out.append("")
+        out.append("| " + " | ".join(headers) + " |")
+        out.append("|:---|---:|---:|---:|")
+        out.extend("| " + " | ".join(_md(c) for c in line) + " |" for line in body)
+        out.append("")
+    lines = [line for line, _ in check_lines(report)] + report_notes(report)
+    out.extend(f"- {_md(line)}" for line in lines)
     return "\n".join(out).rstrip("\n") + "\n"
 
 

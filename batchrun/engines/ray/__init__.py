@@ -29,7 +29,8 @@ What holds as in a local run:
   the same command, with either engine, resumes from the journal. A sender that
   dies hands its rows without a result to the others; a row whose result was
   journaled is never sent again.
-- ``rpm``, ``tpm``, the 429 pause (one sender's 429 pauses them all),
+- ``rpm``, ``tpm``, the pause when the API's rate limit is spent (judged on
+  each sender's 429s, it pauses every sender),
   ``concurrency = "auto"`` (one adaptive limit for the job), ``max_cost`` (no
   request starts that could pass the budget; exit 4, resumable),
   ``api_down_after_s`` and ``max_failures`` act on the whole job, and the key
@@ -40,7 +41,9 @@ What holds as in a local run:
 What differs: the failure watch (``failures.FailureWatch``: every request
 failing with one cause) looks at each sender's rows, so it stops the job after
 that many failures in one sender; ``schema_via = "auto"`` does not search (the
-kept way, else ``json_schema``, is sent); the journal and ``output`` live on the
+kept way, else ``json_schema``, is sent) and a server's refusal of
+``stream_options`` does not drop the field (the kept choice is sent); ``pii``
+and ``mode = "batch"`` or ``"hybrid"`` are refused; the journal and ``output`` live on the
 driver's machine (with ``ray job submit``, the head node); ``--mock`` serves the
 embedded endpoint from the driver on 127.0.0.1, which only actors on the same
 machine can reach.

@@ -7,8 +7,10 @@ run keeps.
   chunk of n units is reserved as n units would be one by one, and the sender
   spreads them at the job's rate from the time the chunk may start. Usage
   corrections come back with the reports (``Report.tokens_delta``).
-- The 429 pause: a sender that gets a 429 says so (``rate_limited``); the pause
-  is extended here and pushed at once to every sender (``RowSender.pause``).
+- The pause when the API's rate limit is spent: a sender whose 429s show it
+  (``limits.Pause``: a remaining count of 0, or four in a row) says so
+  (``rate_limited``); the pause is pushed at once to every other sender
+  (``RowSender.pause``).
 - ``max_cost``: the spend so far and the allowance each sender holds
   (``lease_cost``). A sender reserves each attempt's worst case from its own
   allowance, so the whole never passes the budget: the spend plus every
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from batchrun.limits import AdaptiveLimit, Budget, Clock, Pause
+from batchrun.limits import AdaptiveLimit, Budget, Clock
 from batchrun.prices import ModelPrice
 
 GRANTED = "granted"
@@ -132,7 +134,7 @@ class Coordinator:
         self.wall = wall
         self.rpm = Schedule(plan.rpm, clock) if plan.rpm else None
         self.tpm = Schedule(plan.tpm, clock) if plan.tpm else None
-        self.pause = Pause(clock)
+        self.pause_until = 0.0  # on clock: the job-wide pause's end
         self.concurrency = AdaptiveLimit(
             plan.start_concurrency, plan.max_concurrency, plan.auto, clock
         )
@@ -173,7 +175,8 @@ class Coordinator:
 
     def _status(self, sender: int) -> Status:
         reserved = sum((s.reserved for s in self.senders if s.alive), Decimal(0))
-        return Status(self.pause.remaining(), self._shares[sender], self.spent, reserved)
+        pause_s = max(0.0, self.pause_until - self.clock())
+        return Status(pause_s, self._shares[sender], self.spent, reserved)
 
     # ---- rpm and tpm ----------------------------------------------------------
 
@@ -191,10 +194,11 @@ class Coordinator:
     # ---- the 429 pause and auto concurrency --------------------------------------
 
     def rate_limited(self, sender: int, seconds: float) -> None:
-        """A sender got a 429: every other sender waits ``seconds`` too (auto
-        concurrency drops through ``overloaded``, as the sender says it)."""
-        self.pause.extend(seconds)
-        remaining = self.pause.remaining()
+        """A sender's 429s show the rate limit is spent and it paused for
+        ``seconds``: every other sender pauses too (auto concurrency drops
+        through ``overloaded``, as the sender says it)."""
+        self.pause_until = max(self.pause_until, self.clock() + seconds)
+        remaining = self.pause_until - self.clock()
         for i, handle in enumerate(self.handles):
             if i != sender and self.senders[i].alive:
                 handle.pause.remote(remaining)

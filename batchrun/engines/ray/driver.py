@@ -83,7 +83,18 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
     machine, else a new one started here (and shut down at the end).
     """
     options = options or RunOptions()
+    if job.mode != "online":
+        raise JobError(
+            f'mode = "{job.mode}" sends the rows through a provider\'s Batch API, which the Ray '
+            "engine does not do: leave out --engine ray (one process submits every batch)."
+        )
     ray = import_ray()
+    if job.pii or job.pii_patterns:
+        raise JobError(
+            "`pii` is not supported with --engine ray: each row's mapping of placeholders to "
+            "personal data would travel to the Ray workers, and it must not leave this machine. "
+            "Run the job with the local engine."
+        )
     # The same checks, journal, resume, reuse and output as a local run: only the sending differs.
     with OpenRun(job, options, engine="ray") as run:
         if run.to_send:
@@ -194,7 +205,7 @@ def _send_on_ray(
     dispatch = Dispatch(
         ray,
         run.rows_to_send(),
-        Recorder(run.journal, run.tally, job.max_failures),
+        Recorder(run.journal, run.tally, job.max_failures, run.prices),
         Heartbeat(progress, run.journal),
         handles,
         coordinator,

@@ -6,8 +6,9 @@ coordinator (``engines.ray.coordinator``) without a remote call per request.
   (about ``LEASE_S`` seconds of this sender's share each, the next one asked for
   when half of the current is used). A request takes its place in the supply and
   goes at the time the coordinator's schedule gives that place.
-- ``SharedPause``: a 429 here pauses every sender (the coordinator pushes it);
-  a pause pushed from elsewhere is held here.
+- ``SharedPause``: when this sender's 429s show the API's rate limit is spent
+  (``limits.Pause``), every sender pauses (the coordinator pushes it); a pause
+  begun elsewhere is held here, as the same episode.
 - ``SharedLimit``: ``concurrency = "auto"`` with the job-wide limit: successes
   and overloads go to the coordinator, which says this sender's share.
 - ``LeasedCost``: max_cost as an allowance leased from the coordinator; each
@@ -33,6 +34,7 @@ from batchrun.engines.ray.coordinator import EXHAUSTED, GRANTED, Report, Status
 from batchrun.errors import RateLimited, RequestError
 from batchrun.failures import AUTH_STATUSES
 from batchrun.limits import AdaptiveLimit, Budget, Clock, CostBudget, Limits, Pause
+from batchrun.payload import Completion
 from batchrun.prices import ModelPrice
 
 LEASE_S = 0.2
@@ -175,21 +177,30 @@ class Link:
 
 
 class SharedPause(Pause):
-    """The job-wide 429 pause as one sender holds it."""
+    """The job-wide pause, as one sender holds it. Whether a 429 shows the
+    budget is spent is judged on this sender's own 429s and answers."""
 
     def __init__(self, link: Link, clock: Clock = time.monotonic) -> None:
         super().__init__(clock)
         self.link = link
         link.pause = self
 
-    def extend(self, seconds: float) -> None:
-        """A 429 here: pause, and have the coordinator pause every other sender."""
-        super().extend(seconds)
-        self.link.remote.rate_limited(seconds)
+    def rate_limited(self, wait_s: float, exhausted: bool, sent_at: float | None = None) -> bool:
+        """A 429 here; when it begins a pause, every other sender pauses too."""
+        began = super().rate_limited(wait_s, exhausted, sent_at)
+        if began:
+            self.link.remote.rate_limited(wait_s)
+        return began
 
     def hold(self, seconds: float) -> None:
-        """A pause from elsewhere (the coordinator's push or status)."""
-        super().extend(seconds)
+        """A pause another sender began (the coordinator's push, or its status):
+        the same episode here, so the 429s of requests that left before it do
+        not begin another."""
+        now = self.clock()
+        if now + seconds > self.until:
+            self.until = now + seconds
+            self.began = now
+            self.streak = 0
 
 
 class SharedLimit(AdaptiveLimit):
@@ -354,11 +365,9 @@ class LeasedCost(CostBudget):
         self.reserved += worst if fits else 0
         return worst if fits else None
 
-    def settle(
-        self, reservation: Decimal, prompt_tokens: int | None, completion_tokens: int | None
-    ) -> None:
+    def settle(self, reservation: Decimal, answer: Completion | None) -> None:
         before = self.spent
-        super().settle(reservation, prompt_tokens, completion_tokens)
+        super().settle(reservation, answer)
         cost = self.spent - before
         self.allowance -= cost
         self.link.consumed += cost

@@ -416,6 +416,9 @@ class RowSender:
             structured=self.structured,
             spend=self.cost,
             grace_s=GRACE_S,
+            # A row waiting to retry keeps its worker: with places held until the
+            # driver journals a result, stand-ins would wait for rows no place lets in.
+            lends=False,
         )
         link.on_api_down = lambda message: scheduler.stop_now(ApiDown(message))
         self.inbox.held = lambda: scheduler.held
