@@ -348,7 +348,7 @@ class RowSender:
         self.inbox.close()
 
     async def pause(self, seconds: float) -> None:
-        """The coordinator's push: another sender got a 429."""
+        """The coordinator's push: another sender's 429s showed the rate limit is spent."""
         if self.link.pause is not None:
             self.link.pause.hold(seconds)
 
