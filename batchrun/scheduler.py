@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any, Protocol
 
 from batchrun.client import ApiClient
@@ -39,6 +39,7 @@ from batchrun.payload import Completion, Prepared, unwanted
 from batchrun.prices import ONLINE
 from batchrun.progress import Tally
 from batchrun.retry import RETRY_AFTER_MAX_S, RetryPolicy, send_with_retries
+from batchrun.row_totals import RowTotals
 from batchrun.schema_via import Attempt, SchemaVia
 from batchrun.stream_options import StreamOptions
 from batchrun.structured import InvalidAnswer, Structured
@@ -68,47 +69,6 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-class _RowTotals:
-    """What one row's requests add up to: tokens summed over every request it
-    made (re-asks were paid too; a count stays None while no answer gave it),
-    the seconds its requests spent at the API, and the seconds it waited for
-    the job's own limits and budget."""
-
-    __slots__ = ("api_s", "cached", "completion", "prompt", "queued_s", "reasoning", "total")
-
-    def __init__(self) -> None:
-        self.prompt: int | None = None
-        self.completion: int | None = None
-        self.total: int | None = None
-        self.cached: int | None = None
-        self.reasoning: int | None = None
-        self.api_s = 0.0
-        self.queued_s = 0.0
-
-    def add(self, c: Completion) -> None:
-        if c.prompt_tokens is not None:
-            self.prompt = (self.prompt or 0) + c.prompt_tokens
-        if c.completion_tokens is not None:
-            self.completion = (self.completion or 0) + c.completion_tokens
-        if c.total_tokens is not None:
-            self.total = (self.total or 0) + c.total_tokens
-        if c.cached_tokens is not None:
-            self.cached = (self.cached or 0) + c.cached_tokens
-        if c.reasoning_tokens is not None:
-            self.reasoning = (self.reasoning or 0) + c.reasoning_tokens
-
-    def put(self, rec: Record) -> Record:
-        """``rec`` with the row's usage, its API time and its wait for the job's own limits."""
-        rec["latency_ms"] = self.api_s * 1000
-        rec["queued_ms"] = self.queued_s * 1000
-        rec["prompt_tokens"] = self.prompt
-        rec["completion_tokens"] = self.completion
-        rec["total_tokens"] = self.total
-        rec["cached_tokens"] = self.cached
-        rec["reasoning_tokens"] = self.reasoning
-        return rec
-
-
 class Scheduler:
     """Sends every row that has no result yet and journals the results."""
 
@@ -126,6 +86,7 @@ class Scheduler:
         grace_s: float = 10.0,
         via: SchemaVia | None = None,
         stream_options: StreamOptions | None = None,
+        lends: bool = True,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
@@ -135,9 +96,11 @@ class Scheduler:
         self.results = results
         self.tally = tally
         # A row's wait before a retry lends its worker's place to a stand-in,
-        # except while schema_via's search keeps that row's turn.
+        # except while schema_via's search keeps that row's turn, or when the
+        # caller says no (``lends``: a Ray sender, whose rows keep a place until
+        # their result is journaled).
         self.workers = Workers(
-            job.workers, self._work, policy.sleep, lambda: via is None or via.settled
+            job.workers, self._work, policy.sleep, lambda: lends and (via is None or via.settled)
         )
         self.policy = dataclasses.replace(policy, sleep=self.workers.rest)
         # Set when the job stops: a row waiting to retry is then abandoned, not sent.
@@ -169,9 +132,10 @@ class Scheduler:
 
     # ---- the run ---------------------------------------------------------
 
-    async def run(self, rows: Iterator[Prepared], to_send: int) -> None:
-        """Send every one of ``rows`` until done or stopped.
-        ``to_send`` is how many of them need a request, for the key probe."""
+    async def run(self, rows: Iterator[Prepared] | AsyncIterator[Prepared], to_send: int) -> None:
+        """Send every one of ``rows`` until done or stopped (an async iterator:
+        rows that arrive as the run goes, as on Ray). ``to_send`` is how many of
+        them need a request, for the key probe."""
         self._probe_size = max(1, min(AUTH_PROBE_ROWS, to_send))
         try:
             async with asyncio.TaskGroup() as tg:
@@ -181,6 +145,11 @@ class Scheduler:
             raise first_batchrun_error(group) from None
         if self._stop is not None:
             raise self._stop
+
+    @property
+    def held(self) -> int:
+        """Failed rows held back while no answer has come (not given to the results yet)."""
+        return len(self._held)
 
     def stop(self, error: JobStopped, grace_s: float) -> None:
         """Send no new request (rows waiting to retry are abandoned); cancel what is
@@ -207,8 +176,8 @@ class Scheduler:
             self._producer.cancel()
         self.workers.cancel()
 
-    async def _produce(self, rows: Iterator[Prepared]) -> None:
-        for p in rows:
+    async def _produce(self, rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> None:
+        async for p in _each(rows):
             if self._stop is not None:
                 return
             if p.error is not None:
@@ -232,7 +201,7 @@ class Scheduler:
                 return
             await self._send(p)
 
-    async def _attempt(self, p: Prepared, row: _RowTotals) -> Completion:
+    async def _attempt(self, p: Prepared, row: RowTotals) -> Completion:
         """One request for row ``p``, through the key probe and the in-flight limit."""
         if not self._key_settled:
             # Until one answer shows the key is accepted, requests go one at a
@@ -257,7 +226,7 @@ class Scheduler:
         structured = self.structured
         asks = self.job.max_parse_attempts if structured is not None else 1
         requests = 0
-        usage = _RowTotals()
+        usage = RowTotals()
         invalid: tuple[Completion, str] | None = None
         ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
@@ -319,7 +288,7 @@ class Scheduler:
             )
         )
 
-    async def _ask(self, p: Prepared, usage: _RowTotals) -> tuple[Completion, int]:
+    async def _ask(self, p: Prepared, usage: RowTotals) -> tuple[Completion, int]:
         """One ask for row ``p``: its request through the retry policy, and the
         schema_via search when the job has one (which may change ``p``'s body
         and ask again; what it was paid goes to ``usage``)."""
@@ -338,7 +307,7 @@ class Scheduler:
 
         return await self.via.ask(p, attempt, send, usage.add)
 
-    async def _post(self, p: Prepared, row: _RowTotals) -> Completion:
+    async def _post(self, p: Prepared, row: RowTotals) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""
         limits = self.limits
         if limits.paces or limits.pause_active():
@@ -408,7 +377,7 @@ class Scheduler:
         self,
         p: Prepared,
         completion: Completion,
-        usage: _RowTotals,
+        usage: RowTotals,
         requests: int,
         started: int,
         *,
@@ -597,3 +566,12 @@ class Scheduler:
         """After the run: journal what is still held (a job that ended before
         any answer and before the watch could tell a cause)."""
         self._write_held()
+
+
+async def _each(rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> AsyncIterator[Prepared]:
+    if isinstance(rows, AsyncIterator):
+        async for p in rows:
+            yield p
+    else:
+        for p in rows:
+            yield p

@@ -30,13 +30,16 @@ never share a core. Results are printed as a table and written to
 10. The Batch API with a deadline (``batch_api.py``): a hybrid job against the
    endpoint's queue vs online vs the batch alone: cost at a 50% batch discount,
    and how long before the deadline it finished.
+11. The Ray engine (``--engine ray``, when ``ray`` imports) against the local
+    engine, in alternating pairs: rows/s and the CPU per row of the whole process
+    tree (driver, Ray's own processes, the senders), start-up included and beyond it.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
 ``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
-sporadic, ratelimit, batchapi), ``BENCH_KEEP=1`` (keep the temp dir).
+sporadic, ratelimit, batchapi, ray), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ SECTIONS = (
     "sporadic",
     "ratelimit",
     "batchapi",
+    "ray",
 )
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
@@ -133,6 +137,9 @@ LIMIT_RUNS = 2
 TARGET_LIMIT_CONCURRENCY = 16  # the job's default; more workers take more 429s a row
 TARGET_LIMIT_SHARE = 0.95
 TARGET_LIMIT_429S = 0.05
+RAY_CONCURRENCY = 64
+RAY_SMALL_ROWS = 500
+"""A run this small is nearly all start-up: the CPU beyond it is what the rows cost."""
 
 # No proxy may route a loopback request anywhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -224,9 +231,13 @@ def run_proc(
     timeout_s: float,
     workdir: Path,
     env: dict[str, str] | None = None,
+    tree_keep: set[int] | None = None,
 ) -> Proc:
     """Run ``cmd`` pinned to ``cpu``; wall time from spawn to reaped exit, with the
-    child's own CPU time and peak RSS from wait4. Killed after ``timeout_s``."""
+    child's own CPU time and peak RSS from wait4. Killed after ``timeout_s``.
+    With ``tree_keep`` (the pids of this process's children that outlive the run,
+    the endpoint's), the CPU time is that of the whole process tree the command
+    started (see ``TreeCpu``)."""
     out_path = workdir / "proc.stdout"
     err_path = workdir / "proc.stderr"
     timed_out = threading.Event()
@@ -250,7 +261,11 @@ def run_proc(
 
         timer = threading.Timer(timeout_s, kill)
         timer.start()
+        tree = TreeCpu(proc.pid, tree_keep) if tree_keep is not None else None
         try:
+            if tree is not None:
+                _wait_exited(proc.pid)  # exited, not reaped: its own CPU time is still readable
+                tree.stop()
             while True:
                 try:
                     _, status, usage = os.wait4(proc.pid, 0)
@@ -265,12 +280,15 @@ def run_proc(
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
+        if tree_keep is not None:
+            _reap_orphans(tree_keep)
         busy = _busy_s() - busy0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu_s = usage.ru_utime + usage.ru_stime
     result = Proc(
         rc=proc.returncode,
         wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
+        cpu_s=tree.cpu_s if tree is not None else cpu_s,
         maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
@@ -279,6 +297,111 @@ def run_proc(
     if timed_out.is_set():
         raise BenchError(f"timed out after {timeout_s:.0f}s: {' '.join(cmd[:6])} ...")
     return result
+
+
+def _set_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux
+    PR_SET_CHILD_SUBREAPER): the processes Ray leaves when its driver exits come
+    back to it, to be counted and reaped."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def _processes() -> dict[int, tuple[int, float]]:
+    """Every process: its parent and its own CPU seconds so far (a zombie's: final)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with (
+                contextlib.suppress(OSError, IndexError, ValueError),
+                open(f"/proc/{name}/stat") as fh,
+            ):
+                fields = fh.read().rsplit(")", 1)[1].split()
+                found[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return found
+
+
+def _child_pids() -> list[int]:
+    me = os.getpid()
+    return [pid for pid, (parent, _) in _processes().items() if parent == me]
+
+
+def _wait_exited(pid: int) -> None:
+    """Until ``pid`` (a child) has exited, leaving it unreaped."""
+    while True:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            return
+        except InterruptedError:
+            continue
+
+
+class TreeCpu:
+    """The CPU time of a command and of every process it started, sampled every
+    ``interval_s`` from /proc (``resource.RUSAGE_CHILDREN`` misses them: Ray's
+    processes are reaped by parents that do not wait for them). The command's
+    own time is read once it has exited, before it is reaped; the others' is
+    their last sample, a lower bound short of at most their last ``interval_s``."""
+
+    def __init__(self, root: int, keep: set[int], interval_s: float = 0.1) -> None:
+        self.root = root
+        self.keep = keep
+        self.interval_s = interval_s
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        procs = _processes()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in procs.items():
+            children.setdefault(parent, []).append(pid)
+        # The command's tree, and what its processes left to this one (the subreaper).
+        roots = [self.root] + [pid for pid in children.get(os.getpid(), []) if pid not in self.keep]
+        stack = list(dict.fromkeys(roots))
+        while stack:
+            pid = stack.pop()
+            if pid in procs:
+                self.seen[pid] = max(self.seen.get(pid, 0.0), procs[pid][1])
+            stack.extend(children.get(pid, []))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.seen.values())
+
+
+def _reap_orphans(keep: set[int], timeout_s: float = 30.0) -> None:
+    """Reap every child left after a run but ``keep`` (Ray's processes, handed
+    here by the subreaper as their parents exit), killed after ``timeout_s``: no
+    run leaves a process behind to load the next."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] != 0:
+                pass
+        left = [pid for pid in _child_pids() if pid not in keep]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 class MockServer:
@@ -490,7 +613,10 @@ def run_batchrun(
     extra_args: Sequence[str] = (),
     kind: str = "batchrun",
     keep_output: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Run:
+    """``batchrun run`` on ``rows`` of ``input_path``; with ``env`` (a Ray run),
+    the CPU of its whole process tree."""
     output = workdir / "batchrun-out.parquet"
     log = workdir / "batchrun-log.jsonl"
     output.unlink(missing_ok=True)
@@ -502,7 +628,10 @@ def run_batchrun(
     cmd += ["--log-file", str(log), "--log-format", "json", *extra_args]
     server.reset()
     before = server.cpu_s()
-    proc = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(rows), workdir=workdir)
+    keep = {server.proc.pid} if env is not None and server.proc is not None else None
+    proc = run_proc(
+        cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(rows), workdir=workdir, env=env, tree_keep=keep
+    )
     extra = {"keep_output": True} if keep_output else {}
     return _finish(
         kind, server, proc, cmd, rows, concurrency, output, before, _log_times(log), extra
@@ -844,6 +973,46 @@ def bench_pii(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Any
         "prompt_bytes": size_kb * 1024 / len(prompts),
         "values": sum(found.to_pylist()),
     }
+
+
+def bench_ray(server: MockServer, workdir: Path, tickets: Path) -> dict[str, Any] | str:
+    """The Ray engine against the local engine, in alternating pairs, on the
+    throughput input at concurrency 64; and one small run of each, whose CPU is
+    nearly all start-up."""
+    check = subprocess.run(
+        [PY, "-c", "import ray; print(ray.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check.returncode != 0:
+        return "skipped: `ray` is not importable (pip install 'batchrun[ray]' to include it)"
+    # A Ray of its own for every run (never a cluster someone started here).
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    ray_args = ("--engine", "ray")
+
+    def local(path: Path, rows: int) -> Run:
+        return run_batchrun(server, workdir, path, rows, RAY_CONCURRENCY, env={**os.environ})
+
+    def on_ray(path: Path, rows: int) -> Run:
+        return run_batchrun(
+            server, workdir, path, rows, RAY_CONCURRENCY, ray_args, "batchrun --engine ray", env=env
+        )
+
+    small = head_lines(tickets, workdir / f"ray-small-{RAY_SMALL_ROWS}.jsonl", RAY_SMALL_ROWS)
+    on_ray(small, RAY_SMALL_ROWS)  # warm-up: page cache, .pyc files, Ray's first start here
+    small_runs = {"local": local(small, RAY_SMALL_ROWS), "ray": on_ray(small, RAY_SMALL_ROWS)}
+    pairs = alternate(
+        PAIRS,
+        lambda: local(tickets, ROWS),
+        lambda: on_ray(tickets, ROWS),
+        f"ray vs local c={RAY_CONCURRENCY}",
+    )
+    say(
+        "ray small runs: "
+        + ", ".join(f"{k} {r.cpu_s:.1f} s CPU, {r.wall_s:.1f} s" for k, r in small_runs.items())
+    )
+    return {"pairs": pairs, "small": small_runs, "ray_version": check.stdout.strip()}
 
 
 def bench_memory(server: MockServer, workdir: Path, tickets: Path) -> list[Run]:
@@ -1543,6 +1712,72 @@ def _render_ratelimit(
     ]
 
 
+def _render_ray(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 11. the Ray engine
+    data = report["ray"]
+    md += [
+        f"## 11. The Ray engine vs the local engine (concurrency {RAY_CONCURRENCY}, {ROWS:,} rows)",
+        "",
+    ]
+    if isinstance(data, str):
+        md += [data, ""]
+        summary.append(("Ray engine vs local", data, "—", "—"))
+        return
+    pairs: Pairs = data["pairs"]
+    small: dict[str, Run] = data["small"]
+
+    def beyond(runs: list[Run], kind: str) -> list[float]:
+        """CPU µs per row beyond start-up: each run's CPU less the small run's, per extra row."""
+        base = small[kind]
+        return [(r.cpu_s - base.cpu_s) / (r.rows - base.rows) * 1e6 for r in runs]
+
+    local_beyond, ray_beyond = beyond(pairs.a, "local"), beyond(pairs.b, "ray")
+    md += [
+        f"Ray {data['ray_version']}, started by the driver on this machine: its processes (GCS,",
+        "raylet, the coordinator and one row sender per CPU Ray counts) inherit the client's",
+        "core, as the local engine has it alone; the endpoint keeps the other. Client CPU here",
+        "is the whole process tree's: the driver's own, read when it exits, and every process",
+        "it started, sampled from /proc every 0.1 s (a lower bound, short of at most each",
+        "process's last 0.1 s). *Beyond start-up*: less a "
+        f"{RAY_SMALL_ROWS}-row run's CPU, per extra row.",
+        "",
+        "| program | end-to-end rows/s (median, range) | in-run rows/s | sending rows/s | client CPU µs/row | beyond start-up µs/row | driver peak RSS MB | other load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for runs, extra in ((pairs.a, local_beyond), (pairs.b, ray_beyond)):
+        md.append(
+            f"| {runs[0].kind} | {_cell(runs, 'rows_per_s', spread=True)} | {_cell(runs, 'run_rows_per_s')} | "
+            f"{_cell(runs, 'send_rows_per_s')} | {_cell(runs, 'cpu_us_per_row')} | {_median(extra):,.0f} | "
+            f"{_cell(runs, 'maxrss_mb')} | {_cell(runs, 'other_load', '{:.2f}')} |"
+        )
+    ratios = pairs.ratios()
+    send = [b.send_rows_per_s / a.send_rows_per_s for a, b in zip(pairs.a, pairs.b, strict=True)]
+    cpu = pairs.cpu_ratios()
+    md += [
+        "",
+        f"Start-up ({RAY_SMALL_ROWS}-row runs): local {small['local'].wall_s:.1f} s and "
+        f"{small['local'].cpu_s:.1f} s of CPU, Ray {small['ray'].wall_s:.1f} s and {small['ray'].cpu_s:.1f} s of CPU.",
+        "",
+        f"Ray / local over {len(ratios)} alternating pairs: end-to-end rows/s **{_median(ratios):.2f}** "
+        f"({_range(ratios)}); sending rows/s {_median(send):.2f} ({_range(send)}); client CPU per row "
+        f"{_median(cpu):.2f} ({_range(cpu)}); beyond start-up {_median(ray_beyond) / _median(local_beyond):.2f}.",
+        "",
+    ]
+    summary.append(
+        (
+            f"Ray engine c={RAY_CONCURRENCY}",
+            f"ray {_cell(pairs.b, 'rows_per_s')} rows/s end to end ({_cell(pairs.b, 'send_rows_per_s')} "
+            f"sending) vs local {_cell(pairs.a, 'rows_per_s')} ({_cell(pairs.a, 'send_rows_per_s')}); "
+            f"CPU/row {_cell(pairs.b, 'cpu_us_per_row')} vs {_cell(pairs.a, 'cpu_us_per_row')} µs, "
+            f"beyond start-up {_median(ray_beyond):,.0f} vs {_median(local_beyond):,.0f} µs",
+            "measured (no target)",
+            "—",
+        )
+    )
+
+
 def render(report: dict[str, Any]) -> tuple[str, str]:
     """(summary table for the terminal, the whole results.md)."""
     m, v = report["machine"], report["versions"]
@@ -1595,6 +1830,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("sporadic", _render_sporadic),
         ("ratelimit", _render_ratelimit),
         ("batchapi", batch_api.render),
+        ("ray", _render_ray),
     ):
         if name in report:
             section(report, md, summary)
@@ -1650,6 +1886,8 @@ def main() -> int:
     if SERVER_CPU is not None:
         # The runner mostly sleeps; keep it off the client's core.
         os.sched_setaffinity(0, {SERVER_CPU})
+    if "ray" in ONLY and not _set_subreaper():
+        say("cannot become a subreaper: the Ray runs' CPU misses the processes Ray leaves")
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
@@ -1674,6 +1912,7 @@ def main() -> int:
         plain["memory"] = bench_memory
         plain["sporadic"] = bench_sporadic
         plain["ratelimit"] = bench_ratelimit
+        plain["ray"] = bench_ray
         if any(name in ONLY for name in plain):
             with MockServer(workdir) as server:
                 for name, bench in plain.items():

@@ -69,6 +69,23 @@ def restore_batchrun_logger() -> Iterator[None]:
     logger.propagate = saved[2]
 
 
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[Any]:
+    """Ray on this machine with two CPUs (two row senders), once for every test
+    that asks (it takes ~10 s to start). Its workers import this checkout's
+    batchrun, wherever another one is installed."""
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("LLMTUNE_API_KEY", TEST_KEY)

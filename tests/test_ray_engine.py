@@ -36,7 +36,6 @@ from batchrun.mock import MockConfig, MockStats, serve
 from tests.conftest import REPO, SAMPLE_JSONL, make_job, port_of, tickets, write_jsonl
 
 MODEL = "test-org/test-model-7b"
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 VARYING = ["started_at", "finished_at", "latency_ms", "queued_ms", "response_id"]
 """Columns that differ between any two runs."""
@@ -46,15 +45,6 @@ JOB_KEYS: dict[str, Any] = {"model": MODEL, "keep_columns": ["customer"], "concu
 
 
 # ---- helpers -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[Any]:
-    """Ray on this machine, two CPUs, for the whole module (it takes ~10 s to start)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
 
 
 @contextmanager
@@ -271,25 +261,27 @@ def test_engine_ray_without_ray_says_how_to_install(
     assert not (tmp_path / "out.parquet.partial").exists()
 
 
-def test_actor_plan_splits_concurrency_and_rates_without_exceeding_them(tmp_path: Path) -> None:
+def test_actor_plan_splits_concurrency_and_keeps_job_wide_limits_whole(tmp_path: Path) -> None:
     from batchrun.engines.ray import actor_plan
 
     input_path = write_jsonl(tmp_path / "in.jsonl", list(tickets(3)))
     job = make_job("http://127.0.0.1:9/v1", input_path, tmp_path / "o.parquet", **JOB_KEYS)
-    job = load_job(None, {**job.settings(), "concurrency": 10, "rpm": 600.0, "tpm": 90000.0})
-    actors, share, batch_rows = actor_plan(job, cpus=3, to_send=10_000)
+    job = load_job(
+        None,
+        {**job.settings(), "concurrency": 10, "rpm": 600.0, "tpm": 90000.0, "max_failures": 3},
+    )
+    actors, share = actor_plan(job, cpus=3, to_send=10_000)
     assert actors == 3
     assert share.concurrency == 3  # 3 x 3 <= 10: never more in flight than the job allows
-    assert (share.rpm, share.tpm) == (200.0, 30000.0)
-    assert share.max_failures is None  # counted over the whole job by the driver
-    assert batch_rows == 24
+    # Kept whole by the coordinator (rpm, tpm, max_cost, api_down) and the driver (max_failures).
+    assert (share.rpm, share.tpm, share.max_cost, share.max_failures) == (None, None, None, None)
+    assert share.api_down_after_s == float("inf")
 
-    actors, share, batch_rows = actor_plan(job, cpus=64, to_send=50)
-    assert actors == 4  # no more actors than batches of at least 16 rows
-    assert batch_rows == 13
+    actors, share = actor_plan(job, cpus=64, to_send=50)
+    assert actors == 4  # no more actors than rows to send / 16
 
     auto = load_job(None, {**job.settings(), "concurrency": "auto", "max_concurrency": 64})
-    actors, share, _ = actor_plan(auto, cpus=4, to_send=10_000)
+    actors, share = actor_plan(auto, cpus=4, to_send=10_000)
     assert (actors, share.concurrency, share.max_concurrency) == (4, "auto", 16)
 
 

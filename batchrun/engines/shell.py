@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batchrun.config import Job
-from batchrun.errors import Interrupted, JobStopped, Terminated, TooManyFailures, raise_terminated
+from batchrun.errors import Interrupted, JobStopped, TooManyFailures
 from batchrun.outputs import STATUS_ERROR, Record
 from batchrun.prices import Prices
 from batchrun.progress import Progress, Tally
@@ -73,21 +73,6 @@ def stop_on_signals(
             # Hand back the caller's handler (the CLI's, for the final write), not the default.
             if handler is not None:
                 signal.signal(signum, handler)
-
-
-@contextlib.contextmanager
-def interrupt_on_signals(output: Path | None) -> Iterator[None]:
-    """In a thread that blocks (the Ray driver), Ctrl-C / SIGTERM end the block at
-    once with Interrupted; what the journal holds is kept."""
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise interrupted(signal.SIGINT, output) from None
-    except Terminated:
-        raise interrupted(signal.SIGTERM, output) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- progress and durability -----------------------------------------------------
