@@ -276,6 +276,49 @@ def test_kill_9_while_waiting_then_rerun_reattaches(tmp_path: Path, threaded: An
     assert f"deadline    {local_text(state['deadline_at'])}" in rerun.stderr.decode()
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_waiting_stops_at_once_and_the_rerun_reattaches(
+    tmp_path: Path, threaded: Any, signum: int, code: int
+) -> None:
+    """Ctrl-C or SIGTERM while the job waits for its batch: the run stops within a
+    second or two with its own exit code, the batch stays open and recorded, and
+    the same command picks it up again (one batch, each row answered once)."""
+    server = threaded(lambda: serve(MockConfig(batch_rows_per_s=40.0, batch_start_s=1.0)))
+    write_jsonl(tmp_path / "in.jsonl", tickets(60))
+    output = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "batchrun", "run", "--input", "in.jsonl", "--output", str(output)]
+    cmd += ["--model", "m", "--prompt-template", "Summarize: {ticket}", "--api-key-env", ""]
+    cmd += ["--base-url", server.base_url, "--mode", "batch", "--deadline", "10m"]
+    cmd += ["--batch-poll-s", "30"]  # a stop must not wait for the next look at the batch
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        state = _wait_for_batch(output)
+        time.sleep(0.3)  # into the wait between two looks
+        signalled = time.monotonic()
+        first.send_signal(signum)
+        _, err = first.communicate(timeout=10)
+        stopped_s = time.monotonic() - signalled
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert first.returncode == code, err.decode()
+    assert stopped_s < 5, stopped_s
+    assert "Traceback" not in err.decode()
+    assert not output.exists()
+    kept = _state(output)
+    assert [p["batch_id"] for p in kept["parts"]] == [p["batch_id"] for p in state["parts"]]
+    rerun = subprocess.run([*cmd[:-1], "1"], cwd=tmp_path, env=env, capture_output=True, timeout=90)
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    answered_once(server, 60)
+    stats = asyncio.run(batch_stats(server))
+    assert stats["batches"] == 1 and stats["lines"] == 60
+    assert {r["tier"] for r in rows_of(output)} == {"batch"}
+
+
 class Crash(BaseException):
     """A crash at a chosen point (kill -9 in one process)."""
 
