@@ -13,15 +13,14 @@ import errno
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
@@ -34,6 +33,7 @@ from batchrun.errors import ApiDown, JobError, OutputError, TooManyFailures
 from batchrun.lifecycle import RunOptions
 from batchrun.mock import FAULT_KINDS_DEFAULT, MockConfig, serve
 from tests.conftest import make_job, port_of, tickets, write_jsonl
+from tests.procs import Proc, Procs, procs_in
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,105 +51,10 @@ JOB_KEYS: dict[str, Any] = {"model": "m", "prompt_template": TEMPLATE, "request_
 # ---------------------------------------------------------------- helpers
 
 
-@dataclass
-class Proc:
-    popen: subprocess.Popen[bytes]
-    out_path: Path
-    err_path: Path
-    files: list[IO[bytes]] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> tuple[str, str]:
-        for f in self.files:
-            f.flush()
-        return (
-            self.out_path.read_text(errors="replace"),
-            self.err_path.read_text(errors="replace"),
-        )
-
-
-@dataclass
-class Done:
-    rc: int
-    out: str
-    err: str
-    wall_s: float
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-
-class Procs:
-    """Starts subprocesses (output to files, never pipes) and kills what is left at the end."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.started: list[Proc] = []
-
-    def start(self, args: list[str], env: dict[str, str] | None = None) -> Proc:
-        n = len(self.started)
-        out_path = self.folder / f"proc-{n}.out"
-        err_path = self.folder / f"proc-{n}.err"
-        out, err = out_path.open("wb"), err_path.open("wb")
-        popen = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            env=env if env is not None else os.environ.copy(),
-            cwd=self.folder,
-        )
-        proc = Proc(popen, out_path, err_path, [out, err])
-        self.started.append(proc)
-        return proc
-
-    def wait(self, proc: Proc, timeout: float) -> Done:
-        t0 = time.monotonic()
-        try:
-            rc = proc.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(timeout=10)
-            out, err = proc.output()
-            pytest.fail(f"{proc.popen.args} did not finish within {timeout}s\n{out}\n{err}")
-        finally:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-                proc.popen.wait(timeout=10)
-        out, err = proc.output()
-        return Done(rc, out, err, time.monotonic() - t0)
-
-    def run(
-        self, args: list[str], timeout: float = 30.0, env: dict[str, str] | None = None
-    ) -> Done:
-        t0 = time.monotonic()
-        done = self.wait(self.start(args, env), timeout)
-        done.wall_s = time.monotonic() - t0
-        return done
-
-    def close(self) -> None:
-        for proc in self.started:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.popen.wait(timeout=10)
-            for f in proc.files:
-                f.close()
-
-
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Procs]:
-    folder = tmp_path / "procs"
-    folder.mkdir()
-    p = Procs(folder)
-    try:
+    with procs_in(tmp_path / "procs", Procs) as p:
         yield p
-    finally:
-        p.close()
 
 
 def get_json(url: str) -> Any:
@@ -875,11 +780,8 @@ def test_duplicate_ids_refused_or_deduped(tmp_path: Path, procs: Procs) -> None:
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockProc]:
     """One plain mock-server subprocess for the bad-input tests."""
-    p = Procs(tmp_path_factory.mktemp("shared-server"))
-    try:
+    with procs_in(tmp_path_factory.mktemp("shared-server"), Procs) as p:
         yield start_mock(p)
-    finally:
-        p.close()
 
 
 def _bad_input(tmp_path: Path, case: str) -> tuple[Path, list[str], list[str]]:

@@ -27,12 +27,10 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +46,7 @@ from batchrun.engines.local import run_job
 from batchrun.errors import DiskFull, ResumeConflict
 from batchrun.lifecycle import RunOptions
 from tests.conftest import REPO, assert_exit, invoke, make_job, run_app, tickets, write_jsonl
+from tests.procs import Done, Proc, Procs, procs_in
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,32 +180,9 @@ main(args=sys.argv[1:], prog_name="batchrun")
 """
 
 
-@dataclass
-class Done:
-    rc: int
-    out: str
-    err: str
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-
-class Procs:
-    """Starts ``batchrun`` subprocesses (output to files) and kills what is left."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.started: list[tuple[subprocess.Popen[bytes], Path, list[IO[bytes]]]] = []
-
-    def env(self, hook: str = "") -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        env["EDGE_HOOK"] = hook
-        env["EDGE_MARKER"] = str(self.marker)
-        return env
+class HookedProcs(Procs):
+    """``batchrun`` subprocesses, each run through HOOKED_CLI when given a hook;
+    the hook writes a line to ``marker`` each time it fires."""
 
     @property
     def marker(self) -> Path:
@@ -218,66 +194,26 @@ class Procs:
         except FileNotFoundError:
             return []
 
-    def start(self, args: list[str], hook: str = "") -> subprocess.Popen[bytes]:
-        n = len(self.started)
+    def batchrun(self, args: list[str], hook: str = "") -> Proc:
+        """``batchrun ARGS`` with no API key in its environment."""
         self.marker.unlink(missing_ok=True)
-        out = (self.folder / f"proc-{n}.out").open("wb")
-        err = (self.folder / f"proc-{n}.err").open("wb")
-        head = [PY, "-c", HOOKED_CLI] if hook else [PY, "-m", "batchrun"]
-        popen = subprocess.Popen(
-            [*head, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            env=self.env(hook),
-            cwd=self.folder,
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        self.started.append((popen, self.folder / f"proc-{n}", [out, err]))
-        return popen
+        env["EDGE_HOOK"] = hook
+        env["EDGE_MARKER"] = str(self.marker)
+        head = [PY, "-c", HOOKED_CLI] if hook else [PY, "-m", "batchrun"]
+        return self.start([*head, *args], env)
 
-    def wait(self, popen: subprocess.Popen[bytes], timeout: float = 60.0) -> Done:
-        try:
-            rc = popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(timeout=10)
-            pytest.fail(f"{popen.args} did not finish within {timeout}s: {self.output(popen)}")
-        out, err = self.output(popen)
-        return Done(rc, out, err)
-
-    def run(self, args: list[str], hook: str = "", timeout: float = 60.0) -> Done:
-        return self.wait(self.start(args, hook), timeout)
-
-    def output(self, popen: subprocess.Popen[bytes]) -> tuple[str, str]:
-        for p, stem, files in self.started:
-            if p is popen:
-                for f in files:
-                    f.flush()
-                return (
-                    stem.with_suffix(".out").read_text(errors="replace"),
-                    stem.with_suffix(".err").read_text(errors="replace"),
-                )
-        raise KeyError(popen)
-
-    def close(self) -> None:
-        for popen, _, files in self.started:
-            if popen.poll() is None:
-                popen.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    popen.wait(timeout=10)
-            for f in files:
-                f.close()
+    def run_batchrun(self, args: list[str], hook: str = "", timeout: float = 60.0) -> Done:
+        return self.wait(self.batchrun(args, hook), timeout)
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    folder = tmp_path / "procs"
-    folder.mkdir()
-    p = Procs(folder)
-    try:
+def procs(tmp_path: Path) -> Iterator[HookedProcs]:
+    with procs_in(tmp_path / "procs", HookedProcs) as p:
         yield p
-    finally:
-        p.close()
 
 
 def wait_until(predicate: Any, timeout: float, what: str, popen: Any = None) -> None:
@@ -371,7 +307,7 @@ async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_rerun_killed_during_the_take_back_sends_nothing(
-    tmp_path: Path, procs: Procs, endpoint: tuple[CountingEndpoint, str], signum: int
+    tmp_path: Path, procs: HookedProcs, endpoint: tuple[CountingEndpoint, str], signum: int
 ) -> None:
     """A rerun of a finished job copies the finished output back into a journal;
     killed midway, the next run must still see a finished job and send nothing."""
@@ -381,11 +317,11 @@ def test_rerun_killed_during_the_take_back_sends_nothing(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     args = run_args(inp, out, base_url, "--concurrency", "32")
-    first = procs.run(args)
+    first = procs.run_batchrun(args)
     assert first.rc == 0, first.text
     assert counting.requests == len(rows)
 
-    rerun = procs.start(args, hook="slow-take-back")
+    rerun = procs.batchrun(args, hook="slow-take-back")
     # 15 batches of 200 rows, 50 ms each: stop it a third of the way through.
     wait_until(lambda: len(procs.marks()) >= 5, 30, "the take-back under way", rerun)
     os.kill(rerun.pid, signum)
@@ -394,7 +330,7 @@ def test_rerun_killed_during_the_take_back_sends_nothing(
     assert "Traceback" not in stopped.text
     assert out.exists(), "the finished output must stay until its copy is complete"
 
-    again = procs.run(args)
+    again = procs.run_batchrun(args)
     resent = counting.requests - len(rows)
     print(f"\ntake-back stopped by signal {signum}: rerun sent {resent} of {len(rows)} rows")
     assert again.rc == 0, again.text
@@ -438,7 +374,7 @@ async def test_an_interrupted_take_back_left_by_an_older_version_is_completed(
 
 
 def test_a_second_run_on_the_same_output_exits_3_at_once(
-    tmp_path: Path, procs: Procs, slow_endpoint: tuple[CountingEndpoint, str]
+    tmp_path: Path, procs: HookedProcs, slow_endpoint: tuple[CountingEndpoint, str]
 ) -> None:
     counting, base_url = slow_endpoint
     rows = tickets(300)
@@ -446,11 +382,11 @@ def test_a_second_run_on_the_same_output_exits_3_at_once(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     args = run_args(inp, out, base_url, "--concurrency", "4")
-    first = procs.start(args)
+    first = procs.batchrun(args)
     wait_until(lambda: journal_lines(out) >= 10, 30, "the first run sending", first)
 
     t0 = time.monotonic()
-    second = procs.run(args, timeout=30)
+    second = procs.run_batchrun(args, timeout=30)
     second_s = time.monotonic() - t0
     print(
         f"\nsecond run: exit {second.rc} after {second_s:.2f}s, {counting.requests} requests "
@@ -463,7 +399,7 @@ def test_a_second_run_on_the_same_output_exits_3_at_once(
     assert str(out) in second.err
 
     # plan writes nothing, so it takes no lock: it works while the run goes on.
-    planned = procs.run(["plan", *[a for a in args[1:] if a != "-q"]])
+    planned = procs.run_batchrun(["plan", *[a for a in args[1:] if a != "-q"]])
     assert planned.rc == 0, planned.text
 
     done = procs.wait(first, timeout=60)
@@ -473,7 +409,7 @@ def test_a_second_run_on_the_same_output_exits_3_at_once(
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(
-    tmp_path: Path, procs: Procs, slow_endpoint: tuple[CountingEndpoint, str]
+    tmp_path: Path, procs: HookedProcs, slow_endpoint: tuple[CountingEndpoint, str]
 ) -> None:
     counting, base_url = slow_endpoint
     rows = tickets(200)
@@ -481,14 +417,14 @@ def test_a_lock_left_by_a_killed_run_does_not_block(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     args = run_args(inp, out, base_url, "--concurrency", "8")
-    first = procs.start(args)
+    first = procs.batchrun(args)
     wait_until(lambda: journal_lines(out) >= 10, 30, "the first run sending", first)
     os.kill(first.pid, signal.SIGKILL)
-    first.wait(timeout=10)
+    first.popen.wait(timeout=10)
     answered = journaled_ids(out)
     assert answered
 
-    again = procs.run(args)
+    again = procs.run_batchrun(args)
     assert again.rc == 0, again.text
     assert counting.sent_again(answered) == []
     assert_finished(out, ids)
@@ -804,7 +740,7 @@ async def test_an_unreadable_job_json_is_named_not_taken_for_a_changed_job(
 )
 def test_a_signal_before_or_after_sending_ends_with_our_message(
     tmp_path: Path,
-    procs: Procs,
+    procs: HookedProcs,
     endpoint: tuple[CountingEndpoint, str],
     hook: str,
     code: int,
@@ -816,7 +752,7 @@ def test_a_signal_before_or_after_sending_ends_with_our_message(
     inp = write_jsonl(tmp_path / "t.jsonl", rows)
     out = tmp_path / "out.parquet"
     args = run_args(inp, out, base_url)
-    stopped = procs.run(args, hook=hook)
+    stopped = procs.run_batchrun(args, hook=hook)
     print(f"\n{hook}: exit {stopped.rc}, stderr {stopped.err.strip()!r}")
     assert procs.marks(), "the hook never ran"
     assert stopped.rc == code, stopped.text
@@ -832,7 +768,7 @@ def test_a_signal_before_or_after_sending_ends_with_our_message(
         assert sent == 0
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
-    again = procs.run(args)
+    again = procs.run_batchrun(args)
     assert again.rc == 0, again.text
     assert counting.sent_again(ids) == []
     assert counting.requests == len(rows)
