@@ -29,18 +29,20 @@ What holds as in a local run:
   the same command, with either engine, resumes from the journal. A sender that
   dies hands its rows without a result to the others; a row whose result was
   journaled is never sent again.
-- ``rpm``, ``tpm``, the pause when the API's rate limit is spent (judged on
-  each sender's 429s, it pauses every sender),
-  ``concurrency = "auto"`` (one adaptive limit for the job), ``max_cost`` (no
-  request starts that could pass the budget; exit 4, resumable),
-  ``api_down_after_s`` and ``max_failures`` act on the whole job, and the key
-  is probed by one sender, one request at a time, before the others start.
+- ``rpm``, ``tpm``, the pause when the API's rate limit is spent (a 429 with
+  a remaining count of 0, or four in a row over every sender with no answer
+  between; it pauses every sender), ``concurrency = "auto"`` (one adaptive
+  limit for the job), ``max_cost`` (no request starts that could pass the
+  budget; exit 4, resumable), ``api_down_after_s``, ``max_failures`` and the
+  failure watch (``failures.FailureWatch``, fed by the driver with every
+  sender's results; rows failed before the job's first answer are held on the
+  driver, so a job it stops records none of them) act on the whole job, and
+  the key is probed by one sender, one request at a time, before the others
+  start.
 - Retries and other events of the senders reach the driver's log (and
   ``--log-file``), marked with ``ray_actor``.
 
-What differs: the failure watch (``failures.FailureWatch``: every request
-failing with one cause) looks at each sender's rows, so it stops the job after
-that many failures in one sender; ``schema_via = "auto"`` does not search (the
+What differs: ``schema_via = "auto"`` does not search (the
 kept way, else ``json_schema``, is sent) and a server's refusal of
 ``stream_options`` does not drop the field (the kept choice is sent); ``pii``
 and ``mode = "batch"`` or ``"hybrid"`` are refused; the journal and ``output`` live on the

@@ -42,9 +42,12 @@ from batchrun.errors import (
     KeyRejected,
     TooManyFailures,
 )
+from batchrun.failures import Failure, FailureWatch
 from batchrun.lifecycle import OpenRun, RunOptions, RunResult
+from batchrun.outputs import Record
 from batchrun.payload import Prepared
 from batchrun.progress import Progress
+from batchrun.scheduler import HOLD_MAX
 
 log = logging.getLogger("batchrun")
 
@@ -206,6 +209,7 @@ def _send_on_ray(
         ray,
         run.rows_to_send(),
         Recorder(run.journal, run.tally, job.max_failures, run.prices),
+        FailureWatch(job),
         Heartbeat(progress, run.journal),
         handles,
         coordinator,
@@ -245,6 +249,12 @@ class Dispatch:
     results are journaled (and counted, max_failures included) before the
     sender's next exchange is sent, with as many rows as it asked for.
 
+    One failure watch judges every sender's rows, in the order their results
+    arrive (``failures.FailureWatch``). As in a local run, a row that failed
+    before the job's first answer is held back, not journaled, until an answer
+    comes (or the run ends): a job the watch stops records none of them, so the
+    rerun sends them.
+
     Until one attempt shows the key is accepted, only the first sender gets
     rows (the key probe of the whole job, one request at a time). A sender
     that dies hands its rows without a result to the others. A stop — a
@@ -257,6 +267,7 @@ class Dispatch:
         ray: ModuleType,
         rows: Iterator[Prepared],
         recorder: Recorder,
+        watch: FailureWatch,
         heartbeat: Heartbeat,
         handles: list[Any],
         coordinator: Any,
@@ -268,6 +279,10 @@ class Dispatch:
         self.rows = rows
         self.recorder = recorder
         self.tally = recorder.tally
+        self.watch = watch
+        self.held: list[Record] = []
+        """Rows failed before the job's first answer (not journaled yet)."""
+        self.holding = True
         self.heartbeat = heartbeat
         self.senders = [_Sender(i, h, window) for i, h in enumerate(handles)]
         self.coordinator = coordinator
@@ -276,7 +291,6 @@ class Dispatch:
         self.pending: deque[Prepared] = deque()
         self.exhausted = False
         self.key_settled = False
-        self.answered = False
         self.stop: JobStopped | None = None
         self.stopped_now = False
         self.deadline: float | None = None
@@ -310,7 +324,8 @@ class Dispatch:
                     "one (see ray status). Nothing was sent: run the same command again once it has."
                 )
         if self.stop is not None:
-            raise self.stop
+            raise self.stop  # the rows held back are not journaled: the rerun sends them
+        self._write_held()  # no answer, no verdict: they are the job's results
         left = sum(len(s.given) for s in self.senders) + len(self.pending)
         if left or not self.exhausted:
             raise JobStopped(
@@ -342,22 +357,54 @@ class Dispatch:
         self._call(s)
 
     def _journal(self, s: _Sender, reply: Reply) -> None:
-        recorder, tally = self.recorder, self.tally
+        tally = self.tally
         for rec in reply.records:
             s.given.pop(rec["row"], None)
-            too_many = recorder.record(rec)
-            if too_many is not None:
-                self._halt(too_many, now=True)
+            self._result(rec, reply.failures.get(rec["row"]))
         for data in reply.logs:
             log.handle(logging.makeLogRecord(data))
         tally.requests += reply.requests - s.requests
         tally.retries += reply.retries - s.retries
         s.requests, s.retries = reply.requests, reply.retries
         self.key_settled = self.key_settled or reply.key_settled
-        self.answered = self.answered or reply.answered
         if reply.stop is not None:
             error = stop_error(*reply.stop)
             self._halt(error, now=isinstance(error, STOP_AT_ONCE))
+
+    def _result(self, rec: Record, failure: Failure | None) -> None:
+        """One row's result, as a local run's scheduler takes it (``Scheduler._record``):
+        journaled, or held back while the job has had no answer; then the
+        failure watch's count (``failure``: the row's, when it counts one)."""
+        watch = self.watch
+        verdict = isinstance(self.stop, EveryRequestFails)
+        failed = rec["status"] == "error" and bool(rec.get("attempts"))
+        if not failed and rec.get("attempts"):
+            watch.answer()
+        if failed and not watch.answered and verdict:
+            return  # after the watch's stop, as the requests a local run abandons: the rerun sends it
+        if failed and not watch.answered and self.holding:
+            self.held.append(rec)
+            if len(self.held) > HOLD_MAX:
+                self.holding = False  # too many different failures to wait for a verdict
+                self._write_held()
+        else:
+            self._write_held()
+            self._write(rec)
+        if failure is not None and not verdict:
+            stop = watch.count(failure)
+            if stop is not None:
+                self.held.clear()  # nothing recorded for them: the rerun sends them
+                self._halt(stop, now=True)
+
+    def _write(self, rec: Record) -> None:
+        too_many = self.recorder.record(rec)
+        if too_many is not None:
+            self._halt(too_many, now=True)
+
+    def _write_held(self) -> None:
+        held, self.held = self.held, []
+        for rec in held:
+            self._write(rec)
 
     def _call(self, s: _Sender) -> None:
         """Send ``s`` its next exchange, with the rows it wants (if it may have any)."""
@@ -370,7 +417,7 @@ class Dispatch:
                 s.given[p.row] = p
         more = may and self._refill()
         blob = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL) if rows else None
-        s.ref = s.handle.exchange.remote(blob, more, self.answered)
+        s.ref = s.handle.exchange.remote(blob, more)
 
     def _refill(self) -> bool:
         """Whether a row is waiting to be given (read ahead from the input)."""

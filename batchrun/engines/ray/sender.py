@@ -45,7 +45,8 @@ from batchrun.engines.ray.leases import (
     SharedPause,
 )
 from batchrun.engines.shell import GRACE_S
-from batchrun.errors import ApiDown, Interrupted, JobStopped, RequestError
+from batchrun.errors import ApiDown, EveryRequestFails, Interrupted, JobStopped, RequestError
+from batchrun.failures import Failure, FailureWatch
 from batchrun.limits import AdaptiveLimit
 from batchrun.outputs import STATUS_NONE, Record
 from batchrun.payload import Completion, Prepared
@@ -107,8 +108,10 @@ class Reply:
     requests: int
     retries: int
     logs: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[int, Failure] = field(default_factory=dict)
+    """The failure of each failed row among ``records`` that the job's failure
+    watch counts (by row number): the driver's watch judges the whole job."""
     key_settled: bool = False
-    answered: bool = False
     stop: tuple[str, str] | None = None
     """The stop the sender's scheduler ended with: its class name and message."""
     failure: str | None = None
@@ -146,6 +149,14 @@ class _RemoteCoordinator:
         message: str | None = await self.handle.api_down.remote(self.index, report, error)
         return message
 
+    async def count_429(
+        self, report: Report, seconds: float, sent_s_ago: float, at: float
+    ) -> float:
+        pause_s: float = await self.handle.count_429.remote(
+            self.index, report, seconds, sent_s_ago, at
+        )
+        return pause_s
+
     def rate_limited(self, seconds: float) -> None:
         self.handle.rate_limited.remote(self.index, seconds)
 
@@ -175,8 +186,9 @@ class _WatchedClient(ApiClient):
 class _Inbox:
     """The rows given to this sender, as the scheduler takes them: a row is taken
     only while a place is free, and its place comes back when the driver has
-    journaled its result. A failed row the scheduler holds back while no answer
-    has come (``Scheduler.held``) has no answer to lose: its place counts as free."""
+    journaled its result. A failed row the scheduler holds back while the key
+    probe has no verdict (``Scheduler.held``) has no answer to lose: its place
+    counts as free."""
 
     def __init__(self, places: int, changed: asyncio.Event) -> None:
         self.rows: deque[Prepared] = deque()
@@ -224,6 +236,7 @@ class _Outbox:
 
     def __init__(self, changed: asyncio.Event) -> None:
         self.records: list[Record] = []
+        self.failures: dict[int, Failure] = {}
         self._changed = changed
 
     @property
@@ -242,6 +255,30 @@ class _Unsent:
 
 
 _UNSENT = _Unsent()
+
+
+class _ForwardedWatch(FailureWatch):
+    """The failure watch in a sender: the verdict is the driver's, over every
+    sender's rows (one ``FailureWatch`` for the job), so each failure goes back
+    with its row's result instead of being counted here. Nor is a failed row
+    held back here while the job has had no answer: the driver holds it, so a
+    job stopped by its watch records none of them, as locally."""
+
+    def __init__(self, job: Job, outbox: _Outbox) -> None:
+        super().__init__(job)
+        self.outbox = outbox
+        self.answered = True  # for the scheduler: never hold a row back for the watch
+
+    def answer(self) -> None:
+        pass
+
+    def row_failed(self, exc: RequestError, row: int | None = None) -> EveryRequestFails | None:
+        failure = self.failure_of(exc)
+        if failure is not None and row is not None:
+            self.outbox.failures[row] = failure
+        return None
+
+
 _NOT_SHIPPED = frozenset({"args", "exc_info", "exc_text", "stack_info", "msg", "message"})
 
 
@@ -299,11 +336,10 @@ class RowSender:
 
     # ---- the driver's calls ---------------------------------------------------
 
-    async def exchange(self, rows: bytes | None, more: bool, answered: bool) -> Reply:
+    async def exchange(self, rows: bytes | None, more: bool) -> Reply:
         """Take ``rows`` (pickled ``Prepared``s); bring back the results finished
         since the last call, once there is one, or the sender wants rows and the
-        driver has ``more``, or POLL_S passed. ``answered``: some sender has had
-        an answer (the failure watch then judges by its window)."""
+        driver has ``more``, or POLL_S passed."""
         self._start()
         # The driver journaled what the last call took: those places are free.
         self.inbox.release(self.unacked)
@@ -314,8 +350,6 @@ class RowSender:
                 for p in given:
                     self.cost.expect(p.prompt_bound)
             self.inbox.put(given)
-        if answered and not self.scheduler.watch.answered:
-            self.scheduler.watch.answer()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + POLL_S
         while True:
@@ -419,6 +453,7 @@ class RowSender:
             # A row waiting to retry keeps its worker: with places held until the
             # driver journals a result, stand-ins would wait for rows no place lets in.
             lends=False,
+            watch=_ForwardedWatch(job, self.outbox),
         )
         link.on_api_down = lambda message: scheduler.stop_now(ApiDown(message))
         self.inbox.held = lambda: scheduler.held
@@ -459,6 +494,7 @@ class RowSender:
 
     def _reply(self) -> Reply:
         records, self.outbox.records = self.outbox.records, []
+        failures, self.outbox.failures = self.outbox.failures, {}
         self.unacked = len(records)
         stop = self.stopped
         return Reply(
@@ -467,8 +503,8 @@ class RowSender:
             requests=self.tally.requests,
             retries=self.tally.retries,
             logs=self.shipper.take(),
+            failures=failures,
             key_settled=self.link.key_settled,
-            answered=self.link.answered,
             stop=(type(stop).__name__, str(stop)) if stop is not None else None,
             failure=self.failure,
             finished=self.finished,

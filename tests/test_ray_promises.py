@@ -1,0 +1,152 @@
+"""Promises of a local run that the Ray engine keeps for the whole job, on a
+local Ray with two row senders: the failure watch over every sender's rows,
+and the 429s that show the rate limit is spent counted over every sender.
+
+Marked ``ray`` (``make test-ray``). Each server is an aiohttp app on 127.0.0.1,
+served from a thread of this process; each job runs through the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from aiohttp import web
+
+from tests.conftest import assert_exit, invoke, run_app, tickets, write_jsonl
+from tests.test_failure_watch import counting_app, ok
+from tests.test_ray_guarantees import Arrivals, rate_limited
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+ROWS = 200
+
+
+def run_ray(base_url: str, tmp_path: Path, *extra: str, rows: int = ROWS) -> Any:
+    """``batchrun run --engine ray`` of ``rows`` tickets (one Ray, two senders)."""
+    src = tmp_path / "in.jsonl"
+    if not src.exists():
+        write_jsonl(src, tickets(rows))
+    return invoke(
+        "--engine", "ray", "--input", str(src), "--output", str(tmp_path / "out.parquet"),
+        "--model", "m-1", "--prompt-template", "{ticket}", "--base-url", base_url,
+        "--api-key-env", "", "-q", *extra,
+    )  # fmt: skip
+
+
+def journal(tmp_path: Path) -> list[bytes]:
+    path = tmp_path / "out.parquet.partial" / "journal.jsonl"
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+# ---- the failure watch, over every sender's rows ------------------------------------
+
+
+def test_the_first_rows_failing_one_way_stop_the_ray_job_and_the_rerun_sends_them(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """Every request refused the same way (after 0.2 s) before any answer, one
+    place per sender: the job stops after the first 5 failed rows of the job (a
+    watch per sender would wait for 5 in one of them: 9 or more), exit 3,
+    nothing recorded; the rerun, the cause fixed, sends every row."""
+    refuse = True
+    seen = [0]
+
+    async def chat(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        seen[0] += 1
+        if not refuse:
+            return ok(body)
+        await asyncio.sleep(0.2)
+        return web.json_response(
+            {"error": {"message": "Unrecognized request argument supplied: seed"}}, status=400
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    base_url = threaded(lambda: run_app(app))
+    result = run_ray(base_url, tmp_path, "--param", "seed=7", "--concurrency", "2")
+    assert_exit(result, 3)
+    assert "the first 5 rows all failed the same way, before any answer" in result.output
+    assert "Unrecognized request argument supplied: seed" in result.output
+    assert "check the field its message names" in result.output
+    assert "Nothing was recorded for the rows that failed this way" in result.output
+    assert 5 <= seen[0] <= 7, seen[0]  # 5, and what the other sender had under way
+    assert journal(tmp_path) == []
+    refuse, before = False, seen[0]
+    again = run_ray(base_url, tmp_path, "--param", "seed=7", "--concurrency", "2")
+    assert_exit(again, 0)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert len(rows) == ROWS and all(r["status"] == "ok" for r in rows)
+    assert seen[0] - before == ROWS  # each row once: none was recorded by the stopped run
+
+
+def test_after_answers_the_last_rows_failing_one_way_stop_the_ray_job(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """The first 20 rows answered, then every request fails the same way: the
+    job stops once the last 50 rows of the job failed (a watch per sender would
+    wait for 50 in one of them: about 100), exit 3, their error rows kept;
+    --retry-failed sends them again."""
+    unloaded = True
+
+    def answer(body: dict[str, Any]) -> web.Response:
+        number = int(body["messages"][-1]["content"].split()[2])
+        if number < 20 or not unloaded:
+            return ok(body)
+        return web.json_response({"error": {"message": "model unloaded"}}, status=500)
+
+    app, seen = counting_app(answer)
+    base_url = threaded(lambda: run_app(app))
+    keys = ("--max-attempts", "1", "--concurrency", "4")
+    result = run_ray(base_url, tmp_path, *keys)
+    assert_exit(result, 3)
+    assert "the last 50 rows all failed the same way" in result.output
+    assert "--retry-failed" in result.output
+    lines = journal(tmp_path)
+    errors = sum(1 for line in lines if b'"status":"error"' in line)
+    assert 50 <= errors <= 50 + 4, errors  # and what the senders had under way
+    assert seen[0] == len(lines) < 80
+    unloaded = False
+    again = run_ray(base_url, tmp_path, *keys, "--retry-failed")
+    assert_exit(again, 0)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert len(rows) == ROWS and all(r["status"] == "ok" for r in rows)
+
+
+def test_429s_in_a_row_over_both_senders_pause_the_ray_job(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """A run of 429s (none saying the budget is spent) spread over both senders:
+    the coordinator counts four in a row for the job and every sender pauses for
+    the Retry-After, said once in the log; every row is answered."""
+    window: list[float] = []
+
+    def decide(n: int, now: float) -> web.Response | None:
+        if n == 40:
+            window.append(now)
+        if window and now - window[0] < 0.3:
+            return rate_limited("1")
+        return None
+
+    server = Arrivals(decide, latency_s=0.01)
+    url = threaded(lambda: run_app(server.app()))
+    log_file = tmp_path / "run.log"
+    result = run_ray(
+        url, tmp_path, "--concurrency", "8", "--log-file", str(log_file), "--log-format", "json",
+        rows=120,
+    )  # fmt: skip
+    assert_exit(result, 0)
+    events = [orjson.loads(line) for line in log_file.read_text().splitlines()]
+    pauses = [e for e in events if e["event"] == "rate_limit_pause"]
+    assert len(pauses) == 1, pauses
+    assert "over every Ray actor" in pauses[0]["message"]
+    assert server.statuses.count(429) >= 4
+    # The pause began at the fourth 429 at the latest; the 429s of the 0.3 s after it are its own.
+    fourth = sorted(t for t, s in zip(server.times, server.statuses, strict=True) if s == 429)[3]
+    quiet = [t for t in server.times if fourth + 0.35 < t < fourth + 0.9]
+    assert quiet == []
