@@ -1,6 +1,7 @@
 """Promises of a local run that the Ray engine keeps for the whole job, on a
 local Ray with two row senders: the failure watch over every sender's rows,
-and the 429s that show the rate limit is spent counted over every sender.
+the 429s that show the rate limit is spent counted over every sender, and
+``pii`` with the mapping kept on the driver.
 
 Marked ``ray`` (``make test-ray``). Each server is an aiohttp app on 127.0.0.1,
 served from a thread of this process; each job runs through the CLI.
@@ -17,8 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from tests.conftest import assert_exit, invoke, run_app, tickets, write_jsonl
+from batchrun.engines.local import run_job
+from batchrun.lifecycle import RunOptions
+from tests import test_pii
+from tests.conftest import assert_exit, invoke, make_job, run_app, tickets, write_jsonl
 from tests.test_failure_watch import counting_app, ok
+from tests.test_ray_engine import assert_same_output
 from tests.test_ray_guarantees import Arrivals, rate_limited
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -150,3 +155,56 @@ def test_429s_in_a_row_over_both_senders_pause_the_ray_job(
     fourth = sorted(t for t, s in zip(server.times, server.statuses, strict=True) if s == 429)[3]
     quiet = [t for t in server.times if fourth + 0.35 < t < fourth + 0.9]
     assert quiet == []
+
+
+# ---- pii: the mapping stays on the driver -------------------------------------------
+
+
+def test_pii_on_ray_sends_placeholders_only_and_writes_a_local_runs_output(
+    local_ray: Any, tmp_path: Path, threaded: Any
+) -> None:
+    """40 tickets full of personal data, a structured job with typed columns,
+    two rows refused by a server quoting their text: run by each engine against
+    its own recording server, the servers received the same bodies, none with a
+    value in it, and the outputs are the same (restored completions and typed
+    values, pii counts, request hashes, the error rows with placeholders)."""
+    from batchrun.engines.ray import run_on_ray
+
+    schema = tmp_path / "schema.json"
+    schema.write_bytes(orjson.dumps(test_pii.TYPED_SCHEMA))
+    rows = [
+        {"id": f"{t['id']}-{k}", "ticket": f"{t['ticket']} (copy {k})"}
+        for k in range(10)
+        for t in test_pii.pii_tickets()
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    servers = {}
+    results = {}
+    for engine in ("local", "ray"):
+        server = test_pii.Recorder(
+            structured=True, fail=lambda text: "<CUSTOMER_NUMBER_1>" in text and "(copy 0)" in text
+        )
+        url = threaded(lambda s=server: run_app(s.app()))
+        job = make_job(
+            url, inp, tmp_path / f"{engine}.parquet", **test_pii.PII_KEYS,
+            response_schema=str(schema), schema_via="json_schema", concurrency=4, max_attempts=1,
+        )  # fmt: skip
+        options = RunOptions(progress=False)
+        results[engine] = (
+            asyncio.run(run_job(job, options)) if engine == "local" else run_on_ray(job, options)
+        )
+        servers[engine] = server
+    assert (results["ray"].ok, results["ray"].failed) == (38, 2)
+    sent = servers["ray"].sent()
+    for value in test_pii.VALUES:
+        assert value not in sent, value
+        assert value.replace(" ", "") not in sent.replace(" ", ""), value
+    assert sorted(servers["ray"].bodies) == sorted(servers["local"].bodies)
+    assert_same_output(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+    out = {r["id"]: r for r in pq.read_table(tmp_path / "ray.parquet").to_pylist()}
+    first = out["T-1-3"]  # rows[12]
+    assert first["summary"] == test_pii.expected(rows[12])
+    pii = test_pii
+    assert first["contacts"] == [pii.CARDS[0], pii.EMAILS[0], pii.EMAILS[0], pii.PHONES[0]]
+    assert first["pii_found"] == 4 and first["pii_unrestored"] == 1  # <EMAIL_99>
+    assert out["T-2-0"]["status"] == "error" and "<CUSTOMER_NUMBER_1>" in out["T-2-0"]["error"]
