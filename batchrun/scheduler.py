@@ -325,6 +325,9 @@ class Scheduler:
             if reservation is None:
                 self._over_budget(spend)
                 raise Abandoned("the job is stopping")
+        options = self.stream_options
+        if options is not None and options.refused is not None:
+            options.render(p)  # refused while this row waited for its turn: not sent again
         self.tally.requests += 1
         adaptive = self._adaptive
         t = time.perf_counter()

@@ -1,7 +1,9 @@
 """Promises of a local run that the Ray engine keeps for the whole job, on a
 local Ray with two row senders: the failure watch over every sender's rows,
-the 429s that show the rate limit is spent counted over every sender, and
-``pii`` with the mapping kept on the driver.
+the 429s that show the rate limit is spent counted over every sender,
+``pii`` with the mapping kept on the driver, and the ways a server takes
+(``schema_via = "auto"``'s search, a refused ``stream_options``) found once
+for the job.
 
 Marked ``ray`` (``make test-ray``). Each server is an aiohttp app on 127.0.0.1,
 served from a thread of this process; each job runs through the CLI.
@@ -20,11 +22,14 @@ from aiohttp import web
 
 from batchrun.engines.local import run_job
 from batchrun.lifecycle import RunOptions
+from batchrun.mock import MockConfig
 from tests import test_pii
 from tests.conftest import assert_exit, invoke, make_job, run_app, tickets, write_jsonl
 from tests.test_failure_watch import counting_app, ok
-from tests.test_ray_engine import assert_same_output
+from tests.test_ray_engine import assert_same_output, run_both
 from tests.test_ray_guarantees import Arrivals, rate_limited
+from tests.test_schema_via import TRIAGE_SCHEMA
+from tests.test_structured import JOB_KEYS as STRUCTURED_KEYS
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -208,3 +213,66 @@ def test_pii_on_ray_sends_placeholders_only_and_writes_a_local_runs_output(
     assert first["contacts"] == [pii.CARDS[0], pii.EMAILS[0], pii.EMAILS[0], pii.PHONES[0]]
     assert first["pii_found"] == 4 and first["pii_unrestored"] == 1  # <EMAIL_99>
     assert out["T-2-0"]["status"] == "error" and "<CUSTOMER_NUMBER_1>" in out["T-2-0"]["error"]
+
+
+# ---- the ways a server takes: schema_via = "auto", stream_options --------------------
+
+
+def test_schema_via_auto_searches_on_ray_as_locally(local_ray: Any, tmp_path: Path) -> None:
+    """A server with no structured outputs: response_format refused twice,
+    structured_outputs ignored (a prose answer), then the schema goes in the
+    prompt. On Ray one sender searches while the other waits, then both send
+    the prompt way: the same requests as a local run (not a search per
+    sender), the same output, the way kept in its metadata."""
+    n = 40
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(n))
+    keys = STRUCTURED_KEYS | {"response_schema": str(TRIAGE_SCHEMA), "concurrency": 4}
+    local, on_ray, local_stats, ray_stats = run_both(
+        src, tmp_path, MockConfig(schema_via="none"), **keys
+    )
+    assert ray_stats.by_outcome == local_stats.by_outcome == {"refused:400": 2, "ok": n + 1}
+    assert ray_stats.bodies == local_stats.bodies  # the same bytes, as often
+    assert (on_ray.ok, on_ray.requests) == (local.ok, local.requests) == (n, n + 3)
+    assert on_ray.schema_via == local.schema_via == "prompt"
+    assert on_ray.schema_via_refused == ("json_schema", "json_object_schema", "vllm")
+    assert_same_output(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+    meta = orjson.loads(pq.read_schema(tmp_path / "ray.parquet").metadata[b"batchrun"])
+    assert meta["schema_via"]["schema_via"] == "prompt" and meta["schema_via"]["settled"]
+
+
+def test_a_refused_stream_options_and_the_search_on_ray_with_pii(
+    local_ray: Any, tmp_path: Path
+) -> None:
+    """A strict llama.cpp-like server refusing stream_options and json_schema,
+    a streamed structured pii job: the searching sender drops the field and
+    moves to json_object_schema, every sender then sends that way, and the
+    request hashes of the rows whose bodies changed in the sender are made on
+    the driver with their values: the same requests and output as a local
+    run, the choices kept beside the journal and in the metadata."""
+    n = 40
+    rows = [
+        {"id": f"T-{i:04d}", "customer": f"C{i}", "ticket": f"Ticket {i}: mail {email}"}
+        for i, email in enumerate(test_pii.EMAILS * (n // 3 + 1))
+    ][:n]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    keys = STRUCTURED_KEYS | {
+        "response_schema": str(TRIAGE_SCHEMA),
+        "concurrency": 4,
+        "stream": True,
+        "pii": ["email"],
+    }
+    config = MockConfig(
+        schema_via="json_object_schema", strict=True, unknown_fields=("stream_options",)
+    )
+    local, on_ray, local_stats, ray_stats = run_both(src, tmp_path, config, **keys)
+    assert ray_stats.by_outcome == local_stats.by_outcome
+    assert ray_stats.by_outcome == {"400": 1, "refused:500": 1, "ok": n}
+    assert ray_stats.bodies == local_stats.bodies  # the same bytes, as often
+    assert on_ray.stream_options_refused == local.stream_options_refused is not None
+    assert on_ray.schema_via == "json_object_schema"
+    assert_same_output(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+    out = pq.read_table(tmp_path / "ray.parquet").to_pylist()
+    assert {r["status"] for r in out} == {"ok"}
+    meta = orjson.loads(pq.read_schema(tmp_path / "ray.parquet").metadata[b"batchrun"])
+    assert meta["stream_options"]["sent"] is False
+    assert meta["schema_via"]["tried"] == ["json_schema", "json_object_schema"]
