@@ -53,7 +53,8 @@ class StreamOptions:
         refused = kept.get("refused") if kept and kept.get("sent") is False else None
         self.refused: str | None = str(refused) if refused is not None and job.stream else None
         self.accepted = False
-        """An answer came to a request that carried the field: the server takes it."""
+        """An answer came while the field was sent: the server takes it (or the
+        rows do not carry it, as an OpenAI batch input's bodies may not)."""
 
     @classmethod
     def open(cls, job: Job, folder: Path, earlier: Sequence[Path] = ()) -> StreamOptions:
@@ -131,7 +132,7 @@ class StreamOptions:
             except RequestError as exc:
                 exc.attempts += spent
                 raise
-            if not self.accepted and self.refused is None and _IN_BODY in p.body:
+            if self.refused is None:
                 self.accepted = True
             return completion, attempts + spent
 

@@ -37,7 +37,7 @@ class Ways:
     """How the job's requests are written, as one part of the run knows it:
     ``schema_via = "auto"``'s state (``SchemaVia.state``; None when the job has
     no search) and ``stream_options``' (refused: why; accepted: an answer came
-    to a request that carried it)."""
+    while it was sent)."""
 
     schema_via: dict[str, Any] | None = None
     stream_options_refused: str | None = None
