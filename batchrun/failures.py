@@ -15,6 +15,11 @@ A cause is a failure's kind, HTTP status and message with the numbers masked,
 so failures that differ only in a count or an id count as one. 429s are not
 failures here (a rate-limited API is up), and 401/403 are the key probe's
 (``KeyRejected``). ``top_causes`` lists what failed most, for the summary.
+
+A failure is judged as a ``Failure``: its cause and what to say of it, made
+where the request failed (``FailureWatch.failure_of``) and counted where the
+job's rows meet (``FailureWatch.count``). Locally both are the scheduler's; on
+Ray a sender makes it and the driver counts every sender's rows together.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from batchrun.config import Job
 from batchrun.errors import (
@@ -46,6 +52,19 @@ def cause_of(error: str) -> str:
     return _NUMBERS.sub("N", error)[:300]
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A row's failure as the watch counts it: small and picklable, so it can
+    travel with the row's result (from a Ray sender to the driver)."""
+
+    cause: tuple[str, int | None, str]
+    """The error's kind, HTTP status and message with the numbers masked."""
+    error: str
+    """The error as it reads (the stop quotes the last one)."""
+    fix: str
+    """What to check for a failure of this kind, where it is known."""
+
+
 class FailureWatch:
     """Counts failures by cause and says when a job cannot succeed."""
 
@@ -65,23 +84,31 @@ class FailureWatch:
         self.answered = True
         self._cause, self._streak = None, 0
 
-    def row_failed(self, exc: RequestError) -> EveryRequestFails | None:
-        """A row ended failed with ``exc``: the stop to make, if the job cannot succeed."""
+    def failure_of(self, exc: RequestError) -> Failure | None:
+        """``exc`` as the watch counts it; None for a failure it does not count."""
         if not self.watches(exc):
             return None
-        return self._count(exc, self.window if self.answered else FIRST_ROWS)
+        return Failure(_key(exc), str(exc), self.fix(exc))
 
-    def _count(self, exc: RequestError, limit: int) -> EveryRequestFails | None:
-        key = _key(exc)
-        if key == self._cause:
+    def row_failed(self, exc: RequestError, row: int | None = None) -> EveryRequestFails | None:
+        """Row ``row`` ended failed with ``exc``: the stop to make, if the job
+        cannot succeed. (The row's number is for a watch that counts elsewhere:
+        a Ray sender's sends the failure back with that row's result.)"""
+        failure = self.failure_of(exc)
+        return self.count(failure) if failure is not None else None
+
+    def count(self, failure: Failure) -> EveryRequestFails | None:
+        """One more failed row: the stop to make, if the job cannot succeed."""
+        limit = self.window if self.answered else FIRST_ROWS
+        if failure.cause == self._cause:
             self._streak += 1
         else:
-            self._cause, self._streak = key, 1
+            self._cause, self._streak = failure.cause, 1
         if self._streak >= limit:
-            return self._stop(exc, self._streak)
+            return self._stop(failure, self._streak)
         return None
 
-    def _stop(self, exc: RequestError, count: int) -> EveryRequestFails:
+    def _stop(self, failure: Failure, count: int) -> EveryRequestFails:
         if self.answered:
             what = f"the last {count} rows all failed the same way"
             then = (
@@ -95,7 +122,7 @@ class FailureWatch:
                 "same command again."
             )
         return EveryRequestFails(
-            f"Stopped: {what}: {exc}. {self.fix(exc)} {then}".replace("  ", " ")
+            f"Stopped: {what}: {failure.error}. {failure.fix} {then}".replace("  ", " ")
         )
 
     def fix(self, exc: RequestError) -> str:

@@ -87,6 +87,7 @@ class Scheduler:
         via: SchemaVia | None = None,
         stream_options: StreamOptions | None = None,
         lends: bool = True,
+        watch: FailureWatch | None = None,
     ) -> None:
         self.job = job
         self.via = via  # how requests carry the schema; "auto" may change it as answers come
@@ -122,7 +123,8 @@ class Scheduler:
         self._held: list[tuple[Record, RequestError | None]] = []
         self._holding = True
         self._key_settled = False
-        self.watch = FailureWatch(job)
+        # The failure watch (a Ray sender's sends each failure to the driver's, for the whole job).
+        self.watch = watch or FailureWatch(job)
         # Circuit breaker: the API counts as down once no request has succeeded
         # for api_down_after_s while requests keep failing (429s excepted: a
         # rate-limited API is up).
@@ -243,7 +245,7 @@ class Scheduler:
                 rec = self._error_record(p, str(exc), exc.status, requests + exc.attempts, started)
                 # usage.put: what earlier answers of the row cost (an ignored schema way too)
                 self._record(usage.put(rec), exc)
-                self._systematic(self.watch.row_failed(exc))
+                self._systematic(self.watch.row_failed(exc, p.row))
                 return
             requests += attempts
             self._last_success = time.monotonic()
@@ -323,6 +325,9 @@ class Scheduler:
             if reservation is None:
                 self._over_budget(spend)
                 raise Abandoned("the job is stopping")
+        options = self.stream_options
+        if options is not None and options.refused is not None:
+            options.render(p)  # refused while this row waited for its turn: not sent again
         self.tally.requests += 1
         adaptive = self._adaptive
         t = time.perf_counter()

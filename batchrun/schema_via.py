@@ -278,6 +278,24 @@ class SchemaVia:
             "refused": dict(self.refused),
         }
 
+    def adopt(self, state: Mapping[str, Any]) -> bool:
+        """Take up ``auto``'s search where another part of this run has got to
+        (a Ray sender: its ``state()``), when that is further along; kept as a
+        move made here would be (the move was logged where it was made).
+        Returns whether anything changed."""
+        if not self.auto or not _well_formed(state):
+            return False
+        tried, settled = list(state["tried"]), bool(state.get("settled"))
+        if len(tried) < len(self.tried) or (
+            len(tried) == len(self.tried) and (self.settled or not settled)
+        ):
+            return False
+        self.current, self.tried = state["schema_via"], tried
+        self.refused = dict(state.get("refused") or {})
+        self.settled = settled or self.current == SCHEMA_DIALECTS[-1]
+        self._save()
+        return True
+
     def _save(self) -> None:
         if self.auto:
             save_kept(KEPT, self.folder, self.state())

@@ -24,7 +24,7 @@ import orjson
 from batchrun.config import Job
 from batchrun.errors import FatalRequestError, RequestError
 from batchrun.kept import read_kept, save_kept, state_file
-from batchrun.payload import Completion, Prepared, encode_body, request_hash
+from batchrun.payload import Completion, Prepared, encode_body
 
 log = logging.getLogger("batchrun")
 
@@ -52,6 +52,9 @@ class StreamOptions:
         self.asked = job.stream
         refused = kept.get("refused") if kept and kept.get("sent") is False else None
         self.refused: str | None = str(refused) if refused is not None and job.stream else None
+        self.accepted = False
+        """An answer came while the field was sent: the server takes it (or the
+        rows do not carry it, as an OpenAI batch input's bodies may not)."""
 
     @classmethod
     def open(cls, job: Job, folder: Path, earlier: Sequence[Path] = ()) -> StreamOptions:
@@ -65,6 +68,23 @@ class StreamOptions:
     @property
     def sent(self) -> bool:
         return self.asked and self.refused is None
+
+    @property
+    def settled(self) -> bool:
+        """Whether the server has shown how it takes the field (or it is not sent)."""
+        return not self.sent or self.accepted
+
+    def adopt(self, refused: str | None, accepted: bool) -> bool:
+        """What another part of this run learned (a Ray sender): a refusal drops
+        the field here too, kept as one seen here would be (it was logged where
+        it was seen). Returns whether anything changed."""
+        changed = accepted and not self.accepted
+        self.accepted = self.accepted or accepted
+        if refused is not None and self.refused is None and self.asked:
+            self.refused = refused
+            self._save()
+            changed = True
+        return changed
 
     def state(self) -> dict[str, Any] | None:
         """What is kept (beside the journal, in the output's metadata); None while sent."""
@@ -81,7 +101,7 @@ class StreamOptions:
         if "stream_options" in body:
             del body["stream_options"]
             p.body = encode_body(body)
-            p.request_hash = request_hash(p.body)
+            p.request_hash = p.rehash(p.body)  # a pii row's hash holds its values too
         return p
 
     def rendered(self, rows: Iterator[Prepared]) -> Iterator[Prepared]:
@@ -112,6 +132,8 @@ class StreamOptions:
             except RequestError as exc:
                 exc.attempts += spent
                 raise
+            if self.refused is None:
+                self.accepted = True
             return completion, attempts + spent
 
     def _drop(self, why: str) -> None:

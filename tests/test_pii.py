@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,9 @@ from batchrun.engines.local import run_job
 from batchrun.errors import JobError
 from batchrun.lifecycle import RunOptions
 from batchrun.mock import MockConfig, serve
-from batchrun.payload import prepare_rows
+from batchrun.payload import prepare_rows, request_hash
 from batchrun.plan import plan_job
+from batchrun.stream_options import StreamOptions
 from tests.conftest import assert_exit, make_job, run_app, write_jsonl
 
 pytestmark = pytest.mark.timeout(60)
@@ -286,6 +288,51 @@ def test_the_request_hash_is_deterministic_and_tells_values_apart(tmp_path: Path
     assert plain[0].pii is None and EMAILS[0].encode() in plain[0].body
 
 
+def test_a_dropped_stream_options_keeps_the_values_in_the_hash(tmp_path: Path) -> None:
+    """A streamed pii row re-rendered without a refused stream_options: its
+    hash is still made with its values (--reuse tells such rows apart)."""
+    write_jsonl(tmp_path / "in.jsonl", pii_tickets())
+    job = make_job(output="out.parquet", stream=True, **PII_KEYS)
+    p = _prepared(job)[0]
+    assert b'"stream_options"' in p.body
+    StreamOptions(job, {"sent": False, "refused": "HTTP 400"}).render(p)
+    assert b'"stream_options"' not in p.body
+    assert p.request_hash == p.rehash(p.body) != request_hash(p.body)
+
+
+def test_a_row_leaving_for_a_ray_sender_carries_placeholders_only(tmp_path: Path) -> None:
+    """The Ray driver's handoff: what a sender gets of a pii row (pickled, as
+    Ray sends it) holds no value, no mapping and no hash made with them; the
+    result it brings back is restored on the driver, with the row's own hash."""
+    from batchrun.engines.ray.rows import Handoff
+
+    write_jsonl(tmp_path / "in.jsonl", pii_tickets())
+    job = make_job(output="out.parquet", **PII_KEYS)
+    handoff = Handoff(None, StreamOptions(job))
+    rows = _prepared(job)
+    for p in rows:
+        blob = pickle.dumps(handoff.outbound(p))
+        assert b"<EMAIL_1>" in blob
+        for value in VALUES:
+            assert value.encode() not in blob, value
+        assert p.request_hash.encode() not in blob
+        assert p.pii is not None and p.pii.found  # the driver's copy keeps them
+    p = rows[0]
+    rec: dict[str, Any] = {
+        "row": p.row, "id": p.id, "status": "ok", "completion": "Wrote to <email_2>.",
+        "attempts": 1, "request_hash": "",
+    }  # fmt: skip
+    handoff.inbound(p, rec, None)
+    assert rec["completion"] == f"Wrote to {EMAILS[0]}."
+    assert (rec["request_hash"], rec["pii_found"]) == (p.request_hash, 4)
+    # A body the sender changed (the search moved on, a field dropped) is hashed here.
+    body = p.body.replace(b"Jane", b"J.")
+    rec = {"row": p.row, "id": p.id, "status": "error", "error": "HTTP 500", "attempts": 1}
+    handoff.inbound(p, rec, body)
+    assert rec["request_hash"] == p.rehash(body) != request_hash(body)
+    assert rec["pii_found"] == 4 and "completion" not in rec
+
+
 def test_openai_batch_bodies_are_pseudonymized(tmp_path: Path) -> None:
     lines = [
         {
@@ -383,15 +430,32 @@ def expected(row: dict[str, Any]) -> str:
     return f"{row['ticket']} (see also <EMAIL_99>)"
 
 
+PII_KEYS: dict[str, Any] = {
+    "prompt_template": "{ticket}",
+    "system_prompt": f"Escalate to {EMAILS[1]} when in doubt.",
+    "pii": ALL_KINDS,
+    "pii_patterns": PATTERNS,
+}
+"""A pii job's keys (and the Ray engine's tests')."""
+
+TYPED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string"},
+        "contacts": {"type": "array", "items": {"type": "string"}},
+        "first": {"type": ["object", "null"], "properties": {"who": {"type": "string"}}},
+    },
+    "required": ["summary", "contacts"],
+}
+"""What the recording server answers with ``structured``."""
+
+
 def pii_job(tmp_path: Path, base_url: str, **keys: Any) -> Any:
     write_jsonl(tmp_path / "in.jsonl", pii_tickets())
     return make_job(
         base_url,
         output=tmp_path / "out.parquet",
-        prompt_template="{ticket}",
-        system_prompt=f"Escalate to {EMAILS[1]} when in doubt.",
-        pii=ALL_KINDS,
-        pii_patterns=PATTERNS,
+        **PII_KEYS,
         **({"concurrency": 2, "max_attempts": 1} | keys),
     )
 
@@ -421,16 +485,7 @@ async def test_no_value_is_sent_and_every_repeated_placeholder_comes_back(tmp_pa
 
 
 async def test_typed_columns_are_restored(tmp_path: Path) -> None:
-    schema = {
-        "type": "object",
-        "properties": {
-            "summary": {"type": "string"},
-            "contacts": {"type": "array", "items": {"type": "string"}},
-            "first": {"type": ["object", "null"], "properties": {"who": {"type": "string"}}},
-        },
-        "required": ["summary", "contacts"],
-    }
-    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "schema.json").write_text(json.dumps(TYPED_SCHEMA))
     server = Recorder(structured=True)
     async with run_app(server.app()) as base_url:
         job = pii_job(

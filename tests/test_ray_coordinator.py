@@ -50,8 +50,12 @@ class Sender:
     """One sender's side (its link and leased objects), with the pushes a
     RowSender answers."""
 
-    def __init__(self, coordinator: Coordinator, index: int, clock: Clock) -> None:
-        self.link = Link(_Here(coordinator, index), api_down_after_s=60.0, clock=clock)
+    def __init__(
+        self, coordinator: Coordinator, index: int, clock: Clock, wall: Clock | None = None
+    ) -> None:
+        self.link = Link(
+            _Here(coordinator, index), api_down_after_s=60.0, clock=clock, wall=wall or Clock()
+        )
         self.pause = SharedPause(self.link, clock)
         self.pause_push = _Push(self.pause.hold)
         self.set_limit = _Push(lambda n: self.link.limit.set(n) if self.link.limit else None)
@@ -86,6 +90,11 @@ class _Here:
     async def api_down(self, report: Report, error: str) -> str | None:
         return self.c.api_down(self.i, report, error)
 
+    async def count_429(
+        self, report: Report, seconds: float, sent_s_ago: float, at: float
+    ) -> float:
+        return self.c.count_429(self.i, report, seconds, sent_s_ago, at)
+
     def rate_limited(self, seconds: float) -> None:
         self.c.rate_limited(self.i, seconds)
 
@@ -100,9 +109,10 @@ class _Handle:
         self.reclaim = sender.reclaim
 
 
-def fleet(plan: Plan, clock: Clock) -> tuple[Coordinator, list[Sender]]:
-    coordinator = Coordinator(plan, clock=clock)
-    senders = [Sender(coordinator, i, clock) for i in range(plan.senders)]
+def fleet(plan: Plan, clock: Clock, wall: Clock | None = None) -> tuple[Coordinator, list[Sender]]:
+    wall = wall or Clock()
+    coordinator = Coordinator(plan, clock=clock, wall=wall)
+    senders = [Sender(coordinator, i, clock, wall) for i in range(plan.senders)]
     coordinator.register([_Handle(s) for s in senders])
     return coordinator, senders
 
@@ -150,6 +160,53 @@ async def test_a_spent_rate_limit_in_one_sender_pauses_every_sender() -> None:
     assert a.pause.remaining() == 2.0
     clock.now += 6
     assert not c.pause.rate_limited(2.0, exhausted=True, sent_at=clock.now - 7)
+
+
+async def _settle() -> None:
+    """Let the tasks the senders started (a 429 counted by the coordinator) run."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_four_429s_in_a_row_over_every_sender_pause_the_job() -> None:
+    """Two 429s in each of two senders, none saying the budget is spent: four
+    in a row for the job, which pauses every sender (neither saw four of its
+    own). An answer anywhere between starts the count again."""
+    clock, wall = Clock(), Clock()
+    _, (a, b) = fleet(Plan(senders=2), clock, wall)
+
+    async def lone_429(s: Sender) -> None:
+        wall.now += 0.01
+        assert not s.pause.rate_limited(2.0, exhausted=False)  # judged by the coordinator
+        await _settle()
+
+    for s in (a, b, a):
+        await lone_429(s)
+    assert a.pause.remaining() == b.pause.remaining() == 0
+    await lone_429(b)
+    assert a.pause.remaining() == b.pause.remaining() == 2.0
+    # During the pause and after it, 429s of requests sent before it began count for nothing.
+    await lone_429(a)
+    clock.now += 3
+    wall.now += 3
+    for _ in range(4):
+        wall.now += 0.01
+        assert not a.pause.rate_limited(2.0, exhausted=False, sent_at=clock.now - 4)
+    await _settle()
+    assert a.pause.remaining() == b.pause.remaining() == 0
+    # Two 429s, an answer in b (reported within SYNC_S), two more: not four in a row.
+    await lone_429(a)
+    await lone_429(b)
+    wall.now += 0.01
+    b.link.succeeded()
+    assert b.link.due()  # an answer is news for the coordinator
+    await b.link.sync()
+    await lone_429(a)
+    await lone_429(a)
+    assert a.pause.remaining() == b.pause.remaining() == 0
+    await lone_429(a)
+    await lone_429(b)
+    assert a.pause.remaining() == b.pause.remaining() == 2.0
 
 
 async def test_auto_concurrency_is_one_limit_shared_by_the_senders() -> None:

@@ -166,6 +166,21 @@ async def test_with_many_in_flight_every_refused_row_is_sent_again(tmp_path: Pat
     assert result.requests == N + refused and result.retries == 0
 
 
+async def test_rows_waiting_their_turn_go_without_a_refused_stream_options(
+    tmp_path: Path,
+) -> None:
+    """The first request is refused while the other rows wait for the key
+    probe's verdict: they go without the field, so the job has one refused
+    request, not one per row in line (the Ray engine's searching sender gets
+    the same count)."""
+    src = write_jsonl(tmp_path / "in.jsonl", tickets(N))
+    async with serve(STRICT) as server:
+        job = make_job(server.base_url, src, tmp_path / "o.parquet", stream=True, concurrency=4)
+        result = await run(job)
+        assert server.stats.by_outcome == {"400": 1, "ok": N}
+    assert (result.ok, result.requests) == (N, N + 1)
+
+
 async def test_a_resume_keeps_stream_options_dropped(tmp_path: Path) -> None:
     n = 30
     src = write_jsonl(tmp_path / "in.jsonl", tickets(n))

@@ -11,7 +11,9 @@ Ray, into three parts:
 - ``driver``: reads the input with batchrun's reader (Ray Data's JSON reader
   would change the requests, and the input need not be reachable from the
   workers), hands the rows to the senders as they ask for them, and journals
-  each result the moment it comes back.
+  each result the moment it comes back; what it does to each row on the way
+  out and to each result on the way back (pii, the job's ways, the failure
+  watch) is ``rows``.
 - ``sender``: ``RowSender`` actors (one per CPU of the cluster, at most one per
   request in flight), each sending its rows with batchrun's ``Scheduler`` for
   the whole job — the same retry policy, key probe, structured re-asks and
@@ -29,21 +31,26 @@ What holds as in a local run:
   the same command, with either engine, resumes from the journal. A sender that
   dies hands its rows without a result to the others; a row whose result was
   journaled is never sent again.
-- ``rpm``, ``tpm``, the pause when the API's rate limit is spent (judged on
-  each sender's 429s, it pauses every sender),
-  ``concurrency = "auto"`` (one adaptive limit for the job), ``max_cost`` (no
-  request starts that could pass the budget; exit 4, resumable),
-  ``api_down_after_s`` and ``max_failures`` act on the whole job, and the key
-  is probed by one sender, one request at a time, before the others start.
+- ``rpm``, ``tpm``, the pause when the API's rate limit is spent (a 429 with
+  a remaining count of 0, or four in a row over every sender with no answer
+  between; it pauses every sender), ``concurrency = "auto"`` (one adaptive
+  limit for the job), ``max_cost`` (no request starts that could pass the
+  budget; exit 4, resumable), ``api_down_after_s``, ``max_failures`` and the
+  failure watch (``failures.FailureWatch``, fed by the driver with every
+  sender's results; rows failed before the job's first answer are held on the
+  driver, so a job it stops records none of them) act on the whole job, and
+  the key is probed by one sender, one request at a time, before the others
+  start.
+- ``schema_via = "auto"``'s search and a refused ``stream_options``: the
+  prober goes on alone until the ways are settled, its finds are kept by the
+  driver and sent to every sender (``rows.Handoff``).
+- ``pii``: the driver pseudonymizes; the senders get the placeholder text only
+  (not the mapping, nor the hash made with it), and the driver restores every
+  result before the journal.
 - Retries and other events of the senders reach the driver's log (and
   ``--log-file``), marked with ``ray_actor``.
 
-What differs: the failure watch (``failures.FailureWatch``: every request
-failing with one cause) looks at each sender's rows, so it stops the job after
-that many failures in one sender; ``schema_via = "auto"`` does not search (the
-kept way, else ``json_schema``, is sent) and a server's refusal of
-``stream_options`` does not drop the field (the kept choice is sent); ``pii``
-and ``mode = "batch"`` or ``"hybrid"`` are refused; the journal and ``output`` live on the
+What differs: ``mode = "batch"`` or ``"hybrid"`` is refused; the journal and ``output`` live on the
 driver's machine (with ``ray job submit``, the head node); ``--mock`` serves the
 embedded endpoint from the driver on 127.0.0.1, which only actors on the same
 machine can reach.

@@ -7,10 +7,13 @@ run keeps.
   chunk of n units is reserved as n units would be one by one, and the sender
   spreads them at the job's rate from the time the chunk may start. Usage
   corrections come back with the reports (``Report.tokens_delta``).
-- The pause when the API's rate limit is spent: a sender whose 429s show it
-  (``limits.Pause``: a remaining count of 0, or four in a row) says so
-  (``rate_limited``); the pause is pushed at once to every other sender
-  (``RowSender.pause``).
+- The pause when the API's rate limit is spent (``limits.Pause``): a sender
+  whose 429 says a remaining count of 0 pauses and says so (``rate_limited``);
+  every other 429 is counted here (``count_429``), so that four in a row with
+  no answer between, from whichever senders, pause the job. The pause is pushed
+  at once to every other sender (``RowSender.pause``). "No answer between" is
+  told by the answers' wall-clock times, which the senders report within
+  ``leases.SYNC_S`` of them.
 - ``max_cost``: the spend so far and the allowance each sender holds
   (``lease_cost``). A sender reserves each attempt's worst case from its own
   allowance, so the whole never passes the budget: the spend plus every
@@ -26,7 +29,7 @@ Nothing here imports Ray: the class is wrapped into an actor by the driver, and
 tests use it as it is. Every method is called one at a time (a Ray actor runs
 one call after the other), so no lock is needed. Times sent to and from the
 senders are durations in seconds (their clocks are not this one's), except the
-last success, which is wall-clock time.
+last success and the time a 429 came, which are wall-clock time.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from batchrun.limits import AdaptiveLimit, Budget, Clock
+from batchrun.limits import SPENT_STREAK, AdaptiveLimit, Budget, Clock
 from batchrun.prices import ModelPrice
 
 GRANTED = "granted"
@@ -135,6 +138,11 @@ class Coordinator:
         self.rpm = Schedule(plan.rpm, clock) if plan.rpm else None
         self.tpm = Schedule(plan.tpm, clock) if plan.tpm else None
         self.pause_until = 0.0  # on clock: the job-wide pause's end
+        self.pause_began = -math.inf  # on clock: when it began
+        self.streak: list[float] = []
+        """Wall-clock times of the 429s counted towards the next pause."""
+        self.last_answer = -math.inf
+        """Wall-clock time of the job's last answer, as the senders reported it."""
         self.concurrency = AdaptiveLimit(
             plan.start_concurrency, plan.max_concurrency, plan.auto, clock
         )
@@ -169,6 +177,7 @@ class Coordinator:
             self._reshare()
         if report.last_success is not None:
             self.last_success = max(self.last_success, report.last_success)
+            self.last_answer = max(self.last_answer, report.last_success)
         self.spent += report.consumed
         s.granted -= report.consumed + report.given_back
         s.reserved = report.reserved
@@ -194,11 +203,40 @@ class Coordinator:
     # ---- the 429 pause and auto concurrency --------------------------------------
 
     def rate_limited(self, sender: int, seconds: float) -> None:
-        """A sender's 429s show the rate limit is spent and it paused for
+        """A sender's 429 says the rate limit is spent and it paused for
         ``seconds``: every other sender pauses too (auto concurrency drops
         through ``overloaded``, as the sender says it)."""
-        self.pause_until = max(self.pause_until, self.clock() + seconds)
-        remaining = self.pause_until - self.clock()
+        self._pause(sender, seconds)
+
+    def count_429(
+        self, sender: int, report: Report, seconds: float, sent_s_ago: float, at: float
+    ) -> float:
+        """A 429 that did not say the rate limit is spent, which came at
+        wall-clock time ``at`` to a request sent ``sent_s_ago`` seconds ago and
+        asked to wait ``seconds``. When it is the job's SPENT_STREAK-th in a row
+        with no answer between, every sender pauses for ``seconds``: returns the
+        pause it began (0: none). As locally, a 429 to a request sent before the
+        last pause began, or while one lasts, counts towards none."""
+        self._take(sender, report)
+        now = self.clock()
+        if now - sent_s_ago < self.pause_began or now < self.pause_until:
+            return 0.0
+        answered = self.last_answer
+        self.streak = [t for t in self.streak if t > answered]
+        if at > answered:
+            self.streak.append(at)
+        if len(self.streak) < SPENT_STREAK:
+            return 0.0
+        self._pause(sender, seconds)
+        return seconds
+
+    def _pause(self, sender: int, seconds: float) -> None:
+        """A pause begun by ``sender``: every other sender hears of it."""
+        now = self.clock()
+        self.pause_began = now
+        self.pause_until = max(self.pause_until, now + seconds)
+        self.streak = []
+        remaining = self.pause_until - now
         for i, handle in enumerate(self.handles):
             if i != sender and self.senders[i].alive:
                 handle.pause.remote(remaining)

@@ -27,6 +27,7 @@ from typing import Any
 from batchrun.config import Job
 from batchrun.engines.ray.coordinator import Coordinator, Plan, lease_chunk, split
 from batchrun.engines.ray.leases import LEASE_S
+from batchrun.engines.ray.rows import Handoff, Results
 from batchrun.engines.ray.sender import Reply, RowSender, Secret, Setup, stop_error
 from batchrun.engines.shell import (
     GRACE_S,
@@ -42,6 +43,7 @@ from batchrun.errors import (
     KeyRejected,
     TooManyFailures,
 )
+from batchrun.failures import FailureWatch
 from batchrun.lifecycle import OpenRun, RunOptions, RunResult
 from batchrun.payload import Prepared
 from batchrun.progress import Progress
@@ -89,12 +91,6 @@ def run_on_ray(job: Job, options: RunOptions | None = None) -> RunResult:
             "engine does not do: leave out --engine ray (one process submits every batch)."
         )
     ray = import_ray()
-    if job.pii or job.pii_patterns:
-        raise JobError(
-            "`pii` is not supported with --engine ray: each row's mapping of placeholders to "
-            "personal data would travel to the Ray workers, and it must not leave this machine. "
-            "Run the job with the local engine."
-        )
     # The same checks, journal, resume, reuse and output as a local run: only the sending differs.
     with OpenRun(job, options, engine="ray") as run:
         if run.to_send:
@@ -175,6 +171,7 @@ def _send_on_ray(
         extra={"event": "ray_plan", "actors": actors, "workers": share.workers},
     )
     coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(plan)
+    handoff = Handoff(run.via, run.stream_options)
     starts = split(plan.start_concurrency, [True] * actors) if plan.auto else [None] * actors
     sender_class = ray.remote(RowSender).options(num_cpus=1)
     handles = [
@@ -197,6 +194,7 @@ def _send_on_ray(
                 max_cost=plan.max_cost,
                 price=plan.price,
                 log_level=_log_level(),
+                ways=handoff.ways,
             ),
         )
         for i in range(actors)
@@ -206,6 +204,8 @@ def _send_on_ray(
         ray,
         run.rows_to_send(),
         Recorder(run.journal, run.tally, job.max_failures, run.prices),
+        FailureWatch(job),
+        handoff,
         Heartbeat(progress, run.journal),
         handles,
         coordinator,
@@ -231,7 +231,9 @@ class _Sender:
     ref: Any = None
     """The exchange under way."""
     given: dict[int, Prepared] = field(default_factory=dict)
-    """Rows handed to it whose result has not come back."""
+    """Rows handed to it whose result has not come back (as the driver keeps them)."""
+    ways: int = 0
+    """The version of the ways it was last told (``Handoff.version``)."""
     requests: int = 0
     retries: int = 0
     started: bool = False
@@ -245,9 +247,15 @@ class Dispatch:
     results are journaled (and counted, max_failures included) before the
     sender's next exchange is sent, with as many rows as it asked for.
 
-    Until one attempt shows the key is accepted, only the first sender gets
-    rows (the key probe of the whole job, one request at a time). A sender
-    that dies hands its rows without a result to the others. A stop — a
+    Each row leaves and its result comes back through the ``Handoff`` (the
+    job's ways, pii kept on the driver), and is journaled through ``Results``
+    (one failure watch for the job). Until one attempt shows the key is
+    accepted and the ways are settled (``Handoff.settled``: the schema's
+    dialect found, ``stream_options`` taken or refused), only the first sender
+    gets rows: the key probe of the whole job, one request at a time, and
+    ``schema_via = "auto"``'s search, whose finds every sender then sends with.
+
+    A sender that dies hands its rows without a result to the others. A stop — a
     sender's, max_failures, a signal — goes to every sender; the driver then
     takes their last results and raises it.
     """
@@ -257,6 +265,8 @@ class Dispatch:
         ray: ModuleType,
         rows: Iterator[Prepared],
         recorder: Recorder,
+        watch: FailureWatch,
+        handoff: Handoff,
         heartbeat: Heartbeat,
         handles: list[Any],
         coordinator: Any,
@@ -266,8 +276,9 @@ class Dispatch:
     ) -> None:
         self.ray = ray
         self.rows = rows
-        self.recorder = recorder
         self.tally = recorder.tally
+        self.results = Results(recorder, watch, self._halt)
+        self.handoff = handoff
         self.heartbeat = heartbeat
         self.senders = [_Sender(i, h, window) for i, h in enumerate(handles)]
         self.coordinator = coordinator
@@ -276,7 +287,6 @@ class Dispatch:
         self.pending: deque[Prepared] = deque()
         self.exhausted = False
         self.key_settled = False
-        self.answered = False
         self.stop: JobStopped | None = None
         self.stopped_now = False
         self.deadline: float | None = None
@@ -310,7 +320,8 @@ class Dispatch:
                     "one (see ray status). Nothing was sent: run the same command again once it has."
                 )
         if self.stop is not None:
-            raise self.stop
+            raise self.stop  # the rows held back are not journaled: the rerun sends them
+        self.results.write_held()  # no answer, no verdict: they are the job's results
         left = sum(len(s.given) for s in self.senders) + len(self.pending)
         if left or not self.exhausted:
             raise JobStopped(
@@ -342,19 +353,20 @@ class Dispatch:
         self._call(s)
 
     def _journal(self, s: _Sender, reply: Reply) -> None:
-        recorder, tally = self.recorder, self.tally
+        tally, handoff = self.tally, self.handoff
+        handoff.learn(reply.ways)
         for rec in reply.records:
-            s.given.pop(rec["row"], None)
-            too_many = recorder.record(rec)
-            if too_many is not None:
-                self._halt(too_many, now=True)
+            row = rec["row"]
+            p = s.given.pop(row, None)
+            if p is not None:
+                handoff.inbound(p, rec, reply.bodies.get(row))
+            self.results.take(rec, reply.failures.get(row))
         for data in reply.logs:
             log.handle(logging.makeLogRecord(data))
         tally.requests += reply.requests - s.requests
         tally.retries += reply.retries - s.retries
         s.requests, s.retries = reply.requests, reply.retries
         self.key_settled = self.key_settled or reply.key_settled
-        self.answered = self.answered or reply.answered
         if reply.stop is not None:
             error = stop_error(*reply.stop)
             self._halt(error, now=isinstance(error, STOP_AT_ONCE))
@@ -362,15 +374,19 @@ class Dispatch:
     def _call(self, s: _Sender) -> None:
         """Send ``s`` its next exchange, with the rows it wants (if it may have any)."""
         rows: list[Prepared] = []
-        may = self.stop is None and not s.closed and (self.key_settled or s is self._prober())
+        handoff = self.handoff
+        settled = self.key_settled and handoff.settled
+        may = self.stop is None and not s.closed and (settled or s is self._prober())
         if may:
             while len(rows) < s.want and self._refill():
-                rows.append(self.pending.popleft())
-            for p in rows:
+                p = self.pending.popleft()
                 s.given[p.row] = p
+                rows.append(handoff.outbound(p))
         more = may and self._refill()
         blob = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL) if rows else None
-        s.ref = s.handle.exchange.remote(blob, more, self.answered)
+        ways = handoff.ways if s.ways != handoff.version else None
+        s.ways = handoff.version
+        s.ref = s.handle.exchange.remote(blob, more, ways)
 
     def _refill(self) -> bool:
         """Whether a row is waiting to be given (read ahead from the input)."""

@@ -6,9 +6,11 @@ coordinator (``engines.ray.coordinator``) without a remote call per request.
   (about ``LEASE_S`` seconds of this sender's share each, the next one asked for
   when half of the current is used). A request takes its place in the supply and
   goes at the time the coordinator's schedule gives that place.
-- ``SharedPause``: when this sender's 429s show the API's rate limit is spent
-  (``limits.Pause``), every sender pauses (the coordinator pushes it); a pause
-  begun elsewhere is held here, as the same episode.
+- ``SharedPause``: when a 429 shows the API's rate limit is spent
+  (``limits.Pause``), every sender pauses (the coordinator pushes it): at once
+  when it says a remaining count of 0; when it is the fourth in a row with no
+  answer between, counted by the coordinator over every sender. A pause begun
+  elsewhere is held here, as the same episode.
 - ``SharedLimit``: ``concurrency = "auto"`` with the job-wide limit: successes
   and overloads go to the coordinator, which says this sender's share.
 - ``LeasedCost``: max_cost as an allowance leased from the coordinator; each
@@ -23,6 +25,7 @@ coordinator (``engines.ray.coordinator``) without a remote call per request.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -33,9 +36,11 @@ from typing import Protocol
 from batchrun.engines.ray.coordinator import EXHAUSTED, GRANTED, Report, Status
 from batchrun.errors import RateLimited, RequestError
 from batchrun.failures import AUTH_STATUSES
-from batchrun.limits import AdaptiveLimit, Budget, Clock, CostBudget, Limits, Pause
+from batchrun.limits import SPENT_STREAK, AdaptiveLimit, Budget, Clock, CostBudget, Limits, Pause
 from batchrun.payload import Completion
 from batchrun.prices import ModelPrice
+
+log = logging.getLogger("batchrun")
 
 LEASE_S = 0.2
 """A rate lease covers about this many seconds of one sender's share of the budget."""
@@ -65,6 +70,10 @@ class Remote(Protocol):
 
     async def api_down(self, report: Report, error: str) -> str | None: ...
 
+    async def count_429(
+        self, report: Report, seconds: float, sent_s_ago: float, at: float
+    ) -> float: ...
+
     def rate_limited(self, seconds: float) -> None: ...
 
     def overloaded(self) -> None: ...
@@ -74,11 +83,16 @@ class Link:
     """What one sender has to tell the coordinator, and what it was told."""
 
     def __init__(
-        self, remote: Remote, api_down_after_s: float, clock: Clock = time.monotonic
+        self,
+        remote: Remote,
+        api_down_after_s: float,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
     ) -> None:
         self.remote = remote
         self.api_down_after_s = api_down_after_s
         self.clock = clock
+        self.wall = wall
         self.tokens_delta = 0.0
         self.latencies: list[float] = []
         self.consumed = Decimal(0)
@@ -87,13 +101,14 @@ class Link:
         self.last_success_wall: float | None = None
         self.key_settled = False
         """Whether an attempt came back other than 401/403 (the key probe's verdict)."""
-        self.answered = False
         self.pause: SharedPause | None = None
         self.limit: SharedLimit | None = None
         self.cost: LeasedCost | None = None
         self.on_api_down: Callable[[str], None] | None = None
         self._down_check: asyncio.Task[None] | None = None
+        self._counts: set[asyncio.Task[None]] = set()
         self._reported_reserved = Decimal(0)
+        self._reported_success: float | None = None
         self._last_sync = clock()
 
     def report(self) -> Report:
@@ -111,6 +126,7 @@ class Link:
         self.latencies = []
         self.consumed = self.given_back = Decimal(0)
         self._reported_reserved = reserved
+        self._reported_success = self.last_success_wall
         self._last_sync = self.clock()
         return report
 
@@ -124,10 +140,12 @@ class Link:
             self.cost.spent = status.spent
 
     def due(self) -> bool:
-        """Whether there is something to report, or the keepalive is due."""
+        """Whether there is something to report, or the keepalive is due. An
+        answer is news: it ends the job's run of 429s (``count_429``)."""
         reserved = self.cost.reserved if self.cost is not None else Decimal(0)
         return bool(
-            self.latencies
+            self.last_success_wall != self._reported_success
+            or self.latencies
             or self.tokens_delta
             or self.consumed
             or self.given_back
@@ -152,8 +170,8 @@ class Link:
     def succeeded(self) -> None:
         """An attempt was answered."""
         self.last_success = self.clock()
-        self.last_success_wall = time.time()
-        self.key_settled = self.answered = True
+        self.last_success_wall = self.wall()
+        self.key_settled = True
 
     def failed(self, exc: RequestError) -> None:
         """An attempt failed: the key probe's verdict, and the circuit breaker,
@@ -167,6 +185,28 @@ class Link:
             return
         self._down_check = asyncio.ensure_future(self._check_down(str(exc)))
 
+    def count_429(self, seconds: float, sent_s_ago: float) -> None:
+        """A 429 that did not say the rate limit is spent: the coordinator counts
+        it with every sender's; when it makes SPENT_STREAK in a row, the job
+        pauses for ``seconds`` (this sender says so in the log)."""
+        task = asyncio.ensure_future(self._count_429(seconds, sent_s_ago, self.wall()))
+        self._counts.add(task)
+        task.add_done_callback(self._counts.discard)
+        task.add_done_callback(_retrieved)
+
+    async def _count_429(self, seconds: float, sent_s_ago: float, at: float) -> None:
+        pause_s = await self.remote.count_429(self.report(), seconds, sent_s_ago, at)
+        if pause_s <= 0 or self.pause is None:
+            return
+        self.pause.hold(pause_s)
+        log.info(
+            "The API's rate limit is spent (%d HTTP 429s in a row, over every Ray actor): "
+            "every request waits %.2fs",
+            SPENT_STREAK,
+            pause_s,
+            extra={"event": "rate_limit_pause", "wait_s": round(pause_s, 3), "cause": "HTTP 429"},
+        )
+
     async def _check_down(self, error: str) -> None:
         try:
             message = await self.remote.api_down(self.report(), error)
@@ -177,8 +217,9 @@ class Link:
 
 
 class SharedPause(Pause):
-    """The job-wide pause, as one sender holds it. Whether a 429 shows the
-    budget is spent is judged on this sender's own 429s and answers."""
+    """The job-wide pause, as one sender holds it. A 429 saying a remaining
+    count of 0 pauses the job from here; whether others make SPENT_STREAK in a
+    row is judged by the coordinator, over every sender's 429s and answers."""
 
     def __init__(self, link: Link, clock: Clock = time.monotonic) -> None:
         super().__init__(clock)
@@ -187,6 +228,12 @@ class SharedPause(Pause):
 
     def rate_limited(self, wait_s: float, exhausted: bool, sent_at: float | None = None) -> bool:
         """A 429 here; when it begins a pause, every other sender pauses too."""
+        now = self.clock()
+        if (sent_at is not None and sent_at < self.began) or now < self.until:
+            return False  # the episode already paused for
+        if not exhausted:
+            self.link.count_429(wait_s, now - sent_at if sent_at is not None else 0.0)
+            return False
         began = super().rate_limited(wait_s, exhausted, sent_at)
         if began:
             self.link.remote.rate_limited(wait_s)

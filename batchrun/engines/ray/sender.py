@@ -44,8 +44,10 @@ from batchrun.engines.ray.leases import (
     SharedLimit,
     SharedPause,
 )
+from batchrun.engines.ray.rows import Ways
 from batchrun.engines.shell import GRACE_S
-from batchrun.errors import ApiDown, Interrupted, JobStopped, RequestError
+from batchrun.errors import ApiDown, EveryRequestFails, Interrupted, JobStopped, RequestError
+from batchrun.failures import Failure, FailureWatch
 from batchrun.limits import AdaptiveLimit
 from batchrun.outputs import STATUS_NONE, Record
 from batchrun.payload import Completion, Prepared
@@ -53,6 +55,8 @@ from batchrun.prices import ModelPrice
 from batchrun.progress import Tally
 from batchrun.retry import RetryPolicy
 from batchrun.scheduler import Scheduler
+from batchrun.schema_via import SchemaVia
+from batchrun.stream_options import StreamOptions
 from batchrun.structured import Structured
 
 log = logging.getLogger("batchrun")
@@ -81,7 +85,8 @@ class Setup:
     size), the job's circuit breaker, the lowest level the driver's log wants
     (records below it are not sent back), the units of one rpm and tpm lease
     and the job's rpm and tpm, the sender's first share of the job-wide limit
-    (``concurrency = "auto"``), max_cost and the model's price."""
+    (``concurrency = "auto"``), max_cost and the model's price, and the job's
+    ways as the driver knows them when the sender starts."""
 
     index: int
     coordinator: Any
@@ -95,6 +100,7 @@ class Setup:
     start_limit: int | None = None
     max_cost: Decimal | None = None
     price: ModelPrice | None = None
+    ways: Ways = field(default_factory=Ways)
 
 
 @dataclass
@@ -107,8 +113,16 @@ class Reply:
     requests: int
     retries: int
     logs: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[int, Failure] = field(default_factory=dict)
+    """The failure of each failed row among ``records`` that the job's failure
+    watch counts (by row number): the driver's watch judges the whole job."""
+    bodies: dict[int, bytes] = field(default_factory=dict)
+    """The body sent for each row among ``records`` whose body the sender
+    changed (a move of ``schema_via = "auto"``'s search, a dropped
+    ``stream_options``): the driver hashes it with the row's pii values."""
+    ways: Ways | None = None
+    """The job's ways as this sender knows them, when they changed since its last reply."""
     key_settled: bool = False
-    answered: bool = False
     stop: tuple[str, str] | None = None
     """The stop the sender's scheduler ended with: its class name and message."""
     failure: str | None = None
@@ -146,6 +160,14 @@ class _RemoteCoordinator:
         message: str | None = await self.handle.api_down.remote(self.index, report, error)
         return message
 
+    async def count_429(
+        self, report: Report, seconds: float, sent_s_ago: float, at: float
+    ) -> float:
+        pause_s: float = await self.handle.count_429.remote(
+            self.index, report, seconds, sent_s_ago, at
+        )
+        return pause_s
+
     def rate_limited(self, seconds: float) -> None:
         self.handle.rate_limited.remote(self.index, seconds)
 
@@ -175,8 +197,9 @@ class _WatchedClient(ApiClient):
 class _Inbox:
     """The rows given to this sender, as the scheduler takes them: a row is taken
     only while a place is free, and its place comes back when the driver has
-    journaled its result. A failed row the scheduler holds back while no answer
-    has come (``Scheduler.held``) has no answer to lose: its place counts as free."""
+    journaled its result. A failed row the scheduler holds back while the key
+    probe has no verdict (``Scheduler.held``) has no answer to lose: its place
+    counts as free."""
 
     def __init__(self, places: int, changed: asyncio.Event) -> None:
         self.rows: deque[Prepared] = deque()
@@ -220,11 +243,20 @@ class _Inbox:
 class _Outbox:
     """The scheduler's result sink in a sender: every row it is given is unsent
     (the driver gives only rows without a result, or failed ones to resend), and
-    each result waits here for the next exchange."""
+    each result waits here for the next exchange, with the body sent when it is
+    not the one the row came with."""
 
     def __init__(self, changed: asyncio.Event) -> None:
         self.records: list[Record] = []
+        self.failures: dict[int, Failure] = {}
+        self.bodies: dict[int, bytes] = {}
+        self.given: dict[int, tuple[Prepared, str]] = {}
+        """Each row given and not yet recorded, with the request hash it came with."""
         self._changed = changed
+
+    def expect(self, rows: list[Prepared]) -> None:
+        for p in rows:
+            self.given[p.row] = (p, p.request_hash)
 
     @property
     def status(self) -> _Unsent:
@@ -232,6 +264,9 @@ class _Outbox:
 
     def record(self, rec: Record) -> JobStopped | None:
         self.records.append(rec)
+        given = self.given.pop(rec["row"], None)
+        if given is not None and given[0].request_hash != given[1]:
+            self.bodies[rec["row"]] = given[0].body
         self._changed.set()
         return None  # max_failures is counted over the whole job, by the driver
 
@@ -242,6 +277,30 @@ class _Unsent:
 
 
 _UNSENT = _Unsent()
+
+
+class _ForwardedWatch(FailureWatch):
+    """The failure watch in a sender: the verdict is the driver's, over every
+    sender's rows (one ``FailureWatch`` for the job), so each failure goes back
+    with its row's result instead of being counted here. Nor is a failed row
+    held back here while the job has had no answer: the driver holds it, so a
+    job stopped by its watch records none of them, as locally."""
+
+    def __init__(self, job: Job, outbox: _Outbox) -> None:
+        super().__init__(job)
+        self.outbox = outbox
+        self.answered = True  # for the scheduler: never hold a row back for the watch
+
+    def answer(self) -> None:
+        pass
+
+    def row_failed(self, exc: RequestError, row: int | None = None) -> EveryRequestFails | None:
+        failure = self.failure_of(exc)
+        if failure is not None and row is not None:
+            self.outbox.failures[row] = failure
+        return None
+
+
 _NOT_SHIPPED = frozenset({"args", "exc_info", "exc_text", "stack_info", "msg", "message"})
 
 
@@ -299,23 +358,24 @@ class RowSender:
 
     # ---- the driver's calls ---------------------------------------------------
 
-    async def exchange(self, rows: bytes | None, more: bool, answered: bool) -> Reply:
-        """Take ``rows`` (pickled ``Prepared``s); bring back the results finished
-        since the last call, once there is one, or the sender wants rows and the
-        driver has ``more``, or POLL_S passed. ``answered``: some sender has had
-        an answer (the failure watch then judges by its window)."""
+    async def exchange(self, rows: bytes | None, more: bool, ways: Ways | None = None) -> Reply:
+        """Take ``rows`` (pickled ``Prepared``s) and the job's ``ways`` when they
+        changed; bring back the results finished since the last call, once there
+        is one, or the sender wants rows and the driver has ``more``, or POLL_S
+        passed."""
         self._start()
         # The driver journaled what the last call took: those places are free.
         self.inbox.release(self.unacked)
         self.unacked = 0
+        if ways is not None:
+            ways.apply(self.via, self.stream_options)
         if rows:
             given: list[Prepared] = pickle.loads(rows)
+            self.outbox.expect(given)
             if self.cost is not None:
                 for p in given:
                     self.cost.expect(p.prompt_bound)
             self.inbox.put(given)
-        if answered and not self.scheduler.watch.answered:
-            self.scheduler.watch.answer()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + POLL_S
         while True:
@@ -406,6 +466,20 @@ class RowSender:
             )
             limits.cost = self.cost
         self.tally = Tally(total=setup.to_send)
+        # The job's ways, searched for here as locally while this sender is the
+        # only one sending; their finds go back to the driver with each reply.
+        ways = setup.ways
+        self.via = (
+            SchemaVia(self.structured, job.schema_via, ways.schema_via)
+            if self.structured is not None
+            else None
+        )
+        refused = ways.stream_options_refused
+        self.stream_options = StreamOptions(
+            job, {"sent": False, "refused": refused} if refused is not None else None
+        )
+        self.stream_options.accepted = ways.stream_options_accepted
+        self.ways = ways
         scheduler = Scheduler(
             job,
             self.client,
@@ -419,6 +493,9 @@ class RowSender:
             # A row waiting to retry keeps its worker: with places held until the
             # driver journals a result, stand-ins would wait for rows no place lets in.
             lends=False,
+            watch=_ForwardedWatch(job, self.outbox),
+            via=self.via,
+            stream_options=self.stream_options,
         )
         link.on_api_down = lambda message: scheduler.stop_now(ApiDown(message))
         self.inbox.held = lambda: scheduler.held
@@ -459,6 +536,10 @@ class RowSender:
 
     def _reply(self) -> Reply:
         records, self.outbox.records = self.outbox.records, []
+        failures, self.outbox.failures = self.outbox.failures, {}
+        bodies, self.outbox.bodies = self.outbox.bodies, {}
+        ways = Ways.of(self.via, self.stream_options)
+        news, self.ways = (ways if ways != self.ways else None), ways
         self.unacked = len(records)
         stop = self.stopped
         return Reply(
@@ -467,8 +548,10 @@ class RowSender:
             requests=self.tally.requests,
             retries=self.tally.retries,
             logs=self.shipper.take(),
+            failures=failures,
+            bodies=bodies,
+            ways=news,
             key_settled=self.link.key_settled,
-            answered=self.link.answered,
             stop=(type(stop).__name__, str(stop)) if stop is not None else None,
             failure=self.failure,
             finished=self.finished,
