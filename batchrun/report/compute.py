@@ -22,13 +22,15 @@ counts in total and per group. What each figure means:
   invalid rows included where the API reported usage. A null usage counts 0;
   ``no_usage`` counts the ok and invalid rows sent whose answer reported no usage
   at all (the cost misses them).
-- ``cost``: exact ``Decimal``. Each row's four kinds of tokens (uncached and
-  cached prompt, plain and reasoning completion; cached held to at most the
-  prompt tokens, reasoning to the completion tokens) are summed per group, model,
-  price period (the rates in force on the UTC date of ``finished_at``) and
-  ``tier``, then priced once with :meth:`~batchrun.prices.Rates.cost`, the
-  function that prices ``batchrun run``'s ``cost`` column — the same figure as
-  pricing each row and summing, since a cost is linear in tokens. A group with
+- ``cost``: exact ``Decimal``: the sum over the group's rows of each row's four
+  kinds of tokens (uncached and cached prompt, plain and reasoning completion;
+  cached held to at most the prompt tokens, reasoning to the completion tokens)
+  at the rates of :meth:`~batchrun.prices.Rates.cost`, the function that prices
+  ``batchrun run``'s ``cost`` column: its model's rates in force on the UTC date
+  of its ``finished_at``, for its ``tier``. Summed as whole numbers of a small
+  unit (:mod:`batchrun.report.pricing`), it is the same figure to the last
+  digit as ``Rates.cost`` of the group's summed tokens per model, price period
+  and tier, since a cost is linear in tokens. A group with
   any sent row whose model has no price has ``cost = None`` ("unpriced", never
   0); ``priced_cost`` is then the cost of its priced rows and ``unpriced_tokens``
   the prompt + completion tokens left unpriced. Without a prices file every sent
@@ -42,7 +44,8 @@ counts in total and per group. What each figure means:
 
 ``--by day`` groups by the UTC date of ``finished_at`` unless the output has a
 column named ``day``. Rows a file holds that an earlier file held already are
-counted once (:mod:`batchrun.report.read`).
+counted once (:mod:`batchrun.report.read`). The groups are computed all at once,
+a million of them in seconds (:mod:`batchrun.report.groups`).
 """
 
 from __future__ import annotations
