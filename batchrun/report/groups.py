@@ -150,7 +150,9 @@ def _equals(series: pd.Series, value: str) -> np.ndarray:
 
 def ints(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """An integer column as (int64 values with nulls as 0, null mask)."""
-    nulls = series.isna().to_numpy()
+    nulls = np.asarray(series.isna().to_numpy())
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return np.asarray(series.to_numpy(dtype="int64", na_value=0)), nulls
     values = pd.to_numeric(series).fillna(0).to_numpy(dtype="int64")
     return values, nulls
 
@@ -218,7 +220,16 @@ class Grouping:
     @cached_property
     def order(self) -> np.ndarray:
         """Row indices sorted by group (rows of a group in frame order)."""
-        return np.argsort(self.codes, kind="stable")
+        return np.argsort(self.sortable, kind="stable")
+
+    @cached_property
+    def sortable(self) -> np.ndarray:
+        """The codes in the smallest type that holds them: numpy sorts up to 16-bit
+        integers by radix, many times faster."""
+        for kind in ("uint8", "uint16"):
+            if self.size <= np.iinfo(kind).max + 1:
+                return self.codes.astype(kind)
+        return self.codes
 
     @cached_property
     def starts(self) -> np.ndarray:
@@ -444,7 +455,7 @@ def _sorted_values(groups: Grouping, values: np.ndarray, by_value: np.ndarray) -
     elif groups.size == len(values):  # a row per group
         order = groups.order
     else:  # a stable sort by group keeps each group's rows in value order
-        order = by_value[np.argsort(groups.codes[by_value], kind="stable")]
+        order = by_value[np.argsort(groups.sortable[by_value], kind="stable")]
     ordered = values[order]
     valid = np.bincount(groups.codes[~np.isnan(values)], minlength=groups.size)
     return _Sorted(ordered, valid)
@@ -455,6 +466,8 @@ def _percentile(groups: Grouping, data: _Sorted, q: float) -> np.ndarray:
     computed as pandas' groupby quantile computes it."""
     n = data.valid
     has = n > 0
+    if len(data.values) == groups.size:  # a row per group: its value, or none
+        return np.where(has, data.values, np.nan)
     position = q * (np.maximum(n, 1) - 1)
     below = position.astype("int64")
     frac = position % 1

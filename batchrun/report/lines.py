@@ -74,7 +74,7 @@ def json_groups(groups: Groups, by: Sequence[str], currency: str | None) -> Iter
         for prefix, column in zip(prefixes, [*keys, *figures], strict=True):
             parts += [prefix, column]
         lines = pc.binary_join_element_wise(*parts, "}", "")
-        yield ("" if start == 0 else ",\n    ") + ",\n    ".join(lines.to_pylist())
+        yield ("" if start == 0 else ",\n    ") + _joined(lines, ",\n    ")
     yield "\n  ]"
 
 
@@ -86,7 +86,13 @@ def csv_groups(groups: Groups, currency: str | None) -> Iterator[str]:
         keys = [_key_csv(values[start:stop]) for values in groups.keys]
         figures = _figures(groups, start, stop, "", currency_text, _float_csv)
         lines = pc.binary_join_element_wise("group", *keys, *figures, ",")
-        yield "\n".join(lines.to_pylist()) + "\n"
+        yield _joined(lines, "\n") + "\n"
+
+
+def _joined(lines: pa.Array, separator: str) -> str:
+    """The lines as one text, made in one piece (no Python string per line)."""
+    offsets = pa.array([0, len(lines)], pa.int32())
+    return str(pc.binary_join(pa.ListArray.from_arrays(offsets, lines), separator)[0].as_py())
 
 
 def _stat_order() -> list[str]:
@@ -113,6 +119,7 @@ def _figures(
     unpriced = groups.counts("unpriced_rows")[start:stop]
     priced = _decimals(groups.cost_units()[start:stop], groups.scale)
     out: list[Any] = []
+    made: list[tuple[np.ndarray, pa.Array]] = []  # a group of one row: mean = p50 = p95
     for name in _stat_order():
         if name in COUNTS:
             out.append(pc.cast(pa.array(groups.counts(name)[start:stop]), pa.string()))
@@ -123,7 +130,13 @@ def _figures(
         elif name == "currency":
             out.append(currency)
         else:
-            out.append(floats(groups.floats(name)[start:stop]))
+            values = groups.floats(name)[start:stop]
+            same = (t for v, t in made if np.array_equal(v, values, equal_nan=True))
+            text = next(same, None)
+            if text is None:
+                text = floats(values)
+                made.append((values, text))
+            out.append(text)
     return out
 
 
@@ -142,10 +155,10 @@ def _decimals(units: np.ndarray, scale: int) -> pa.Array:
     return pc.binary_join_element_wise(sign, whole, point, decimals, "")
 
 
-def _rounded(values: np.ndarray, other: Callable[[float], str]) -> pa.Array:
-    """Floats rounded to 3 decimals, as ``repr(round(value, 3))`` writes them;
-    ``other`` writes the values this cannot (NaN, infinite, huge, or too near a
-    rounding boundary to decide without Python's exact rounding)."""
+def _rounded(values: np.ndarray, null: str, other: Callable[[float], str]) -> pa.Array:
+    """Floats rounded to 3 decimals, as ``repr(round(value, 3))`` writes them,
+    ``null`` for NaN; ``other`` writes the values this cannot (infinite, huge,
+    or too near a rounding boundary to decide without Python's exact rounding)."""
     with np.errstate(invalid="ignore"):
         scaled = values * 1000.0
         nearest = np.rint(scaled)
@@ -163,20 +176,23 @@ def _rounded(values: np.ndarray, other: Callable[[float], str]) -> pa.Array:
         _THOUSANDTHS.take(pa.array(thousandths % 1000)),
         "",
     )
-    if exact.all():
+    missing = np.isnan(values)
+    if missing.any():
+        text = pc.if_else(pa.array(missing), null, text)
+    if (exact | missing).all():
         return text
-    rest = np.flatnonzero(~exact)
+    rest = np.flatnonzero(~exact & ~missing)
     fixed = text.to_numpy(zero_copy_only=False).astype(object)
     fixed[rest] = [other(v) for v in values[rest].tolist()]
     return pa.array(fixed, pa.string())
 
 
 def _float_json(values: np.ndarray) -> pa.Array:
-    return _rounded(values, lambda v: "null" if math.isnan(v) else json_scalar(round(v, 3)))
+    return _rounded(values, "null", lambda v: json_scalar(round(v, 3)))
 
 
 def _float_csv(values: np.ndarray) -> pa.Array:
-    return _rounded(values, lambda v: "" if math.isnan(v) else csv_field(round(v, 3)))
+    return _rounded(values, "", lambda v: csv_field(round(v, 3)))
 
 
 def _key_json(values: list[Any]) -> pa.Array:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from batchrun.prices import MILLION, ModelPrice, Prices, Rates
-from batchrun.report.read import utc_dates
+from batchrun.report.read import sorted_codes, utc_dates
 
 _EXACT = decimal.Context(prec=200)
 """Enough digits that no product or quotient of rates is ever rounded."""
@@ -84,7 +84,7 @@ def row_costs(
     # Rows with the same model, period and tier pay the same rates: find the few
     # combinations, price each once, and give every row its combination's numbers.
     combined = models.astype("int64") * (2 * (int(period.max()) + 1)) + period * 2 + batch
-    combos, combo_of_row = np.unique(combined, return_inverse=True)
+    combo_of_row, combos = sorted_codes(combined)
     span = 2 * (int(period.max()) + 1)
     found: list[tuple[Rates, bool] | None] = []
     for combo in combos.tolist():
