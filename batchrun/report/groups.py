@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from decimal import Decimal
 from functools import cached_property
-from typing import Any, overload
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from batchrun.prices import BATCH, Prices
 from batchrun.report.pricing import RowCosts, row_costs, to_decimal
+from batchrun.report.read import sorted_codes
 from batchrun.report.values import _plain
 
 
@@ -208,13 +209,18 @@ def row_figures(frame: pd.DataFrame, prices: Prices | None) -> Rows:
 # ---- which group each row is in ---------------------------------------------------------
 
 
+KeyValues: TypeAlias = "list[Any] | pa.Array"
+"""A ``--by`` column's value for each group: plain Python values, or text kept
+in Arrow (a column of a million ids never becomes a million Python strings)."""
+
+
 @dataclass(frozen=True)
 class Grouping:
     """Each row's group number (0 … size - 1, groups in key order) and each
-    group's key values, one list per ``--by`` column."""
+    group's key values, one :data:`KeyValues` per ``--by`` column."""
 
     codes: np.ndarray
-    keys: list[list[Any]]
+    keys: list[KeyValues]
     size: int
 
     @cached_property
@@ -262,7 +268,7 @@ def grouping(frame: pd.DataFrame, keys: Sequence[str]) -> Grouping:
         combined = np.zeros(n, dtype="int64")
         for (ranks, _), size in zip(ranked, sizes, strict=True):
             combined = combined * size + ranks
-        found, codes = np.unique(combined, return_inverse=True)
+        codes, found = sorted_codes(combined)
         parts = []
         for size in reversed(sizes):
             parts.append(found % size)
@@ -272,18 +278,24 @@ def grouping(frame: pd.DataFrame, keys: Sequence[str]) -> Grouping:
         stacked = np.stack([ranks for ranks, _ in ranked], axis=1)
         unique_rows, codes = np.unique(stacked, axis=0, return_inverse=True)
         parts = [unique_rows[:, i] for i in range(len(ranked))]
-    key_values = [
-        np.array(values, dtype=object)[part].tolist()
+    key_values: list[KeyValues] = [
+        values.take(pa.array(part))
+        if isinstance(values, pa.Array)
+        else np.array(values, dtype=object)[part].tolist()
         for (_, values), part in zip(ranked, parts, strict=True)
     ]
     codes = codes.reshape(-1).astype("int64")
     return Grouping(codes, key_values, len(key_values[0]))
 
 
-def _ranks(column: pd.Series) -> tuple[np.ndarray, list[Any]]:
+def _ranks(column: pd.Series) -> tuple[np.ndarray, KeyValues]:
     """Each row's place among the column's distinct values in the report's order
     (by value, values of mixed types by type name first, nulls last), and those
     values, plain (see :func:`batchrun.report.values._plain`), in that order."""
+    dtype = column.dtype
+    if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+        text = pa.array(column.array)
+        return _text_ranks(text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text)
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
     plain = _plain_values(uniques)
     order = _order(plain)
@@ -293,6 +305,22 @@ def _ranks(column: pd.Series) -> tuple[np.ndarray, list[Any]]:
     values = [plain[i] for i in order.tolist()]
     if (codes < 0).any():
         values.append(None)
+    return place[codes], values
+
+
+def _text_ranks(text: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """:func:`_ranks` of text held by Arrow, all in Arrow: its byte order is
+    Python's order of the same strings."""
+    encoded = pc.dictionary_encode(text)
+    distinct = encoded.dictionary
+    order = np.asarray(pc.sort_indices(distinct))
+    place = np.empty(len(distinct) + 1, dtype="int64")
+    place[order] = np.arange(len(distinct))
+    place[-1] = len(distinct)  # null, last
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype("int64")
+    values = distinct.take(pa.array(order))
+    if encoded.indices.null_count:
+        values = pa.concat_arrays([values, pa.nulls(1, values.type)])
     return place[codes], values
 
 
@@ -334,7 +362,7 @@ class Groups(Sequence[Group]):
 
     def __init__(
         self,
-        keys: list[list[Any]],
+        keys: list[KeyValues],
         counts: np.ndarray,
         floats: dict[str, np.ndarray],
         units: np.ndarray,
@@ -376,7 +404,10 @@ class Groups(Sequence[Group]):
         return (self[i] for i in range(len(self)))
 
     def key(self, index: int) -> tuple[Any, ...]:
-        return tuple(values[index] for values in self.keys)
+        return tuple(
+            values[index].as_py() if isinstance(values, pa.Array) else values[index]
+            for values in self.keys
+        )
 
     def stats(self, index: int) -> Stats:
         counts: dict[str, int] = dict(zip(COUNTS, self._counts[:, index].tolist(), strict=True))

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrun.report.groups import COUNTS, Groups
+from batchrun.report.groups import COUNTS, Groups, KeyValues
 from batchrun.report.pricing import to_decimal
 from batchrun.report.values import _plain, decimal_text
 
@@ -195,7 +195,7 @@ def _float_csv(values: np.ndarray) -> pa.Array:
     return _rounded(values, "", lambda v: csv_field(round(v, 3)))
 
 
-def _key_json(values: list[Any]) -> pa.Array:
+def _key_json(values: KeyValues) -> pa.Array:
     """Key values as JSON: text without a character JSON escapes in quotes, in
     one go; anything else value by value."""
     text = _text(values)
@@ -204,27 +204,33 @@ def _key_json(values: list[Any]) -> pa.Array:
         if pc.all(plain).as_py():
             quoted = pc.binary_join_element_wise('"', text, '"', "")
             return pc.fill_null(quoted, "null")
-    return pa.array([json_scalar(v) for v in values], pa.string())
+    return pa.array([json_scalar(v) for v in _pylist(values)], pa.string())
 
 
-def _key_csv(values: list[Any]) -> pa.Array:
+def _key_csv(values: KeyValues) -> pa.Array:
     """Key values as CSV fields: text that needs no quoting, and whole numbers,
     in one go; anything else value by value."""
     text = _text(values)
     if text is not None:
         plain = pc.invert(pc.match_substring_regex(text, '[,"\r\n]')).fill_null(True)
-        if pc.all(plain).as_py() and "" not in values:
+        if pc.all(plain).as_py() and not pc.any(pc.equal(text, "")).as_py():
             return pc.fill_null(text, "")
-    elif {type(v) for v in values} <= {int, type(None)}:
+    elif isinstance(values, list) and {type(v) for v in values} <= {int, type(None)}:
         try:
             return pc.fill_null(pc.cast(pa.array(values, pa.int64()), pa.string()), "")
         except (pa.ArrowException, OverflowError):  # beyond int64
             pass
-    return pa.array(["" if v is None else csv_field(v) for v in values], pa.string())
+    return pa.array(["" if v is None else csv_field(v) for v in _pylist(values)], pa.string())
 
 
-def _text(values: list[Any]) -> pa.Array | None:
+def _pylist(values: KeyValues) -> list[Any]:
+    return values.to_pylist() if isinstance(values, pa.Array) else values
+
+
+def _text(values: KeyValues) -> pa.Array | None:
     """Key values that are all text (or null) as an Arrow array; None otherwise."""
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
     if not {type(v) for v in values} <= {str, type(None)}:
         return None
     try:
