@@ -137,11 +137,11 @@ class Rows:
     @cached_property
     def by_tokens(self) -> np.ndarray:
         """Row indices in tokens_per_row order (NaN last)."""
-        return np.argsort(self.tokens_per_row, kind="stable")
+        return np.argsort(self.tokens_per_row)
 
     @cached_property
     def by_latency(self) -> np.ndarray:
-        return np.argsort(self.latency_ms, kind="stable")
+        return np.argsort(self.latency_ms)
 
 
 def _equals(series: pd.Series, value: str) -> np.ndarray:
@@ -248,10 +248,17 @@ class Grouping:
         last axis; the result has one per group there)."""
         if self.size == 1:
             return np.asarray(values.sum(axis=-1))[..., np.newaxis]
-        ordered = values[..., self.order]
         if self.size == len(self.codes):  # a row per group (--by id): nothing to add
-            return ordered
-        return np.add.reduceat(ordered, self.starts, axis=-1)
+            return values[..., self.order]
+        if values.dtype != object and values.size:
+            # float64 adds whole numbers exactly while every partial sum stays
+            # below 2**53, and bincount needs no sort of the rows.
+            bound = float(np.abs(values).max()) * len(self.codes)
+            if bound < 2.0**53:
+                rows = values.reshape(-1, values.shape[-1])
+                sums = [np.bincount(self.codes, weights=row, minlength=self.size) for row in rows]
+                return np.stack(sums).astype("int64").reshape((*values.shape[:-1], self.size))
+        return np.add.reduceat(values[..., self.order], self.starts, axis=-1)
 
 
 def grouping(frame: pd.DataFrame, keys: Sequence[str]) -> Grouping:
