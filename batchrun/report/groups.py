@@ -447,8 +447,7 @@ class Groups(Sequence[Group]):
         """The indices of the ``limit`` groups that cost most (their priced part
         when unpriced), costliest first; ties by total tokens (with
         ``then_tokens``: without prices every cost ties), then in key order."""
-        units = np.asarray(self._units, dtype="float64") if self._units.dtype == object else None
-        cost = units if units is not None else self._units
+        cost = self._units.astype("float64") if self._units.dtype == object else self._units
         tokens = self.counts("total_tokens") if then_tokens else np.zeros(len(self), "int64")
         order = np.lexsort((np.arange(len(self)), -tokens, -cost))
         return order[:limit]
