@@ -345,19 +345,20 @@ def report(
     prices file lacks is unpriced, never 0; an answer found in several files
     (shard parts and their merged file) is counted once.
     """
-    from batchrun.report import build_report, render, write_html
+    from batchrun.report import build_report, render_chunks, write_html
 
     try:
         columns = [c for b in by for c in _comma_list(b)]
         result = build_report(
             outputs, by=columns, prices=prices, compare=compare or None, fail_if=fail_if
         )
-        text = render(result, fmt)
+        chunks = render_chunks(result, fmt)
         if html is not None:
             write_html(result, html)
     except BatchrunError as exc:
         fail(exc)
-    click.echo(text, nl=False)
+    for chunk in chunks:  # --by id: a million groups' lines, written a chunk at a time
+        click.echo(chunk, nl=False)
     if html is not None:
         click.echo(f"wrote {html}", err=True)
     comparison = result.comparison

@@ -33,6 +33,10 @@ never share a core. Results are printed as a table and written to
 11. The Ray engine (``--engine ray``, when ``ray`` imports) against the local
     engine, in alternating pairs: rows/s and the CPU per row of the whole process
     tree (driver, Ray's own processes, the senders), start-up included and beyond it.
+12. ``batchrun report --by id`` over a 1,000,000-row output (``BENCH_ONLY=report``;
+    made without sending by ``report_outputs.py``, in its own process): seconds and
+    peak RSS for json (the median of 3), csv and the table, and ``--by model`` and
+    ``--by day`` beside them (``BENCH_REPORT_ROWS`` sets the rows).
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
@@ -52,6 +56,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -95,6 +100,7 @@ SECTIONS = (
     "ratelimit",
     "batchapi",
     "ray",
+    "report",
 )
 ONLY = (
     tuple(x.strip() for x in os.environ.get("BENCH_ONLY", "").split(",") if x.strip()) or SECTIONS
@@ -140,6 +146,19 @@ TARGET_LIMIT_429S = 0.05
 RAY_CONCURRENCY = 64
 RAY_SMALL_ROWS = 500
 """A run this small is nearly all start-up: the CPU beyond it is what the rows cost."""
+
+# batchrun report over many groups (report_outputs.py makes its output).
+REPORT_ROWS = int(os.environ.get("BENCH_REPORT_ROWS", "1000000"))
+REPORT_RUNS = 3
+"""Runs of the headline case (``--by id --format json``); the others run once."""
+REPORT_CASES = (
+    ("--by id, json", ("--by", "id", "--format", "json")),
+    ("--by id, csv", ("--by", "id", "--format", "csv")),
+    ("--by id, table", ("--by", "id")),
+    ("--by model, table", ("--by", "model")),
+    ("--by day, json", ("--by", "day", "--format", "json")),
+)
+TARGET_REPORT_S = 10.0
 
 # No proxy may route a loopback request anywhere.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -1157,6 +1176,65 @@ def bench_help(workdir: Path) -> dict[str, Any]:
     }
 
 
+def bench_report(workdir: Path) -> dict[str, Any]:
+    """``batchrun report`` of one REPORT_ROWS-row output, per case of REPORT_CASES:
+    seconds (process start to exit) and peak RSS. The output is made in its own
+    process, as the report runs in its own: a child forked from a large process
+    counts that one's peak RSS as its own. stdout goes to a file, never through
+    this runner."""
+    output = workdir / "report-output.parquet"
+    t = time.perf_counter()
+    cmd = [PY, str(HERE / "report_outputs.py"), str(output), str(REPORT_ROWS)]
+    made = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    if made.returncode != 0:
+        raise BenchError(f"report_outputs.py exited {made.returncode}: {made.stderr[-2000:]}")
+    say(
+        f"report: made a {REPORT_ROWS:,}-row output ({output.stat().st_size / 1e6:.0f} MB) "
+        f"in {time.perf_counter() - t:.1f}s"
+    )
+    prices = ROOT / "jobs" / "prices.toml"
+    text = workdir / "report.out"
+    runs: dict[str, list[dict[str, float]]] = {}
+    for label, args in REPORT_CASES:
+        report_cmd = [PY, "-m", "batchrun", "report", str(output), "--prices", str(prices), *args]
+        shell = f"exec {' '.join(shlex.quote(a) for a in report_cmd)} > {shlex.quote(str(text))}"
+        for _ in range(REPORT_RUNS if label == REPORT_CASES[0][0] else 1):
+            proc = run_proc(
+                ["sh", "-c", shell],
+                cpu=CLIENT_CPU,
+                timeout_s=_timeout_for(REPORT_ROWS, 5000.0),
+                workdir=workdir,
+            )
+            if proc.rc != 0:
+                raise BenchError(f"report {label} exited {proc.rc}: {proc.stderr[-2000:]}")
+            _check_report(text, label)
+            run = {"wall_s": proc.wall_s, "cpu_s": proc.cpu_s, "maxrss_mb": proc.maxrss_mb}
+            run["mb"] = text.stat().st_size / 1e6
+            runs.setdefault(label, []).append(run)
+            say(f"report {label}: {proc.wall_s:.1f}s, peak RSS {proc.maxrss_mb:.0f} MB")
+    output.unlink()
+    text.unlink()
+    return {"rows": REPORT_ROWS, "runs": runs}
+
+
+def _check_report(text: Path, label: str) -> None:
+    """Every group is in the json and csv; the table says how many it leaves out."""
+    if "--by id" not in label:
+        return
+    marker = {"json": b'\n    {"id": ', "csv": b"\ngroup,"}.get(label.rsplit(", ", 1)[1])
+    if marker is None:
+        if f"of {REPORT_ROWS:,} are shown".encode() not in text.read_bytes()[-4000:]:
+            raise BenchError(f"report {label}: no note of the groups left out")
+        return
+    found, tail = 0, b""
+    with text.open("rb") as fh:
+        while block := fh.read(1 << 24):
+            found += (tail + block).count(marker)
+            tail = block[-(len(marker) - 1) :]
+    if found != REPORT_ROWS:
+        raise BenchError(f"report {label}: {found:,} groups, not {REPORT_ROWS:,}")
+
+
 # ------------------------------------------------------------------------- report
 
 
@@ -1778,6 +1856,52 @@ def _render_ray(
     )
 
 
+def _render_report(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # 12. batchrun report over many groups
+    data = report["report"]
+    runs: dict[str, list[dict[str, float]]] = data["runs"]
+    md += [
+        f"## 12. `batchrun report` over {data['rows']:,} rows",
+        "",
+        "One output made without sending (`report_outputs.py`: batchrun's schema, every id",
+        "unique, three priced models with a price change, 2% failed, 0.5% invalid, 1% reused,",
+        "a third batch rows), reported with `--prices jobs/prices.toml`; seconds from process",
+        "start to exit (stdout to a file), peak RSS from wait4. `--by id` makes a group of",
+        "every row: json and csv list them all, the table the 1,000 costliest.",
+        "",
+        "| case | seconds | CPU s | peak RSS MB | output MB |",
+        "|---|---|---|---|---|",
+    ]
+    for label, case in runs.items():
+        walls = [r["wall_s"] for r in case]
+        seconds = f"{_median(walls):.1f}" + (
+            f" ({_range(walls, '{:.1f}')})" if len(walls) > 1 else ""
+        )
+        md.append(
+            f"| {label} | {seconds} | {_median([r['cpu_s'] for r in case]):.1f} | "
+            f"{_median([r['maxrss_mb'] for r in case]):.0f} | {case[0]['mb']:,.1f} |"
+        )
+    head = runs[REPORT_CASES[0][0]]
+    seconds = _median([r["wall_s"] for r in head])
+    ok = seconds < TARGET_REPORT_S
+    md += ["", f"Target: `--by id` (json) < {TARGET_REPORT_S:.0f} s: {_met(ok)}.", ""]
+    summary.append(
+        (
+            f"`report --by id` over {data['rows']:,} rows (seconds)",
+            f"{seconds:.1f} s json, {_median([r['maxrss_mb'] for r in head]):.0f} MB peak; "
+            + "; ".join(
+                f"{label} {_median([r['wall_s'] for r in case]):.1f} s"
+                for label, case in runs.items()
+                if label != REPORT_CASES[0][0]
+            ),
+            f"< {TARGET_REPORT_S:.0f} s",
+            _met(ok),
+        )
+    )
+
+
 def render(report: dict[str, Any]) -> tuple[str, str]:
     """(summary table for the terminal, the whole results.md)."""
     m, v = report["machine"], report["versions"]
@@ -1831,6 +1955,7 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("ratelimit", _render_ratelimit),
         ("batchapi", batch_api.render),
         ("ray", _render_ray),
+        ("report", _render_report),
     ):
         if name in report:
             section(report, md, summary)
@@ -1923,6 +2048,8 @@ def main() -> int:
                 report["latency"] = bench_latency(server, workdir, tickets)
         if "help" in ONLY:
             report["help"] = bench_help(workdir)
+        if "report" in ONLY:
+            report["report"] = bench_report(workdir)
         if "batchapi" in ONLY:
             with MockServer(workdir, flags=batch_api.SERVER_ARGS, name="batchapi") as server:
                 report["batchapi"] = batch_api.run_section(

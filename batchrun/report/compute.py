@@ -22,13 +22,15 @@ counts in total and per group. What each figure means:
   invalid rows included where the API reported usage. A null usage counts 0;
   ``no_usage`` counts the ok and invalid rows sent whose answer reported no usage
   at all (the cost misses them).
-- ``cost``: exact ``Decimal``. Each row's four kinds of tokens (uncached and
-  cached prompt, plain and reasoning completion; cached held to at most the
-  prompt tokens, reasoning to the completion tokens) are summed per group, model,
-  price period (the rates in force on the UTC date of ``finished_at``) and
-  ``tier``, then priced once with :meth:`~batchrun.prices.Rates.cost`, the
-  function that prices ``batchrun run``'s ``cost`` column — the same figure as
-  pricing each row and summing, since a cost is linear in tokens. A group with
+- ``cost``: exact ``Decimal``: the sum over the group's rows of each row's four
+  kinds of tokens (uncached and cached prompt, plain and reasoning completion;
+  cached held to at most the prompt tokens, reasoning to the completion tokens)
+  at the rates of :meth:`~batchrun.prices.Rates.cost`, the function that prices
+  ``batchrun run``'s ``cost`` column: its model's rates in force on the UTC date
+  of its ``finished_at``, for its ``tier``. Summed as whole numbers of a small
+  unit (:mod:`batchrun.report.pricing`), it is the same figure to the last
+  digit as ``Rates.cost`` of the group's summed tokens per model, price period
+  and tier, since a cost is linear in tokens. A group with
   any sent row whose model has no price has ``cost = None`` ("unpriced", never
   0); ``priced_cost`` is then the cost of its priced rows and ``unpriced_tokens``
   the prompt + completion tokens left unpriced. Without a prices file every sent
@@ -42,84 +44,48 @@ counts in total and per group. What each figure means:
 
 ``--by day`` groups by the UTC date of ``finished_at`` unless the output has a
 column named ``day``. Rows a file holds that an earlier file held already are
-counted once (:mod:`batchrun.report.read`).
+counted once (:mod:`batchrun.report.read`). The groups are computed all at once,
+a million of them in seconds (:mod:`batchrun.report.groups`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from batchrun.errors import JobError
 from batchrun.outputs import output_files
-from batchrun.prices import BATCH, ONLINE, Prices, load_prices
-from batchrun.report.read import read_outputs, utc_dates, utc_day
-from batchrun.report.values import _float, _key_label, _plain, nice_ceil
+from batchrun.prices import Prices, load_prices
+from batchrun.report.groups import (
+    COUNTS,
+    STAT_NAMES,
+    Group,
+    Groups,
+    Rows,
+    Stats,
+    aggregate,
+    ints,
+    row_figures,
+)
+from batchrun.report.read import read_outputs, utc_dates
+from batchrun.report.values import _key_label, _plain, nice_ceil
 
 if TYPE_CHECKING:
     from batchrun.report.compare import Comparison
 
+__all__ = ["STAT_NAMES", "Bin", "Day", "Group", "Groups", "Report", "Stats", "build_report"]
+
 # ---- the figures -----------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Stats:
-    """The figures of one group (or of the total). See the module docstring for
-    what each one counts; tokens are counts, costs are in the prices' currency,
-    latencies in milliseconds."""
-
-    rows: int
-    ok: int
-    failed: int
-    invalid: int
-    reused: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    cached_tokens: int
-    reasoning_tokens: int
-    reused_tokens: int
-    no_usage: int
-    cost: Decimal | None
-    priced_cost: Decimal | None
-    unpriced_tokens: int
-    unpriced_rows: int
-    tokens_per_row_mean: float | None
-    tokens_per_row_p50: float | None
-    tokens_per_row_p95: float | None
-    latency_ms_p50: float | None
-    latency_ms_p95: float | None
-    retries: int
-
-    @property
-    def cached_share(self) -> float | None:
-        """Of the prompt tokens, the share read from the cache (None: no prompt tokens)."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
-
-    @property
-    def reasoning_share(self) -> float | None:
-        """Of the completion tokens, the share of hidden reasoning."""
-        return self.reasoning_tokens / self.completion_tokens if self.completion_tokens else None
-
-
-STAT_NAMES = tuple(f.name for f in fields(Stats))
 RESERVED_NAMES = frozenset({*STAT_NAMES, "currency", "scope"})
 """Names a ``--by`` column cannot have: they are the report's own columns."""
-
-
-@dataclass(frozen=True)
-class Group:
-    """One group: its key (one value per ``--by`` column, None for null) and figures."""
-
-    key: tuple[Any, ...]
-    stats: Stats
 
 
 @dataclass(frozen=True)
@@ -149,10 +115,11 @@ class Report:
     by: tuple[str, ...]
     prices: Prices | None
     total: Stats
-    groups: tuple[Group, ...]
+    groups: Groups
+    """One per distinct ``--by`` key, in key order (none without ``--by``)."""
     unpriced_models: tuple[str, ...]
     """Models of sent rows that the prices file does not price (all of them without one)."""
-    cost_chart: tuple[tuple[str, Stats], ...]
+    cost_chart: Groups
     """Bars of the cost chart: the groups, or per model when there is no ``--by``."""
     completion_histogram: tuple[Bin, ...]
     days: tuple[Day, ...]
@@ -236,15 +203,11 @@ def compute_report(
 ) -> Report:
     """The report of ``frame`` (columns as :func:`read_outputs` returns them)."""
     by = tuple(by)
-    rows = _row_figures(frame, prices)
-    total_groups = _aggregate(frame, rows, (), prices)
-    total = total_groups[0].stats if total_groups else _empty_stats(prices)
-    groups = tuple(_aggregate(frame, rows, by, prices)) if by else ()
-    if by:
-        cost_chart = tuple((_key_label(g.key), g.stats) for g in groups)
-    else:
-        per_model = _aggregate(frame, rows, ("model",), prices)
-        cost_chart = tuple((_key_label(g.key), g.stats) for g in per_model)
+    rows = row_figures(frame, prices)
+    total_groups = aggregate(frame, rows, ())
+    total = total_groups[0].stats if len(total_groups) else _empty_stats(prices)
+    groups = aggregate(frame, rows, by) if by else Groups.none(rows.priced)
+    cost_chart = groups if by else aggregate(frame, rows, ("model",))
     sent_models = frame["model"][rows.sent]
     unpriced = sorted(
         {
@@ -265,249 +228,16 @@ def compute_report(
         days=tuple(_days(frame, rows)),
         never_sent=int(np.count_nonzero(~rows.sent) - total.reused),
         duplicates=duplicates,
-        tiers=tuple(
-            (_key_label(g.key), g.stats) for g in _aggregate(frame, rows, ("tier",), prices)
-        ),
-        batch_saved=_batch_saved(frame, rows, prices),
+        tiers=tuple((_key_label(g.key), g.stats) for g in aggregate(frame, rows, ("tier",))),
+        batch_saved=rows.costs.batch_saved,
     )
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """Per-row figures, as numpy arrays aligned with the frame."""
-
-    sent: np.ndarray
-    work: pd.DataFrame
-    usage: pd.DataFrame
-    """What the cost is computed from, per row: its tokens as ``Rates.cost`` takes
-    them (zeros for the rows not sent) and whether it was sent."""
-    pricing: list[pd.Series]
-    """What each row's price depends on (:func:`_pricing`)."""
-
-
-def _ints(series: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """An integer column as (int64 values with nulls as 0, null mask)."""
-    nulls = series.isna().to_numpy()
-    values = pd.to_numeric(series).fillna(0).to_numpy(dtype="int64")
-    return values, nulls
-
-
-def _row_figures(frame: pd.DataFrame, prices: Prices | None) -> _Rows:
-    status = frame["status"].to_numpy(dtype=object)
-    ok = status == "ok"
-    failed = status == "error"
-    invalid = status == "invalid"
-    attempts = frame["attempts"].to_numpy(dtype="float64", na_value=np.nan)
-    reused = (attempts == 0) & ok
-    sent = ~(attempts == 0)  # a null attempts counts as sent: never under-report cost
-    prompt, prompt_null = _ints(frame["prompt_tokens"])
-    completion, completion_null = _ints(frame["completion_tokens"])
-    total, total_null = _ints(frame["total_tokens"])
-    cached, _ = _ints(frame["cached_tokens"])
-    reasoning, _ = _ints(frame["reasoning_tokens"])
-    latency = frame["latency_ms"].to_numpy(dtype="float64", na_value=np.nan)
-    zero = np.zeros(len(frame), dtype="int64")
-    work = pd.DataFrame(
-        {
-            "rows": np.ones(len(frame), dtype="int64"),
-            "ok": ok.astype("int64"),
-            "failed": failed.astype("int64"),
-            "invalid": invalid.astype("int64"),
-            "reused": reused.astype("int64"),
-            "prompt_tokens": np.where(sent, prompt, zero),
-            "completion_tokens": np.where(sent, completion, zero),
-            "total_tokens": np.where(sent, total, zero),
-            "cached_tokens": np.where(sent, cached, zero),
-            "reasoning_tokens": np.where(sent, reasoning, zero),
-            "reused_tokens": np.where(reused, total, zero),
-            "no_usage": (sent & (ok | invalid) & prompt_null & completion_null & total_null).astype(
-                "int64"
-            ),
-            "retries": np.where(attempts >= 1, np.nan_to_num(attempts) - 1, 0).astype("int64"),
-            "tokens_per_row": np.where(sent & ~total_null, total.astype("float64"), np.nan),
-            "latency_ms": np.where(sent, latency, np.nan),
-        },
-        index=frame.index,
-    )
-    # As Rates.cost takes them: cached at most the prompt, reasoning at most the completion.
-    usage = pd.DataFrame(
-        {
-            "prompt": work["prompt_tokens"],
-            "completion": work["completion_tokens"],
-            "cached": np.minimum(work["cached_tokens"], work["prompt_tokens"]),
-            "reasoning": np.minimum(work["reasoning_tokens"], work["completion_tokens"]),
-            "sent": sent.astype("int64"),
-        },
-        index=frame.index,
-    )
-    return _Rows(sent=sent, work=work, usage=usage, pricing=_pricing(frame, prices))
-
-
-_SUMS = [
-    "rows",
-    "ok",
-    "failed",
-    "invalid",
-    "reused",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "reused_tokens",
-    "no_usage",
-    "retries",
-]
-
-
-def _groupers(frame: pd.DataFrame, keys: Sequence[str]) -> list[pd.Series]:
-    if not keys:
-        return [pd.Series(np.zeros(len(frame), dtype="int8"), index=frame.index, name="_all")]
-    return [frame[k].rename(f"_key{i}") for i, k in enumerate(keys)]
-
-
-def _groupby(data: pd.DataFrame, groupers: list[pd.Series]) -> Any:
-    """``data.groupby`` keeping null keys; :func:`_sorted` orders the groups after."""
-    return data.groupby(groupers, dropna=False, sort=False)
-
-
-def _key_tuples(index: pd.Index) -> list[tuple[Any, ...]]:
-    return [tuple(_plain(v) for v in (k if isinstance(k, tuple) else (k,))) for k in index]
-
-
-def _aggregate(
-    frame: pd.DataFrame, rows: _Rows, keys: Sequence[str], prices: Prices | None
-) -> list[Group]:
-    """One Group per distinct key of ``keys`` (the total when ``keys`` is empty)."""
-    if len(frame) == 0:
-        return []
-    groupers = _groupers(frame, keys)
-    grouped = _groupby(rows.work, groupers)
-    sums = grouped[_SUMS].sum()
-    figures = {
-        "tokens_per_row_mean": grouped["tokens_per_row"].mean(),
-        "tokens_per_row_p50": grouped["tokens_per_row"].quantile(0.5),
-        "tokens_per_row_p95": grouped["tokens_per_row"].quantile(0.95),
-        "latency_ms_p50": grouped["latency_ms"].quantile(0.5),
-        "latency_ms_p95": grouped["latency_ms"].quantile(0.95),
-    }
-    # Plain lists, not .iloc per value: --by a column of a million values stays fast.
-    counts = {name: sums[name].tolist() for name in _SUMS}
-    floats = {
-        name: (series if series.index.equals(sums.index) else series.reindex(sums.index)).tolist()
-        for name, series in figures.items()
-    }
-    costs = _costs(rows, groupers, prices)
-    groups = []
-    for i, key in enumerate(_key_tuples(sums.index)):
-        priced, unpriced_rows, unpriced_tokens = costs.get(key, (Decimal(0), 0, 0))
-        stats = Stats(
-            **{name: int(values[i]) for name, values in counts.items()},
-            cost=priced if unpriced_rows == 0 else None,
-            priced_cost=priced if prices is not None else None,
-            unpriced_tokens=unpriced_tokens,
-            unpriced_rows=unpriced_rows,
-            tokens_per_row_mean=_float(floats["tokens_per_row_mean"][i]),
-            tokens_per_row_p50=_float(floats["tokens_per_row_p50"][i]),
-            tokens_per_row_p95=_float(floats["tokens_per_row_p95"][i]),
-            latency_ms_p50=_float(floats["latency_ms_p50"][i]),
-            latency_ms_p95=_float(floats["latency_ms_p95"][i]),
-        )
-        groups.append(Group(key if keys else (), stats))
-    return _sorted(groups)
-
-
-def _pricing(frame: pd.DataFrame, prices: Prices | None) -> list[pd.Series]:
-    """Per row, what its price depends on: the model, the index of the price
-    period its ``finished_at`` falls in (``ModelPrice.period``: 0 for a model whose
-    price never changed) and its tier."""
-    period = np.zeros(len(frame), dtype="int64")
-    dated = {m: p for m, p in prices.models.items() if p.changes} if prices is not None else {}
-    if dated:
-        codes, dates = utc_dates(frame["finished_at"])
-        models = frame["model"].to_numpy(dtype=object)
-        for name, price in dated.items():
-            mine = models == name
-            if mine.any():
-                # One lookup per distinct date; the last entry serves the rows with no date.
-                lookup = np.array([*(price.period(d) for d in dates), price.period(None)])
-                period[mine] = lookup[codes[mine]]
-    return [
-        frame["model"].rename("_model"),
-        pd.Series(period, index=frame.index, name="_period"),
-        frame["tier"].fillna(ONLINE).rename("_tier"),
-    ]
-
-
-def _token_sums(
-    rows: _Rows, groupers: list[pd.Series]
-) -> Iterator[tuple[tuple[Any, ...], str, int, str, tuple[int, int, int, int], int]]:
-    """Per group key, model, price period and tier: (key, model, period, tier,
-    (prompt, completion, cached, reasoning) tokens, rows sent), summed as exact
-    integers before anything is priced."""
-    per_price = _groupby(rows.usage, [*groupers, *rows.pricing]).sum()
-    for full_key, prompt, completion, cached, reasoning, sent in zip(
-        _key_tuples(per_price.index),
-        *(per_price[name].tolist() for name in ("prompt", "completion", "cached", "reasoning")),
-        per_price["sent"].tolist(),
-        strict=True,
-    ):
-        model, period, tier = full_key[-3:]
-        yield full_key[:-3], model, period, tier, (prompt, completion, cached, reasoning), sent
-
-
-def _costs(
-    rows: _Rows, groupers: list[pd.Series], prices: Prices | None
-) -> dict[tuple[Any, ...], tuple[Decimal, int, int]]:
-    """Per group key: (cost of the priced sent rows, unpriced sent rows, their tokens)."""
-    out: dict[tuple[Any, ...], tuple[Decimal, int, int]] = {}
-    for key, model, period, tier, tokens, sent in _token_sums(rows, groupers):
-        priced, unpriced_rows, unpriced_tokens = out.get(key, (Decimal(0), 0, 0))
-        if sent:
-            price = prices.price(model) if prices is not None else None
-            if price is None:
-                unpriced_rows += sent
-                unpriced_tokens += tokens[0] + tokens[1]
-            else:
-                priced += price.periods[period].cost(*tokens, tier=tier)
-        out[key] = (priced, unpriced_rows, unpriced_tokens)
-    return out
-
-
-def _batch_saved(frame: pd.DataFrame, rows: _Rows, prices: Prices | None) -> Decimal | None:
-    """The online price of the priced batch rows less what they cost as batch rows
-    (the same pricing as every cost here); None when there is none."""
-    if prices is None or len(frame) == 0:
-        return None
-    saved: Decimal | None = None
-    for _, model, period, tier, tokens, sent in _token_sums(rows, _groupers(frame, ())):
-        price = prices.price(model)
-        if sent and tier == BATCH and price is not None:
-            rates = price.periods[period]
-            online = rates.cost(*tokens, tier=ONLINE)
-            saved = (saved or Decimal(0)) + online - rates.cost(*tokens, tier=BATCH)
-    return saved
-
-
-def _sorted(groups: list[Group]) -> list[Group]:
-    """Groups sorted by key, nulls last; values of mixed types sort by their text."""
-
-    def order(group: Group) -> tuple[Any, ...]:
-        return tuple((v is None, type(v).__name__, v) for v in group.key)
-
-    try:
-        return sorted(groups, key=order)
-    except TypeError:
-        return sorted(groups, key=lambda g: tuple((v is None, str(v)) for v in g.key))
 
 
 def _empty_stats(prices: Prices | None) -> Stats:
     return Stats(
-        **dict.fromkeys(_SUMS, 0),
+        **dict.fromkeys(COUNTS, 0),
         cost=Decimal(0),
         priced_cost=Decimal(0) if prices is not None else None,
-        unpriced_tokens=0,
-        unpriced_rows=0,
         tokens_per_row_mean=None,
         tokens_per_row_p50=None,
         tokens_per_row_p95=None,
@@ -516,10 +246,10 @@ def _empty_stats(prices: Prices | None) -> Stats:
     )
 
 
-def _histogram(frame: pd.DataFrame, rows: _Rows) -> list[Bin]:
+def _histogram(frame: pd.DataFrame, rows: Rows) -> list[Bin]:
     """completion_tokens of the sent rows that reported it, in at most about 30 bins
     of a round width."""
-    values, nulls = _ints(frame["completion_tokens"])
+    values, nulls = ints(frame["completion_tokens"])
     values = values[rows.sent & ~nulls]
     if values.size == 0:
         return []
@@ -533,22 +263,18 @@ def _histogram(frame: pd.DataFrame, rows: _Rows) -> list[Bin]:
     ]
 
 
-def _days(frame: pd.DataFrame, rows: _Rows) -> list[Day]:
+def _days(frame: pd.DataFrame, rows: Rows) -> list[Day]:
     """Rows per UTC date of finished_at, every date of the range (up to a year of
     them) listed even when empty, undated rows last."""
-    work = pd.DataFrame(
-        {
-            "day": utc_day(frame["finished_at"]),
-            "ok": rows.work["ok"],
-            "failed": rows.work["failed"],
-            "invalid": rows.work["invalid"],
-        }
-    )
-    counts = work.groupby("day", dropna=False, sort=False)[["ok", "failed", "invalid"]].sum()
-    by_day = {
-        _plain(d): tuple(int(v) for v in r)
-        for d, r in zip(counts.index, counts.values, strict=True)
+    codes, dates = utc_dates(frame["finished_at"])
+    statuses = np.stack([rows.count(s) for s in ("ok", "failed", "invalid")], axis=1)
+    counts = np.zeros((len(dates) + 1, 3), dtype="int64")  # the last: no date (code -1)
+    np.add.at(counts, codes, statuses)
+    by_day: dict[str | None, tuple[int, ...]] = {
+        d.isoformat(): tuple(counts[i].tolist()) for i, d in enumerate(dates)
     }
+    if (codes < 0).any():
+        by_day[None] = tuple(counts[-1].tolist())
     dated = sorted(d for d in by_day if d is not None)
     if dated:
         first, last = dt.date.fromisoformat(dated[0]), dt.date.fromisoformat(dated[-1])

@@ -11,13 +11,13 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from batchrun.errors import OutputError
 from batchrun.files import write_atomic
 from batchrun.report.compute import Report, Stats
+from batchrun.report.pricing import to_decimal
 from batchrun.report.render import (
     ROW_COLUMNS,
     USAGE_COLUMNS,
@@ -32,7 +32,7 @@ from batchrun.report.render import (
     report_title,
     table_rows,
 )
-from batchrun.report.values import nice_ceil
+from batchrun.report.values import _key_label, nice_ceil
 
 MAX_CHART_BARS = 40
 """The cost chart shows the groups that cost most, at most this many."""
@@ -271,15 +271,15 @@ def _cost_chart(report: Report) -> str:
     its priced part, grey, labelled unpriced."""
     if report.prices is None:
         return '<p class="empty">No prices given: pass --prices FILE to see costs.</p>'
-    items = [
-        (label, s.cost if s.cost is not None else s.priced_cost or Decimal(0), s.cost is None)
-        for label, s in report.cost_chart
-    ]
-    if not items:
+    chart = report.cost_chart
+    if not len(chart):
         return '<p class="empty">No rows.</p>'
-    items.sort(key=lambda item: item[1], reverse=True)
-    hidden = len(items) - MAX_CHART_BARS
-    items = items[:MAX_CHART_BARS]
+    units, unpriced_rows = chart.cost_units(), chart.counts("unpriced_rows")
+    items = [
+        (_key_label(chart.key(i)), to_decimal(units[i], chart.scale), bool(unpriced_rows[i]))
+        for i in chart.costliest(MAX_CHART_BARS).tolist()
+    ]
+    hidden = len(chart) - MAX_CHART_BARS
     top = max((float(v) for _, v, _ in items), default=0.0) or 1.0
     label_w = min(250, 16 + 8 * max(len(label) for label, _, _ in items))
     fits = (label_w - 14) // 8  # characters of a 13px label that fit left of the bars

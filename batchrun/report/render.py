@@ -4,7 +4,12 @@ then the total; ``scope`` says which), ``json`` (one object ``{"total": {...},
 [...]}``, costs as exact decimal numbers) and ``markdown``; and the number and
 money formatters the HTML page uses too. The figures come from
 :mod:`batchrun.report.compute`, the comparison from
-:mod:`batchrun.report.compare` (every format but csv shows it)."""
+:mod:`batchrun.report.compare` (every format but csv shows it).
+
+csv and json list every group (their group lines are made a column at a time
+by :mod:`batchrun.report.lines`, and :func:`render_chunks` hands them out a
+chunk at a time); the table, markdown and the HTML page list at most
+:data:`SHOWN_GROUPS`, the costliest, and say how many they leave out."""
 
 from __future__ import annotations
 
@@ -12,23 +17,20 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, Literal
 
 from batchrun.errors import JobError
 from batchrun.report.compare import Comparison, fmt_percent, fmt_value
-from batchrun.report.compute import STAT_NAMES, Report, Stats
-from batchrun.report.values import _plain, _text
+from batchrun.report.compute import STAT_NAMES, Group, Report, Stats
+from batchrun.report.lines import csv_groups, json_groups, json_scalar
+from batchrun.report.values import _text, decimal_text
 
 Format = Literal["table", "csv", "json", "markdown"]
 FORMATS: tuple[Format, ...] = ("table", "csv", "json", "markdown")
-
-
-def _decimal_text(value: Decimal) -> str:
-    """Exact, without exponent or trailing zeros: Decimal('2.640E-2') → '0.0264'."""
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "") else text
+SHOWN_GROUPS = 1000
+"""The most groups the table, markdown and HTML formats list (csv and json list all)."""
 
 
 def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
@@ -44,18 +46,24 @@ def stats_dict(stats: Stats, currency: str | None) -> dict[str, Any]:
 def report_dict(report: Report) -> dict[str, Any]:
     """``{"total": {...}, "groups": [{by columns..., figures...}, ...],
     "duplicates_skipped": N, "batch_saved": ..., "compare": {...} or None, "checks":
-    [...]}``; costs
-    stay Decimal."""
+    [...]}``; costs stay Decimal."""
+    data = _document(report)
+    data["groups"] = [
+        {
+            **dict(zip(report.by, group.key, strict=True)),
+            **stats_dict(group.stats, report.currency),
+        }
+        for group in report.groups
+    ]
+    return data
+
+
+def _document(report: Report) -> dict[str, Any]:
+    """:func:`report_dict` with None for the groups."""
     comparison = report.comparison
     return {
         "total": stats_dict(report.total, report.currency),
-        "groups": [
-            {
-                **dict(zip(report.by, group.key, strict=True)),
-                **stats_dict(group.stats, report.currency),
-            }
-            for group in report.groups
-        ],
+        "groups": None,
         "duplicates_skipped": report.duplicates,
         "batch_saved": report.batch_saved,
         "compare": _compare_dict(comparison) if comparison and comparison.baseline else None,
@@ -88,11 +96,18 @@ def _compare_dict(comparison: Comparison) -> dict[str, Any]:
 
 def render(report: Report, fmt: str = "table") -> str:
     """The report as text in ``fmt`` (table, csv, json or markdown), ending in a newline."""
-    renderers: dict[str, Callable[[Report], str]] = {
-        "table": render_table,
-        "csv": render_csv,
-        "json": render_json,
-        "markdown": render_markdown,
+    return "".join(render_chunks(report, fmt))
+
+
+def render_chunks(report: Report, fmt: str = "table") -> Iterator[str]:
+    """:func:`render` in pieces, to write out one at a time: a format that lists
+    a million groups never holds all their text at once. JobError (an unknown
+    format) is raised here, before any piece."""
+    renderers: dict[str, Callable[[Report], Iterator[str]]] = {
+        "table": lambda r: iter([render_table(r)]),
+        "csv": _csv_chunks,
+        "json": _json_chunks,
+        "markdown": lambda r: iter([render_markdown(r)]),
     }
     if fmt not in renderers:
         raise JobError(f"Unknown report format {fmt!r}: choose one of {', '.join(FORMATS)}.")
@@ -102,15 +117,26 @@ def render(report: Report, fmt: str = "table") -> str:
 def render_json(report: Report) -> str:
     """One JSON object; costs are exact decimal numbers (not floats), the other
     float figures rounded to 3 decimals, nulls for figures with no data."""
-    data = report_dict(report)
+    return "".join(_json_chunks(report))
+
+
+_GROUPS = "\x00groups"
+"""Stands for the groups in the JSON object until they are written."""
+
+
+def _json_chunks(report: Report) -> Iterator[str]:
+    data = _document(report)
     data["total"] = _rounded(data["total"])
-    data["groups"] = [_rounded(group) for group in data["groups"]]
+    data["groups"] = _GROUPS
     if data["compare"] is not None:
         data["compare"]["figures"] = {
             name: {k: _significant(v) for k, v in values.items()}
             for name, values in data["compare"]["figures"].items()
         }
-    return _json(data, 0) + "\n"
+    head, tail = (_json(data, 0) + "\n").split(json.dumps(_GROUPS))
+    yield head
+    yield from json_groups(report.groups, report.by, report.currency)
+    yield tail
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
@@ -141,24 +167,23 @@ def _json(value: Any, indent: int) -> str:
             return "[]"
         items = [pad + _json(v, indent + 1) for v in value]
         return "[\n" + ",\n".join(items) + "\n" + "  " * indent + "]"
-    if isinstance(value, Decimal):
-        return _decimal_text(value)
-    if isinstance(value, float):
-        return json.dumps(value) if math.isfinite(value) else "null"
-    value = _plain(value)
-    return json.dumps(value, ensure_ascii=False)
+    return json_scalar(value)
 
 
 def render_csv(report: Report) -> str:
     """A header, one line per group, then the total line (``scope`` = group / total).
     Costs are exact decimals; a null is an empty field."""
+    return "".join(_csv_chunks(report))
+
+
+def _csv_chunks(report: Report) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["scope", *report.by, *stats_dict(report.total, None)])
-    for group in report.groups:
-        writer.writerow(
-            ["group", *group.key, *_csv_values(stats_dict(group.stats, report.currency))]
-        )
+    yield buffer.getvalue()
+    yield from csv_groups(report.groups, report.currency)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
         [
             "total",
@@ -166,14 +191,14 @@ def render_csv(report: Report) -> str:
             *_csv_values(stats_dict(report.total, report.currency)),
         ]
     )
-    return buffer.getvalue()
+    yield buffer.getvalue()
 
 
 def _csv_values(values: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     for value in values.values():
         if isinstance(value, Decimal):
-            out.append(_decimal_text(value))
+            out.append(decimal_text(value))
         elif isinstance(value, float):
             out.append(round(value, 3))
         else:
@@ -232,16 +257,27 @@ def _cost_header(report: Report) -> str:
 def table_rows(
     report: Report, columns: list[tuple[str, Callable[[Stats, Report], str]]]
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and body of one table: a line per group, then the total."""
+    """Header and body of one table: a line per group shown (:func:`shown_groups`),
+    then the total."""
     key_headers = list(report.by) or [""]
     headers = [*key_headers, *(_cost_header(report) if h == "cost" else h for h, _ in columns)]
     body = [
         [*(_text(v) for v in g.key), *(f(g.stats, report) for _, f in columns)]
-        for g in report.groups
+        for g in shown_groups(report)
     ]
     total_key = ["total", *([""] * (len(key_headers) - 1))]
     body.append([*total_key, *(f(report.total, report) for _, f in columns)])
     return headers, body
+
+
+def shown_groups(report: Report) -> list[Group]:
+    """The groups the table, markdown and HTML formats list: every group, in key
+    order, up to :data:`SHOWN_GROUPS`; past that the costliest (their priced part
+    when unpriced; then the most tokens), costliest first."""
+    groups = report.groups
+    if len(groups) <= SHOWN_GROUPS:
+        return list(groups)
+    return [groups[i] for i in groups.costliest(SHOWN_GROUPS, then_tokens=True).tolist()]
 
 
 def _files(report: Report) -> str:
@@ -306,6 +342,13 @@ def report_notes(report: Report) -> list[str]:
         notes.append(
             f"Batch: {batch.rows:,} rows were answered by a provider batch and are priced with "
             f"their batch_discount{saved}."
+        )
+    left_out = len(report.groups) - SHOWN_GROUPS
+    if left_out > 0:
+        notes.append(
+            f"Groups: the {SHOWN_GROUPS:,} costliest of {len(report.groups):,} are shown, "
+            f"costliest first; {left_out:,} are left out here. --format csv or json lists "
+            "every group."
         )
     if report.duplicates:
         notes.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _float(value: Any) -> float | None:
-    value = _plain(value)
-    return None if value is None else float(value)
+def decimal_text(value: Decimal) -> str:
+    """Exact, without exponent or trailing zeros: Decimal('2.640E-2') → '0.0264'."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
 
 
 def _key_label(key: tuple[Any, ...]) -> str:
