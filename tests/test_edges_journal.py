@@ -4,8 +4,8 @@ Each test talks to a real aiohttp endpoint on 127.0.0.1 that counts requests per
 row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answer
 is on disk is sent again:
 
-- a rerun of a finished job killed (kill -9, SIGTERM) while it takes the finished
-  output back into a journal;
+- a rerun of a finished job killed (kill -9, SIGTERM) while it reads the finished
+  output or takes it back into a journal;
 - two runs on one output at once (the lock);
 - a damaged line in the middle of the journal (garbage, NUL bytes);
 - a full disk while journaling, while writing the Parquet file and while writing
@@ -369,12 +369,19 @@ async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
 # ---------------------------------------------------------------- 1. the take-back
 
 
+@pytest.mark.parametrize("touched", [False, True], ids=["answered", "taken-back"])
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_rerun_killed_during_the_take_back_sends_nothing(
-    tmp_path: Path, procs: Procs, endpoint: tuple[CountingEndpoint, str], signum: int
+    tmp_path: Path,
+    procs: Procs,
+    endpoint: tuple[CountingEndpoint, str],
+    signum: int,
+    touched: bool,
 ) -> None:
-    """A rerun of a finished job copies the finished output back into a journal;
-    killed midway, the next run must still see a finished job and send nothing."""
+    """A rerun of a finished job reads the finished output: its footer and a few
+    columns when the output shows nothing is left to send, every row, copied back
+    into a journal, when it cannot tell (the input touched since). Killed midway,
+    the next run must still see a finished job and send nothing."""
     counting, base_url = endpoint
     rows = tickets(3000)
     ids = [str(r["id"]) for r in rows]
@@ -384,6 +391,8 @@ def test_rerun_killed_during_the_take_back_sends_nothing(
     first = procs.run(args)
     assert first.rc == 0, first.text
     assert counting.requests == len(rows)
+    if touched:
+        os.utime(inp, ns=(inp.stat().st_atime_ns, inp.stat().st_mtime_ns + 10**9))
 
     rerun = procs.start(args, hook="slow-take-back")
     # 15 batches of 200 rows, 50 ms each: stop it a third of the way through.
