@@ -194,7 +194,10 @@ def read_finished(
         or any(before.get(k) != v for k, v in settings.items() if k not in SENDING_KEYS)
     ):
         return None
-    counts = _status_counts(output)
+    try:
+        counts = _status_counts(output)
+    except (pa.ArrowInvalid, OSError):
+        return None  # a damaged file: the whole way says what is wrong with it
     if options.retry_failed and counts[1]:
         return None
     return FinishedOutput(job, output, meta, rows, counts)

@@ -209,6 +209,23 @@ async def test_only_the_keys_of_the_sending_may_differ(
     assert stamp(tmp_path / "out.parquet") == before
 
 
+async def test_the_openai_batch_lines_are_written_as_the_whole_way_writes_them(
+    served: tuple[Endpoint, str], tmp_path: Path, scans: list[Path]
+) -> None:
+    endpoint, base_url = served
+    write_jsonl(tmp_path / "in.jsonl", tickets(8))
+    job = job_for(base_url, tmp_path)
+    await run(job, output_format="openai-batch")
+    lines = sorted(p for p in tmp_path.iterdir() if p.suffix == ".jsonl" and p.name != "in.jsonl")
+    assert len(lines) == 1
+    written = lines[0].read_bytes()
+    lines[0].unlink()
+    scans[:] = []
+    await run(job, output_format="openai-batch")
+    assert scans == [] and endpoint.requests == 8
+    assert lines[0].read_bytes() == written
+
+
 async def test_leftovers_are_removed_and_the_lock_is_held(
     served: tuple[Endpoint, str], tmp_path: Path, scans: list[Path]
 ) -> None:
