@@ -138,12 +138,8 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
         )
     api_key = None if options.mock else api_key_for(job)
     headers, secrets = expand_headers(job)
+    job = settled_job(job)
     batch_requests = job.input_format == "openai-batch"
-    if batch_requests:
-        job = replace(job, id_column="custom_id")
-    if "id" in job.keep_columns and job.id_column == "id":
-        # The id column is in the output already, as `id`.
-        job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
     table = InputTable(
         job.input, skip_bad_lines=options.skip_bad_lines, batch_requests=batch_requests
     )
@@ -155,3 +151,14 @@ def check_job(job: Job, options: RunOptions) -> CheckedJob:
         table.keep_shard(scan, id_column, *options.shard)
     structured = load_structured(job, set(FIXED_COLUMNS) | set(job.keep_columns))
     return CheckedJob(job, table, scan, id_column, structured, api_key, headers, secrets)
+
+
+def settled_job(job: Job) -> Job:
+    """``job`` as a run sends it and records it: an OpenAI batch file's ids are its
+    ``custom_id``; the id column is not kept twice (it is in the output already,
+    as ``id``)."""
+    if job.input_format == "openai-batch":
+        job = replace(job, id_column="custom_id")
+    if "id" in job.keep_columns and job.id_column == "id":
+        job = replace(job, keep_columns=tuple(c for c in job.keep_columns if c != "id"))
+    return job

@@ -15,19 +15,22 @@ back only by the process that wrote them). Two different ids with one hash
 (odds of about n / 2**64 for each id) can only hide a stranger or a missing id,
 or make two rows with different ids look like one id on two rows, which the
 caller confirms by reading their ids before it names them.
+
+``input_ids`` reads an input's ids a batch at a time, as text, the way the
+outputs hold them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
-from batchrun.errors import OutputError
+from batchrun.errors import InputError, OutputError
 
 PARTITION_IDS = 1 << 18
 """Ids a partition is sized for (more partitions for more ids, at most MAX_PARTITIONS)."""
@@ -168,3 +171,32 @@ def _within(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), dtype=bool)
     at = np.searchsorted(sorted_values, values).clip(0, len(sorted_values) - 1)
     return np.asarray(sorted_values[at] == values)
+
+
+def input_ids(input: Path, id_column: str) -> Iterator[tuple[int, list[str], bool]]:
+    """(first row number, ids, whether they are ``id_column``'s) for each batch of
+    ``input``: its ``id_column`` as text, or without that column the row numbers.
+    Bad lines are skipped (the run may have skipped them)."""
+    from batchrun.inputs import InputTable
+
+    table = InputTable(input, skip_bad_lines=True)
+    by_id: bool | None = None
+    for batch in table.batches([id_column], None, 65_536):
+        if by_id is None:
+            by_id = id_column in batch.rows[0]
+        having = sum(1 for row in batch.rows if id_column in row)
+        if having != (len(batch.rows) if by_id else 0):
+            raise InputError(
+                f"Input {input}: some rows have `{id_column}` and others do not, so the rows "
+                "cannot be matched by id. Give --id-column a column every row has."
+            )
+        if not by_id:
+            yield batch.start, batch.ids, False
+            continue
+        values = [row[id_column] for row in batch.rows]
+        if None in values:
+            raise InputError(
+                f"Input {input}, row {batch.start + values.index(None)}: `{id_column}` is null. "
+                "Give --id-column a column every row has a value in."
+            )
+        yield batch.start, [v if isinstance(v, str) else str(v) for v in values], True

@@ -12,11 +12,12 @@ onto the output path: a half-written file is never taken for a finished one.
 Then the ``.partial`` folder is renamed away and removed.
 
 Resume: reopening the journal indexes each row's last record (offsets in numpy
-arrays: about 21 bytes a row, never the records themselves). A damaged line is
-skipped and counted, never the end of the reading; only a torn last line is cut
-off. A finished output is copied back into a journal (``_take_back``) in a
-temporary folder renamed into place once complete, so it stays the record of
-the job until its copy is whole.
+arrays: 9 bytes a row, and 8 more for the request hashes a resume compares;
+never the records themselves). A damaged line is skipped and counted, never the
+end of the reading; only a torn last line is cut off. A finished output that
+cannot answer a rerun on its own (``finished.py``) is copied back into a journal
+(``_take_back``) in a temporary folder renamed into place once complete, so it
+stays the record of the job until its copy is whole.
 
 One run at a time: the journal holds an exclusive ``flock`` on ``OUTPUT.lock``
 (with the PID of its run) from opening to ``close``; a second run on the same
@@ -48,7 +49,15 @@ from batchrun.errors import (
     write_failed,
 )
 from batchrun.files import atomic_write, fsync_path, require_folder, write_atomic
-from batchrun.journal_io import read_lines, remove_leftovers, temporary, write_all
+from batchrun.journal_io import (
+    epoch_times,
+    parse_record,
+    read_line,
+    read_lines,
+    remove_leftovers,
+    temporary,
+    write_all,
+)
 from batchrun.lock import OutputLock
 from batchrun.outputs import (
     FIXED_COLUMNS,
@@ -124,9 +133,9 @@ class Journal:
         self.path = self.folder / "journal.jsonl"
         self.num_rows = num_rows
         self.offsets = np.full(num_rows, -1, dtype=np.int64)
-        self.lengths = np.zeros(num_rows, dtype=np.int32)
         self.status = np.zeros(num_rows, dtype=np.int8)
-        self.hashes = np.zeros(num_rows, dtype=np.int64)
+        # Only a resume compares request hashes: a fresh run keeps none.
+        self.hashes: np.ndarray | None = None
         self.resumed: Resumed | None = None
         self.fd = self._rfd = -1
         self.end = 0
@@ -147,13 +156,17 @@ class Journal:
         finished_run = self._finished_run(dict(identity))
         if finished_run is not None:
             self.run_id = finished_run
-            table = pq.read_table(output, columns=["row", "status", "request_hash"])
-            for row, status, request_hash in zip(
-                *(c.to_pylist() for c in table.columns), strict=True
+            self.hashes = np.zeros(num_rows, dtype=np.int64)
+            columns = ["row", "status", "request_hash"]
+            for batch in pq.ParquetFile(output, pre_buffer=False).iter_batches(
+                batch_size=65536, columns=columns, use_threads=False
             ):
-                if 0 <= row < num_rows:
-                    self.status[row] = STATUS_CODES.get(status, STATUS_ERROR)
-                    self.hashes[row] = hash_key(request_hash)
+                for row, status, request_hash in zip(
+                    *(c.to_pylist() for c in batch.columns), strict=True
+                ):
+                    if 0 <= row < num_rows:
+                        self.status[row] = STATUS_CODES.get(status, STATUS_ERROR)
+                        self.hashes[row] = hash_key(request_hash)
         elif (self.folder / "job.json").exists():
             self.run_id = self._check_identity(dict(identity))
             if self.path.exists():
@@ -336,9 +349,12 @@ class Journal:
         ``fd`` as journal records, a batch per write. Returns how many."""
         skip = {"id", "row", *keep_columns}
         copied = 0
-        for batch in pq.ParquetFile(self.output).iter_batches(batch_size=8192):
+        # Small batches, read ahead of nothing and on this thread: memory holds a
+        # few thousand rows, however large the output.
+        output = pq.ParquetFile(self.output, pre_buffer=False)
+        for batch in output.iter_batches(batch_size=2048, use_threads=False):
             lines = []
-            for row in batch.to_pylist():
+            for row in epoch_times(batch).to_pylist():
                 n = row["row"]
                 if not 0 <= n < self.num_rows or (wanted is not None and not wanted[n]):
                     continue
@@ -384,22 +400,23 @@ class Journal:
         """Index every readable record of the journal file. Returns where the
         last whole line ends and how many lines were unreadable."""
         pos = unreadable = 0
+        if self.hashes is None:
+            self.hashes = np.zeros(self.num_rows, dtype=np.int64)
         with open(self.path, "rb") as fh:
             for line in fh:
                 if not line.endswith(b"\n"):
                     break  # a torn write at the very end: cut off below
                 start, pos = pos, pos + len(line)
-                found = _parse_record(line)
+                found = parse_record(line)
                 if found is None and b"\0" in line:
                     tail = line[line.rindex(b"\0") + 1 :]
-                    found, start = _parse_record(tail), pos - len(tail)
+                    found, start = parse_record(tail), pos - len(tail)
                 if found is None:
                     unreadable += 1
                     continue
                 row, rec = found
                 if 0 <= row < self.num_rows:
                     self.offsets[row] = start
-                    self.lengths[row] = pos - start - 1
                     self.status[row] = STATUS_CODES.get(str(rec.get("status")), STATUS_ERROR)
                     self.hashes[row] = hash_key(rec.get("request_hash"))
         return pos, unreadable
@@ -409,8 +426,7 @@ class Journal:
         off = int(self.offsets[row])
         if off < 0:
             return None
-        data = os.pread(self.fd_read(), int(self.lengths[row]), off)
-        rec: dict[str, Any] = orjson.loads(data)
+        rec: dict[str, Any] = orjson.loads(read_line(self.fd_read(), off))
         return rec
 
     def fd_read(self) -> int:
@@ -419,7 +435,7 @@ class Journal:
         return self._rfd
 
     def hash_matches(self, row: int, request_hash: str) -> bool:
-        return bool(self.hashes[row] == hash_key(request_hash))
+        return self.hashes is not None and bool(self.hashes[row] == hash_key(request_hash))
 
     # ---- writing ---------------------------------------------------------
 
@@ -436,9 +452,9 @@ class Journal:
             os.ftruncate(self.fd, self.end)
             raise self._write_error(OSError(errno.ENOSPC, "No space left on device"))
         self.offsets[row] = self.end
-        self.lengths[row] = len(line) - 1
         self.status[row] = STATUS_CODES.get(record["status"], STATUS_ERROR)
-        self.hashes[row] = hash_key(record.get("request_hash"))
+        if self.hashes is not None:
+            self.hashes[row] = hash_key(record.get("request_hash"))
         self.end += written
 
     def _write_error(self, exc: OSError) -> OutputError:
@@ -503,7 +519,8 @@ class Journal:
         # journal: mapped pages count as this process's memory, and a million
         # rows' journal would double the peak.
         fd = self.fd_read()
-        offsets, lengths = self.offsets, self.lengths
+        offsets = self.offsets
+        typical = self.end // max(1, int((self.status != STATUS_NONE).sum()))
         try:
             with (
                 atomic_write(self.output) as tmp,
@@ -520,7 +537,7 @@ class Journal:
                         if any_skipped
                         else range(start, stop)
                     )
-                    lines = read_lines(fd, offsets, lengths, rows)
+                    lines = read_lines(fd, offsets, rows, typical)
                     if not lines:
                         continue
                     if keep is not None and any_skipped:
@@ -561,12 +578,3 @@ def _changed(key: str, was: Any, now: Any) -> str:
     if all(isinstance(v, (str, int, float)) and len(str(v)) <= 60 for v in (was, now)):
         return f"`{key}` was {was!r}, now {now!r}"
     return f"`{key}`"
-
-
-def _parse_record(line: bytes) -> tuple[int, dict[str, Any]] | None:
-    """(row, record) of a journal line, None when the line is not a record."""
-    try:
-        rec = orjson.loads(line)
-        return int(rec["row"]), rec
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None

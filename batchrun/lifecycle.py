@@ -6,6 +6,11 @@ and the schema). ``OpenRun`` then opens the journal, takes back an earlier
 run's results (refusing one whose requests differ), applies ``--reuse`` and
 sets the tally; an engine sends the rows ``OpenRun.rows_to_send`` yields and
 ends with ``OpenRun.finish``, which writes the output and says what the run did.
+
+A rerun of a finished job whose output can tell alone that nothing is left to
+send (``finished.py``) skips all of that: ``OpenRun`` holds the output's lock,
+sets the tally from the output, has nothing to send (``done`` is set, and there
+is no journal and no checked input), and ``finish`` leaves the output as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +42,9 @@ from batchrun.payload import Prepared, Shape
 from batchrun.pii import enabled as pii_enabled
 from batchrun.pii import settings as pii_settings
 from batchrun.prices import Prices, load_prices
+
+if TYPE_CHECKING:
+    from batchrun.finished import Finished
 from batchrun.progress import Tally, missing_usage, progress_fields, status_text
 from batchrun.schema_via import SchemaVia
 from batchrun.stream_options import StreamOptions
@@ -245,8 +253,16 @@ class OpenRun:
     closed whatever happens."""
 
     def __init__(self, job: Job, options: RunOptions, engine: str = "local") -> None:
+        from batchrun.finished import Finished, fingerprint
+
         self.started = time.monotonic()
         self.options = options
+        self._resent_cost = Decimal(0)
+        self.fingerprint = fingerprint(job, options)  # before anything is read
+        self.done: Finished | None = Finished.open(job, options, self.fingerprint)
+        if self.done is not None:  # a finished output with nothing left to send
+            self._answered(self.done, engine)
+            return
         self.checked = check_job(job, options)
         self.job = job = self.checked.job
         scan = self.checked.scan
@@ -272,6 +288,8 @@ class OpenRun:
                 rows = resume_checked(journal, rows, self.via)
             self.reused = self.reused_tokens = 0
             if options.reuse:
+                from batchrun.reuse import reuse_answers
+
                 self.reused, self.reused_tokens = reuse_answers(
                     journal, options.reuse, rows, job.model, embedded=options.mock
                 )
@@ -285,21 +303,44 @@ class OpenRun:
                     journal.resumed.rows_failed,
                     extra={"event": "resume", "run_id": journal.run_id},
                 )
-            self.tally = tally = Tally(total=scan.rows_kept)
-            tally.ok, tally.failed, tally.invalid = journal.counts()
-            tally.resumed = tally.done
-            self.prices = load_prices(job.prices) if job.prices else None
-            self.spend = self.spend_so_far(reprice=True)
-            if self.spend is not None:
-                # The rows --retry-failed sends again get a new record, and a new cost.
-                tally.cost = self.spend.spent - self._resent_cost
-            tally.currency = self.prices.currency if self.prices else ""
+            self.run_id, self.skipped_lines = journal.run_id, len(scan.skipped_lines)
+            tally = self._set_tally(scan.rows_kept, journal.counts())
             self.to_send = journal.missing_rows(scan.skip) + (
                 tally.failed if options.retry_failed else 0
             )
         except BaseException:
             self.close()
             raise
+        self._started(engine)
+
+    def _answered(self, done: Finished, engine: str) -> None:
+        """Set up the rerun a finished output answers alone."""
+        self.job, self.via, self.stream_options = done.found.job, done.via, done.stream_options
+        self.run_id, self.skipped_lines = done.found.run_id, done.found.skipped_lines
+        self.reused = self.reused_tokens = self.to_send = 0
+        try:
+            self._set_tally(done.found.rows, done.found.counts)
+        except BaseException:
+            self.close()
+            raise
+        self._started(engine)
+
+    def _set_tally(self, total: int, counts: tuple[int, int, int]) -> Tally:
+        """The tally at the start: the rows done before, and the spend so far."""
+        self.tally = tally = Tally(total=total)
+        tally.ok, tally.failed, tally.invalid = counts
+        tally.resumed = tally.done
+        job = self.job
+        self.prices = load_prices(job.prices) if job.prices else None
+        self.spend = self.spend_so_far(reprice=True)
+        if self.spend is not None:
+            # The rows --retry-failed sends again get a new record, and a new cost.
+            tally.cost = self.spend.spent - self._resent_cost
+        tally.currency = self.prices.currency if self.prices else ""
+        return tally
+
+    def _started(self, engine: str) -> None:
+        job, tally, options = self.job, self.tally, self.options
         log.info(
             "job started%s: %d rows, %d to send, model %s, %s",
             "" if engine == "local" else f" on {engine.title()}",
@@ -309,7 +350,7 @@ class OpenRun:
             job.url if not options.mock else "embedded endpoint",
             extra={
                 "event": "start",
-                "run_id": journal.run_id,
+                "run_id": self.run_id,
                 "rows_total": tally.total,
                 "rows_to_send": self.to_send,
                 "model": job.model,
@@ -325,7 +366,8 @@ class OpenRun:
         self.close()
 
     def close(self) -> None:
-        self.journal.close()  # also after finish: it releases the output's lock
+        # Also after finish: it releases the output's lock.
+        (self.done if self.done is not None else self.journal).close()
 
     def spend_so_far(self, reprice: bool = False) -> CostBudget | None:
         """The job's spend so far (the ``cost`` of every row with a result, earlier
@@ -343,7 +385,11 @@ class OpenRun:
                 f"`max_cost` is set but prices file {job.prices} has no price for model {job.model}: "
                 f'add a [models."{job.model}"] table so batchrun can keep to the budget.'
             )
-        spent = self._journal_cost(prices, reprice)
+        spent = (
+            self.done.spent(prices)
+            if self.done is not None
+            else self._journal_cost(prices, reprice)
+        )
         if price is None:
             log.warning(
                 "model %s is not in prices file %s: its spend is not shown", job.model, job.prices
@@ -385,9 +431,9 @@ class OpenRun:
         failed), as requests, in input order."""
         return rows_to_send(self.rows(), self.journal.status, self.options.retry_failed)
 
-    def finish(self) -> RunResult:
-        """Write the output (every row has a result by now, else JobStopped) and
-        say what the run did."""
+    def _write_output(self) -> Path:
+        """Write the output from the journal (every row has a result by now, else
+        JobStopped)."""
         checked, journal, tally = self.checked, self.journal, self.tally
         job, scan, structured = checked.job, checked.scan, checked.structured
         missing = journal.missing_rows(scan.skip)
@@ -403,7 +449,10 @@ class OpenRun:
             "identity": self.identity,
             "answered_by": self.answered_by,
             "rows": tally.total,
+            "fingerprint": self.fingerprint,  # a rerun that finds the same answers from the file
         }
+        if scan.skipped_lines:
+            metadata["skipped_lines"] = len(scan.skipped_lines)
         via = self.via
         if via is not None and via.auto:
             metadata["schema_via"] = via.state()  # a --retry-failed or --reuse run starts from it
@@ -423,6 +472,16 @@ class OpenRun:
             from batchrun.openai_batch import write_batch_output
 
             log.info("wrote %s", write_batch_output(output), extra={"event": "batch_output"})
+        return output
+
+    def finish(self) -> RunResult:
+        """Write the output (every row has a result by now, else JobStopped) and
+        say what the run did. A finished output answered from stays as it is."""
+        tally, via = self.tally, self.via
+        if self.done is not None:
+            output = self.done.answer(self.options.output_format)
+        else:
+            output = self._write_output()
         result = RunResult(
             output=output,
             rows=tally.total,
@@ -437,8 +496,8 @@ class OpenRun:
             requests=tally.requests,
             retries=tally.retries,
             wall_s=time.monotonic() - self.started,
-            run_id=journal.run_id,
-            skipped_lines=len(scan.skipped_lines),
+            run_id=self.run_id,
+            skipped_lines=self.skipped_lines,
             reused=self.reused,
             reused_tokens=self.reused_tokens,
             cost=tally.cost,
@@ -455,40 +514,6 @@ class OpenRun:
             extra={"event": "summary", **progress_fields(tally), "output": str(output)},
         )
         return result
-
-
-def reuse_answers(
-    journal: Journal,
-    paths: tuple[Path, ...],
-    rows: Iterator[Prepared],
-    model: str,
-    embedded: bool,
-) -> tuple[int, int]:
-    """Journal the rows whose exact request an earlier output answered ok (the
-    embedded endpoint's answers only when this run is ``embedded`` too).
-    Returns how many rows were reused and the tokens they would have cost."""
-    from batchrun.reuse import Match, ReuseIndex
-
-    index = ReuseIndex(list(paths), embedded=embedded)
-    matches = []
-    for p in rows:
-        if journal.status[p.row] != STATUS_NONE or p.error:
-            continue
-        position = index.find(p.request_hash)
-        if position is not None:
-            matches.append(Match(p.row, p.id, position))
-    tokens = 0
-    for rec in index.records(matches, model):
-        journal.append(rec)
-        tokens += rec.get("total_tokens") or 0
-    log.info(
-        "reused %d rows from %d earlier outputs (%d tokens)",
-        len(matches),
-        len(index.files),
-        tokens,
-        extra={"event": "reuse", "rows_reused": len(matches), "tokens_saved": tokens},
-    )
-    return len(matches), tokens
 
 
 def rows_to_send(rows: Iterator[Prepared], status: Any, retry_failed: bool) -> Iterator[Prepared]:
@@ -525,12 +550,16 @@ def resume_checked(
 
 
 def _failure_causes(output: Path) -> list[tuple[str, int]]:
-    """The top causes among the output's failed rows (this run's and earlier ones')."""
+    """The top causes among the output's failed rows (this run's and earlier ones'),
+    read a batch at a time."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from batchrun.failures import top_causes
 
-    table = pq.read_table(output, columns=["status", "error"])
-    errors = table.filter(pc.equal(table.column("status"), "error")).column("error")
-    return top_causes(errors.to_pylist())
+    def errors() -> Iterator[str | None]:
+        file, columns = pq.ParquetFile(output, pre_buffer=False), ["status", "error"]
+        for batch in file.iter_batches(batch_size=65536, columns=columns, use_threads=False):
+            yield from pc.filter(batch.column(1), pc.equal(batch.column(0), "error")).to_pylist()
+
+    return top_causes(errors())

@@ -72,7 +72,7 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import InputError, OutputError
 from batchrun.files import atomic_write, require_folder
-from batchrun.idcheck import INPUT, MERGED, Findings, IdCheck
+from batchrun.idcheck import INPUT, MERGED, Findings, IdCheck, input_ids
 from batchrun.outputs import output_files
 from batchrun.rowmerge import (
     RowGaps,
@@ -224,7 +224,8 @@ def merge_outputs(
             "or pass --allow-missing to write the merged file without them."
         )
 
-    metadata = _merged_metadata(first, files, metas, check.rows)
+    complete = not missing and checked_by != "none" and not other_jobs
+    metadata = _merged_metadata(first, files, metas, check.rows, complete)
     meta_schema = schema.with_metadata({b"batchrun": orjson.dumps(metadata)})
     written = _write(files, meta_schema, batch, prefer_ok, output, check.rows)
     return MergeResult(
@@ -415,7 +416,7 @@ class _Check:
         """Add the ids of ``input``; whether it has ``id_column`` (else its ids are
         row numbers)."""
         by_id = False
-        for start, ids, named in _input_ids(input, id_column):
+        for start, ids, named in input_ids(input, id_column):
             self.ids.add(INPUT, ids, np.arange(start, start + len(ids), dtype=np.int64))
             by_id = named
         return by_id
@@ -439,7 +440,7 @@ class _Check:
             )
         wanted = set(found.missing.rows)
         named: dict[int, str] = {}
-        for start, ids, _ in _input_ids(input, id_column) if wanted else ():
+        for start, ids, _ in input_ids(input, id_column) if wanted else ():
             named.update((r, ids[r - start]) for r in wanted if start <= r < start + len(ids))
             if len(named) == len(wanted):
                 break
@@ -450,35 +451,6 @@ DIFFERENT_INPUTS = (
     "These outputs come from different inputs (or the input changed between runs): merge only "
     "outputs of one input."
 )
-
-
-def _input_ids(input: Path, id_column: str) -> Iterator[tuple[int, list[str], bool]]:
-    """(first row number, ids, whether they are ``id_column``'s) for each batch of
-    ``input``: its ``id_column`` as text, or without that column the row numbers.
-    Bad lines are skipped (the run may have skipped them)."""
-    from batchrun.inputs import InputTable
-
-    table = InputTable(input, skip_bad_lines=True)
-    by_id: bool | None = None
-    for batch in table.batches([id_column], None, 65_536):
-        if by_id is None:
-            by_id = id_column in batch.rows[0]
-        having = sum(1 for row in batch.rows if id_column in row)
-        if having != (len(batch.rows) if by_id else 0):
-            raise InputError(
-                f"Input {input}: some rows have `{id_column}` and others do not, so the rows "
-                "cannot be matched by id. Give --id-column a column every row has."
-            )
-        if not by_id:
-            yield batch.start, batch.ids, False
-            continue
-        values = [row[id_column] for row in batch.rows]
-        if None in values:
-            raise InputError(
-                f"Input {input}, row {batch.start + values.index(None)}: `{id_column}` is null. "
-                "Give --id-column a column every row has a value in."
-            )
-        yield batch.start, [v if isinstance(v, str) else str(v) for v in values], True
 
 
 def _job_id_column(meta: dict[str, Any]) -> str:
@@ -504,9 +476,20 @@ def _other_jobs(files: Sequence[Path], metas: Sequence[dict[str, Any]]) -> list[
 
 
 def _merged_metadata(
-    first: dict[str, Any], files: Sequence[Path], metas: Sequence[dict[str, Any]], rows: int
+    first: dict[str, Any],
+    files: Sequence[Path],
+    metas: Sequence[dict[str, Any]],
+    rows: int,
+    complete: bool,
 ) -> dict[str, Any]:
+    """The first file's metadata for the merged file. Its ``fingerprint`` (what a
+    rerun answers from without reading the input, ``finished.py``) stays only when
+    every row was found and every file read the same input the same way."""
     merged = dict(first)
+    if not complete or any(
+        m["batchrun"].get("fingerprint") != first.get("fingerprint") for m in metas
+    ):
+        merged.pop("fingerprint", None)
     identity = first.get("identity")
     if isinstance(identity, dict):
         merged["identity"] = {k: v for k, v in identity.items() if k != "shard"}

@@ -123,6 +123,12 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     --reuse and --retry-failed — with its tokens, cost and time estimated.
     Sends nothing, writes nothing, takes no lock."""
     options = options or RunOptions()
+    from batchrun.finished import fingerprint, read_finished
+
+    # A finished output that answers a rerun alone answers its plan too (a job
+    # with pii counts what the whole input would have replaced: it reads it).
+    if not pii_enabled(job) and (found := read_finished(job, options, fingerprint(job, options))):
+        return _plan(found.job, options, found.rows, found.counts)
     checked = check_job(job, options)
     job, scan = checked.job, checked.scan
     assert job.output is not None  # check_job makes sure
@@ -159,6 +165,30 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
         to_send += 1
         prompt_tokens += p.prompt_tokens
         completion_cap += p.max_tokens
+    return _plan(
+        job,
+        options,
+        scan.rows_kept,
+        state.counts(),
+        first or {},
+        (to_send, prompt_tokens, completion_cap, reused),
+        pii,
+    )
+
+
+def _plan(
+    job: Job,
+    options: RunOptions,
+    rows: int,
+    counts: tuple[int, int, int],
+    first_request: dict[str, Any] | None = None,
+    sends: tuple[int, int, int, int] = (0, 0, 0, 0),
+    pii: PiiCount | None = None,
+) -> Plan:
+    """The plan of ``rows`` rows with ``counts`` (ok, failed, invalid) done before,
+    ``sends`` (rows to send, their prompt tokens and completion cap, rows reused)
+    to go: priced and paced."""
+    to_send, prompt_tokens, completion_cap, reused = sends
     cost_low = cost_high = None
     batch_discount = Decimal(0)
     currency = ""
@@ -177,11 +207,11 @@ def plan_job(job: Job, options: RunOptions | None = None) -> Plan:
     if job.tpm and to_send:
         per_row = (prompt_tokens + completion_cap) / to_send
         pace = min(pace or float("inf"), job.tpm / 60 / per_row)
-    ok, failed, invalid = state.counts()
+    ok, failed, invalid = counts
     return Plan(
-        rows=scan.rows_kept,
+        rows=rows,
         to_send=to_send,
-        first_request=first or {},
+        first_request=first_request or {},
         url=job.url,
         prompt_tokens=prompt_tokens,
         max_completion_tokens=completion_cap,

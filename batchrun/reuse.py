@@ -25,14 +25,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.journal import hash_key
+from batchrun.journal import Journal, hash_key
 from batchrun.outputs import (
     EMBEDDED_ENDPOINT,
     PII_FIELDS,
     RESULT_FIELDS,
+    STATUS_NONE,
     journal_value,
     output_files,
 )
+from batchrun.payload import Prepared
 from batchrun.prices import ONLINE
 
 log = logging.getLogger("batchrun")
@@ -141,3 +143,35 @@ def _answered_by(path: Path) -> str | None:
     except (pa.ArrowInvalid, OSError, KeyError, orjson.JSONDecodeError, AttributeError):
         return None
     return answered_by if isinstance(answered_by, str) else None
+
+
+def reuse_answers(
+    journal: Journal,
+    paths: tuple[Path, ...],
+    rows: Iterator[Prepared],
+    model: str,
+    embedded: bool,
+) -> tuple[int, int]:
+    """Journal the rows whose exact request an earlier output answered ok (the
+    embedded endpoint's answers only when this run is ``embedded`` too).
+    Returns how many rows were reused and the tokens they would have cost."""
+    index = ReuseIndex(list(paths), embedded=embedded)
+    matches = []
+    for p in rows:
+        if journal.status[p.row] != STATUS_NONE or p.error:
+            continue
+        position = index.find(p.request_hash)
+        if position is not None:
+            matches.append(Match(p.row, p.id, position))
+    tokens = 0
+    for rec in index.records(matches, model):
+        journal.append(rec)
+        tokens += rec.get("total_tokens") or 0
+    log.info(
+        "reused %d rows from %d earlier outputs (%d tokens)",
+        len(matches),
+        len(index.files),
+        tokens,
+        extra={"event": "reuse", "rows_reused": len(matches), "tokens_saved": tokens},
+    )
+    return len(matches), tokens

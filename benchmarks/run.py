@@ -13,7 +13,9 @@ never share a core. Results are printed as a table and written to
    (``sdk_loop.py``) at concurrency 64 on fewer rows, when ``openai`` imports.
 2. 50 ms server latency, concurrency 64: batchrun rows/s against 64 / 0.05 s.
 3. Peak RSS of the batchrun process as the input grows: 10k, 100k and 1,000,000
-   rows (``BENCH_FULL=0``: 10k, 100k and 300k, 1M extrapolated).
+   rows (``BENCH_FULL=0``: 10k, 100k and 300k), and along the growth between the
+   two largest, at 10,000,000 (measured when ``BENCH_MEM_SIZES`` holds it: a run
+   of half an hour or more).
 4. ``batchrun --help`` start-up time, and that pandas/pyarrow are not imported on it.
 5. The cost of ``--rpm``/``--tpm`` pacing that never has to wait, in alternating pairs.
 6. Structured outputs: what parsing and validating an answer costs, and the
@@ -44,6 +46,17 @@ Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
 ``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
 sporadic, ratelimit, batchapi, ray), ``BENCH_KEEP=1`` (keep the temp dir).
+
+Flat memory (issue #17), sections ``merge`` and ``rerun`` of ``BENCH_ONLY``:
+
+- ``batchrun merge`` of 3 shard outputs of 1,000,000 rows each (outputs made
+  without sending: ``make_outputs.py``) and of 300,000 rows in all: peak RSS and
+  seconds, which should not grow with the rows (``BENCH_MERGE_SIZES``: rows in
+  all, default ``300000,3000000``).
+- A rerun of a finished job of 10,000,000 rows (``BENCH_FULL=0``: 1,000,000;
+  ``BENCH_RERUN_ROWS``): the input written, the finished output made as a run
+  leaves it (``make_outputs.py``), then ``batchrun run`` again: seconds and peak
+  RSS to answer from the output that nothing is left to send.
 """
 
 from __future__ import annotations
@@ -94,6 +107,8 @@ SECTIONS = (
     "structured",
     "pii",
     "memory",
+    "merge",
+    "rerun",
     "latency",
     "help",
     "sporadic",
@@ -120,6 +135,19 @@ MEMORY_SIZES = tuple(
     if x
 ) + ((1_000_000,) if FULL else ())
 HELP_RUNS = 10
+
+# Flat memory: merge and the rerun of a finished job (make_outputs.py makes their outputs).
+PROJECTED_ROWS = 10_000_000
+"""The size the memory section projects its growth to (issue #17's 10 million rows)."""
+MERGE_SIZES = tuple(
+    int(x) for x in os.environ.get("BENCH_MERGE_SIZES", "300000,3000000").split(",") if x
+)
+MERGE_SHARDS = 3
+RERUN_ROWS = int(os.environ.get("BENCH_RERUN_ROWS", "10000000" if FULL else "1000000"))
+RERUN_BASE_URL = "http://127.0.0.1:9/v1"
+"""The rerun sends nothing: no endpoint needs to listen."""
+TARGET_MERGE_MB = 300.0
+TARGET_RERUN_S = 10.0
 
 TARGET_THROUGHPUT_RATIO = 1.0
 TARGET_LATENCY_SHARE = 0.95
@@ -1050,6 +1078,80 @@ def bench_memory(server: MockServer, workdir: Path, tickets: Path) -> list[Run]:
     return runs
 
 
+def _make_outputs(*args: object) -> None:
+    """``make_outputs.py`` in its own process: a child forked from this runner would
+    count the runner's peak RSS as its own (ru_maxrss survives exec), so the runner
+    stays small."""
+    cmd = [PY, str(HERE / "make_outputs.py"), *(str(a) for a in args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, check=False)
+    if done.returncode != 0:
+        raise BenchError(
+            f"make_outputs.py {args[0]} exited {done.returncode}: {done.stderr[-2000:]}"
+        )
+
+
+def bench_merge(workdir: Path, tickets: Path) -> list[dict[str, Any]]:
+    """``batchrun merge`` of MERGE_SHARDS shard outputs, at each of MERGE_SIZES rows
+    in all: peak RSS and seconds."""
+    import pyarrow.parquet as pq
+
+    runs = []
+    for n in MERGE_SIZES:
+        folder = workdir / f"merge-{n}"
+        folder.mkdir()
+        t = time.perf_counter()
+        _make_outputs("shards", folder, n, MERGE_SHARDS, tickets, TEMPLATE)
+        parts = sorted(folder.glob("*.parquet"))
+        size_mb = sum(p.stat().st_size for p in parts) / 1e6
+        say(f"merge: made {MERGE_SHARDS} shards, {n:,} rows in {time.perf_counter() - t:.1f}s")
+        merged = workdir / "merged.parquet"
+        cmd = [PY, "-m", "batchrun", "merge", str(folder), "-o", str(merged), "-q"]
+        proc = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(n, 3000.0), workdir=workdir)
+        if proc.rc != 0:
+            raise BenchError(f"merge exited {proc.rc}: {proc.stderr[-2000:]}")
+        if pq.read_metadata(merged).num_rows != n:
+            raise BenchError(f"the merged file does not hold the {n:,} rows")
+        runs.append({"rows": n, "wall_s": proc.wall_s, "maxrss_mb": proc.maxrss_mb, "mb": size_mb})
+        say(f"merge: {n:,} rows in {proc.wall_s:.1f}s, peak RSS {proc.maxrss_mb:.0f} MB")
+        shutil.rmtree(folder)
+        merged.unlink()
+    return runs
+
+
+def bench_rerun(workdir: Path, tickets: Path) -> dict[str, Any]:
+    """A rerun of a finished job of RERUN_ROWS rows: the time and memory it takes
+    to answer from the output that nothing is left to send."""
+    n = RERUN_ROWS
+    t = time.perf_counter()
+    source = stream_big_input(tickets, workdir / f"rerun-{n}.jsonl", n)
+    output = workdir / "rerun-out.parquet"
+    _make_outputs("finished", source, output, n, RERUN_BASE_URL, TEMPLATE)
+    setup_s = time.perf_counter() - t
+    say(
+        f"rerun: wrote {n:,} input rows ({source.stat().st_size / 1e9:.1f} GB) and their "
+        f"finished output ({output.stat().st_size / 1e9:.1f} GB) in {setup_s:.0f}s"
+    )
+    cmd = [PY, "-m", "batchrun", "run", "--input", str(source), "--prompt-template", TEMPLATE]
+    cmd += ["--model", MODEL, "--base-url", RERUN_BASE_URL, "--api-key-env", ""]
+    cmd += ["--output", str(output)]
+    before = output.stat().st_mtime_ns
+    proc = run_proc(cmd, cpu=CLIENT_CPU, timeout_s=_timeout_for(n, 1000.0), workdir=workdir)
+    if proc.rc not in (0, 1) or "requests    0 " not in proc.stderr:
+        raise BenchError(f"the rerun exited {proc.rc}: {proc.stderr[-2000:]}")
+    if f"from an earlier run {n:,}" not in proc.stderr:
+        raise BenchError(
+            f"the rerun did not take the {n:,} rows as finished: {proc.stderr[-2000:]}"
+        )
+    if "holds every row of this job" not in proc.stderr or output.stat().st_mtime_ns != before:
+        raise BenchError(f"the rerun did not answer from the output: {proc.stderr[-2000:]}")
+    say(
+        f"rerun: {n:,} finished rows answered in {proc.wall_s:.1f}s, peak RSS {proc.maxrss_mb:.0f} MB"
+    )
+    source.unlink()
+    output.unlink()
+    return {"rows": n, "wall_s": proc.wall_s, "maxrss_mb": proc.maxrss_mb, "setup_s": setup_s}
+
+
 def bench_latency(server: MockServer, workdir: Path, tickets: Path) -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {"batchrun": [], "minimal": []}
     for i in range(LATENCY_RUNS):
@@ -1457,40 +1559,105 @@ def _render_memory(
             f"| {r.rows:,} | {r.maxrss_mb:.0f} | {r.rows_per_s:,.0f} | {_fmt_rate(r.run_rows_per_s)} | "
             f"{r.send_rows_per_s:,.0f} | {r.wall_s:.1f} | {r.other_load:.2f} |"
         )
-    measured_1m = next((r for r in mem if r.rows >= 1_000_000), None)
     # The growth that matters is the one between the largest inputs (small runs
     # are dominated by fixed costs), so extrapolate along the last two points.
     fit = mem[-2:] if len(mem) >= 2 else mem
     a, b = _linear_fit([r.rows for r in fit], [r.maxrss_mb for r in fit])
-    predicted = a + b * 1_000_000
+    measured = next((r for r in mem if r.rows >= PROJECTED_ROWS), None)
+    predicted = a + b * PROJECTED_ROWS
     md += [
         "",
         f"Growth between the two largest sizes: {b * 1024 * 1000:,.0f} KB per 1,000 rows "
         f"({b * 1024 * 1024:,.0f} bytes a row)"
         + (
             "."
-            if measured_1m
-            else f"; along that line 1,000,000 rows would peak at about {predicted:.0f} MB "
-            "(extrapolated; without `BENCH_FULL=0` the run measures it)."
+            if measured
+            else f"; along that line {PROJECTED_ROWS:,} rows would peak at about {predicted:.0f} MB "
+            f"(extrapolated; `BENCH_MEM_SIZES=...,{PROJECTED_ROWS}` measures it, in half an hour "
+            "or more)."
         ),
         "",
     ]
     largest = mem[-1]
-    if measured_1m:
+    if measured:
         mem_text = (
-            f"{measured_1m.maxrss_mb:.0f} MB at 1,000,000 rows (measured); "
-            f"{mem[0].maxrss_mb:.0f} MB at {mem[0].rows:,}"
+            f"{measured.maxrss_mb:.0f} MB at {measured.rows:,} rows (measured); "
+            + ", ".join(f"{r.maxrss_mb:.0f} MB at {r.rows:,}" for r in mem if r is not measured)
         )
-        mem_ok = measured_1m.maxrss_mb < TARGET_RSS_MB
+        mem_ok = measured.maxrss_mb < TARGET_RSS_MB
         met_text = _met(mem_ok)
     else:
         mem_text = (
-            f"{mem[0].maxrss_mb:.0f} MB at {mem[0].rows:,} … {largest.maxrss_mb:.0f} MB at "
-            f"{largest.rows:,} (largest measured); ~{predicted:.0f} MB at 1M extrapolated"
+            ", ".join(f"{r.maxrss_mb:.0f} MB at {r.rows:,}" for r in mem)
+            + f"; {b * 1024 * 1024:,.0f} bytes a row between the two largest, "
+            f"~{predicted:.0f} MB at {PROJECTED_ROWS:,} along that line"
         )
         mem_ok = max(largest.maxrss_mb, predicted) < TARGET_RSS_MB
         met_text = _met(mem_ok) + " (extrapolated)"
-    summary.append(("peak RSS", mem_text, f"flat, < {TARGET_RSS_MB:.0f} MB at 1M", met_text))
+    summary.append(
+        ("peak RSS", mem_text, f"flat, < {TARGET_RSS_MB:.0f} MB at {PROJECTED_ROWS:,}", met_text)
+    )
+
+
+def _render_merge(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # flat memory: merge
+    runs: list[dict[str, Any]] = report["merge"]
+    md += [
+        f"## `batchrun merge` of {MERGE_SHARDS} shards",
+        "",
+        "Shard outputs made without sending (`make_outputs.py`: batchrun's schema and metadata, "
+        "300-character completions, 8,192 rows a row group), merged by row number.",
+        "",
+        "| rows in all | files MB | peak RSS MB | seconds | rows/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        md.append(
+            f"| {r['rows']:,} | {r['mb']:.0f} | {r['maxrss_mb']:.0f} | {r['wall_s']:.1f} | "
+            f"{r['rows'] / r['wall_s']:,.0f} |"
+        )
+    largest = runs[-1]
+    ok = all(r["maxrss_mb"] < TARGET_MERGE_MB for r in runs)
+    md += ["", f"Peak RSS below {TARGET_MERGE_MB:.0f} MB at every size: {_met(ok)}.", ""]
+    summary.append(
+        (
+            f"merge, {MERGE_SHARDS} shards",
+            f"{largest['rows']:,} rows: {largest['maxrss_mb']:.0f} MB peak, "
+            f"{largest['wall_s']:.1f} s"
+            + "".join(f"; {r['rows']:,}: {r['maxrss_mb']:.0f} MB" for r in runs[:-1]),
+            f"flat, < {TARGET_MERGE_MB:.0f} MB",
+            _met(ok),
+        )
+    )
+
+
+def _render_rerun(
+    report: dict[str, Any], md: list[str], summary: list[tuple[str, str, str, str]]
+) -> None:
+    # flat memory: the rerun of a finished job
+    r = report["rerun"]
+    ok = r["wall_s"] < TARGET_RERUN_S and r["maxrss_mb"] < TARGET_RSS_MB
+    md += [
+        f"## A rerun of a finished job of {r['rows']:,} rows",
+        "",
+        "The input written as a stream and the output a finished run leaves made without "
+        "sending (`make_outputs.py`: request hashes by batchrun's own request building) took "
+        f"{r['setup_s']:.0f} s; then `batchrun run` with the same job: **{r['wall_s']:.1f} s**, "
+        f"peak RSS **{r['maxrss_mb']:.0f} MB**, to answer from the output's metadata and "
+        f"columns that nothing is left to send. Target < {TARGET_RERUN_S:.0f} s and "
+        f"< {TARGET_RSS_MB:.0f} MB: {_met(ok)}.",
+        "",
+    ]
+    summary.append(
+        (
+            "rerun of a finished job",
+            f"{r['rows']:,} rows: {r['wall_s']:.1f} s, {r['maxrss_mb']:.0f} MB peak; nothing sent",
+            f"< {TARGET_RERUN_S:.0f} s, < {TARGET_RSS_MB:.0f} MB",
+            _met(ok),
+        )
+    )
 
 
 def _render_help(
@@ -1947,6 +2114,8 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
         ("sdk", _render_sdk),
         ("latency", _render_latency),
         ("memory", _render_memory),
+        ("merge", _render_merge),
+        ("rerun", _render_rerun),
         ("help", _render_help),
         ("pacing", _render_pacing),
         ("structured", _render_structured),
@@ -2043,6 +2212,10 @@ def main() -> int:
                 for name, bench in plain.items():
                     if name in ONLY:
                         report[name] = bench(server, workdir, tickets)
+        if "merge" in ONLY:
+            report["merge"] = bench_merge(workdir, tickets)
+        if "rerun" in ONLY:
+            report["rerun"] = bench_rerun(workdir, tickets)
         if "latency" in ONLY:
             with MockServer(workdir, latency_ms=LATENCY_MS) as server:
                 report["latency"] = bench_latency(server, workdir, tickets)

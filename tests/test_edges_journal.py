@@ -4,8 +4,8 @@ Each test talks to a real aiohttp endpoint on 127.0.0.1 that counts requests per
 row id (the prompt starts with ``Row {id}:``) and asserts that no row whose answer
 is on disk is sent again:
 
-- a rerun of a finished job killed (kill -9, SIGTERM) while it takes the finished
-  output back into a journal;
+- a rerun of a finished job killed (kill -9, SIGTERM) while it reads the finished
+  output or takes it back into a journal;
 - two runs on one output at once (the lock);
 - a damaged line in the middle of the journal (garbage, NUL bytes);
 - a full disk while journaling, while writing the Parquet file and while writing
@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -305,12 +306,19 @@ async def run_in_loop_until(job: Job, out: Path, lines: int) -> None:
 # ---------------------------------------------------------------- 1. the take-back
 
 
+@pytest.mark.parametrize("touched", [False, True], ids=["answered", "taken-back"])
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_rerun_killed_during_the_take_back_sends_nothing(
-    tmp_path: Path, procs: HookedProcs, endpoint: tuple[CountingEndpoint, str], signum: int
+    tmp_path: Path,
+    procs: HookedProcs,
+    endpoint: tuple[CountingEndpoint, str],
+    signum: int,
+    touched: bool,
 ) -> None:
-    """A rerun of a finished job copies the finished output back into a journal;
-    killed midway, the next run must still see a finished job and send nothing."""
+    """A rerun of a finished job reads the finished output: its footer and a few
+    columns when the output shows nothing is left to send, every row, copied back
+    into a journal, when it cannot tell (the input touched since). Killed midway,
+    the next run must still see a finished job and send nothing."""
     counting, base_url = endpoint
     rows = tickets(3000)
     ids = [str(r["id"]) for r in rows]
@@ -320,6 +328,8 @@ def test_rerun_killed_during_the_take_back_sends_nothing(
     first = procs.run_batchrun(args)
     assert first.rc == 0, first.text
     assert counting.requests == len(rows)
+    if touched:
+        os.utime(inp, ns=(inp.stat().st_atime_ns, inp.stat().st_mtime_ns + 10**9))
 
     rerun = procs.batchrun(args, hook="slow-take-back")
     # 15 batches of 200 rows, 50 ms each: stop it a third of the way through.
@@ -772,6 +782,65 @@ def test_a_signal_before_or_after_sending_ends_with_our_message(
     assert again.rc == 0, again.text
     assert counting.sent_again(ids) == []
     assert counting.requests == len(rows)
+    assert_finished(out, ids)
+
+
+# ---------------------------------------------------------------- the index: no lengths kept
+
+
+def test_lines_are_read_to_their_newline_whatever_their_length(tmp_path: Path) -> None:
+    """The index keeps a line's offset only: a batch's lines, together or scattered,
+    short or far longer than the typical line, come back whole and alone."""
+    from batchrun.journal_io import read_line, read_lines
+
+    sizes = [10, 300, 200_000, 5, 70_000, 1, 4096, 4097, 8191, 40]
+    lines = [(b"%d:" % i) + b"x" * n for i, n in enumerate(sizes)]
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    offsets = np.cumsum([0, *(len(line) + 1 for line in lines[:-1])]).astype(np.int64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for typical in (1, 64, 4096):
+            for rows in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 2, 0], [4], [8, 7, 6, 5]):
+                assert read_lines(fd, offsets, rows, typical) == [lines[r] for r in rows]
+        assert [read_line(fd, int(o), 16) for o in offsets] == lines
+    finally:
+        os.close(fd)
+
+
+async def test_a_resumed_run_with_answers_of_every_length_sends_each_row_once(
+    tmp_path: Path,
+) -> None:
+    """Answers from one byte to 100 KB, the run cancelled part way: the resume sends
+    none of the rows with a result, and the output holds every answer whole."""
+
+    class Lengthy(CountingEndpoint):
+        async def _answer(self, request: web.Request) -> web.Response:
+            response = await super()._answer(request)
+            body = orjson.loads(response.body)
+            row = int(body["id"].rsplit("-", 1)[1])
+            body["choices"][0]["message"]["content"] = "y" * length_of(row)
+            return web.json_response(body)
+
+    def length_of(row: int) -> int:
+        return 1 + 37 * row**2 % 100_000
+
+    counting = Lengthy(latency_s=0.002)
+    rows = tickets(120)
+    ids = [str(r["id"]) for r in rows]
+    inp = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "out.parquet"
+    async with run_app(counting.app()) as base_url:
+        job = make_job(base_url, inp, out, **JOB_KEYS)
+        await run_in_loop_until(job, out, 50)
+        answered = journaled_ids(out)
+        await run_job(job, RunOptions(progress=False))
+    assert len(answered) >= 50 and counting.sent_again(answered) == []
+    assert set(counting.counts) == set(ids)
+    answers = pq.read_table(out, columns=["id", "completion"]).to_pylist()
+    assert [len(a["completion"]) for a in answers] == [
+        length_of(int(i.rsplit("-", 1)[1])) for i in ids
+    ]
     assert_finished(out, ids)
 
 

@@ -59,7 +59,7 @@ from batchrun.errors import BatchrunError, JobStopped
 from batchrun.lifecycle import OpenRun, RunOptions, RunResult
 from batchrun.outputs import STATUS_ERROR, STATUS_NONE
 from batchrun.payload import Prepared
-from batchrun.prices import BATCH, ONLINE
+from batchrun.prices import BATCH, ONLINE, Prices
 from batchrun.progress import Progress, duration
 from batchrun.retry import RetryPolicy
 
@@ -97,6 +97,11 @@ async def run_batch_job(
         except BatchrunError as exc:
             log.warning("%s", exc)
     with OpenRun(job, options) as run:
+        if not run.to_send and earlier is None:
+            state = _open_batches(run)
+            if state is None or not state.live():
+                # Every row has a result: no client, no batch, no empty part submitted.
+                return summed_up(run.finish(), _deadline_at(run.job, state), run.prices)
         checked = run.checked
         async with (
             embedded_endpoint(run.job, options.mock) as sent_job,
@@ -113,7 +118,24 @@ async def run_batch_job(
             engine = BatchEngine(run, sent_job, api, options, limits or PartLimits(), sleep)
             await engine.drive()
         result = run.finish()
-    return engine.summed_up(result)
+    return summed_up(result, engine.deadline, run.prices)
+
+
+def _open_batches(run: OpenRun) -> BatchState | None:
+    """The batches an unfinished run of this output recorded (None when none did,
+    or the run is answered from its finished output)."""
+    output = run.job.output
+    if run.done is not None or output is None:
+        return None
+    return BatchState.load(state_folder(output))
+
+
+def _deadline_at(job: Job, state: BatchState | None) -> float | None:
+    """The job's deadline as ``BatchEngine`` would resolve it: the one recorded,
+    unless the command gives another."""
+    if job.deadline is not None and (state is None or job.deadline != state.deadline_text):
+        return resolve(parse_deadline(job.deadline), time.time())
+    return state.deadline_at if state is not None else None
 
 
 class BatchEngine:
@@ -474,39 +496,38 @@ class BatchEngine:
             to_send=to_send,
         )
 
-    # ---- the summary -------------------------------------------------------------------
 
-    def summed_up(self, result: RunResult) -> RunResult:
-        """``result`` with the rows per tier and the deadline kept."""
-        import pyarrow.parquet as pq
+def summed_up(result: RunResult, deadline_at: float | None, prices: Prices | None) -> RunResult:
+    """``result`` with the rows per tier and the deadline (epoch seconds) kept."""
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(result.output, columns=["tier", "attempts"]).to_pydict()
-        tiers = list(zip(table["tier"], table["attempts"], strict=True))
-        batch = sum(1 for t, _ in tiers if t == BATCH)
-        online = sum(1 for t, a in tiers if t != BATCH and a)
-        deadline, margin = "", None
-        if self.deadline is not None:
-            margin = self.deadline - time.time()
-            deadline = f"{local_text(self.deadline)}, finished " + (
-                f"{margin:,.1f}s before it" if margin >= 0 else f"{-margin:,.1f}s after it"
-            )
-        log.info(
-            "tiers: batch %d, online %d",
-            batch,
-            online,
-            extra={
-                "event": "tiers",
-                "rows_batch": batch,
-                "rows_online": online,
-                "deadline": self.deadline,
-                "before_deadline_s": margin,
-            },
+    table = pq.read_table(result.output, columns=["tier", "attempts"]).to_pydict()
+    tiers = list(zip(table["tier"], table["attempts"], strict=True))
+    batch = sum(1 for t, _ in tiers if t == BATCH)
+    online = sum(1 for t, a in tiers if t != BATCH and a)
+    deadline, margin = "", None
+    if deadline_at is not None:
+        margin = deadline_at - time.time()
+        deadline = f"{local_text(deadline_at)}, finished " + (
+            f"{margin:,.1f}s before it" if margin >= 0 else f"{-margin:,.1f}s after it"
         )
-        saved = None
-        if batch and self.opened.prices is not None:
-            from batchrun.report import build_report  # priced as report prices it
+    log.info(
+        "tiers: batch %d, online %d",
+        batch,
+        online,
+        extra={
+            "event": "tiers",
+            "rows_batch": batch,
+            "rows_online": online,
+            "deadline": deadline_at,
+            "before_deadline_s": margin,
+        },
+    )
+    saved = None
+    if batch and prices is not None:
+        from batchrun.report import build_report  # priced as report prices it
 
-            saved = build_report([result.output], prices=self.opened.prices).batch_saved
-        return replace(
-            result, tiers=((BATCH, batch), (ONLINE, online)), deadline=deadline, batch_saved=saved
-        )
+        saved = build_report([result.output], prices=prices).batch_saved
+    return replace(
+        result, tiers=((BATCH, batch), (ONLINE, online)), deadline=deadline, batch_saved=saved
+    )

@@ -37,6 +37,8 @@ async def run_job(job: Job, options: RunOptions | None = None, *, sleep: Any = N
     if batch.wanted(job):
         return await batch.run_batch_job(job, options, sleep=sleep)
     with OpenRun(job, options) as run:
+        if not run.to_send:
+            return run.finish()  # every row has a result: nothing to start
         # Everything made so far (modules, the job, the journal's index) lives to
         # the end: keep the collector from scanning it again on every pass.
         gc.freeze()
