@@ -39,24 +39,22 @@ never share a core. Results are printed as a table and written to
     made without sending by ``report_outputs.py``, in its own process): seconds and
     peak RSS for json (the median of 3), csv and the table, and ``--by model`` and
     ``--by day`` beside them (``BENCH_REPORT_ROWS`` sets the rows).
+13. ``batchrun merge`` of 3 shard outputs of 1,000,000 rows each (outputs made
+    without sending: ``make_outputs.py``) and of 300,000 rows in all: peak RSS and
+    seconds, which should not grow with the rows (``BENCH_ONLY=merge``;
+    ``BENCH_MERGE_SIZES``: rows in all, default ``300000,3000000``).
+14. A rerun of a finished job of 10,000,000 rows (``BENCH_ONLY=rerun``;
+    ``BENCH_FULL=0``: 1,000,000; ``BENCH_RERUN_ROWS``): the input written, the
+    finished output made as a run leaves it (``make_outputs.py``), then ``batchrun
+    run`` again: seconds and peak RSS to answer from the output that nothing is
+    left to send.
 
 Environment switches: ``BENCH_FULL=0`` (leave out the 1M-row memory run),
 ``BENCH_ROWS`` (rows of the throughput runs, default 20000), ``BENCH_PAIRS``
 (alternating pairs per comparison, default 3), ``BENCH_MEM_SIZES`` (memory-run sizes,
 default ``10000,100000``, or ``10000,100000,300000`` with ``BENCH_FULL=0``),
 ``BENCH_ONLY`` (comma list of throughput, sdk, pacing, structured, pii, memory, latency, help,
-sporadic, ratelimit, batchapi, ray), ``BENCH_KEEP=1`` (keep the temp dir).
-
-Flat memory (issue #17), sections ``merge`` and ``rerun`` of ``BENCH_ONLY``:
-
-- ``batchrun merge`` of 3 shard outputs of 1,000,000 rows each (outputs made
-  without sending: ``make_outputs.py``) and of 300,000 rows in all: peak RSS and
-  seconds, which should not grow with the rows (``BENCH_MERGE_SIZES``: rows in
-  all, default ``300000,3000000``).
-- A rerun of a finished job of 10,000,000 rows (``BENCH_FULL=0``: 1,000,000;
-  ``BENCH_RERUN_ROWS``): the input written, the finished output made as a run
-  leaves it (``make_outputs.py``), then ``batchrun run`` again: seconds and peak
-  RSS to answer from the output that nothing is left to send.
+sporadic, ratelimit, batchapi, ray, report, merge, rerun), ``BENCH_KEEP=1`` (keep the temp dir).
 """
 
 from __future__ import annotations
