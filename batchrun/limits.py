@@ -3,9 +3,10 @@ pause when the API's rate limit is spent, and (``concurrency = "auto"``) how
 many requests may be in flight.
 
 Every attempt, retries included, takes a place under the in-flight limit
-(``AdaptiveLimit.place``, when it adapts) and then waits its turn
-(``Limits.wait_turn``): the job-wide pause and the rpm and tpm budgets. The
-answer's usage corrects the token estimate afterwards.
+(``AdaptiveLimit.place``, when it adapts) and then waits its turn: the job-wide
+pause and the rpm and tpm budgets (``Limits.reserve_turn``, with no coroutine
+when nothing makes it wait; ``Limits.wait_turn`` otherwise). The answer's usage
+corrects the token estimate afterwards.
 
 The budgets are GCRA schedules (a "virtual clock" per budget) rather than
 aiolimiter's leaky bucket: a token budget must be corrected by the usage that
@@ -54,10 +55,12 @@ class Budget:
     def reserve(self, amount: float) -> float:
         """Spend ``amount`` now; return how many seconds the caller must wait first."""
         now = self.clock()
-        tat = max(self._tat, now)
-        send_at = max(now, tat - self.burst_s)
+        tat = self._tat
+        if tat < now:
+            tat = now
+        send_at = tat - self.burst_s
         self._tat = tat + amount / self.rate
-        return send_at - now
+        return send_at - now if send_at > now else 0.0
 
     def correct(self, delta: float) -> None:
         """Adjust what was spent by ``delta`` units (negative: give back)."""
@@ -277,6 +280,23 @@ class Limits:
         """Cheap check on the hot path: has the job ever been paused?"""
         return self.pause.until > 0
 
+    def reserve_turn(self, est_tokens: int) -> float | None:
+        """One attempt's turn without a coroutine, for the hot path: when no pause
+        lasts, reserve its rpm/tpm budgets now and return the seconds to wait
+        before sending (0.0: send now, the usual case). None while a pause
+        lasts: the attempt goes through ``wait_turn``, which waits it out first."""
+        if self.pause.until > 0 and self.pause.remaining() > 0:
+            return None
+        return self._reserve(est_tokens)
+
+    def _reserve(self, est_tokens: int) -> float:
+        wait = 0.0
+        if self.rpm is not None:
+            wait = self.rpm.reserve(1)
+        if self.tpm is not None:
+            wait = max(wait, self.tpm.reserve(est_tokens))
+        return wait
+
     async def wait_turn(self, est_tokens: int) -> None:
         """Wait out the job-wide pause and the rpm/tpm budgets for one attempt."""
         while True:
@@ -287,11 +307,7 @@ class Limits:
             await self.sleep(wait)
             if self.pause.until == until:
                 break  # no new pause began meanwhile
-        wait = 0.0
-        if self.rpm is not None:
-            wait = max(wait, self.rpm.reserve(1))
-        if self.tpm is not None:
-            wait = max(wait, self.tpm.reserve(est_tokens))
+        wait = self._reserve(est_tokens)
         if wait > 0:
             await self.sleep(wait)
 

@@ -112,9 +112,12 @@ def prompt_columns(job: Job) -> tuple[str, ...]:
     return template_columns(job.prompt_template or "")
 
 
-def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+def build_messages(
+    job: Job, row: Mapping[str, Any], columns: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
     """The chat messages for one row. Raises RowError when a prompt column is
-    missing, null or not text in this row."""
+    missing, null or not text in this row. ``columns``: ``prompt_columns(job)``,
+    when the caller has it already (once per job, not once per row)."""
     if job.messages_column:
         messages = row.get(job.messages_column)
         if not isinstance(messages, list) or not messages:
@@ -131,7 +134,7 @@ def build_messages(job: Job, row: Mapping[str, Any]) -> list[dict[str, Any]]:
             return [{"role": "system", "content": job.system_prompt}, *messages]
         return list(messages)
     values: dict[str, Any] = {}
-    for column in prompt_columns(job):
+    for column in prompt_columns(job) if columns is None else columns:
         value = row.get(column)
         if value is None:
             raise RowError(f"Prompt column `{column}` is null or missing in this row.")
@@ -254,6 +257,7 @@ def prepare_rows(
         estimates = bool(job.tpm or job.prices)
     batch_requests = job.input_format == "openai-batch"
     scanner = scanner_for(job)
+    columns = None if batch_requests or job.messages_column else prompt_columns(job)
     for batch in batches:
         for i, row in enumerate(batch.rows):
             number = batch.start + i
@@ -273,7 +277,7 @@ def prepare_rows(
                     max_tokens = request["max_tokens"]
             else:
                 try:
-                    messages = build_messages(job, row)
+                    messages = build_messages(job, row, columns)
                 except RowError as exc:
                     error = str(exc) if scanner is None else scanner.scrub(str(exc))
                     yield Prepared(number, row_id, b"", "", error=error)
@@ -286,22 +290,34 @@ def prepare_rows(
             prepared = Prepared(number, row_id, body, "", model=model, schema_via=via, pii=row_pii)
             prepared.request_hash = prepared.rehash(body)
             if estimates or batch_requests:
-                prepared.prompt_tokens = estimate_prompt_tokens(messages)
+                prepared.prompt_tokens, prepared.prompt_bound = prompt_sizes(messages)
                 prepared.max_tokens = max_tokens
-                prepared.prompt_bound = prompt_token_bound(messages)
             yield prepared
+
+
+def prompt_sizes(messages: list[dict[str, Any]]) -> tuple[int, int]:
+    """``estimate_prompt_tokens`` and ``prompt_token_bound`` of ``messages`` in
+    one pass (text that is all ASCII has as many bytes as characters: no need
+    to encode it to count them)."""
+    chars = size = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            n = len(content)
+            chars += n
+            size += n if content.isascii() else len(content.encode())
+    return chars // 4, size + 8 * len(messages) + 8
 
 
 def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """Prompt tokens before the answer says: characters / 4."""
-    return sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)) // 4
+    return prompt_sizes(messages)[0]
 
 
 def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
     """At most this many prompt tokens: a token covers at least one byte, plus a
     few tokens of chat framing per message."""
-    size = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
-    return size + 8 * len(messages) + 8
+    return prompt_sizes(messages)[1]
 
 
 @dataclass(frozen=True)
@@ -420,7 +436,7 @@ def _usage_details(
     completion) tokens it is part of. Such a detail is None, as if not reported
     (then every cached token costs the prompt rate: a cost is never
     under-reported); the other counts stay."""
-    if type(usage) is not dict or not _DETAIL_KEYS.intersection(usage):
+    if type(usage) is not dict or _DETAIL_KEYS.isdisjoint(usage):
         return None, None, None
     found: list[int | None] = []
     problems: list[str] = []

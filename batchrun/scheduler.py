@@ -113,6 +113,11 @@ class Scheduler:
         self.currency = currency
         self.grace_s = grace_s
         self.queue: asyncio.Queue[Prepared | None] = asyncio.Queue(maxsize=job.workers * 2)
+        # A full queue is refilled once it is down to half (``_refill_at``), not a
+        # row at a time: waiting in ``queue.put`` would wake the producer for every
+        # row a worker takes.
+        self._refill_at = job.workers
+        self._room = asyncio.Event()
         self._stop: JobStopped | None = None
         self._producer: asyncio.Task[None] | None = None
         # Failed rows before the first answer are held back, not journaled: a job
@@ -179,22 +184,30 @@ class Scheduler:
         self.workers.cancel()
 
     async def _produce(self, rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> None:
+        queue, room = self.queue, self._room
         async for p in _each(rows):
             if self._stop is not None:
                 return
             if p.error is not None:
                 self._record(self._error_record(p, p.error, None, 0, _now_us()))
                 continue
-            await self.queue.put(p)
-        await self.queue.put(None)
+            if queue.full():
+                room.clear()
+                await room.wait()  # until the workers have taken half the queue
+                if self._stop is not None:
+                    return
+            queue.put_nowait(p)
+        await queue.put(None)
 
     async def _work(self) -> None:
-        workers, queue = self.workers, self.queue
+        workers, queue, room, refill_at = self.workers, self.queue, self._room, self._refill_at
         while self._stop is None:
             if workers.waiting:  # a row back from its retry wait takes this place
                 workers.leave()
                 return
             p = await queue.get()
+            if queue.qsize() <= refill_at:
+                room.set()
             if p is None:
                 queue.put_nowait(None)  # the end of the rows, for every other worker too
                 workers.leave()
@@ -203,8 +216,15 @@ class Scheduler:
                 return
             await self._send(p)
 
-    async def _attempt(self, p: Prepared, row: RowTotals) -> Completion:
-        """One request for row ``p``, through the key probe and the in-flight limit."""
+    def _attempt(self, p: Prepared, row: RowTotals) -> Awaitable[Completion]:
+        """One request for row ``p``, through the key probe and the in-flight limit
+        (once the key is settled, with a fixed pool: ``_post`` itself, one
+        coroutine less on every row's path)."""
+        if self._key_settled and not self._adaptive:
+            return self._post(p, row)
+        return self._attempt_limited(p, row)
+
+    async def _attempt_limited(self, p: Prepared, row: RowTotals) -> Completion:
         if not self._key_settled:
             # Until one answer shows the key is accepted, requests go one at a
             # time: a bad key costs a handful of requests, not a pool's worth.
@@ -230,11 +250,14 @@ class Scheduler:
         requests = 0
         usage = RowTotals()
         invalid: tuple[Completion, str] | None = None
-        ask = functools.partial(self._ask, p, usage)
         for _ in range(asks):
             try:
                 options = self.stream_options
-                completion, attempts = await (options.ask(p, ask) if options else ask())
+                completion, attempts = await (
+                    options.ask(p, functools.partial(self._ask, p, usage))
+                    if options
+                    else self._ask(p, usage)
+                )
             except Abandoned:
                 return  # the job is stopping: this row stays without a result, for the resume
             except RequestError as exc:
@@ -290,32 +313,38 @@ class Scheduler:
             )
         )
 
-    async def _ask(self, p: Prepared, usage: RowTotals) -> tuple[Completion, int]:
+    def _ask(self, p: Prepared, usage: RowTotals) -> Awaitable[tuple[Completion, int]]:
         """One ask for row ``p``: its request through the retry policy, and the
         schema_via search when the job has one (which may change ``p``'s body
-        and ask again; what it was paid goes to ``usage``)."""
+        and ask again; what it was paid goes to ``usage``). Not a coroutine of
+        its own: the one it returns is awaited at once."""
 
         on_retry = functools.partial(self._on_retry, p)
         attempt = functools.partial(self._attempt, p, usage)
         if self.via is None:
-            return await send_with_retries(
-                attempt, self.policy, on_retry=on_retry, stopped=self._stopped
-            )
+            return send_with_retries(attempt, self.policy, on_retry=on_retry, stopped=self._stopped)
 
         def send(attempt: Attempt) -> Awaitable[tuple[Completion, int]]:
             if self._stopped.is_set():  # the job stopped while the row waited for its turn
                 raise Abandoned("the job is stopping")
             return send_with_retries(attempt, self.policy, on_retry=on_retry, stopped=self._stopped)
 
-        return await self.via.ask(p, attempt, send, usage.add)
+        return self.via.ask(p, attempt, send, usage.add)
 
     async def _post(self, p: Prepared, row: RowTotals) -> Completion:
         """One attempt: wait for the limits, reserve the worst-case cost, send."""
         limits = self.limits
         if limits.paces or limits.pause_active():
-            queued = time.perf_counter()
-            await limits.wait_turn(p.est_tokens)
-            row.queued_s += time.perf_counter() - queued
+            # Budgets that need no wait are reserved on the spot: a coroutine (and
+            # the time it took) only for an attempt that has to wait.
+            wait = limits.reserve_turn(p.est_tokens)
+            if wait != 0.0:
+                queued = time.perf_counter()
+                if wait is None:
+                    await limits.wait_turn(p.est_tokens)
+                else:
+                    await limits.sleep(wait)
+                row.queued_s += time.perf_counter() - queued
             if self._stop is not None:
                 raise Abandoned("the job is stopping")
         spend = self.spend

@@ -35,8 +35,7 @@ from batchrun.payload import (
     Completion,
     Prepared,
     encode_body,
-    estimate_prompt_tokens,
-    prompt_token_bound,
+    prompt_sizes,
 )
 from batchrun.structured import Structured
 
@@ -145,8 +144,7 @@ class SchemaVia:
         p.schema_via = dialect
         if p.prompt_bound:
             messages = orjson.loads(p.body)["messages"]
-            p.prompt_tokens = estimate_prompt_tokens(messages)
-            p.prompt_bound = prompt_token_bound(messages)
+            p.prompt_tokens, p.prompt_bound = prompt_sizes(messages)
 
     def _body(self, p: Prepared, dialect: str) -> bytes:
         body = orjson.loads(p.body)

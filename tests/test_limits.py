@@ -308,6 +308,29 @@ async def test_rpm_and_tpm_together_wait_for_the_slower() -> None:
     assert sleep.waits == [pytest.approx(9.0)]
 
 
+def test_reserve_turn_reserves_what_wait_turn_would_without_a_coroutine() -> None:
+    clock = FakeClock()
+    limits = build(rpm=60, tpm=6000, clock=clock)  # 1 req/s, 100 tok/s
+    assert limits.reserve_turn(10) == 0.0  # the usual case: send now
+    assert limits.reserve_turn(10) == 0.0  # the second second's burst
+    assert limits.reserve_turn(10) == pytest.approx(1.0)  # rpm binds, as in wait_turn
+    clock.advance(100)
+    assert limits.reserve_turn(1000) == 0.0
+    assert limits.reserve_turn(1000) == pytest.approx(9.0)  # tpm binds
+    assert build().reserve_turn(10) == 0.0  # no budget: nothing to reserve
+
+
+async def test_reserve_turn_leaves_a_pause_to_wait_turn() -> None:
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    limits = build(rpm=60, clock=clock, sleep=sleep)
+    assert limits.rate_limited(retry_after=2.0, backoff_s=0.5, exhausted=True)
+    assert limits.reserve_turn(10) is None  # nothing reserved while the pause lasts
+    await limits.wait_turn(10)
+    assert sleep.waits == [pytest.approx(2.0)]
+    assert limits.reserve_turn(10) == 0.0  # the pause is over: the budget holds two in a burst
+
+
 # ---- the job-wide pause ------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from batchrun.payload import (
     encode_body,
     parse_completion,
     prompt_columns,
+    prompt_sizes,
     request_hash,
     template_columns,
 )
@@ -244,6 +245,23 @@ def test_request_hash_differs_when_anything_sent_differs(change: dict[str, Any])
 def test_request_hash_is_over_the_exact_bytes() -> None:
     assert request_hash(b"{}") != request_hash(b"{ }")
     assert request_hash(b"abc") == "ba7816bf8f01cfea414140de5dae2223"
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [
+        ["Summarize: a plain ticket"],
+        ["Résumé: café, naïve, €5 🙂", "ascii"],  # 2-, 3- and 4-byte characters
+        ["", "x" * 10],
+        [],
+    ],
+)
+def test_prompt_sizes_count_characters_and_bytes(contents: list[str]) -> None:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": c} for c in contents]
+    messages.append({"role": "assistant", "content": None})  # not text: not counted
+    estimate, bound = prompt_sizes(messages)
+    assert estimate == sum(len(c) for c in contents) // 4
+    assert bound == sum(len(c.encode()) for c in contents) + 8 * len(messages) + 8
 
 
 # ---- parse_completion ---------------------------------------------------------------

@@ -478,6 +478,11 @@ class LeasedLimits(Limits):
             or (self.cost is not None)
         )
 
+    def reserve_turn(self, est_tokens: int) -> float | None:
+        """Never reserved on the spot: a leased budget is taken from its lease,
+        which may have to be asked for (``wait_turn``)."""
+        return None
+
     async def wait_turn(self, est_tokens: int) -> None:
         await self._pause_only.wait_turn(est_tokens)
         wait = 0.0
