@@ -247,14 +247,20 @@ def _wait_for_batch(output: Path, timeout_s: float = 30.0) -> dict[str, Any]:
     raise AssertionError(f"no batch recorded in {state_folder(output)} within {timeout_s}s")
 
 
+def _batch_job_cmd(server: Any, output: Path, poll_s: float) -> list[str]:
+    """``batchrun run`` of in.jsonl in batch mode, a deadline far off, the batch
+    looked at every ``poll_s`` seconds (its last argument)."""
+    cmd = [sys.executable, "-m", "batchrun", "run", "--input", "in.jsonl", "--output", str(output)]
+    cmd += ["--model", "m", "--prompt-template", "Summarize: {ticket}", "--api-key-env", ""]
+    cmd += ["--base-url", server.base_url, "--mode", "batch", "--deadline", "10m"]
+    return [*cmd, "--batch-poll-s", f"{poll_s:g}"]
+
+
 def test_kill_9_while_waiting_then_rerun_reattaches(tmp_path: Path, threaded: Any) -> None:
     server = threaded(lambda: serve(MockConfig(batch_rows_per_s=40.0, batch_start_s=1.0)))
     write_jsonl(tmp_path / "in.jsonl", tickets(60))
     output = tmp_path / "out.parquet"
-    cmd = [sys.executable, "-m", "batchrun", "run", "--input", "in.jsonl", "--output", str(output)]
-    cmd += ["--model", "m", "--prompt-template", "Summarize: {ticket}", "--api-key-env", ""]
-    cmd += ["--base-url", server.base_url, "--mode", "batch", "--deadline", "10m"]
-    cmd += ["--batch-poll-s", "1"]
+    cmd = _batch_job_cmd(server, output, poll_s=1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen([*cmd, "-q"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     try:
@@ -286,10 +292,7 @@ def test_a_signal_while_waiting_stops_at_once_and_the_rerun_reattaches(
     server = threaded(lambda: serve(MockConfig(batch_rows_per_s=40.0, batch_start_s=1.0)))
     write_jsonl(tmp_path / "in.jsonl", tickets(60))
     output = tmp_path / "out.parquet"
-    cmd = [sys.executable, "-m", "batchrun", "run", "--input", "in.jsonl", "--output", str(output)]
-    cmd += ["--model", "m", "--prompt-template", "Summarize: {ticket}", "--api-key-env", ""]
-    cmd += ["--base-url", server.base_url, "--mode", "batch", "--deadline", "10m"]
-    cmd += ["--batch-poll-s", "30"]  # a stop must not wait for the next look at the batch
+    cmd = _batch_job_cmd(server, output, poll_s=30)  # a stop must not wait for a look
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
