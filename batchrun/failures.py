@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batchrun.config import Job
 from batchrun.errors import (
@@ -37,6 +38,9 @@ from batchrun.errors import (
     RequestError,
     RequestTimeout,
 )
+
+if TYPE_CHECKING:
+    from batchrun.outputs import Record
 
 FIRST_ROWS = 5
 """Before any answer, this many failed rows in a row with one cause stop the job."""
@@ -154,6 +158,40 @@ class FailureWatch:
                 "and the request options."
             )
         return ""
+
+
+HOLD_MAX = 1000
+"""Failed rows held back at most, before the job's first answer."""
+
+
+class HeldFailures:
+    """Rows that failed before the job's first answer, held back rather than
+    journaled: a job the watch then stops records none of them, so the rerun
+    sends them; an answer (or the end of a run that was not stopped) writes them
+    with ``release``. Past ``HOLD_MAX`` (too many different failures to wait for
+    a verdict) they are written and no more are held. Locally the scheduler
+    holds them; on Ray, the driver."""
+
+    def __init__(self, write: Callable[[Record], None]) -> None:
+        self._write = write
+        self.rows: list[Record] = []
+        self.holding = True
+
+    def hold(self, rec: Record) -> None:
+        self.rows.append(rec)
+        if len(self.rows) > HOLD_MAX:
+            self.holding = False
+            self.release()
+
+    def release(self) -> None:
+        """Write every row held, in the order they came."""
+        rows, self.rows = self.rows, []
+        for rec in rows:
+            self._write(rec)
+
+    def drop(self) -> None:
+        """Forget them: nothing is recorded for them, and the rerun sends them."""
+        self.rows.clear()
 
 
 def _key(exc: RequestError) -> tuple[str, int | None, str]:

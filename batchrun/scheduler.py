@@ -32,7 +32,7 @@ from batchrun.errors import (
     RequestTimeout,
     first_batchrun_error,
 )
-from batchrun.failures import AUTH_STATUSES, FailureWatch
+from batchrun.failures import AUTH_STATUSES, FailureWatch, HeldFailures
 from batchrun.limits import SPENT_STREAK, CostBudget, Limits
 from batchrun.outputs import Record
 from batchrun.payload import Completion, Prepared, unwanted
@@ -50,8 +50,6 @@ log = logging.getLogger("batchrun")
 AUTH_PROBE_ROWS = 5
 """A job stops with KeyRejected when this many first answers (or every answer,
 for a smaller job) are all 401/403."""
-HOLD_MAX = 1000
-"""At most this many failed rows are held back while no answer has come."""
 
 
 class ResultSink(Protocol):
@@ -125,8 +123,7 @@ class Scheduler:
         # (FailureWatch), must send them again once the cause is fixed.
         self._probe_lock = asyncio.Lock()
         self._probe_auth_failures = 0
-        self._held: list[tuple[Record, RequestError | None]] = []
-        self._holding = True
+        self._held = HeldFailures(self._write)
         self._key_settled = False
         # The failure watch (a Ray sender's sends each failure to the driver's, for the whole job).
         self.watch = watch or FailureWatch(job)
@@ -156,7 +153,7 @@ class Scheduler:
     @property
     def held(self) -> int:
         """Failed rows held back while no answer has come (not given to the results yet)."""
-        return len(self._held)
+        return len(self._held.rows)
 
     def stop(self, error: JobStopped, grace_s: float) -> None:
         """Send no new request (rows waiting to retry are abandoned); cancel what is
@@ -539,7 +536,7 @@ class Scheduler:
         if stop is None:
             return False
         if self._stop is None:
-            self._held.clear()
+            self._held.drop()
             self.stop_now(stop)
         return True
 
@@ -565,9 +562,9 @@ class Scheduler:
         failed = rec["status"] == "error" and bool(rec.get("attempts"))
         if failed and not self._key_settled and rec.get("http_status") in AUTH_STATUSES:
             self._probe_auth_failures += 1
-            self._held.append((rec, exc))
+            self._held.hold(rec)
             if self._probe_auth_failures >= self._probe_size:
-                self._held.clear()
+                self._held.drop()
                 self.stop_now(
                     KeyRejected(
                         f"The API refused the key on the first {self._probe_auth_failures} requests "
@@ -576,14 +573,10 @@ class Scheduler:
                     )
                 )
             return
-        if failed and self._holding and not self.watch.answered:
-            self._held.append((rec, exc))
-            if len(self._held) > HOLD_MAX:
-                self._holding = False  # too many different failures to wait for a verdict
-                self._write_held()
+        if failed and self._held.holding and not self.watch.answered:
+            self._held.hold(rec)
             return
-        if self._held:
-            self._write_held()
+        self._held.release()
         self._write(rec)
 
     def _write(self, rec: Record) -> None:
@@ -591,15 +584,10 @@ class Scheduler:
         if stop is not None and self._stop is None:
             self.stop_now(stop)
 
-    def _write_held(self) -> None:
-        held, self._held = self._held, []
-        for rec, _ in held:
-            self._write(rec)
-
     def finish(self) -> None:
         """After the run: journal what is still held (a job that ended before
         any answer and before the watch could tell a cause)."""
-        self._write_held()
+        self._held.release()
 
 
 async def _each(rows: Iterator[Prepared] | AsyncIterator[Prepared]) -> AsyncIterator[Prepared]:

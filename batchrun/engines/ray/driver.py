@@ -321,7 +321,7 @@ class Dispatch:
                 )
         if self.stop is not None:
             raise self.stop  # the rows held back are not journaled: the rerun sends them
-        self.results.write_held()  # no answer, no verdict: they are the job's results
+        self.results.held.release()  # no answer, no verdict: they are the job's results
         left = sum(len(s.given) for s in self.senders) + len(self.pending)
         if left or not self.exhausted:
             raise JobStopped(

@@ -24,10 +24,9 @@ from typing import Any
 
 from batchrun.engines.shell import Recorder
 from batchrun.errors import EveryRequestFails, JobStopped
-from batchrun.failures import Failure, FailureWatch
+from batchrun.failures import Failure, FailureWatch, HeldFailures
 from batchrun.outputs import Record
 from batchrun.payload import Prepared
-from batchrun.scheduler import HOLD_MAX
 from batchrun.schema_via import SchemaVia
 from batchrun.stream_options import StreamOptions
 
@@ -125,8 +124,7 @@ class Results:
         self.recorder = recorder
         self.watch = watch
         self.halt = halt
-        self.held: list[Record] = []
-        self.holding = True
+        self.held = HeldFailures(self._write)
         self.verdict: EveryRequestFails | None = None
 
     def take(self, rec: Record, failure: Failure | None) -> None:
@@ -137,26 +135,16 @@ class Results:
             watch.answer()
         if failed and not watch.answered and self.verdict is not None:
             return  # after the watch's stop, as the requests a local run abandons: the rerun sends it
-        if failed and not watch.answered and self.holding:
-            self.held.append(rec)
-            if len(self.held) > HOLD_MAX:
-                self.holding = False  # too many different failures to wait for a verdict
-                self.write_held()
+        if failed and not watch.answered and self.held.holding:
+            self.held.hold(rec)
         else:
-            self.write_held()
+            self.held.release()
             self._write(rec)
         if failure is not None and self.verdict is None:
             self.verdict = watch.count(failure)
             if self.verdict is not None:
-                self.held.clear()  # nothing recorded for them: the rerun sends them
+                self.held.drop()
                 self.halt(self.verdict, True)
-
-    def write_held(self) -> None:
-        """Journal the rows held back (an answer came, or the run ended without
-        a stop: with no verdict, they are the job's results)."""
-        held, self.held = self.held, []
-        for rec in held:
-            self._write(rec)
 
     def _write(self, rec: Record) -> None:
         too_many = self.recorder.record(rec)
